@@ -1,0 +1,219 @@
+"""Memory attention, plugged into transformers through its attention interface.
+
+Every attention layer of a patched model calls `memory_attention`. With no active session (or top-k 0, or a layer
+without memory) it hands over to the model's own attention implementation unchanged. In a retrieval session each
+query head retrieves its top-k memory keys and attends to them and to its local context in one softmax. In a
+memorization session it records the layer's new keys (rotation undone) and values, then attends normally.
+
+Per-call state travels in a context variable because `model.forward` cannot take extra arguments through every
+model family.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .errors import ExtendedMindError
+
+ATTENTION_NAME = "extended_mind"
+_BASE_ATTR = "_extended_mind_base_attention"
+# Bound on the (query rows x memory tokens) score block computed at once per KV head, to cap temporary memory.
+_SCORE_BLOCK = 1 << 24
+
+_active: ContextVar[Session | None] = ContextVar("extended_mind_session", default=None)
+
+
+@dataclass
+class LayerMemory:
+    """One layer's memory in the form attention reads it: keys already rotated by the position policy."""
+
+    keys: torch.Tensor  # (H, N, D)
+    values: torch.Tensor  # (H, N, D)
+    inv_norms: torch.Tensor  # (H, N) 1/|key|, for cosine ranking
+
+
+@dataclass
+class RetrievalSettings:
+    topk: int
+    ranking: str = "logit"  # "logit" (q·k) or "cosine"
+    similarity_threshold: float | None = None  # drop retrieved memories with cosine <= this
+
+
+@dataclass
+class Session:
+    """State of one forward pass: retrieval from memory, or capture for memorization."""
+
+    layers: dict[int, LayerMemory] = field(default_factory=dict)
+    settings: RetrievalSettings | None = None
+    record_citations: bool = False
+    # Filled during a forward pass: per memory layer, (indices, probabilities) of the last query position, (Hq, k).
+    citation_records: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    capture: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+    position_embeddings: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @contextmanager
+    def active(self) -> Iterator[Session]:
+        token = _active.set(self)
+        try:
+            yield self
+        finally:
+            _active.reset(token)
+
+
+def _memory_mask(*args, **kwargs):
+    # Always a real boolean mask: the stock sdpa mask may return None for plain causal inputs, and the memory path
+    # needs the mask explicitly.
+    kwargs["allow_is_causal_skip"] = False
+    kwargs.pop("dtype", None)
+    kwargs.pop("config", None)
+    return sdpa_mask(*args, **kwargs)
+
+
+def _base_attention(module: torch.nn.Module) -> Callable:
+    name = getattr(module.config, _BASE_ATTR, "sdpa")
+    if name == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def _call_base(module, query, key, value, attention_mask, **kwargs):
+    base = _base_attention(module)
+    if attention_mask is not None and attention_mask.dtype == torch.bool and base.__name__ == "eager_attention_forward":
+        zero = torch.zeros((), dtype=query.dtype, device=query.device)
+        attention_mask = torch.where(attention_mask, zero, torch.finfo(query.dtype).min)
+    return base(module, query, key, value, attention_mask, **kwargs)
+
+
+def _retrieve(
+    q: torch.Tensor, mem: LayerMemory, settings: RetrievalSettings, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k memory logits and indices for grouped queries q (B, H, R, D): both (B, H, R, k)."""
+    k = min(settings.topk, mem.keys.shape[1])
+    b, h, rows, _ = q.shape
+    keys_t = mem.keys.transpose(1, 2)  # (H, D, N)
+    step = max(1, _SCORE_BLOCK // max(1, mem.keys.shape[1] * h))
+    logits, indices = [], []
+    for r0 in range(0, rows, step):
+        qc = q[:, :, r0 : r0 + step]
+        scores = torch.matmul(qc, keys_t)  # (B, H, r, N) = q·k
+        if settings.ranking == "cosine":
+            rank = scores * mem.inv_norms[None, :, None, :]
+            _, idx = rank.topk(k, dim=-1)
+            raw = scores.gather(-1, idx)
+        else:
+            raw, idx = scores.topk(k, dim=-1)
+        if settings.similarity_threshold is not None:
+            knorm = 1.0 / mem.inv_norms[None, :, None, :].expand(b, -1, raw.shape[2], -1).gather(-1, idx)
+            cos = raw / (qc.norm(dim=-1, keepdim=True) * knorm).clamp_min(1e-12)
+            raw = raw.masked_fill(cos <= settings.similarity_threshold, float("-inf"))
+        logits.append(raw * scaling)
+        indices.append(idx)
+    return torch.cat(logits, dim=2), torch.cat(indices, dim=2)
+
+
+def memory_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """query (B, Hq, Sq, D) after RoPE; key/value (B, H, Skv, D) including the cache. Returns (B, Sq, Hq, D)."""
+    session = _active.get()
+    layer = getattr(module, "layer_idx", None)
+    if session is not None and session.capture is not None:
+        pe = session.position_embeddings.get(layer)
+        if pe is None:
+            raise ExtendedMindError(
+                f"layer {layer} got no rotary position embeddings; this model family is not supported"
+            )
+        s_new = query.shape[2]
+        session.capture(layer, key[:, :, -s_new:], value[:, :, -s_new:], pe[0], pe[1])
+    mem = session.layers.get(layer) if session is not None else None
+    if mem is None or session.settings is None or session.settings.topk <= 0 or mem.keys.shape[1] == 0:
+        return _call_base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    b, hq, sq, d = query.shape
+    h, skv = key.shape[1], key.shape[2]
+    g = hq // h
+    scaling = d**-0.5 if scaling is None else scaling
+    softcap = kwargs.get("softcap")
+    cdt = mem.keys.dtype
+    qg = query.reshape(b, h, g * sq, d)  # query head h*g + j -> kv head h (as repeat_kv), rows ordered (j, t)
+
+    mem_logits, mem_idx = _retrieve(qg.to(cdt), mem, session.settings, scaling)  # (B, H, g*sq, k)
+    local_logits = torch.matmul(qg, key.transpose(-1, -2)).float() * scaling  # (B, H, g*sq, Skv)
+    mem_logits = mem_logits.float()
+    if softcap is not None:
+        local_logits = torch.tanh(local_logits / softcap) * softcap
+        mem_logits = torch.tanh(mem_logits / softcap) * softcap
+    local_logits = local_logits.view(b, h, g, sq, skv)
+    if attention_mask is not None:
+        mask = attention_mask[:, :, -sq:, -skv:].unsqueeze(1)  # (B, 1, 1, Sq, Skv)
+        if mask.dtype == torch.bool:
+            local_logits = local_logits.masked_fill(~mask, float("-inf"))
+        else:
+            local_logits = local_logits + mask.float()
+    k = mem_logits.shape[-1]
+    joint = torch.cat([mem_logits.view(b, h, g, sq, k), local_logits], dim=-1)
+    probs = torch.softmax(joint, dim=-1)
+    p_mem, p_local = probs[..., :k], probs[..., k:]
+
+    out = torch.matmul(p_local.reshape(b, h, g * sq, skv).to(value.dtype), value)  # (B, H, g*sq, D)
+    mem_values = mem.values[torch.arange(h, device=mem_idx.device)[None, :, None, None], mem_idx]  # (B,H,R,k,D)
+    out = out + torch.matmul(p_mem.reshape(b, h, g * sq, 1, k).to(mem_values.dtype), mem_values).squeeze(-2).to(out.dtype)
+
+    if session.record_citations:
+        last_idx = mem_idx.view(b, h, g, sq, k)[0, :, :, -1].reshape(hq, k)
+        last_p = p_mem[0, :, :, -1].reshape(hq, k)
+        session.citation_records.append((last_idx.detach(), last_p.detach()))
+
+    out = out.view(b, h, g, sq, d).reshape(b, hq, sq, d).transpose(1, 2).contiguous()
+    return out, None
+
+
+def _capture_position_embeddings(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    session = _active.get()
+    if session is None or session.capture is None:
+        return
+    pe = kwargs.get("position_embeddings")
+    if pe is None and len(args) > 1:
+        pe = args[1]
+    if pe is not None:
+        session.position_embeddings[module.layer_idx] = pe
+
+
+def attention_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
+    """The self-attention modules of a decoder, in layer order."""
+    mods = [
+        m for m in model.modules() if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "layer_idx", None), int)
+    ]
+    return sorted(mods, key=lambda m: m.layer_idx)
+
+
+AttentionInterface.register(ATTENTION_NAME, memory_attention)
+AttentionMaskInterface.register(ATTENTION_NAME, _memory_mask)
+
+
+def patch_model(model: PreTrainedModel) -> None:
+    """Route the model's attention through `memory_attention`; unchanged behaviour while no session is active."""
+    if model.config._attn_implementation == ATTENTION_NAME:
+        return
+    base = model.config._attn_implementation or "sdpa"
+    for config in {id(c): c for c in [model.config, *(m.config for m in attention_modules(model))]}.values():
+        setattr(config, _BASE_ATTR, base)
+    model.set_attn_implementation(ATTENTION_NAME)
+    for m in attention_modules(model):
+        m.register_forward_pre_hook(_capture_position_embeddings, with_kwargs=True)

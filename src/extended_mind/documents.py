@@ -1,0 +1,77 @@
+"""Turning user input (strings or text-file paths) into validated documents."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import DocumentError
+
+# A plain string is read as a path only when it looks like one: a single short line without spaces that either
+# exists or ends in a file extension. Anything else is document text.
+_PATH_LIKE = re.compile(r"^[^\s]{1,1024}$")
+_EXTENSION = re.compile(r"\.[A-Za-z0-9]{1,8}$")
+
+
+@dataclass(frozen=True)
+class Document:
+    """A memorized document: its id, a display name (file name or None) and its full text."""
+
+    id: str
+    text: str
+    name: str | None = None
+
+
+def read_text_file(path: Path) -> str:
+    """Read a UTF-8 text file, refusing missing, binary and empty files with a message naming the file."""
+    if not path.exists():
+        raise DocumentError(f"document path not found: {path}")
+    if path.is_dir():
+        raise DocumentError(f"document path is a directory, not a text file: {path}")
+    data = path.read_bytes()
+    if b"\x00" in data[:65536]:
+        raise DocumentError(f"document is a binary file, not text: {path}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DocumentError(f"document is a binary file or not UTF-8 text: {path} ({exc.reason})") from None
+    if not text.strip():
+        raise DocumentError(f"document is empty: {path}")
+    return text
+
+
+def _looks_like_path(text: str) -> bool:
+    return bool(_PATH_LIKE.match(text)) and (os.path.exists(text) or bool(_EXTENSION.search(text)))
+
+
+def load_documents(documents: str | Path | list[str | Path], ids: list[str] | None = None) -> list[Document]:
+    """Normalise `documents` (texts and/or paths) into `Document`s with unique ids."""
+    items = [documents] if isinstance(documents, (str, Path)) else list(documents)
+    if not items:
+        raise DocumentError("no documents given")
+    if ids is not None and len(ids) != len(items):
+        raise DocumentError(f"got {len(ids)} ids for {len(items)} documents")
+    out: list[Document] = []
+    for i, item in enumerate(items):
+        name = None
+        if isinstance(item, Path) or (isinstance(item, str) and _looks_like_path(item)):
+            path = Path(item)
+            text, name = read_text_file(path), path.name
+        elif isinstance(item, str):
+            text = item
+            if not text.strip():
+                raise DocumentError(f"document {i} is empty")
+            if "\x00" in text:
+                raise DocumentError(f"document {i} contains NUL bytes: binary data, not text")
+        else:
+            raise DocumentError(f"document {i} must be a string or a path, got {type(item).__name__}")
+        doc_id = ids[i] if ids is not None else (name or f"doc{i}")
+        out.append(Document(id=str(doc_id), text=text, name=name))
+    seen: set[str] = set()
+    for doc in out:
+        if doc.id in seen:
+            raise DocumentError(f"duplicate document id: {doc.id!r} (pass ids=... to name documents)")
+        seen.add(doc.id)
+    return out

@@ -1,0 +1,185 @@
+"""The decoding loop: greedy (or sampled) generation with memory attention, citations per token and
+uncertainty-triggered retrieval (a step whose next-token entropy is too high is recomputed with more memories)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from .attention import LayerMemory, RetrievalSettings, Session
+from .citations import Citation, cite, sparse_sum
+from .memory import Memory
+
+
+@dataclass
+class Retrieval:
+    """A step recomputed because its entropy (nats) exceeded the threshold."""
+
+    step: int
+    entropy: float
+    topk: int
+    new_topk: int
+    new_entropy: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GeneratedToken:
+    id: int
+    text: str
+    entropy: float
+    topk: int
+    citations: list[Citation]
+    memory_indices: torch.Tensor = field(repr=False)
+    memory_weights: torch.Tensor = field(repr=False)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: list[GeneratedToken]
+    citations: list[Citation]
+    retrievals: list[Retrieval]
+    prompt_tokens: int
+
+    def to_dict(self) -> dict:
+        return {
+            "text": self.text,
+            "citations": [c.to_dict() for c in self.citations],
+            "retrievals": [r.to_dict() for r in self.retrievals],
+        }
+
+
+@dataclass
+class DecodeSettings:
+    topk: int
+    ranking: str
+    similarity_threshold: float | None
+    max_new_tokens: int
+    uncertainty_threshold: float | None
+    topk_step: int
+    temperature: float
+    seed: int | None
+
+
+def entropy(logits: torch.Tensor) -> float:
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return float(-(logp.exp() * logp).sum())
+
+
+class TokenStream:
+    """Iterate for `GeneratedToken`s as they are produced; `.result` holds the full result once exhausted."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt_ids: list[int],
+        memory: Memory | None,
+        layers: dict[int, LayerMemory],
+        offset: int,
+        settings: DecodeSettings,
+    ):
+        self.model, self.tokenizer, self.memory = model, tokenizer, memory
+        self.prompt_ids, self.layers, self.offset, self.settings = prompt_ids, layers, offset, settings
+        self.result: GenerationResult | None = None
+        self._iter = self._run()
+
+    def __iter__(self) -> TokenStream:
+        return self
+
+    def __next__(self) -> GeneratedToken:
+        return next(self._iter)
+
+    def _stop_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id}
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, list) else [eos])
+        return {i for i in ids if i is not None}
+
+    def _run(self) -> Iterator[GeneratedToken]:
+        s = self.settings
+        device = next(self.model.parameters()).device
+        session = Session(
+            layers=self.layers,
+            settings=RetrievalSettings(s.topk, s.ranking, s.similarity_threshold),
+            record_citations=bool(self.layers),
+        )
+        n_heads = self.model.config.num_attention_heads
+        generator = torch.Generator(device="cpu").manual_seed(s.seed) if s.seed is not None else None
+        use_memory = bool(self.layers) and s.topk > 0
+
+        def new_cache() -> DynamicCache:
+            cache = DynamicCache(config=self.model.config)
+            if s.uncertainty_threshold is not None and hasattr(cache, "activate_past_recording"):
+                cache.activate_past_recording()  # sliding-window layers can only be cropped when recording
+            return cache
+
+        def forward(ids: list[int], start: int, k: int, cache: DynamicCache):
+            session.settings.topk = k
+            session.citation_records = []
+            input_ids = torch.tensor([ids], device=device)
+            positions = torch.arange(start, start + len(ids), device=device)[None]
+            with session.active(), torch.inference_mode():
+                out = self.model(
+                    input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1
+                )
+            idx, w = sparse_sum([r[0] for r in session.citation_records], [r[1] for r in session.citation_records])
+            if len(session.citation_records):
+                w = w / (len(session.citation_records) * n_heads)
+            return out.logits[0, -1].float(), idx.cpu(), w.cpu()
+
+        stop_ids = self._stop_ids()
+        cache = new_cache()
+        logits, idx, w = forward(self.prompt_ids, self.offset, s.topk, cache)
+        position = self.offset + len(self.prompt_ids)
+        generated: list[int] = []
+        tokens: list[GeneratedToken] = []
+        retrievals: list[Retrieval] = []
+        text = ""
+        last_input = self.prompt_ids
+        for step in range(s.max_new_tokens):
+            k = s.topk
+            h = entropy(logits)
+            if use_memory and s.uncertainty_threshold is not None and h > s.uncertainty_threshold and s.topk_step > 0:
+                k = s.topk + s.topk_step
+                if step == 0:
+                    cache = new_cache()
+                else:
+                    cache.crop(-1)
+                logits, idx, w = forward(last_input, position - len(last_input), k, cache)
+                h2 = entropy(logits)
+                retrievals.append(Retrieval(step=step, entropy=h, topk=s.topk, new_topk=k, new_entropy=h2))
+                h = h2
+            if s.temperature > 0:
+                probs = torch.softmax(logits / s.temperature, dim=-1).cpu()
+                token = int(torch.multinomial(probs, 1, generator=generator))
+            else:
+                token = int(logits.argmax())
+            if token in stop_ids:
+                break
+            generated.append(token)
+            new_text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            piece, text = new_text[len(text) :], new_text
+            citations = cite(self.memory, idx, w, max_spans=3) if self.memory is not None and len(idx) else []
+            tok = GeneratedToken(id=token, text=piece, entropy=h, topk=k, citations=citations, memory_indices=idx, memory_weights=w)
+            tokens.append(tok)
+            yield tok
+            if step + 1 == s.max_new_tokens:
+                break
+            last_input = [token]
+            logits, idx, w = forward(last_input, position, s.topk, cache)
+            position += 1
+
+        citations: list[Citation] = []
+        if self.memory is not None and tokens:
+            all_idx, all_w = sparse_sum([t.memory_indices for t in tokens], [t.memory_weights for t in tokens])
+            citations = cite(self.memory, all_idx, all_w / len(tokens))
+        self.result = GenerationResult(
+            text=text, tokens=tokens, citations=citations, retrievals=retrievals, prompt_tokens=len(self.prompt_ids)
+        )

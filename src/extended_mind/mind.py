@@ -1,0 +1,191 @@
+"""`ExtendedMind`: a model with memory attention, and the user-facing API around it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .attention import RetrievalSettings, Session, patch_model
+from .documents import load_documents
+from .errors import ExtendedMindError, PromptTooLongError
+from .generation import DecodeSettings, GenerationResult, TokenStream
+from .loading import load_model, model_fingerprint
+from .memorize import encode_documents, memorize_encoded
+from .memory import Memory
+from .positions import POSITION_POLICIES, prepare_layers, prompt_offset
+
+DEFAULT_TOPK = 10
+DEFAULT_RANKING = "logit"
+DEFAULT_POSITION_POLICY = "stored"
+DEFAULT_STRIDE = 512
+DEFAULT_WINDOW = 2048
+DEFAULT_TOPK_STEP = 2
+RANKINGS = ("logit", "cosine")
+
+
+class ExtendedMind:
+    """A causal LM whose attention layers can read from a memory of documents far larger than its window."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, source: str = "custom"):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.source = source
+        self.fingerprint = model_fingerprint(model, tokenizer)
+        patch_model(model)
+
+    @classmethod
+    def from_pretrained(
+        cls, model: str | None = None, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+    ) -> ExtendedMind:
+        """Load `model` (None: the embedded SmolLM2-135M-Instruct; or a local model directory or hub id)."""
+        return cls(*load_model(model, device=device, dtype=dtype))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def context_window(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    # ---- memory ----
+
+    def memorize(
+        self,
+        documents: str | Path | list[str | Path],
+        ids: list[str] | None = None,
+        stride: int = DEFAULT_STRIDE,
+        window: int = DEFAULT_WINDOW,
+        progress: bool | None = None,
+    ) -> Memory:
+        """Run documents (texts or text-file paths) through the model once and keep every token's keys/values."""
+        docs = load_documents(documents, ids)
+        if window > self.context_window:
+            raise ExtendedMindError(f"window {window} exceeds the model's context window {self.context_window}")
+        return memorize_encoded(
+            self.model, docs, encode_documents(self.tokenizer, docs), stride=stride, window=window,
+            fingerprint=self.fingerprint, source=self.source, progress=progress,
+        )
+
+    def load_memory(self, path: str | Path) -> Memory:
+        memory = Memory.load(path)
+        memory.check_model(self.fingerprint, self.source)
+        return memory
+
+    def _as_memory(self, memory: Memory | list[Memory] | None) -> Memory | None:
+        if memory is None:
+            return None
+        memories = [memory] if isinstance(memory, Memory) else list(memory)
+        if not memories:
+            return None
+        for m in memories:
+            if not isinstance(m, Memory):
+                raise ExtendedMindError(f"memory must be a Memory (from memorize or load_memory), got {type(m).__name__}")
+            m.check_model(self.fingerprint, self.source)
+        return Memory.merge(memories)
+
+    # ---- generation ----
+
+    def encode_prompt(self, prompt: str, chat: bool = True) -> list[int]:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ExtendedMindError("prompt is empty")
+        if chat and getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    def stream(
+        self,
+        prompt: str,
+        memory: Memory | list[Memory] | None = None,
+        topk: int = DEFAULT_TOPK,
+        max_new_tokens: int = 128,
+        chat: bool = True,
+        ranking: str = DEFAULT_RANKING,
+        similarity_threshold: float | None = None,
+        position_policy: str = DEFAULT_POSITION_POLICY,
+        memory_layers: list[int] | None = None,
+        uncertainty_threshold: float | None = None,
+        topk_step: int = DEFAULT_TOPK_STEP,
+        temperature: float = 0.0,
+        seed: int | None = None,
+    ) -> TokenStream:
+        """Like `generate`, but returns an iterator of tokens as they are produced (`.result` once exhausted)."""
+        _check_int("topk", topk, 0)
+        _check_int("max_new_tokens", max_new_tokens, 1)
+        _check_int("topk_step", topk_step, 0)
+        if ranking not in RANKINGS:
+            raise ExtendedMindError(f"unknown ranking {ranking!r}; choose one of {RANKINGS}")
+        if position_policy not in POSITION_POLICIES:
+            raise ExtendedMindError(f"unknown position policy {position_policy!r}; choose one of {POSITION_POLICIES}")
+        if temperature < 0:
+            raise ExtendedMindError(f"temperature must be >= 0, got {temperature}")
+        n_layers = self.model.config.num_hidden_layers
+        if memory_layers is not None:
+            bad = [x for x in memory_layers if not isinstance(x, int) or not 0 <= x < n_layers]
+            if bad:
+                raise ExtendedMindError(f"memory_layers {bad} out of range: the model has layers 0..{n_layers - 1}")
+
+        mem = self._as_memory(memory)
+        ids = self.encode_prompt(prompt, chat)
+        window = self.context_window
+        if len(ids) > window:
+            raise PromptTooLongError(f"prompt is {len(ids)} tokens, longer than the model's window of {window} tokens")
+        offset = prompt_offset(mem, position_policy)
+        if offset + len(ids) + max_new_tokens > window:
+            raise PromptTooLongError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) starting at position {offset} "
+                f"(after the memory's positions) exceed the model's window of {window} tokens; shorten the prompt, "
+                "lower max_new_tokens, or use position_policy='zero'"
+            )
+        layers = {}
+        if mem is not None:
+            layers = prepare_layers(mem, position_policy, self.device, self.model.dtype, memory_layers)
+        settings = DecodeSettings(
+            topk=topk, ranking=ranking, similarity_threshold=similarity_threshold, max_new_tokens=max_new_tokens,
+            uncertainty_threshold=uncertainty_threshold, topk_step=topk_step, temperature=temperature, seed=seed,
+        )
+        return TokenStream(self.model, self.tokenizer, ids, mem, layers, offset, settings)
+
+    def logits(
+        self,
+        input_ids: torch.Tensor,
+        memory: Memory | list[Memory] | None = None,
+        topk: int = DEFAULT_TOPK,
+        ranking: str = DEFAULT_RANKING,
+        similarity_threshold: float | None = None,
+        position_policy: str = DEFAULT_POSITION_POLICY,
+        memory_layers: list[int] | None = None,
+    ) -> torch.Tensor:
+        """Next-token logits (B, S, V) for every position of `input_ids` (B, S) with memory attention; for scoring
+        (perplexity, answer log-probabilities). Positions start after the memory as in `generate`."""
+        _check_int("topk", topk, 0)
+        mem = self._as_memory(memory)
+        offset = prompt_offset(mem, position_policy)
+        layers = prepare_layers(mem, position_policy, self.device, self.model.dtype, memory_layers) if mem else {}
+        session = Session(layers=layers, settings=RetrievalSettings(topk, ranking, similarity_threshold))
+        input_ids = input_ids.to(self.device)
+        positions = torch.arange(offset, offset + input_ids.shape[1], device=self.device)[None].expand_as(input_ids)
+        with session.active(), torch.inference_mode():
+            return self.model(input_ids=input_ids, position_ids=positions, use_cache=False).logits
+
+    def generate(self, prompt: str, memory: Memory | list[Memory] | None = None, **options) -> GenerationResult:
+        """Answer `prompt` with memory attention over `memory`; returns text, tokens, citations and retrievals.
+
+        Options (defaults in parentheses): topk (10), max_new_tokens (128), chat (True), ranking ("logit"),
+        similarity_threshold (None), position_policy ("stored"), memory_layers (None: all), uncertainty_threshold
+        (None: off), topk_step (2), temperature (0: greedy), seed (None).
+        """
+        stream = self.stream(prompt, memory=memory, **options)
+        for _ in stream:
+            pass
+        return stream.result
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ExtendedMindError(f"{name} must be an integer >= {minimum}, got {value!r}")

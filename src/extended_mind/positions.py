@@ -1,0 +1,53 @@
+"""Position policies: where retrieved memories sit, in rotary terms, relative to the prompt.
+
+- "zero" (the reference): every memory key is rotated as if at position 0; the prompt keeps positions 0, 1, ...
+- "stored": every memory key keeps the position it had inside its memorization window, and the prompt's positions
+  start right after the largest stored position, so memories read as text just before the prompt.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import LayerMemory
+from .errors import ExtendedMindError
+from .memory import Memory
+from .rope import apply_rope
+
+POSITION_POLICIES = ("zero", "stored")
+
+
+def prompt_offset(memory: Memory | None, policy: str) -> int:
+    """First position id of the prompt under `policy`."""
+    if memory is None or policy == "zero" or memory.num_tokens == 0:
+        return 0
+    return int(memory.positions.max()) + 1
+
+
+def prepare_layers(
+    memory: Memory, policy: str, device: torch.device, dtype: torch.dtype, layers: list[int] | None
+) -> dict[int, LayerMemory]:
+    """Rotate memory keys for `policy`, move them to the model's device; cached on the memory per setting."""
+    if policy not in POSITION_POLICIES:
+        raise ExtendedMindError(f"unknown position policy {policy!r}; choose one of {POSITION_POLICIES}")
+    cache_key = (policy, str(device), dtype)
+    prepared = memory._prepared.get(cache_key)
+    if prepared is None:
+        prepared = {}
+        for layer in range(memory.num_layers):
+            table = memory.layer_rope[layer]
+            cos, sin = memory.rope_cos[table], memory.rope_sin[table]
+            pos = torch.zeros_like(memory.positions) if policy == "zero" else memory.positions
+            pos = pos.long()
+            keys = apply_rope(memory.keys[layer].float(), cos[pos].to(memory.keys[layer].device), sin[pos].to(memory.keys[layer].device))
+            keys = keys.to(device=device, dtype=dtype)
+            prepared[layer] = LayerMemory(
+                keys=keys,
+                values=memory.values[layer].to(device=device, dtype=dtype),
+                inv_norms=1.0 / keys.float().norm(dim=-1).clamp_min(1e-12).to(dtype),
+            )
+        memory._prepared.clear()  # keep one prepared copy: memory use stays at most twice the raw memory
+        memory._prepared[cache_key] = prepared
+    if layers is None:
+        return dict(prepared)
+    return {layer: prepared[layer] for layer in layers}
