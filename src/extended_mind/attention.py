@@ -55,7 +55,7 @@ class Session:
     layers: dict[int, LayerMemory] = field(default_factory=dict)
     settings: RetrievalSettings | None = None
     record_citations: bool = False
-    # Filled during a forward pass: per memory layer, (indices, probabilities) of the last query position, (Hq, k).
+    # Filled during a forward pass: per memory layer, (indices, p * |v|) of the last query position, (Hq, k).
     citation_records: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     capture: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
     position_embeddings: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -176,8 +176,11 @@ def memory_attention(
     out = out + torch.matmul(p_mem.reshape(b, h, g * sq, 1, k).to(mem_values.dtype), mem_values).squeeze(-2).to(out.dtype)
 
     if session.record_citations:
+        # What memory token j adds to the output is p_j * v_j: weigh citations by p_j * |v_j|, so that tokens
+        # that soak up attention but carry near-empty values (sink-like tokens) are not cited.
         last_idx = mem_idx.view(b, h, g, sq, k)[0, :, :, -1].reshape(hq, k)
-        last_p = p_mem[0, :, :, -1].reshape(hq, k)
+        last_v = mem_values[0].view(h, g, sq, k, -1)[:, :, -1].reshape(hq, k, -1)
+        last_p = p_mem[0, :, :, -1].reshape(hq, k) * last_v.float().norm(dim=-1)
         session.citation_records.append((last_idx.detach(), last_p.detach()))
 
     out = out.view(b, h, g, sq, d).reshape(b, hq, sq, d).transpose(1, 2).contiguous()
