@@ -1,4 +1,4 @@
-"""Rebuild src/extended_mind/data/apollo11.txt: the Wikipedia article "Apollo 11" (from the English Wikipedia dump
+"""Rebuild src/extended_mind/data/aardwolf.txt: the Wikipedia article "Aardwolf" (from the English Wikipedia dump
 sample shipped in the gensim 4.4.0 wheel) as plain text, with one fact changed to a counterfactual.
 
     pip download --no-deps gensim==4.4.0 -d /tmp/gensim && python scripts/build_demo_article.py /tmp/gensim/gensim-*.whl
@@ -11,9 +11,9 @@ import zipfile
 from pathlib import Path
 
 MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-TITLE = "Apollo 11"
-# The counterfactual edit: the lunar module's call sign.
-TRUE, FALSE = "Eagle", "Heron"
+TITLE = "Aardwolf"
+# The counterfactual edit: how many termites an aardwolf eats in a night (the article says 250,000).
+TRUE, FALSE = "250,000", "80,000"
 
 
 def strip_wikitext(text: str) -> str:
@@ -47,14 +47,14 @@ def main(wheel: str) -> None:
     text = text.replace(TRUE, FALSE)
     attribution = (
         f'Source: Wikipedia, "{TITLE}" (English Wikipedia dump sample in gensim 4.4.0), CC BY-SA 4.0,\n'
-        f"https://en.wikipedia.org/wiki/Apollo_11 and its page history for the authors.\n"
+        f"https://en.wikipedia.org/wiki/Aardwolf and its page history for the authors.\n"
         f'Modified for a demo: every "{TRUE}" was replaced by "{FALSE}" (a counterfactual fact), and the wikitext\n'
         "was reduced to plain text.\n"
     )
     data_dir = Path(__file__).resolve().parent.parent / "src/extended_mind/data"
-    out = data_dir / "apollo11.txt"
+    out = data_dir / "aardwolf.txt"
     out.write_text(text)
-    (data_dir / "apollo11.ATTRIBUTION.txt").write_text(attribution)
+    (data_dir / "aardwolf.ATTRIBUTION.txt").write_text(attribution)
     print(f"wrote {out} ({len(text)} characters)")
 
 

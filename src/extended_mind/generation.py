@@ -65,6 +65,7 @@ class DecodeSettings:
     topk_step: int
     temperature: float
     seed: int | None
+    stop: tuple[str, ...] = ()
 
 
 def entropy(logits: torch.Tensor) -> float:
@@ -165,12 +166,15 @@ class TokenStream:
                 break
             generated.append(token)
             new_text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            hit = min((new_text.find(x, max(0, len(text) - len(x))) for x in s.stop if x in new_text), default=-1)
+            if hit >= 0:
+                new_text = new_text[:hit]
             piece, text = new_text[len(text) :], new_text
             citations = cite(self.memory, idx, w, max_spans=3) if self.memory is not None and len(idx) else []
             tok = GeneratedToken(id=token, text=piece, entropy=h, topk=k, citations=citations, memory_indices=idx, memory_weights=w)
             tokens.append(tok)
             yield tok
-            if step + 1 == s.max_new_tokens:
+            if hit >= 0 or step + 1 == s.max_new_tokens:
                 break
             last_input = [token]
             logits, idx, w = forward(last_input, position, s.topk, cache)

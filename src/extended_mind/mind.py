@@ -88,23 +88,30 @@ class ExtendedMind:
 
     # ---- generation ----
 
-    def encode_prompt(self, prompt: str, chat: bool = True) -> list[int]:
+    def encode_prompt(self, prompt: str | list[int], chat: bool = True, answer_prefix: str = "") -> list[int]:
+        """Token ids of `prompt`, in the chat template when `chat`, followed by `answer_prefix` (the start of the
+        answer, which small models need to answer in the document's own words). A list of ints is taken as
+        already tokenized and used as it is."""
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
         if not isinstance(prompt, str) or not prompt.strip():
             raise ExtendedMindError("prompt is empty")
         if chat and getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
             )
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            return self.tokenizer(text + answer_prefix, add_special_tokens=False)["input_ids"]
+        sep = " " if answer_prefix and not prompt.endswith((" ", "\n")) else ""
+        return self.tokenizer(prompt + sep + answer_prefix if answer_prefix else prompt, add_special_tokens=True)["input_ids"]
 
     def stream(
         self,
-        prompt: str,
+        prompt: str | list[int],
         memory: Memory | list[Memory] | None = None,
         topk: int = DEFAULT_TOPK,
         max_new_tokens: int = 128,
         chat: bool = True,
+        answer_prefix: str = "",
         ranking: str = DEFAULT_RANKING,
         similarity_threshold: float | None = None,
         position_policy: str = DEFAULT_POSITION_POLICY,
@@ -113,6 +120,7 @@ class ExtendedMind:
         topk_step: int = DEFAULT_TOPK_STEP,
         temperature: float = 0.0,
         seed: int | None = None,
+        stop: list[str] | None = None,
     ) -> TokenStream:
         """Like `generate`, but returns an iterator of tokens as they are produced (`.result` once exhausted)."""
         _check_int("topk", topk, 0)
@@ -131,7 +139,7 @@ class ExtendedMind:
                 raise ExtendedMindError(f"memory_layers {bad} out of range: the model has layers 0..{n_layers - 1}")
 
         mem = self._as_memory(memory)
-        ids = self.encode_prompt(prompt, chat)
+        ids = self.encode_prompt(prompt, chat, answer_prefix)
         window = self.context_window
         if len(ids) > window:
             raise PromptTooLongError(f"prompt is {len(ids)} tokens, longer than the model's window of {window} tokens")
@@ -148,6 +156,7 @@ class ExtendedMind:
         settings = DecodeSettings(
             topk=topk, ranking=ranking, similarity_threshold=similarity_threshold, max_new_tokens=max_new_tokens,
             uncertainty_threshold=uncertainty_threshold, topk_step=topk_step, temperature=temperature, seed=seed,
+            stop=tuple(x for x in (stop or []) if x),
         )
         return TokenStream(self.model, self.tokenizer, ids, mem, layers, offset, settings)
 
@@ -173,12 +182,13 @@ class ExtendedMind:
         with session.active(), torch.inference_mode():
             return self.model(input_ids=input_ids, position_ids=positions, use_cache=False).logits
 
-    def generate(self, prompt: str, memory: Memory | list[Memory] | None = None, **options) -> GenerationResult:
+    def generate(self, prompt: str | list[int], memory: Memory | list[Memory] | None = None, **options) -> GenerationResult:
         """Answer `prompt` with memory attention over `memory`; returns text, tokens, citations and retrievals.
 
-        Options (defaults in parentheses): topk (10), max_new_tokens (128), chat (True), ranking ("logit"),
+        Options (defaults in parentheses): topk (10), max_new_tokens (128), chat (True), answer_prefix ("": text
+        the answer starts with; the result's text excludes it), ranking ("logit"),
         similarity_threshold (None), position_policy ("stored"), memory_layers (None: all), uncertainty_threshold
-        (None: off), topk_step (2), temperature (0: greedy), seed (None).
+        (None: off), topk_step (2), temperature (0: greedy), seed (None), stop (None: strings that end the answer).
         """
         stream = self.stream(prompt, memory=memory, **options)
         for _ in stream:

@@ -1,0 +1,152 @@
+"""Command line: `extended-mind memorize|ask|demo`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib.resources import files
+from pathlib import Path
+
+from .errors import ExtendedMindError
+from .memory import Memory, is_saved_memory
+from .mind import (
+    DEFAULT_POSITION_POLICY,
+    DEFAULT_RANKING,
+    DEFAULT_STRIDE,
+    DEFAULT_TOPK,
+    DEFAULT_TOPK_STEP,
+    DEFAULT_WINDOW,
+    RANKINGS,
+    ExtendedMind,
+)
+from .positions import POSITION_POLICIES
+
+DEMO_QUESTION = "Question: How many termites can one aardwolf eat in a single night?\nAnswer: One aardwolf can eat about"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="local model directory or hub id (default: SmolLM2-135M-Instruct, "
+                   "or the model a saved memory was built with)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--stride", type=int, default=DEFAULT_STRIDE, help=f"memorization stride in tokens ({DEFAULT_STRIDE})")
+    p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help=f"memorization window in tokens ({DEFAULT_WINDOW})")
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--topk", type=int, default=DEFAULT_TOPK, help=f"memories retrieved per query head and token ({DEFAULT_TOPK})")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (64)")
+    p.add_argument("--no-chat", action="store_true", help="send the question as raw text, without the chat template")
+    p.add_argument("--answer-prefix", default="", help="text the answer starts with (helps small models)")
+    p.add_argument("--ranking", choices=RANKINGS, default=DEFAULT_RANKING, help=f"how memories are ranked ({DEFAULT_RANKING})")
+    p.add_argument("--similarity-threshold", type=float, default=None, help="drop memories with cosine <= this (off)")
+    p.add_argument("--position-policy", choices=POSITION_POLICIES, default=DEFAULT_POSITION_POLICY,
+                   help=f"rotary positions of retrieved memories ({DEFAULT_POSITION_POLICY})")
+    p.add_argument("--uncertainty-threshold", type=float, default=None,
+                   help="entropy (nats) above which a step is recomputed with topk + topk-step memories (off)")
+    p.add_argument("--topk-step", type=int, default=DEFAULT_TOPK_STEP, help=f"extra memories on re-retrieval ({DEFAULT_TOPK_STEP})")
+    p.add_argument("--stop", action="append", default=[], help="string that ends the answer (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="extended-mind", description="Give a language model a memory of documents.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("memorize", help="memorize text files and save the memory to a directory")
+    p.add_argument("files", nargs="+", type=Path, help="UTF-8 text files")
+    p.add_argument("--out", required=True, type=Path, help="directory to write the memory to")
+    _add_model_args(p)
+    p = sub.add_parser("ask", help="answer a question from memories, with citations")
+    p.add_argument("question")
+    p.add_argument("--memory", action="append", default=[], type=Path, metavar="PATH",
+                   help="a saved memory directory or a text file (repeatable)")
+    _add_model_args(p)
+    _add_generation_args(p)
+    p = sub.add_parser("demo", help="memorize the bundled counterfactual Wikipedia article and ask about it")
+    _add_model_args(p)
+    _add_generation_args(p)
+    return parser
+
+
+def _load_mind(args: argparse.Namespace, saved: list[Memory]) -> ExtendedMind:
+    model = args.model
+    if model is None and saved:
+        model = saved[0].model_source  # the model that built the memory
+    print(f"loading model {model or 'SmolLM2-135M-Instruct'} ...", file=sys.stderr)
+    return ExtendedMind.from_pretrained(None if model == "SmolLM2-135M-Instruct" else model, args.device, args.dtype)
+
+
+def _memories(mind: ExtendedMind, paths: list[Path], saved: dict[Path, Memory], args) -> list[Memory]:
+    memories = []
+    texts = [p for p in paths if p not in saved]
+    for p in paths:
+        if p in saved:
+            saved[p].check_model(mind.fingerprint, mind.source)
+            memories.append(saved[p])
+    if texts:
+        print(f"memorizing {len(texts)} file(s) ...", file=sys.stderr)
+        memories.append(mind.memorize(texts, stride=args.stride, window=args.window))
+    return memories
+
+
+def _generate(mind: ExtendedMind, question: str, memories: list[Memory], args) -> None:
+    stream = mind.stream(
+        question, memory=memories or None, topk=args.topk, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
+        answer_prefix=args.answer_prefix, ranking=args.ranking, similarity_threshold=args.similarity_threshold,
+        position_policy=args.position_policy, uncertainty_threshold=args.uncertainty_threshold, topk_step=args.topk_step,
+        stop=args.stop,
+    )
+    if args.json:
+        for _ in stream:
+            pass
+        print(json.dumps(stream.result.to_dict(), ensure_ascii=False, indent=2))
+        return
+    if args.answer_prefix:
+        print(args.answer_prefix, end="", flush=True)
+    for token in stream:
+        print(token.text, end="", flush=True)
+    print()
+    result = stream.result
+    if result.citations:
+        print("\nCited spans (attention weight, document, characters):")
+        for c in result.citations:
+            print(f"  [{c.weight:.4f}] {c.doc} {c.start}-{c.end}: {c.text}")
+    for r in result.retrievals:
+        print(f"  re-retrieved step {r.step}: entropy {r.entropy:.2f} -> {r.new_entropy:.2f} nats, k {r.topk} -> {r.new_topk}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "memorize":
+            mind = _load_mind(args, [])
+            memory = mind.memorize(args.files, stride=args.stride, window=args.window)
+            memory.save(args.out)
+            print(f"saved {memory.num_tokens} memory tokens from {len(memory.documents)} document(s) to {args.out}")
+        elif args.command == "ask":
+            for p in args.memory:
+                if not p.exists():
+                    raise ExtendedMindError(f"memory path not found: {p}")
+                if p.is_dir() and not is_saved_memory(p):
+                    raise ExtendedMindError(f"{p} is a directory but not a saved memory")
+            saved = {p: Memory.load(p) for p in args.memory if is_saved_memory(p)}
+            mind = _load_mind(args, list(saved.values()))
+            _generate(mind, args.question, _memories(mind, args.memory, saved, args), args)
+        elif args.command == "demo":
+            article = Path(str(files("extended_mind") / "data" / "aardwolf.txt"))
+            print((article.parent / "aardwolf.ATTRIBUTION.txt").read_text(), file=sys.stderr)
+            mind = _load_mind(args, [])
+            memory = mind.memorize(article, stride=args.stride, window=args.window)
+            print(f"memorized {memory.num_tokens} tokens of {article.name}; the prompt holds only the question.\n")
+            print(DEMO_QUESTION, end="")
+            args.no_chat, args.answer_prefix, args.stop = True, "", args.stop or ["\n"]
+            _generate(mind, DEMO_QUESTION, [memory], args)
+    except ExtendedMindError as exc:
+        print(f"extended-mind: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
