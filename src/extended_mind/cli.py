@@ -30,8 +30,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "or the model a saved memory was built with)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--stride", type=int, default=DEFAULT_STRIDE, help=f"memorization stride in tokens ({DEFAULT_STRIDE})")
-    p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help=f"memorization window in tokens ({DEFAULT_WINDOW})")
+    p.add_argument("--stride", type=int, default=None, help=f"new tokens per memorization step ({DEFAULT_STRIDE}: window/4)")
+    p.add_argument("--window", type=int, default=None,
+                   help=f"context of each memorized token ({DEFAULT_WINDOW}, at most half the model's window)")
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:

@@ -56,12 +56,18 @@ class ExtendedMind:
         self,
         documents: str | Path | list[str | Path],
         ids: list[str] | None = None,
-        stride: int = DEFAULT_STRIDE,
-        window: int = DEFAULT_WINDOW,
+        stride: int | None = None,
+        window: int | None = None,
         progress: bool | None = None,
     ) -> Memory:
-        """Run documents (texts or text-file paths) through the model once and keep every token's keys/values."""
+        """Run documents (texts or text-file paths) through the model once and keep every token's keys/values.
+
+        Each token is memorized with up to `window` tokens of context (default: 2048, or half the model's context
+        window if that is smaller), taking `stride` new tokens at a time (default: window / 4). A progress bar
+        shows for inputs longer than two windows unless `progress` says otherwise."""
         docs = load_documents(documents, ids)
+        window = window if window is not None else min(DEFAULT_WINDOW, self.context_window // 2)
+        stride = stride if stride is not None else max(1, window // 4)
         if window > self.context_window:
             raise ExtendedMindError(f"window {window} exceeds the model's context window {self.context_window}")
         return memorize_encoded(

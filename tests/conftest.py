@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny random models of every supported family with a byte-level tokenizer, and SmolLM2."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+from extended_mind import ExtendedMind
+
+VOCAB = 260  # 256 bytes + <s>, </s>, and room
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512, head_dim=16)
+
+FAMILIES = {
+    "llama": lambda: LlamaConfig(**COMMON),
+    "qwen2": lambda: Qwen2Config(**COMMON),
+    "qwen3": lambda: Qwen3Config(**COMMON),  # q/k norms before RoPE
+    "mistral": lambda: MistralConfig(**COMMON, sliding_window=None),
+    "gemma2": lambda: Gemma2Config(**COMMON, sliding_window=512, attn_logit_softcapping=50.0),  # softcap
+    "gemma3": lambda: Gemma3TextConfig(**COMMON, sliding_window=512),  # two RoPE kinds, sliding layers
+    "phi3": lambda: Phi3Config(**COMMON, partial_rotary_factor=0.5, pad_token_id=0),  # fused qkv, partial rotary
+}
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer built in code (no download): one token per byte, offsets supported."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def tiny_model(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    config = FAMILIES[family]()
+    config.eos_token_id = None  # random models would stop at random; tests compare fixed lengths
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_pair(family):
+    """(mind, reference): a patched tiny model and an untouched copy with the same weights."""
+    model = tiny_model(family)
+    reference = copy.deepcopy(model)
+    return ExtendedMind(model, byte_tokenizer(), f"tiny-{family}"), reference
+
+
+@pytest.fixture
+def tiny_mind() -> ExtendedMind:
+    return ExtendedMind(tiny_model("llama"), byte_tokenizer(), "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def smol() -> ExtendedMind:
+    torch.set_num_threads(2)
+    return ExtendedMind.from_pretrained()

@@ -1,0 +1,87 @@
+"""Memories: provenance, save/load, merging and the errors around them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from extended_mind import ExtendedMind, Memory, MemoryFileError, MemoryMismatchError
+
+from .conftest import byte_tokenizer, tiny_model
+
+
+def test_provenance_maps_tokens_to_character_spans(tiny_mind):
+    docs = ["Hello there. General facts.", "Second doc, with more text."]
+    memory = tiny_mind.memorize(docs, ids=["one", "two"])
+    # byte tokenizer: one memory token per byte; sink tokens are not stored
+    assert memory.num_tokens == sum(len(d) for d in docs)
+    for i in range(memory.num_tokens):
+        doc = docs[int(memory.token_doc[i])]
+        s, e = memory.token_spans[i].tolist()
+        assert 0 <= s < e <= len(doc)
+    assert [d.id for d in memory.documents] == ["one", "two"]
+
+
+def test_special_tokens_are_not_memorized(tiny_mind):
+    memory = tiny_mind.memorize("abc</s>def")
+    assert memory.num_tokens == 6  # the sink <s> and the </s> in the text are dropped
+
+
+def test_save_then_load_gives_identical_generations(tiny_mind, tmp_path):
+    memory = tiny_mind.memorize("Some facts worth keeping. " * 4)
+    before = tiny_mind.generate("Question", memory=memory, max_new_tokens=6)
+    memory.save(tmp_path / "m")
+    loaded = tiny_mind.load_memory(tmp_path / "m")
+    after = tiny_mind.generate("Question", memory=loaded, max_new_tokens=6)
+    assert [t.id for t in before.tokens] == [t.id for t in after.tokens]
+    assert before.citations == after.citations
+    for a, b in zip(memory.keys, loaded.keys):
+        assert torch.equal(a, b)
+
+
+def test_save_replaces_an_existing_memory_whole(tiny_mind, tmp_path):
+    tiny_mind.memorize("first version").save(tmp_path / "m")
+    tiny_mind.memorize("the second version of it").save(tmp_path / "m")
+    assert Memory.load(tmp_path / "m").documents[0].text == "the second version of it"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary or backup left behind
+
+
+def test_merged_memories_cite_the_right_document(tiny_mind):
+    a = tiny_mind.memorize("alpha text here", ids=["a"])
+    b = tiny_mind.memorize("beta words there", ids=["b"])
+    merged = Memory.merge([a, b])
+    assert merged.num_tokens == a.num_tokens + b.num_tokens
+    assert [merged.documents[i].id for i in merged.token_doc[-3:].tolist()] == ["b"] * 3
+    with pytest.raises(MemoryMismatchError, match="duplicate document ids"):
+        Memory.merge([a, a])
+
+
+def test_memory_of_another_model_is_refused(tiny_mind, tmp_path):
+    other = ExtendedMind(tiny_model("llama", seed=7), byte_tokenizer(), "other-llama")
+    memory = other.memorize("built by another model")
+    with pytest.raises(MemoryMismatchError, match="different model"):
+        tiny_mind.generate("q", memory=memory)
+    memory.save(tmp_path / "m")
+    with pytest.raises(MemoryMismatchError, match="different model"):
+        tiny_mind.load_memory(tmp_path / "m")
+
+
+def test_corrupt_memory_files_give_clear_errors(tiny_mind, tmp_path):
+    path = tiny_mind.memorize("some text to save").save(tmp_path / "m")
+    tensors = path / "tensors.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:100])
+    with pytest.raises(MemoryFileError, match="corrupt"):
+        Memory.load(path)
+    with pytest.raises(MemoryFileError, match="not a saved memory"):
+        Memory.load(tmp_path)
+    path = tiny_mind.memorize("some text to save").save(tmp_path / "n")
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["version"] = 99
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(MemoryFileError, match="format version 99"):
+        Memory.load(path)
+    (path / "manifest.json").write_text("{not json")
+    with pytest.raises(MemoryFileError, match="corrupt memory manifest"):
+        Memory.load(path)

@@ -1,0 +1,75 @@
+"""Real-model tests with SmolLM2-135M-Instruct: behaviour only a trained model shows (minutes, not seconds)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from extended_mind.cli import main
+from extended_mind.documents import Document
+from extended_mind.loading import _converted_default
+from extended_mind.memorize import EncodedDocument, memorize_encoded
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+# Trained weights have larger activations than the tiny models; float32 differences stay around 1e-5 to 1e-4.
+FULL_CONTEXT_ATOL = 2e-3
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return AutoModelForCausalLM.from_pretrained(_converted_default(), dtype=torch.float32).eval()
+
+
+def test_smollm2_topk_zero_is_the_unmodified_model(smol, reference):
+    prompt = smol.tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    memory = smol.memorize("Paris is a city. " * 20)
+    with torch.inference_mode():
+        expected = reference(prompt).logits
+        greedy = reference.generate(prompt, max_new_tokens=8, do_sample=False)[0, prompt.shape[1] :].tolist()
+    assert torch.equal(smol.logits(prompt, memory=memory, topk=0, position_policy="zero"), expected)
+    result = smol.generate(prompt[0].tolist(), memory=memory, topk=0, position_policy="zero", max_new_tokens=8)
+    assert [t.id for t in result.tokens] == greedy[: len(result.tokens)]
+
+
+def test_smollm2_all_memories_equal_full_context(smol, reference):
+    doc = smol.tokenizer("The museum opens at nine and closes at five. " * 12, return_tensors="pt")["input_ids"][0]
+    prompt = smol.tokenizer(" When does the museum open?", return_tensors="pt")["input_ids"]
+    n = len(doc)
+    enc = EncodedDocument(doc, torch.zeros(n, 2, dtype=torch.int32), torch.ones(n, dtype=torch.bool))
+    memory = memorize_encoded(smol.model, [Document("d", "x")], [enc], stride=256, window=1024,
+                              fingerprint=smol.fingerprint, source=smol.source, progress=False)
+    with torch.inference_mode():
+        expected = reference(torch.cat([doc[None], prompt], dim=1)).logits[:, n:]
+    got = smol.logits(prompt, memory=memory, topk=n, position_policy="stored")
+    assert (got - expected).abs().max().item() < FULL_CONTEXT_ATOL
+
+
+def test_smollm2_finds_a_passkey_in_a_memory_beyond_its_window(smol):
+    rng = random.Random(20261122)
+    key = rng.randint(10000, 99999)
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    n_filler = 12_600 // 24  # ~24 tokens per filler block
+    depth = rng.uniform(0.1, 0.9)
+    blocks = [FILLER] * n_filler
+    blocks.insert(int(depth * n_filler), needle)
+    memory = smol.memorize("".join(blocks))
+    assert memory.num_tokens >= 12_000 > smol.context_window
+    result = smol.generate("What is the pass key?", memory=memory, max_new_tokens=12)
+    assert str(key) in result.text, (key, depth, result.text)
+    top = result.citations[0]
+    text = memory.documents[0].text
+    start = text.index(needle)
+    assert start <= top.start and top.end <= start + len(needle), top  # the passkey sentence is the top citation
+    assert str(key) in top.text
+
+
+def test_demo_prints_the_counterfactual_answer_and_its_source(capsys):
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    answer = out.split("Answer:", 1)[1].split("\n", 1)[0]
+    assert "80,000" in answer
+    cited = out.split("Cited spans", 1)[1].splitlines()[1]
+    assert "80,000 termites" in cited
