@@ -57,9 +57,16 @@ def main() -> None:
     t_fwd = timed(lambda: plain(mind.model), args.repeats)
     t_dec = timed(lambda: plain(mind.model.base_model), args.repeats)
     result = {
-        "tokens": n, "window": args.window, "stride": args.stride, "threads": args.threads, "repeats": args.repeats,
-        "memorize_tok_per_s": n / t_mem, "forward_tok_per_s": len(ids) / t_fwd, "decoder_tok_per_s": len(ids) / t_dec,
-        "ratio_vs_forward": (n / t_mem) / (len(ids) / t_fwd), "ratio_vs_decoder": (n / t_mem) / (len(ids) / t_dec),
+        "tokens": n,
+        "window": args.window,
+        "stride": args.stride,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "memorize_tok_per_s": n / t_mem,
+        "forward_tok_per_s": len(ids) / t_fwd,
+        "decoder_tok_per_s": len(ids) / t_dec,
+        "ratio_vs_forward": (n / t_mem) / (len(ids) / t_fwd),
+        "ratio_vs_decoder": (n / t_mem) / (len(ids) / t_dec),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "throughput.json").write_text(json.dumps(result, indent=2))

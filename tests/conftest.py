@@ -22,8 +22,16 @@ from transformers import (
 from extended_mind import ExtendedMind
 
 VOCAB = 260  # 256 bytes + <s>, </s>, and room
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=512, head_dim=16)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    head_dim=16,
+)
 
 FAMILIES = {
     "llama": lambda: LlamaConfig(**COMMON),

@@ -35,8 +35,22 @@ def test_ask_with_text_files_and_plain_output(model_dir, tmp_path, capsys):
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text("Alpha document.")
     b.write_text("Beta document.")
-    args = ["ask", "--model", str(model_dir), "--memory", str(a), "--memory", str(b), "--topk", "3",
-            "--max-new-tokens", "3", "--uncertainty-threshold", "0", "Which?"]
+    args = [
+        "ask",
+        "--model",
+        str(model_dir),
+        "--memory",
+        str(a),
+        "--memory",
+        str(b),
+        "--topk",
+        "3",
+        "--max-new-tokens",
+        "3",
+        "--uncertainty-threshold",
+        "0",
+        "Which?",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "Cited spans" in out and "re-retrieved step 0" in out

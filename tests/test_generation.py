@@ -52,8 +52,9 @@ def test_uncertainty_raises_k_on_high_entropy_steps(tiny_mind):
     k, step = 2, 5
     # Threshold 0: every step is re-retrieved with k + step, so the whole run (cache included) must equal a plain
     # run with k + step: a strong check that cropping and recomputing leaves no trace of the first attempt.
-    always = tiny_mind.generate("Question?", memory=memory, topk=k, topk_step=step, max_new_tokens=6,
-                                uncertainty_threshold=0.0)
+    always = tiny_mind.generate(
+        "Question?", memory=memory, topk=k, topk_step=step, max_new_tokens=6, uncertainty_threshold=0.0
+    )
     wider = tiny_mind.generate("Question?", memory=memory, topk=k + step, max_new_tokens=6)
     assert [t.id for t in always.tokens] == [t.id for t in wider.tokens]
     assert [r.step for r in always.retrievals] == list(range(6))
@@ -63,8 +64,9 @@ def test_uncertainty_raises_k_on_high_entropy_steps(tiny_mind):
     entropies = [r.entropy for r in always.retrievals]
     plain = tiny_mind.generate("Question?", memory=memory, topk=k, max_new_tokens=6)
     cut = sorted(t.entropy for t in plain.tokens)[3]
-    some = tiny_mind.generate("Question?", memory=memory, topk=k, topk_step=step, max_new_tokens=6,
-                              uncertainty_threshold=cut)
+    some = tiny_mind.generate(
+        "Question?", memory=memory, topk=k, topk_step=step, max_new_tokens=6, uncertainty_threshold=cut
+    )
     assert some.retrievals, entropies
     first = some.retrievals[0]
     assert first.entropy > cut and first.new_topk == k + step

@@ -26,8 +26,14 @@ def raw_document(ids: torch.Tensor) -> EncodedDocument:
 
 def memorize_ids(mind, docs: list[torch.Tensor], stride: int = 16, window: int = 64):
     return memorize_encoded(
-        mind.model, [Document(f"d{i}", "x") for i in range(len(docs))], [raw_document(d) for d in docs],
-        stride=stride, window=window, fingerprint=mind.fingerprint, source=mind.source, progress=False,
+        mind.model,
+        [Document(f"d{i}", "x") for i in range(len(docs))],
+        [raw_document(d) for d in docs],
+        stride=stride,
+        window=window,
+        fingerprint=mind.fingerprint,
+        source=mind.source,
+        progress=False,
     )
 
 
@@ -71,19 +77,37 @@ def test_chunked_memorization_equals_recomputed_windows(tiny_pair):
     enc = raw_document(doc)
     enc.keep[0] = False
     window, stride = 64, 16
-    chunked = memorize_encoded(mind.model, [Document("d", "x")], [enc], stride=stride, window=window,
-                               fingerprint=mind.fingerprint, source=mind.source, progress=False)
+    chunked = memorize_encoded(
+        mind.model,
+        [Document("d", "x")],
+        [enc],
+        stride=stride,
+        window=window,
+        fingerprint=mind.fingerprint,
+        source=mind.source,
+        progress=False,
+    )
     # Recompute the window of the chunk starting at token 96 from scratch: sink + the 47 tokens before + 16 new.
     start, context = 96, window - stride
     window_ids = torch.cat([doc[:1], doc[start - context + 1 : start], doc[start : start + stride]])
     fresh_enc = raw_document(window_ids)
     fresh_enc.keep[0] = False
-    fresh = memorize_encoded(mind.model, [Document("w", "x")], [fresh_enc], stride=stride, window=window,
-                             fingerprint=mind.fingerprint, source=mind.source, progress=False)
+    fresh = memorize_encoded(
+        mind.model,
+        [Document("w", "x")],
+        [fresh_enc],
+        stride=stride,
+        window=window,
+        fingerprint=mind.fingerprint,
+        source=mind.source,
+        progress=False,
+    )
     # memory index of doc token t is t - 1 (the sink is not stored)
     for layer in range(chunked.num_layers):
         a = chunked.keys[layer][:, start - 1 : start - 1 + stride]
         b = fresh.keys[layer][:, -stride:]
         assert (a - b).abs().max().item() < 1e-4
-        assert (chunked.values[layer][:, start - 1 : start - 1 + stride] - fresh.values[layer][:, -stride:]).abs().max() < 1e-4
+        assert (
+            chunked.values[layer][:, start - 1 : start - 1 + stride] - fresh.values[layer][:, -stride:]
+        ).abs().max() < 1e-4
     assert chunked.positions[start - 1 : start - 1 + stride].tolist() == list(range(context, context + stride))

@@ -39,8 +39,16 @@ def test_smollm2_all_memories_equal_full_context(smol, reference):
     prompt = smol.tokenizer(" When does the museum open?", return_tensors="pt")["input_ids"]
     n = len(doc)
     enc = EncodedDocument(doc, torch.zeros(n, 2, dtype=torch.int32), torch.ones(n, dtype=torch.bool))
-    memory = memorize_encoded(smol.model, [Document("d", "x")], [enc], stride=256, window=1024,
-                              fingerprint=smol.fingerprint, source=smol.source, progress=False)
+    memory = memorize_encoded(
+        smol.model,
+        [Document("d", "x")],
+        [enc],
+        stride=256,
+        window=1024,
+        fingerprint=smol.fingerprint,
+        source=smol.source,
+        progress=False,
+    )
     with torch.inference_mode():
         expected = reference(torch.cat([doc[None], prompt], dim=1)).logits[:, n:]
     got = smol.logits(prompt, memory=memory, topk=n, position_policy="stored")

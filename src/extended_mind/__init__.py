@@ -15,8 +15,18 @@ from .memory import Memory
 from .mind import ExtendedMind
 
 __all__ = [
-    "Citation", "Document", "DocumentError", "ExtendedMind", "ExtendedMindError", "GeneratedToken",
-    "GenerationResult", "Memory", "MemoryFileError", "MemoryMismatchError", "ModelLoadError", "PromptTooLongError",
+    "Citation",
+    "Document",
+    "DocumentError",
+    "ExtendedMind",
+    "ExtendedMindError",
+    "GeneratedToken",
+    "GenerationResult",
+    "Memory",
+    "MemoryFileError",
+    "MemoryMismatchError",
+    "ModelLoadError",
+    "PromptTooLongError",
     "Retrieval",
 ]
 __version__ = "0.1.0"

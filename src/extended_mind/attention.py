@@ -173,7 +173,9 @@ def memory_attention(
 
     out = torch.matmul(p_local.reshape(b, h, g * sq, skv).to(value.dtype), value)  # (B, H, g*sq, D)
     mem_values = mem.values[torch.arange(h, device=mem_idx.device)[None, :, None, None], mem_idx]  # (B,H,R,k,D)
-    out = out + torch.matmul(p_mem.reshape(b, h, g * sq, 1, k).to(mem_values.dtype), mem_values).squeeze(-2).to(out.dtype)
+    out = out + torch.matmul(p_mem.reshape(b, h, g * sq, 1, k).to(mem_values.dtype), mem_values).squeeze(-2).to(
+        out.dtype
+    )
 
     if session.record_citations:
         # What memory token j adds to the output is p_j * v_j: weigh citations by p_j * |v_j|, so that tokens
@@ -201,7 +203,9 @@ def _capture_position_embeddings(module: torch.nn.Module, args: tuple, kwargs: d
 def attention_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
     """The self-attention modules of a decoder, in layer order."""
     mods = [
-        m for m in model.modules() if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "layer_idx", None), int)
+        m
+        for m in model.modules()
+        if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "layer_idx", None), int)
     ]
     return sorted(mods, key=lambda m: m.layer_idx)
 

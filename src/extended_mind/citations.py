@@ -54,7 +54,9 @@ def sparse_sum(indices: list[torch.Tensor], weights: list[torch.Tensor]) -> tupl
     return uniq, torch.zeros(len(uniq), device=w.device).scatter_add_(0, inverse, w)
 
 
-def cite(memory: Memory, indices: torch.Tensor, weights: torch.Tensor, max_spans: int = 5, min_share: float = 0.1) -> list[Citation]:
+def cite(
+    memory: Memory, indices: torch.Tensor, weights: torch.Tensor, max_spans: int = 5, min_share: float = 0.1
+) -> list[Citation]:
     """Group weighted memory tokens into sentence spans, strongest first.
 
     A span keeps the sum of its tokens' weights; spans under `min_share` of the strongest are dropped.

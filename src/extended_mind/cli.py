@@ -22,31 +22,59 @@ from .mind import (
 )
 from .positions import POSITION_POLICIES
 
-DEMO_QUESTION = "Question: How many termites can one aardwolf eat in a single night?\nAnswer: One aardwolf can eat about"
+DEMO_QUESTION = (
+    "Question: How many termites can one aardwolf eat in a single night?\nAnswer: One aardwolf can eat about"
+)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="local model directory or hub id (default: SmolLM2-135M-Instruct, "
-                   "or the model a saved memory was built with)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="local model directory or hub id (default: SmolLM2-135M-Instruct, "
+        "or the model a saved memory was built with)",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--stride", type=int, default=None, help=f"new tokens per memorization step ({DEFAULT_STRIDE}: window/4)")
-    p.add_argument("--window", type=int, default=None,
-                   help=f"context of each memorized token ({DEFAULT_WINDOW}, at most half the model's window)")
+    p.add_argument(
+        "--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)"
+    )
+    p.add_argument(
+        "--stride", type=int, default=None, help=f"new tokens per memorization step ({DEFAULT_STRIDE}: window/4)"
+    )
+    p.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        help=f"context of each memorized token ({DEFAULT_WINDOW}, at most half the model's window)",
+    )
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--topk", type=int, default=DEFAULT_TOPK, help=f"memories retrieved per query head and token ({DEFAULT_TOPK})")
+    p.add_argument(
+        "--topk", type=int, default=DEFAULT_TOPK, help=f"memories retrieved per query head and token ({DEFAULT_TOPK})"
+    )
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (64)")
     p.add_argument("--no-chat", action="store_true", help="send the question as raw text, without the chat template")
     p.add_argument("--answer-prefix", default="", help="text the answer starts with (helps small models)")
-    p.add_argument("--ranking", choices=RANKINGS, default=DEFAULT_RANKING, help=f"how memories are ranked ({DEFAULT_RANKING})")
+    p.add_argument(
+        "--ranking", choices=RANKINGS, default=DEFAULT_RANKING, help=f"how memories are ranked ({DEFAULT_RANKING})"
+    )
     p.add_argument("--similarity-threshold", type=float, default=None, help="drop memories with cosine <= this (off)")
-    p.add_argument("--position-policy", choices=POSITION_POLICIES, default=DEFAULT_POSITION_POLICY,
-                   help=f"rotary positions of retrieved memories ({DEFAULT_POSITION_POLICY})")
-    p.add_argument("--uncertainty-threshold", type=float, default=None,
-                   help="entropy (nats) above which a step is recomputed with topk + topk-step memories (off)")
-    p.add_argument("--topk-step", type=int, default=DEFAULT_TOPK_STEP, help=f"extra memories on re-retrieval ({DEFAULT_TOPK_STEP})")
+    p.add_argument(
+        "--position-policy",
+        choices=POSITION_POLICIES,
+        default=DEFAULT_POSITION_POLICY,
+        help=f"rotary positions of retrieved memories ({DEFAULT_POSITION_POLICY})",
+    )
+    p.add_argument(
+        "--uncertainty-threshold",
+        type=float,
+        default=None,
+        help="entropy (nats) above which a step is recomputed with topk + topk-step memories (off)",
+    )
+    p.add_argument(
+        "--topk-step", type=int, default=DEFAULT_TOPK_STEP, help=f"extra memories on re-retrieval ({DEFAULT_TOPK_STEP})"
+    )
     p.add_argument("--stop", action="append", default=[], help="string that ends the answer (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
@@ -60,8 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p = sub.add_parser("ask", help="answer a question from memories, with citations")
     p.add_argument("question")
-    p.add_argument("--memory", action="append", default=[], type=Path, metavar="PATH",
-                   help="a saved memory directory or a text file (repeatable)")
+    p.add_argument(
+        "--memory",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="PATH",
+        help="a saved memory directory or a text file (repeatable)",
+    )
     _add_model_args(p)
     _add_generation_args(p)
     p = sub.add_parser("demo", help="memorize the bundled counterfactual Wikipedia article and ask about it")
@@ -93,9 +127,17 @@ def _memories(mind: ExtendedMind, paths: list[Path], saved: dict[Path, Memory], 
 
 def _generate(mind: ExtendedMind, question: str, memories: list[Memory], args) -> None:
     stream = mind.stream(
-        question, memory=memories or None, topk=args.topk, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
-        answer_prefix=args.answer_prefix, ranking=args.ranking, similarity_threshold=args.similarity_threshold,
-        position_policy=args.position_policy, uncertainty_threshold=args.uncertainty_threshold, topk_step=args.topk_step,
+        question,
+        memory=memories or None,
+        topk=args.topk,
+        max_new_tokens=args.max_new_tokens,
+        chat=not args.no_chat,
+        answer_prefix=args.answer_prefix,
+        ranking=args.ranking,
+        similarity_threshold=args.similarity_threshold,
+        position_policy=args.position_policy,
+        uncertainty_threshold=args.uncertainty_threshold,
+        topk_step=args.topk_step,
         stop=args.stop,
     )
     if args.json:
@@ -114,7 +156,10 @@ def _generate(mind: ExtendedMind, question: str, memories: list[Memory], args) -
         for c in result.citations:
             print(f"  [{c.weight:.4f}] {c.doc} {c.start}-{c.end}: {c.text}")
     for r in result.retrievals:
-        print(f"  re-retrieved step {r.step}: entropy {r.entropy:.2f} -> {r.new_entropy:.2f} nats, k {r.topk} -> {r.new_topk}")
+        print(
+            f"  re-retrieved step {r.step}: entropy {r.entropy:.2f} -> {r.new_entropy:.2f} nats,"
+            f" k {r.topk} -> {r.new_topk}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

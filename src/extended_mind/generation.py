@@ -171,7 +171,9 @@ class TokenStream:
                 new_text = new_text[:hit]
             piece, text = new_text[len(text) :], new_text
             citations = cite(self.memory, idx, w, max_spans=3) if self.memory is not None and len(idx) else []
-            tok = GeneratedToken(id=token, text=piece, entropy=h, topk=k, citations=citations, memory_indices=idx, memory_weights=w)
+            tok = GeneratedToken(
+                id=token, text=piece, entropy=h, topk=k, citations=citations, memory_indices=idx, memory_weights=w
+            )
             tokens.append(tok)
             yield tok
             if hit >= 0 or step + 1 == s.max_new_tokens:

@@ -52,8 +52,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, str):
-        named = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                 "float16": torch.float16, "fp16": torch.float16}
+        named = {
+            "float32": torch.float32,
+            "fp32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16,
+            "float16": torch.float16,
+            "fp16": torch.float16,
+        }
         if dtype not in named:
             raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {sorted(named)}")
         return named[dtype]
@@ -116,8 +122,18 @@ def load_model(
 def model_fingerprint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str:
     """Identity of a model for memories: architecture, a sample of its embedding weights, and its vocabulary."""
     c = model.config
-    arch = {k: getattr(c, k, None) for k in ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads",
-                                             "num_key_value_heads", "head_dim", "vocab_size")}
+    arch = {
+        k: getattr(c, k, None)
+        for k in (
+            "model_type",
+            "num_hidden_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "vocab_size",
+        )
+    }
     emb = model.get_input_embeddings().weight
     sample = torch.round(emb[:8, :16].detach().float().cpu() * 1000).to(torch.int64)
     h = hashlib.sha256(json.dumps(arch, sort_keys=True).encode())

@@ -47,7 +47,9 @@ class _DocumentPass:
         self.rope: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
         self.start = 0
 
-    def _capture(self, layer: int, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    def _capture(
+        self, layer: int, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> None:
         # key/value: (1, H, s, D) for the new tokens; cos/sin: (1, s, R) at their positions
         k_pre = invert_rope(key[0].float(), cos[0], sin[0]).to(self.dtype)
         if self.keys[layer] is None:

@@ -113,7 +113,8 @@ class Memory:
     # ---- persistence: a directory with a JSON manifest and one safetensors file, replaced atomically ----
 
     def save(self, path: str | Path) -> Path:
-        """Write the memory to directory `path`; an existing memory there is replaced only once the new one is complete."""
+        """Write the memory to directory `path`; an existing memory there is replaced only once the new one is
+        complete."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))

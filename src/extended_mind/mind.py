@@ -71,8 +71,14 @@ class ExtendedMind:
         if window > self.context_window:
             raise ExtendedMindError(f"window {window} exceeds the model's context window {self.context_window}")
         return memorize_encoded(
-            self.model, docs, encode_documents(self.tokenizer, docs), stride=stride, window=window,
-            fingerprint=self.fingerprint, source=self.source, progress=progress,
+            self.model,
+            docs,
+            encode_documents(self.tokenizer, docs),
+            stride=stride,
+            window=window,
+            fingerprint=self.fingerprint,
+            source=self.source,
+            progress=progress,
         )
 
     def load_memory(self, path: str | Path) -> Memory:
@@ -88,7 +94,9 @@ class ExtendedMind:
             return None
         for m in memories:
             if not isinstance(m, Memory):
-                raise ExtendedMindError(f"memory must be a Memory (from memorize or load_memory), got {type(m).__name__}")
+                raise ExtendedMindError(
+                    f"memory must be a Memory (from memorize or load_memory), got {type(m).__name__}"
+                )
             m.check_model(self.fingerprint, self.source)
         return Memory.merge(memories)
 
@@ -108,7 +116,9 @@ class ExtendedMind:
             )
             return self.tokenizer(text + answer_prefix, add_special_tokens=False)["input_ids"]
         sep = " " if answer_prefix and not prompt.endswith((" ", "\n")) else ""
-        return self.tokenizer(prompt + sep + answer_prefix if answer_prefix else prompt, add_special_tokens=True)["input_ids"]
+        return self.tokenizer(prompt + sep + answer_prefix if answer_prefix else prompt, add_special_tokens=True)[
+            "input_ids"
+        ]
 
     def stream(
         self,
@@ -160,8 +170,14 @@ class ExtendedMind:
         if mem is not None:
             layers = prepare_layers(mem, position_policy, self.device, self.model.dtype, memory_layers)
         settings = DecodeSettings(
-            topk=topk, ranking=ranking, similarity_threshold=similarity_threshold, max_new_tokens=max_new_tokens,
-            uncertainty_threshold=uncertainty_threshold, topk_step=topk_step, temperature=temperature, seed=seed,
+            topk=topk,
+            ranking=ranking,
+            similarity_threshold=similarity_threshold,
+            max_new_tokens=max_new_tokens,
+            uncertainty_threshold=uncertainty_threshold,
+            topk_step=topk_step,
+            temperature=temperature,
+            seed=seed,
             stop=tuple(x for x in (stop or []) if x),
         )
         return TokenStream(self.model, self.tokenizer, ids, mem, layers, offset, settings)
@@ -188,7 +204,9 @@ class ExtendedMind:
         with session.active(), torch.inference_mode():
             return self.model(input_ids=input_ids, position_ids=positions, use_cache=False).logits
 
-    def generate(self, prompt: str | list[int], memory: Memory | list[Memory] | None = None, **options) -> GenerationResult:
+    def generate(
+        self, prompt: str | list[int], memory: Memory | list[Memory] | None = None, **options
+    ) -> GenerationResult:
         """Answer `prompt` with memory attention over `memory`; returns text, tokens, citations and retrievals.
 
         Options (defaults in parentheses): topk (10), max_new_tokens (128), chat (True), answer_prefix ("": text

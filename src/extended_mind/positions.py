@@ -39,7 +39,11 @@ def prepare_layers(
             cos, sin = memory.rope_cos[table], memory.rope_sin[table]
             pos = torch.zeros_like(memory.positions) if policy == "zero" else memory.positions
             pos = pos.long()
-            keys = apply_rope(memory.keys[layer].float(), cos[pos].to(memory.keys[layer].device), sin[pos].to(memory.keys[layer].device))
+            keys = apply_rope(
+                memory.keys[layer].float(),
+                cos[pos].to(memory.keys[layer].device),
+                sin[pos].to(memory.keys[layer].device),
+            )
             keys = keys.to(device=device, dtype=dtype)
             prepared[layer] = LayerMemory(
                 keys=keys,

