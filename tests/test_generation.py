@@ -77,3 +77,12 @@ def test_uncertainty_raises_k_on_high_entropy_steps(tiny_mind):
 def test_entropy_in_nats():
     assert abs(entropy(torch.zeros(4)) - torch.log(torch.tensor(4.0)).item()) < 1e-6
     assert entropy(torch.tensor([100.0, 0.0, 0.0])) < 1e-6
+
+
+def test_attention_weighting_gives_memory_mass_per_token(tiny_mind):
+    memory = tiny_mind.memorize(DOC)
+    result = tiny_mind.generate("Tell me", memory=memory, max_new_tokens=4, citation_weighting="attention")
+    for token in result.tokens:
+        mass = float(token.memory_weights.sum())  # mean over layers and heads of the probability on memory
+        assert 0 < mass <= 1 + 1e-5
+    assert result.citations

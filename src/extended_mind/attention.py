@@ -55,7 +55,8 @@ class Session:
     layers: dict[int, LayerMemory] = field(default_factory=dict)
     settings: RetrievalSettings | None = None
     record_citations: bool = False
-    # Filled during a forward pass: per memory layer, (indices, p * |v|) of the last query position, (Hq, k).
+    citation_weighting: str = "attention_value"  # or "attention": the probability alone
+    # Filled during a forward pass: per memory layer, (indices, weights) of the last query position, (Hq, k).
     citation_records: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     capture: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
     position_embeddings: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -181,8 +182,9 @@ def memory_attention(
         # What memory token j adds to the output is p_j * v_j: weigh citations by p_j * |v_j|, so that tokens
         # that soak up attention but carry near-empty values (sink-like tokens) are not cited.
         last_idx = mem_idx.view(b, h, g, sq, k)[0, :, :, -1].reshape(hq, k)
-        last_v = mem_values[0].view(h, g, sq, k, -1)[:, :, -1].reshape(hq, k, -1)
-        last_p = p_mem[0, :, :, -1].reshape(hq, k) * last_v.float().norm(dim=-1)
+        last_p = p_mem[0, :, :, -1].reshape(hq, k)
+        if session.citation_weighting == "attention_value":
+            last_p = last_p * mem_values[0].view(h, g, sq, k, -1)[:, :, -1].reshape(hq, k, -1).float().norm(dim=-1)
         session.citation_records.append((last_idx.detach(), last_p.detach()))
 
     out = out.view(b, h, g, sq, d).reshape(b, hq, sq, d).transpose(1, 2).contiguous()

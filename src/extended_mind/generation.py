@@ -66,6 +66,7 @@ class DecodeSettings:
     temperature: float
     seed: int | None
     stop: tuple[str, ...] = ()
+    citation_weighting: str = "attention_value"
 
 
 def entropy(logits: torch.Tensor) -> float:
@@ -110,6 +111,7 @@ class TokenStream:
             layers=self.layers,
             settings=RetrievalSettings(s.topk, s.ranking, s.similarity_threshold),
             record_citations=bool(self.layers),
+            citation_weighting=s.citation_weighting,
         )
         n_heads = self.model.config.num_attention_heads
         generator = torch.Generator(device="cpu").manual_seed(s.seed) if s.seed is not None else None

@@ -6,15 +6,17 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import logging
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from .errors import ModelLoadError
 
@@ -110,13 +112,28 @@ def load_model(
             path = model  # a hub id
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
-        net = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt)
+        with _quiet_transformers():
+            net = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(
             f"unknown model {model!r}: not a loadable local model directory, and not fetchable from the hub ({exc})"
         ) from None
     return net.to(dev).eval(), tokenizer, source
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No weight-loading progress bar or sharding notes: they bury the answer in CLI output."""
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def model_fingerprint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str:

@@ -23,6 +23,7 @@ DEFAULT_STRIDE = 512
 DEFAULT_WINDOW = 2048
 DEFAULT_TOPK_STEP = 2
 RANKINGS = ("logit", "cosine")
+CITATION_WEIGHTINGS = ("attention_value", "attention")
 
 
 class ExtendedMind:
@@ -137,6 +138,7 @@ class ExtendedMind:
         temperature: float = 0.0,
         seed: int | None = None,
         stop: list[str] | None = None,
+        citation_weighting: str = "attention_value",
     ) -> TokenStream:
         """Like `generate`, but returns an iterator of tokens as they are produced (`.result` once exhausted)."""
         _check_int("topk", topk, 0)
@@ -146,6 +148,10 @@ class ExtendedMind:
             raise ExtendedMindError(f"unknown ranking {ranking!r}; choose one of {RANKINGS}")
         if position_policy not in POSITION_POLICIES:
             raise ExtendedMindError(f"unknown position policy {position_policy!r}; choose one of {POSITION_POLICIES}")
+        if citation_weighting not in CITATION_WEIGHTINGS:
+            raise ExtendedMindError(
+                f"unknown citation weighting {citation_weighting!r}; choose one of {CITATION_WEIGHTINGS}"
+            )
         if temperature < 0:
             raise ExtendedMindError(f"temperature must be >= 0, got {temperature}")
         n_layers = self.model.config.num_hidden_layers
@@ -179,6 +185,7 @@ class ExtendedMind:
             temperature=temperature,
             seed=seed,
             stop=tuple(x for x in (stop or []) if x),
+            citation_weighting=citation_weighting,
         )
         return TokenStream(self.model, self.tokenizer, ids, mem, layers, offset, settings)
 
@@ -212,7 +219,8 @@ class ExtendedMind:
         Options (defaults in parentheses): topk (10), max_new_tokens (128), chat (True), answer_prefix ("": text
         the answer starts with; the result's text excludes it), ranking ("logit"),
         similarity_threshold (None), position_policy ("stored"), memory_layers (None: all), uncertainty_threshold
-        (None: off), topk_step (2), temperature (0: greedy), seed (None), stop (None: strings that end the answer).
+        (None: off), topk_step (2), temperature (0: greedy), seed (None), stop (None: strings that end the answer),
+        citation_weighting ("attention_value": attention probability x value norm; "attention": probability alone).
         """
         stream = self.stream(prompt, memory=memory, **options)
         for _ in stream:
