@@ -47,9 +47,11 @@ EDITS = [
 ]
 
 
-def passkey_items(rng: random.Random) -> list[dict]:
+def passkey_items(rng: random.Random, depths: int = 3) -> list[dict]:
     items = []
-    for length, depth in itertools.product([4000, 12000], [0.1, 0.5, 0.9]):
+    for length, depth in itertools.product(
+        [4000, 12000], [round(0.1 + 0.8 * i / max(1, depths - 1), 2) for i in range(depths)]
+    ):
         key = rng.randint(10000, 99999)
         blocks = [FILLER] * (length // 24)
         blocks.insert(int(depth * len(blocks)), f"The pass key is {key}. Remember it. {key} is the pass key. ")
@@ -109,14 +111,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--topk", type=int, nargs="+", default=[2, 5, 10, 20])
+    parser.add_argument("--rankings", nargs="+", default=["logit", "cosine"])
+    parser.add_argument("--policies", nargs="+", default=["stored", "zero"])
+    parser.add_argument("--depths", type=int, default=3, help="passkey depths per length, evenly from 0.1 to 0.9")
     parser.add_argument("--out", type=Path, default=Path("runs/defaults"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     mind = ExtendedMind.from_pretrained()
-    items = passkey_items(random.Random(args.seed)) + qa_items()
+    items = passkey_items(random.Random(args.seed), args.depths) + qa_items()
     for item in tqdm(items, desc="memorizing"):
         item["memory"] = mind.memorize(item["doc"], progress=False)
-    grid = list(itertools.product(["stored", "zero"], args.topk, ["logit", "cosine"]))
+    grid = list(itertools.product(args.policies, args.topk, args.rankings))
     rows = []
     for (policy, k, ranking), item in tqdm(list(itertools.product(grid, items)), desc="evaluating"):
         settings = dict(topk=k, position_policy=policy, ranking=ranking)
@@ -167,28 +172,34 @@ def main() -> None:
         )
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(summary, args.out / "defaults.png")
+    plot(summary, args.out / "defaults.png", n_passkey=sum(i["task"] == "passkey" for i in items), n_qa=len(EDITS))
 
 
-def plot(summary: list[dict], path: Path) -> None:
+def plot(summary: list[dict], path: Path, n_passkey: int, n_qa: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for (policy, ranking), marker in zip(itertools.product(["stored", "zero"], ["logit", "cosine"]), "osD^"):
+    pairs = sorted({(s["position_policy"], s["ranking"]) for s in summary})
+    for (policy, ranking), marker in zip(pairs, "osD^v<>"):
         sel = sorted(
             (s for s in summary if s["position_policy"] == policy and s["ranking"] == ranking), key=lambda s: s["topk"]
         )
         ks = [s["topk"] for s in sel]
         axes[0].plot(
-            ks, [(s["passkey_acc"] * 6 + s["qa_acc"] * 4) / 10 for s in sel], marker=marker, label=f"{policy}/{ranking}"
+            ks,
+            [(s["passkey_acc"] * n_passkey + s["qa_acc"] * n_qa) / (n_passkey + n_qa) for s in sel],
+            marker=marker,
+            label=f"{policy}/{ranking}",
         )
         axes[1].plot(ks, [s["mean_logprob"] for s in sel], marker=marker, label=f"{policy}/{ranking}")
     axes[0].set(xlabel="top-k", ylabel="accuracy (all items)", title="Greedy accuracy", xscale="log")
     axes[1].set(xlabel="top-k", ylabel="mean log p(answer)", title="Answer log-probability", xscale="log")
     for ax in axes:
+        ax.set_xticks(sorted({s["topk"] for s in summary}), [str(k) for k in sorted({s["topk"] for s in summary})])
+        ax.minorticks_off()
         ax.legend()
         ax.grid(alpha=0.3)
     fig.suptitle("SmolLM2-135M: position policy x top-k x ranking (passkey 4k/12k + counterfactual QA)")

@@ -18,17 +18,19 @@ from extended_mind.memorize import EncodedDocument, memorize_encoded
 FULL_CONTEXT_ATOL = 1e-4
 
 
-def raw_document(ids: torch.Tensor) -> EncodedDocument:
-    """Token ids memorized as they are: no sink token, nothing dropped."""
+def raw_document(ids: torch.Tensor, sink: bool = False) -> EncodedDocument:
+    """Token ids memorized as they are; with `sink`, the first token is the (unstored) attention sink."""
     n = len(ids)
-    return EncodedDocument(ids, torch.zeros(n, 2, dtype=torch.int32), torch.ones(n, dtype=torch.bool))
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[0] = not sink
+    return EncodedDocument(ids, torch.zeros(n, 2, dtype=torch.int32), keep)
 
 
-def memorize_ids(mind, docs: list[torch.Tensor], stride: int = 16, window: int = 64):
+def memorize_ids(mind, docs: list[torch.Tensor], stride: int = 16, window: int = 64, sink: bool = False):
     return memorize_encoded(
         mind.model,
         [Document(f"d{i}", "x") for i in range(len(docs))],
-        [raw_document(d) for d in docs],
+        [raw_document(d, sink) for d in docs],
         stride=stride,
         window=window,
         fingerprint=mind.fingerprint,
@@ -74,34 +76,12 @@ def test_chunked_memorization_equals_recomputed_windows(tiny_pair):
     torch.manual_seed(3)
     sink = torch.tensor([256])  # <s>, kept at position 0 of every chunk's context
     doc = torch.cat([sink, torch.randint(0, 256, (150,))])
-    enc = raw_document(doc)
-    enc.keep[0] = False
     window, stride = 64, 16
-    chunked = memorize_encoded(
-        mind.model,
-        [Document("d", "x")],
-        [enc],
-        stride=stride,
-        window=window,
-        fingerprint=mind.fingerprint,
-        source=mind.source,
-        progress=False,
-    )
+    chunked = memorize_ids(mind, [doc], stride=stride, window=window, sink=True)
     # Recompute the window of the chunk starting at token 96 from scratch: sink + the 47 tokens before + 16 new.
     start, context = 96, window - stride
     window_ids = torch.cat([doc[:1], doc[start - context + 1 : start], doc[start : start + stride]])
-    fresh_enc = raw_document(window_ids)
-    fresh_enc.keep[0] = False
-    fresh = memorize_encoded(
-        mind.model,
-        [Document("w", "x")],
-        [fresh_enc],
-        stride=stride,
-        window=window,
-        fingerprint=mind.fingerprint,
-        source=mind.source,
-        progress=False,
-    )
+    fresh = memorize_ids(mind, [window_ids], stride=stride, window=window, sink=True)
     # memory index of doc token t is t - 1 (the sink is not stored)
     for layer in range(chunked.num_layers):
         a = chunked.keys[layer][:, start - 1 : start - 1 + stride]
