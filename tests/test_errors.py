@@ -59,7 +59,9 @@ def test_invalid_options(tiny_mind):
     with pytest.raises(ExtendedMindError, match="prompt is empty"):
         tiny_mind.generate("  ")
     with pytest.raises(ExtendedMindError, match="memory must be a Memory"):
-        tiny_mind.generate("q", memory=["not a memory"])
+        tiny_mind.generate("q", memory=[42])
+    with pytest.raises(ExtendedMindError, match="not a saved memory"):
+        tiny_mind.generate("q", memory="no-such-memory-dir")
 
 
 def test_question_longer_than_the_window(tiny_mind):

@@ -85,3 +85,11 @@ def test_corrupt_memory_files_give_clear_errors(tiny_mind, tmp_path):
     (path / "manifest.json").write_text("{not json")
     with pytest.raises(MemoryFileError, match="corrupt memory manifest"):
         Memory.load(path)
+
+
+def test_a_saved_memory_can_be_passed_by_path(tiny_mind, tmp_path):
+    memory = tiny_mind.memorize("Facts on disk. " * 3)
+    memory.save(tmp_path / "m")
+    by_object = tiny_mind.generate("Q", memory=memory, max_new_tokens=4)
+    by_path = tiny_mind.generate("Q", memory=str(tmp_path / "m"), max_new_tokens=4)
+    assert [t.id for t in by_object.tokens] == [t.id for t in by_path.tokens]

@@ -23,6 +23,7 @@ DEFAULT_STRIDE = 512
 DEFAULT_WINDOW = 2048
 DEFAULT_TOPK_STEP = 2
 RANKINGS = ("logit", "cosine")
+MemoryLike = Memory | str | Path  # a Memory, or the directory of a saved one
 CITATION_WEIGHTINGS = ("attention_value", "attention")
 
 
@@ -87,10 +88,11 @@ class ExtendedMind:
         memory.check_model(self.fingerprint, self.source)
         return memory
 
-    def _as_memory(self, memory: Memory | list[Memory] | None) -> Memory | None:
+    def _as_memory(self, memory: MemoryLike | list[MemoryLike] | None) -> Memory | None:
         if memory is None:
             return None
-        memories = [memory] if isinstance(memory, Memory) else list(memory)
+        items = [memory] if isinstance(memory, (Memory, str, Path)) else list(memory)
+        memories = [self.load_memory(m) if isinstance(m, (str, Path)) else m for m in items]
         if not memories:
             return None
         for m in memories:
@@ -124,7 +126,7 @@ class ExtendedMind:
     def stream(
         self,
         prompt: str | list[int],
-        memory: Memory | list[Memory] | None = None,
+        memory: MemoryLike | list[MemoryLike] | None = None,
         topk: int = DEFAULT_TOPK,
         max_new_tokens: int = 128,
         chat: bool = True,
@@ -192,7 +194,7 @@ class ExtendedMind:
     def logits(
         self,
         input_ids: torch.Tensor,
-        memory: Memory | list[Memory] | None = None,
+        memory: MemoryLike | list[MemoryLike] | None = None,
         topk: int = DEFAULT_TOPK,
         ranking: str = DEFAULT_RANKING,
         similarity_threshold: float | None = None,
@@ -212,7 +214,7 @@ class ExtendedMind:
             return self.model(input_ids=input_ids, position_ids=positions, use_cache=False).logits
 
     def generate(
-        self, prompt: str | list[int], memory: Memory | list[Memory] | None = None, **options
+        self, prompt: str | list[int], memory: MemoryLike | list[MemoryLike] | None = None, **options
     ) -> GenerationResult:
         """Answer `prompt` with memory attention over `memory`; returns text, tokens, citations and retrievals.
 
