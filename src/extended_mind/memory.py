@@ -62,9 +62,6 @@ class Memory:
             f"model={self.model_source!r})"
         )
 
-    def document(self, index: int) -> Document:
-        return self.documents[index]
-
     def check_model(self, fingerprint: str, source: str) -> None:
         if fingerprint != self.model_fingerprint:
             raise MemoryMismatchError(
