@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from extended_mind import (
     DocumentError,
@@ -76,3 +77,11 @@ def test_question_longer_than_the_window(tiny_mind):
 def test_unknown_model():
     with pytest.raises(ModelLoadError, match="unknown model './no/such/model'"):
         ExtendedMind.from_pretrained("./no/such/model")
+
+
+def test_logits_checks_its_options_like_generate(tiny_mind):
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ExtendedMindError, match="unknown ranking 'dot'"):
+        tiny_mind.logits(ids, ranking="dot")
+    with pytest.raises(ExtendedMindError, match="memory_layers \\[9\\] out of range"):
+        tiny_mind.logits(ids, memory=tiny_mind.memorize("some text"), memory_layers=[9])

@@ -109,16 +109,13 @@ def _load_mind(args: argparse.Namespace, saved: list[Memory]) -> ExtendedMind:
     if model is None and saved:
         model = saved[0].model_source  # the model that built the memory
     print(f"loading model {model or 'SmolLM2-135M-Instruct'} ...", file=sys.stderr)
-    return ExtendedMind.from_pretrained(None if model == "SmolLM2-135M-Instruct" else model, args.device, args.dtype)
+    return ExtendedMind.from_pretrained(model, args.device, args.dtype)
 
 
 def _memories(mind: ExtendedMind, paths: list[Path], saved: dict[Path, Memory], args) -> list[Memory]:
-    memories = []
+    """Saved memories as loaded (generation checks their model), plus one memory of all the text files."""
+    memories = [saved[p] for p in paths if p in saved]
     texts = [p for p in paths if p not in saved]
-    for p in paths:
-        if p in saved:
-            saved[p].check_model(mind.fingerprint, mind.source)
-            memories.append(saved[p])
     if texts:
         print(f"memorizing {len(texts)} file(s) ...", file=sys.stderr)
         memories.append(mind.memorize(texts, stride=args.stride, window=args.window))

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .attention import RetrievalSettings, Session, patch_model
+from .attention import LayerMemory, RetrievalSettings, Session, patch_model
 from .documents import load_documents
 from .errors import ExtendedMindError, PromptTooLongError
 from .generation import DecodeSettings, GenerationResult, TokenStream
@@ -103,6 +103,31 @@ class ExtendedMind:
             m.check_model(self.fingerprint, self.source)
         return Memory.merge(memories)
 
+    def _retrieval(
+        self,
+        memory: MemoryLike | list[MemoryLike] | None,
+        topk: int,
+        ranking: str,
+        position_policy: str,
+        memory_layers: list[int] | None,
+    ) -> tuple[Memory | None, int, dict[int, LayerMemory]]:
+        """Validate the retrieval options; return (memory, first prompt position, prepared memory layers)."""
+        _check_int("topk", topk, 0)
+        if ranking not in RANKINGS:
+            raise ExtendedMindError(f"unknown ranking {ranking!r}; choose one of {RANKINGS}")
+        if position_policy not in POSITION_POLICIES:
+            raise ExtendedMindError(f"unknown position policy {position_policy!r}; choose one of {POSITION_POLICIES}")
+        n_layers = self.model.config.num_hidden_layers
+        if memory_layers is not None:
+            bad = [x for x in memory_layers if not isinstance(x, int) or not 0 <= x < n_layers]
+            if bad:
+                raise ExtendedMindError(f"memory_layers {bad} out of range: the model has layers 0..{n_layers - 1}")
+        mem = self._as_memory(memory)
+        if mem is None:
+            return None, 0, {}
+        layers = prepare_layers(mem, position_policy, self.device, self.model.dtype, memory_layers)
+        return mem, prompt_offset(mem, position_policy), layers
+
     # ---- generation ----
 
     def encode_prompt(self, prompt: str | list[int], chat: bool = True, answer_prefix: str = "") -> list[int]:
@@ -143,40 +168,25 @@ class ExtendedMind:
         citation_weighting: str = "attention_value",
     ) -> TokenStream:
         """Like `generate`, but returns an iterator of tokens as they are produced (`.result` once exhausted)."""
-        _check_int("topk", topk, 0)
         _check_int("max_new_tokens", max_new_tokens, 1)
         _check_int("topk_step", topk_step, 0)
-        if ranking not in RANKINGS:
-            raise ExtendedMindError(f"unknown ranking {ranking!r}; choose one of {RANKINGS}")
-        if position_policy not in POSITION_POLICIES:
-            raise ExtendedMindError(f"unknown position policy {position_policy!r}; choose one of {POSITION_POLICIES}")
         if citation_weighting not in CITATION_WEIGHTINGS:
             raise ExtendedMindError(
                 f"unknown citation weighting {citation_weighting!r}; choose one of {CITATION_WEIGHTINGS}"
             )
         if temperature < 0:
             raise ExtendedMindError(f"temperature must be >= 0, got {temperature}")
-        n_layers = self.model.config.num_hidden_layers
-        if memory_layers is not None:
-            bad = [x for x in memory_layers if not isinstance(x, int) or not 0 <= x < n_layers]
-            if bad:
-                raise ExtendedMindError(f"memory_layers {bad} out of range: the model has layers 0..{n_layers - 1}")
-
-        mem = self._as_memory(memory)
+        mem, offset, layers = self._retrieval(memory, topk, ranking, position_policy, memory_layers)
         ids = self.encode_prompt(prompt, chat, answer_prefix)
         window = self.context_window
         if len(ids) > window:
             raise PromptTooLongError(f"prompt is {len(ids)} tokens, longer than the model's window of {window} tokens")
-        offset = prompt_offset(mem, position_policy)
         if offset + len(ids) + max_new_tokens > window:
             raise PromptTooLongError(
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) starting at position {offset} "
                 f"(after the memory's positions) exceed the model's window of {window} tokens; shorten the prompt, "
                 "lower max_new_tokens, or use position_policy='zero'"
             )
-        layers = {}
-        if mem is not None:
-            layers = prepare_layers(mem, position_policy, self.device, self.model.dtype, memory_layers)
         settings = DecodeSettings(
             topk=topk,
             ranking=ranking,
@@ -203,10 +213,7 @@ class ExtendedMind:
     ) -> torch.Tensor:
         """Next-token logits (B, S, V) for every position of `input_ids` (B, S) with memory attention; for scoring
         (perplexity, answer log-probabilities). Positions start after the memory as in `generate`."""
-        _check_int("topk", topk, 0)
-        mem = self._as_memory(memory)
-        offset = prompt_offset(mem, position_policy)
-        layers = prepare_layers(mem, position_policy, self.device, self.model.dtype, memory_layers) if mem else {}
+        _, offset, layers = self._retrieval(memory, topk, ranking, position_policy, memory_layers)
         session = Session(layers=layers, settings=RetrievalSettings(topk, ranking, similarity_threshold))
         input_ids = input_ids.to(self.device)
         positions = torch.arange(offset, offset + input_ids.shape[1], device=self.device)[None].expand_as(input_ids)

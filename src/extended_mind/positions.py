@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from .attention import LayerMemory
-from .errors import ExtendedMindError
 from .memory import Memory
 from .rope import apply_rope
 
@@ -27,9 +26,8 @@ def prompt_offset(memory: Memory | None, policy: str) -> int:
 def prepare_layers(
     memory: Memory, policy: str, device: torch.device, dtype: torch.dtype, layers: list[int] | None
 ) -> dict[int, LayerMemory]:
-    """Rotate memory keys for `policy`, move them to the model's device; cached on the memory per setting."""
-    if policy not in POSITION_POLICIES:
-        raise ExtendedMindError(f"unknown position policy {policy!r}; choose one of {POSITION_POLICIES}")
+    """Rotate memory keys for `policy` (one of POSITION_POLICIES, checked by the caller), move them to the model's
+    device; cached on the memory per setting."""
     cache_key = (policy, str(device), dtype)
     prepared = memory._prepared.get(cache_key)
     if prepared is None:
