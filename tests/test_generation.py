@@ -37,6 +37,9 @@ def test_stop_string_ends_the_answer(tiny_mind):
     assert cut_at
     stopped = tiny_mind.generate("Say something", max_new_tokens=12, topk=0, stop=[cut_at])
     assert stopped.text == full.text[: full.text.index(cut_at)]
+    absent = "\x00never"  # a stop string that never occurs must not hide one that does
+    both = tiny_mind.generate("Say something", max_new_tokens=12, topk=0, stop=[absent, cut_at])
+    assert both.text == stopped.text
 
 
 def test_uncertainty_threshold_off_changes_nothing(tiny_mind):

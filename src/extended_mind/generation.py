@@ -168,7 +168,9 @@ class TokenStream:
                 break
             generated.append(token)
             new_text = self.tokenizer.decode(generated, skip_special_tokens=True)
-            hit = min((new_text.find(x, max(0, len(text) - len(x))) for x in s.stop if x in new_text), default=-1)
+            # a stop string can only end in the new piece: search from just before it
+            found = [i for x in s.stop if (i := new_text.find(x, max(0, len(text) - len(x) + 1))) >= 0]
+            hit = min(found, default=-1)
             if hit >= 0:
                 new_text = new_text[:hit]
             piece, text = new_text[len(text) :], new_text
