@@ -44,8 +44,11 @@ def test_save_then_load_gives_identical_generations(tiny_mind, tmp_path):
 def test_save_replaces_an_existing_memory_whole(tiny_mind, tmp_path):
     tiny_mind.memorize("first version").save(tmp_path / "m")
     tiny_mind.memorize("the second version of it").save(tmp_path / "m")
-    assert Memory.load(tmp_path / "m").documents[0].text == "the second version of it"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary or backup left behind
+    loaded = Memory.load(tmp_path / "m")
+    assert [d.text for d in loaded.documents] == ["the second version of it"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    # one tensor file for the document, one for the rotary tables; the first version's file is gone
+    assert len(list((tmp_path / "m" / "tensors").iterdir())) == 2
 
 
 def test_merged_memories_cite_the_right_document(tiny_mind):
@@ -61,18 +64,44 @@ def test_merged_memories_cite_the_right_document(tiny_mind):
 def test_memory_of_another_model_is_refused(tiny_mind, tmp_path):
     other = ExtendedMind(tiny_model("llama", seed=7), byte_tokenizer(), "other-llama")
     memory = other.memorize("built by another model")
-    with pytest.raises(MemoryMismatchError, match="different model"):
+    with pytest.raises(MemoryMismatchError, match="different model.*other weights"):
         tiny_mind.generate("q", memory=memory)
     memory.save(tmp_path / "m")
     with pytest.raises(MemoryMismatchError, match="different model"):
         tiny_mind.load_memory(tmp_path / "m")
+    qwen = ExtendedMind(tiny_model("qwen2"), byte_tokenizer(), "tiny-qwen2")
+    with pytest.raises(MemoryMismatchError, match="different model.*another architecture"):
+        qwen.load_memory(tmp_path / "m")
+    with pytest.raises(MemoryMismatchError, match="cannot combine"):
+        Memory.merge([memory, tiny_mind.memorize("mine")])
+
+
+def test_memory_of_another_tokenizer_is_refused(tiny_mind, tmp_path):
+    tokenizer = byte_tokenizer()
+    tokenizer.add_tokens(["<extra>"])
+    other = ExtendedMind(tiny_mind.model, tokenizer, "same weights, other tokenizer")
+    other.memorize("text cut by another tokenizer").save(tmp_path / "m")
+    with pytest.raises(MemoryMismatchError, match="different tokenizer"):
+        tiny_mind.load_memory(tmp_path / "m")
 
 
 def test_corrupt_memory_files_give_clear_errors(tiny_mind, tmp_path):
-    path = tiny_mind.memorize("some text to save").save(tmp_path / "m")
-    tensors = path / "tensors.safetensors"
-    tensors.write_bytes(tensors.read_bytes()[:100])
-    with pytest.raises(MemoryFileError, match="corrupt"):
+    path = tiny_mind.memorize("some text to save", ids=["notes"]).save(tmp_path / "m")
+    manifest = json.loads((path / "manifest.json").read_text())
+    segment = path / manifest["documents"][0]["file"]
+    data = segment.read_bytes()
+    segment.write_bytes(data[:100])
+    with pytest.raises(MemoryFileError, match="document 'notes' is truncated"):
+        Memory.load(path)
+    # same size, one byte flipped: opening is lazy, so the damage is found when the tensors are first read
+    segment.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    lazy = tiny_mind.load_memory(path)
+    with pytest.raises(MemoryFileError, match="checksum"):
+        tiny_mind.generate("Q", memory=lazy, max_new_tokens=2)
+    with pytest.raises(MemoryFileError, match="checksum"):
+        Memory.load(path).verify()
+    segment.unlink()
+    with pytest.raises(MemoryFileError, match="document 'notes' is missing"):
         Memory.load(path)
     with pytest.raises(MemoryFileError, match="not a saved memory"):
         Memory.load(tmp_path)
@@ -80,11 +109,30 @@ def test_corrupt_memory_files_give_clear_errors(tiny_mind, tmp_path):
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["version"] = 99
     (path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(MemoryFileError, match="format version 99"):
+    with pytest.raises(MemoryFileError, match="format version 99.*newer"):
+        Memory.load(path)
+    with pytest.raises(MemoryFileError, match="format version 99"):  # never overwritten by an older writer
+        tiny_mind.memorize("overwrite").save(path)
+    manifest["version"] = 2
+    manifest["documents"][0]["text"] = "edited by hand"
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(MemoryFileError, match="text of document 'doc0' fails its checksum"):
         Memory.load(path)
     (path / "manifest.json").write_text("{not json")
     with pytest.raises(MemoryFileError, match="corrupt memory manifest"):
         Memory.load(path)
+    del manifest["kv_shapes"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(MemoryFileError, match="incomplete memory manifest.*kv_shapes"):
+        Memory.load(path)
+
+
+def test_saving_into_a_foreign_directory_is_refused(tiny_mind, tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"x")
+    with pytest.raises(MemoryFileError, match="exists and is not a saved memory"):
+        tiny_mind.memorize("text").save(tmp_path / "photos")
+    assert sorted(p.name for p in (tmp_path / "photos").iterdir()) == ["cat.jpg"]
 
 
 def test_a_saved_memory_can_be_passed_by_path(tiny_mind, tmp_path):

@@ -33,8 +33,7 @@ def memorize_ids(mind, docs: list[torch.Tensor], stride: int = 16, window: int =
         [raw_document(d, sink) for d in docs],
         stride=stride,
         window=window,
-        fingerprint=mind.fingerprint,
-        source=mind.source,
+        identity=mind.identity,
         progress=False,
     )
 

@@ -45,8 +45,7 @@ def test_smollm2_all_memories_equal_full_context(smol, reference):
         [enc],
         stride=256,
         window=1024,
-        fingerprint=smol.fingerprint,
-        source=smol.source,
+        identity=smol.identity,
         progress=False,
     )
     with torch.inference_mode():

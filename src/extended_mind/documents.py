@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from dataclasses import dataclass
@@ -46,8 +47,11 @@ def _looks_like_path(text: str) -> bool:
     return bool(_PATH_LIKE.match(text)) and (os.path.exists(text) or bool(_EXTENSION.search(text)))
 
 
-def load_documents(documents: str | Path | list[str | Path], ids: list[str] | None = None) -> list[Document]:
-    """Normalise `documents` (texts and/or paths) into `Document`s with unique ids."""
+def load_documents(
+    documents: str | Path | list[str | Path], ids: list[str] | None = None, taken: set[str] | frozenset = frozenset()
+) -> list[Document]:
+    """Normalise `documents` (texts and/or paths) into `Document`s with unique ids. Ids default to the file name,
+    else the first free "doc<n>"; ids in `taken` (already in a memory) are refused."""
     items = [documents] if isinstance(documents, (str, Path)) else list(documents)
     if not items:
         raise DocumentError("no documents given")
@@ -67,11 +71,16 @@ def load_documents(documents: str | Path | list[str | Path], ids: list[str] | No
                 raise DocumentError(f"document {i} contains NUL bytes: binary data, not text")
         else:
             raise DocumentError(f"document {i} must be a string or a path, got {type(item).__name__}")
-        doc_id = ids[i] if ids is not None else (name or f"doc{i}")
-        out.append(Document(id=str(doc_id), text=text, name=name))
-    seen: set[str] = set()
-    for doc in out:
-        if doc.id in seen:
-            raise DocumentError(f"duplicate document id: {doc.id!r} (pass ids=... to name documents)")
-        seen.add(doc.id)
+        out.append(Document(id="", text=text, name=name))
+    seen = set(taken)
+    free = (f"doc{n}" for n in itertools.count() if f"doc{n}" not in taken)
+    for i, doc in enumerate(out):
+        doc_id = ids[i] if ids is not None else (doc.name or next(free))
+        if not isinstance(doc_id, str) or not doc_id.strip():
+            raise DocumentError(f"document id must be a non-empty string, got {doc_id!r}")
+        if doc_id in seen:
+            where = "already in the memory (use replace to change it)" if doc_id in taken else "given twice"
+            raise DocumentError(f"duplicate document id {doc_id!r}: {where}; pass ids=... to name documents")
+        seen.add(doc_id)
+        out[i] = Document(id=doc_id, text=doc.text, name=doc.name)
     return out

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 import shutil
 import sys
@@ -134,26 +133,3 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
-
-
-def model_fingerprint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str:
-    """Identity of a model for memories: architecture, a sample of its embedding weights, and its vocabulary."""
-    c = model.config
-    arch = {
-        k: getattr(c, k, None)
-        for k in (
-            "model_type",
-            "num_hidden_layers",
-            "hidden_size",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-            "vocab_size",
-        )
-    }
-    emb = model.get_input_embeddings().weight
-    sample = torch.round(emb[:8, :16].detach().float().cpu() * 1000).to(torch.int64)
-    h = hashlib.sha256(json.dumps(arch, sort_keys=True).encode())
-    h.update(sample.numpy().tobytes())
-    h.update(str(len(tokenizer)).encode())
-    return h.hexdigest()[:16]

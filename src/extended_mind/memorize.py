@@ -23,8 +23,10 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from .attention import Session, attention_modules
 from .documents import Document
 from .errors import DocumentError, ExtendedMindError
-from .memory import Memory
+from .identity import ModelIdentity
+from .memory import Memory, RopeTables, Segment
 from .rope import apply_rope, invert_rope
+from .storage import check_storage, storage_of
 
 
 def validate_window(stride: int, window: int) -> None:
@@ -122,25 +124,26 @@ def memorize_encoded(
     *,
     stride: int,
     window: int,
-    fingerprint: str,
-    source: str,
+    identity: ModelIdentity,
+    storage: str | None = None,
     progress: bool | None = None,
 ) -> Memory:
-    """Memorize already tokenized documents (see `encode_documents`)."""
+    """Memorize already tokenized documents (see `encode_documents`), one segment per document, keys and values
+    kept in `storage` precision (default: the model's dtype)."""
     validate_window(stride, window)
     device = next(model.parameters()).device
-    store_dtype = next(model.parameters()).dtype
+    compute_dtype = next(model.parameters()).dtype
+    storage = check_storage(storage or storage_of(compute_dtype))
     total = sum(len(e.ids) for e in encoded)
     show = progress if progress is not None else total > 2 * window
-    keys: list[list[torch.Tensor]] = []
-    values: list[list[torch.Tensor]] = []
-    positions, token_doc, spans = [], [], []
+    segments: list[Segment] = []
     rope_per_layer: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    kv_shapes: list[tuple[int, int, int]] = []
     with torch.inference_mode(), tqdm(total=total, unit="tok", desc="memorizing", disable=not show) as bar:
-        for doc_index, enc in enumerate(encoded):
+        for doc, enc in zip(documents, encoded):
             ids, offsets, keep = enc.ids, enc.offsets, enc.keep
             n = len(ids)
-            run = _DocumentPass(model, n, store_dtype)
+            run = _DocumentPass(model, n, compute_dtype)
             pos = torch.empty(n, dtype=torch.int32)
             first = min(window, n)
             sink = int((~keep).long().cumprod(0).sum())  # leading special tokens: the attention sink
@@ -154,11 +157,10 @@ def memorize_encoded(
             if any(r is None for r in run.rope):
                 raise ExtendedMindError("some attention layers received no rotary embeddings; unsupported model")
             keep_dev = keep.to(device)
-            keys.append([k[:, keep_dev] for k in run.keys])
-            values.append([v[:, keep_dev] for v in run.values])
-            positions.append(pos[keep])
-            token_doc.append(torch.full((int(keep.sum()),), doc_index, dtype=torch.int32))
-            spans.append(offsets[keep])
+            keys = [k[:, keep_dev] for k in run.keys]
+            values = [v[:, keep_dev] for v in run.values]
+            segments.append(Segment.build(doc, keys, values, pos[keep], offsets[keep], stride, window, storage))
+            kv_shapes = [(k.shape[0], k.shape[2], v.shape[2]) for k, v in zip(keys, values)]
             if rope_per_layer is None or run.rope[0][0].shape[0] > rope_per_layer[0][0].shape[0]:
                 rope_per_layer = run.rope
 
@@ -166,26 +168,11 @@ def memorize_encoded(
     rope_cos, rope_sin, layer_rope = [], [], []
     for cos, sin in rope_per_layer:
         for t, (c, s) in enumerate(zip(rope_cos, rope_sin)):
-            if c.shape == cos.shape and torch.equal(c, cos) and torch.equal(s, sin):
+            if c.shape == cos.shape and torch.equal(c, cos.cpu()) and torch.equal(s, sin.cpu()):
                 layer_rope.append(t)
                 break
         else:
             layer_rope.append(len(rope_cos))
             rope_cos.append(cos.cpu())
             rope_sin.append(sin.cpu())
-    n_layers = len(keys[0])
-    return Memory(
-        model_fingerprint=fingerprint,
-        model_source=source,
-        documents=list(documents),
-        keys=[torch.cat([k[layer] for k in keys], dim=1) for layer in range(n_layers)],
-        values=[torch.cat([v[layer] for v in values], dim=1) for layer in range(n_layers)],
-        positions=torch.cat(positions),
-        token_doc=torch.cat(token_doc),
-        token_spans=torch.cat(spans),
-        rope_cos=rope_cos,
-        rope_sin=rope_sin,
-        layer_rope=layer_rope,
-        stride=stride,
-        window=window,
-    )
+    return Memory(identity, segments, RopeTables(rope_cos, rope_sin, layer_rope, kv_shapes), stride, window, storage)

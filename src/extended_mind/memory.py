@@ -1,197 +1,406 @@
-"""A memory: per-layer pre-RoPE keys and values of every memorized token, with provenance back to the documents."""
+"""A memory: per-layer pre-RoPE keys and values of every memorized token, with provenance back to the documents.
+
+A memory is a list of segments, one per document, each holding that document's tokens only. Documents are
+memorized independently (no window crosses two documents), so adding, removing or replacing one never touches
+the others, and adding documents one at a time gives the same memory as adding them together. The flat views the
+attention layers read (all tokens of a layer in one tensor) are built on demand and dropped after every change.
+Persistence (a directory with a manifest and one safetensors file per segment) lives in `store.py`.
+"""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from .documents import Document
-from .errors import MemoryFileError, MemoryMismatchError
+from .errors import DocumentError, ExtendedMindError, MemoryMismatchError
+from .identity import ModelIdentity
+from .storage import check_storage, decode, encode
 
-FORMAT_NAME = "extended-mind-memory"
-FORMAT_VERSION = 1
-_MANIFEST = "manifest.json"
-_TENSORS = "tensors.safetensors"
+if TYPE_CHECKING:
+    from .mind import ExtendedMind
 
 
 @dataclass
-class Memory:
-    """Keys/values of memorized tokens for every layer, and where each token came from.
+class Segment:
+    """The memory tokens of one document. Tensors (n tokens, H KV heads, D head dim):
+      keys.{l} / values.{l}: (H, n, D) in the segment's storage precision (pre-RoPE keys);
+      key_scales.{l} / value_scales.{l}: (H, n) float32, int8 storage only;
+      positions: (n,) int32, the token's position inside its memorization window;
+      spans: (n, 2) int32, character [start, end) in the document.
+    Loaded segments read their tensors from disk on first use (`load` is set by the store)."""
 
-    Shapes (N memory tokens, H KV heads, D head dim, P rope positions, R rotary dims):
-      keys[l], values[l]: (H, N, D), keys before RoPE
-      positions: (N,) the token's position inside the window it was memorized in
-      token_doc: (N,) index into `documents`; token_spans: (N, 2) character [start, end) in that document
-      rope_cos[t], rope_sin[t]: (P, R) the model's rotary tables; layer_rope[l] picks the table of layer l
-    """
-
-    model_fingerprint: str
-    model_source: str
-    documents: list[Document]
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    positions: torch.Tensor
-    token_doc: torch.Tensor
-    token_spans: torch.Tensor
-    rope_cos: list[torch.Tensor]
-    rope_sin: list[torch.Tensor]
-    layer_rope: list[int]
+    document: Document
+    num_tokens: int
     stride: int
     window: int
-    _prepared: dict = field(default_factory=dict, repr=False, compare=False)
+    storage: str
+    _tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    load: Callable[[], dict[str, torch.Tensor]] | None = field(default=None, repr=False)
+    file: Any = field(default=None, repr=False)  # store.StoredFile where this segment is saved, if it is
+
+    @classmethod
+    def build(
+        cls,
+        document: Document,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        positions: torch.Tensor,
+        spans: torch.Tensor,
+        stride: int,
+        window: int,
+        storage: str,
+    ) -> Segment:
+        tensors = {"positions": positions.to(torch.int32).cpu(), "spans": spans.to(torch.int32).cpu()}
+        for layer, (k, v) in enumerate(zip(keys, values)):
+            for name, x in (("keys", k), ("values", v)):
+                data, scale = encode(x.detach().cpu(), storage)
+                tensors[f"{name}.{layer}"] = data.contiguous()
+                if scale is not None:
+                    tensors[f"{name[:-1]}_scales.{layer}"] = scale.contiguous()
+        return cls(document, int(positions.shape[0]), stride, window, storage, tensors)
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        if self._tensors is None:
+            assert self.load is not None
+            self._tensors = self.load()
+        return self._tensors
+
+    def layer(self, kind: str, layer: int) -> torch.Tensor:
+        """Keys or values (`kind`) of one layer, (H, n, D), as float (int8 storage is dequantized)."""
+        t = self.tensors
+        return decode(t[f"{kind}.{layer}"], t.get(f"{kind[:-1]}_scales.{layer}"))
+
+    def astype(self, storage: str, num_layers: int) -> Segment:
+        if storage == self.storage:
+            return self
+        return Segment.build(
+            self.document,
+            [self.layer("keys", i) for i in range(num_layers)],
+            [self.layer("values", i) for i in range(num_layers)],
+            self.tensors["positions"],
+            self.tensors["spans"],
+            self.stride,
+            self.window,
+            storage,
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for n, t in self.tensors.items() if n not in ("positions", "spans"))
+
+
+@dataclass
+class RopeTables:
+    """The model's rotary tables, cos/sin (P positions, R rotary dims), stored once per distinct table (Gemma 3 has
+    two); layer_rope[l] picks layer l's table. kv_shapes[l] = (KV heads, key dim, value dim) of layer l."""
+
+    cos: list[torch.Tensor]
+    sin: list[torch.Tensor]
+    layer_rope: list[int]
+    kv_shapes: list[tuple[int, int, int]]
+
+    @property
+    def length(self) -> int:
+        return min(int(c.shape[0]) for c in self.cos)
+
+
+class Memory:
+    """Keys/values of memorized documents for every layer of one model, and where each token came from.
+
+    Edit in place with `add`, `remove` and `replace` (each touches only the documents named), persist with `save`
+    (incremental: only new documents are written), open with `Memory.load` (lazy: tensors are read on first use)."""
+
+    def __init__(
+        self,
+        identity: ModelIdentity,
+        segments: list[Segment],
+        rope: RopeTables,
+        stride: int,
+        window: int,
+        storage: str,
+        path: Path | None = None,
+    ):
+        self.identity = identity
+        self.segments = segments
+        self.rope = rope
+        self.stride = stride  # settings for documents added later
+        self.window = window
+        self.storage = check_storage(storage)
+        self.path = path  # where it was last saved or loaded from: `save()` with no path writes there
+        self.mind: ExtendedMind | None = None  # the model that memorizes added documents (set by ExtendedMind)
+        self._flat: dict[str, Any] = {}
+        self._prepared: dict = {}
+
+    # ---- what it holds ----
+
+    @property
+    def documents(self) -> list[Document]:
+        return [s.document for s in self.segments]
+
+    @property
+    def model_source(self) -> str:
+        return self.identity.source
 
     @property
     def num_tokens(self) -> int:
-        return int(self.positions.shape[0])
+        return sum(s.num_tokens for s in self.segments)
 
     @property
     def num_layers(self) -> int:
-        return len(self.keys)
+        return len(self.rope.layer_rope)
+
+    @property
+    def rope_cos(self) -> list[torch.Tensor]:
+        return self.rope.cos
+
+    @property
+    def rope_sin(self) -> list[torch.Tensor]:
+        return self.rope.sin
+
+    @property
+    def layer_rope(self) -> list[int]:
+        return self.rope.layer_rope
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of stored keys and values (the part that grows with the memory)."""
+        return sum(s.nbytes for s in self.segments)
 
     def __repr__(self) -> str:
         return (
-            f"Memory({len(self.documents)} documents, {self.num_tokens} tokens, {self.num_layers} layers, "
-            f"model={self.model_source!r})"
+            f"Memory({len(self.segments)} documents, {self.num_tokens} tokens, {self.num_layers} layers, "
+            f"storage={self.storage}, model={self.model_source!r})"
         )
 
-    def check_model(self, fingerprint: str, source: str) -> None:
-        if fingerprint != self.model_fingerprint:
-            raise MemoryMismatchError(
-                f"memory was built by a different model ({self.model_source!r}) than the one loaded ({source!r}); "
-                "memorize the documents again with this model"
-            )
+    def __len__(self) -> int:
+        return len(self.segments)
+
+    def __contains__(self, doc_id: object) -> bool:
+        return any(s.document.id == doc_id for s in self.segments)
+
+    def info(self) -> dict:
+        n = self.num_tokens
+        return {
+            "path": str(self.path) if self.path else None,
+            "model": self.model_source,
+            "documents": len(self.segments),
+            "tokens": n,
+            "layers": self.num_layers,
+            "storage": self.storage,
+            "stride": self.stride,
+            "window": self.window,
+            "bytes": self.nbytes,
+            "bytes_per_token": round(self.nbytes / n, 1) if n else None,
+        }
+
+    # ---- flat views over all documents, as the attention layers read them ----
+
+    def _cat(self, name: str, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if name not in self._flat:
+            self._flat[name] = build()
+        return self._flat[name]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """(N,) int32: each token's position inside its memorization window."""
+        return self._cat("positions", lambda: _concat([s.tensors["positions"] for s in self.segments], (0,)))
+
+    @property
+    def token_doc(self) -> torch.Tensor:
+        """(N,) int32: index into `documents` of each token."""
+        return self._cat(
+            "token_doc",
+            lambda: _concat(
+                [torch.full((s.num_tokens,), i, dtype=torch.int32) for i, s in enumerate(self.segments)], (0,)
+            ),
+        )
+
+    @property
+    def token_spans(self) -> torch.Tensor:
+        """(N, 2) int32: character [start, end) of each token in its document."""
+        return self._cat("spans", lambda: _concat([s.tensors["spans"] for s in self.segments], (0, 2)))
+
+    def layer_keys(self, layer: int) -> torch.Tensor:
+        """(H, N, D) pre-RoPE keys of one layer as float, built fresh (not cached)."""
+        h, dk, _ = self.rope.kv_shapes[layer]
+        return _concat([s.layer("keys", layer) for s in self.segments], (h, 0, dk), dim=1)
+
+    def layer_values(self, layer: int) -> torch.Tensor:
+        h, _, dv = self.rope.kv_shapes[layer]
+        return _concat([s.layer("values", layer) for s in self.segments], (h, 0, dv), dim=1)
+
+    @property
+    def keys(self) -> list[torch.Tensor]:
+        """Per layer (H, N, D) pre-RoPE keys (cached; for inspection and tests, generation uses `layer_keys`)."""
+        if "keys" not in self._flat:
+            self._flat["keys"] = [self.layer_keys(i) for i in range(self.num_layers)]
+        return self._flat["keys"]
+
+    @property
+    def values(self) -> list[torch.Tensor]:
+        if "values" not in self._flat:
+            self._flat["values"] = [self.layer_values(i) for i in range(self.num_layers)]
+        return self._flat["values"]
+
+    def _changed(self) -> None:
+        self._flat.clear()
+        self._prepared.clear()
+
+    # ---- model checks and combining ----
+
+    def check_model(self, identity: ModelIdentity) -> None:
+        self.identity.check(identity)
+
+    def _check_compatible(self, other: Memory) -> None:
+        try:
+            other.identity.check(self.identity)
+        except MemoryMismatchError as exc:
+            raise MemoryMismatchError(f"cannot combine memories: {exc}") from None
 
     @classmethod
-    def merge(cls, memories: list[Memory]) -> Memory:
-        """Concatenate memories built by the same model into one (document ids must stay unique)."""
+    def merge(cls, memories: Sequence[Memory]) -> Memory:
+        """One memory holding the documents of all `memories` (same model; document ids must stay unique).
+        Tensors are shared, not copied."""
         if len(memories) == 1:
             return memories[0]
         first = memories[0]
         for m in memories[1:]:
-            if m.model_fingerprint != first.model_fingerprint:
-                raise MemoryMismatchError(
-                    f"cannot combine memories of different models ({first.model_source!r}, {m.model_source!r})"
-                )
+            first._check_compatible(m)
         ids = [d.id for m in memories for d in m.documents]
         if len(set(ids)) != len(ids):
             dup = sorted({i for i in ids if ids.count(i) > 1})
             raise MemoryMismatchError(f"cannot combine memories: duplicate document ids {dup}")
-        doc_offsets, offset = [], 0
-        for m in memories:
-            doc_offsets.append(offset)
-            offset += len(m.documents)
-        # Rotary tables of one model agree on their common prefix; the longest covers every stored position.
-        n_tables = len(first.rope_cos)
-        longest = [max(memories, key=lambda m: m.rope_cos[t].shape[0]) for t in range(n_tables)]
-        return cls(
-            model_fingerprint=first.model_fingerprint,
-            model_source=first.model_source,
-            documents=[d for m in memories for d in m.documents],
-            keys=[torch.cat([m.keys[layer] for m in memories], dim=1) for layer in range(first.num_layers)],
-            values=[torch.cat([m.values[layer] for m in memories], dim=1) for layer in range(first.num_layers)],
-            positions=torch.cat([m.positions for m in memories]),
-            token_doc=torch.cat([m.token_doc + o for m, o in zip(memories, doc_offsets)]),
-            token_spans=torch.cat([m.token_spans for m in memories]),
-            rope_cos=[longest[t].rope_cos[t] for t in range(n_tables)],
-            rope_sin=[longest[t].rope_sin[t] for t in range(n_tables)],
-            layer_rope=list(first.layer_rope),
-            stride=first.stride,
-            window=first.window,
+        merged = cls(
+            first.identity,
+            [s for m in memories for s in m.segments],
+            _longest_rope([m.rope for m in memories]),
+            first.stride,
+            first.window,
+            first.storage,
+        )
+        merged.mind = first.mind
+        return merged
+
+    # ---- editing: each operation touches only the documents it names ----
+
+    def _memorize(self, documents: Any, ids: list[str] | None, mind: ExtendedMind | None, taken: set[str]) -> Memory:
+        mind = mind or self.mind
+        if mind is None:
+            raise ExtendedMindError(
+                "adding documents needs the model that built this memory: pass mind=..., or load the memory with "
+                "ExtendedMind.load_memory"
+            )
+        self.check_model(mind.identity)
+        return mind.memorize(
+            documents, ids=ids, stride=self.stride, window=self.window, storage=self.storage, taken=taken
         )
 
-    # ---- persistence: a directory with a JSON manifest and one safetensors file, replaced atomically ----
+    def add(self, documents: Any, ids: list[str] | None = None, mind: ExtendedMind | None = None) -> Memory:
+        """Memorize `documents` (texts, text-file paths, or a Memory of the same model) and append them. Ids must
+        be new (use `replace` to change a document). Returns self."""
+        taken = {d.id for d in self.documents}
+        if isinstance(documents, Memory):
+            new = documents
+            self._check_compatible(new)
+            dup = sorted(taken & {d.id for d in new.documents})
+            if dup:
+                raise DocumentError(f"document ids {dup} are already in the memory (use replace to change them)")
+        else:
+            new = self._memorize(documents, ids, mind, taken)
+        self.segments = self.segments + [s.astype(self.storage, self.num_layers) for s in new.segments]
+        self.rope = _longest_rope([self.rope, new.rope])
+        self._changed()
+        return self
 
-    def save(self, path: str | Path) -> Path:
-        """Write the memory to directory `path`; an existing memory there is replaced only once the new one is
-        complete."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
-            tensors = {"positions": self.positions, "token_doc": self.token_doc, "token_spans": self.token_spans}
-            for layer, (k, v) in enumerate(zip(self.keys, self.values)):
-                tensors[f"keys.{layer}"] = k
-                tensors[f"values.{layer}"] = v
-            for t, (c, s) in enumerate(zip(self.rope_cos, self.rope_sin)):
-                tensors[f"rope_cos.{t}"] = c
-                tensors[f"rope_sin.{t}"] = s
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / _TENSORS)
-            manifest = {
-                "format": FORMAT_NAME,
-                "version": FORMAT_VERSION,
-                "model_fingerprint": self.model_fingerprint,
-                "model_source": self.model_source,
-                "num_tokens": self.num_tokens,
-                "num_layers": self.num_layers,
-                "layer_rope": self.layer_rope,
-                "stride": self.stride,
-                "window": self.window,
-                "documents": [{"id": d.id, "name": d.name, "text": d.text} for d in self.documents],
-            }
-            (tmp / _MANIFEST).write_text(json.dumps(manifest, ensure_ascii=False))
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            backup = None
-            if path.exists():
-                backup = path.with_name(f".{path.name}.old")
-                shutil.rmtree(backup, ignore_errors=True)
-                os.replace(path, backup)
-            os.replace(tmp, path)
-            if backup is not None:
-                shutil.rmtree(backup, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+    def _index(self, doc_id: str) -> int:
+        for i, s in enumerate(self.segments):
+            if s.document.id == doc_id:
+                return i
+        known = ", ".join(repr(d.id) for d in self.documents[:20]) or "none"
+        raise DocumentError(f"no document {doc_id!r} in the memory (documents: {known})")
+
+    def remove(self, doc_ids: str | list[str]) -> Memory:
+        """Drop the named documents and every token memorized from them. Returns self."""
+        names = [doc_ids] if isinstance(doc_ids, str) else list(doc_ids)
+        drop = {self._index(d) for d in names}
+        self.segments = [s for i, s in enumerate(self.segments) if i not in drop]
+        self._changed()
+        return self
+
+    def replace(self, doc_id: str, text: str | Path, mind: ExtendedMind | None = None) -> Memory:
+        """Memorize a new version of document `doc_id` in its place (same id and position). Returns self."""
+        i = self._index(doc_id)
+        new = self._memorize(text, [doc_id], mind, set())
+        segment = new.segments[0].astype(self.storage, self.num_layers)
+        old = self.segments[i].document
+        if segment.document.name is None and old.name is not None:
+            segment.document = Document(doc_id, segment.document.text, old.name)
+        self.segments = [*self.segments[:i], segment, *self.segments[i + 1 :]]
+        self.rope = _longest_rope([self.rope, new.rope])
+        self._changed()
+        return self
+
+    def astype(self, storage: str) -> Memory:
+        """A copy of this memory with keys/values stored in `storage` (float32, bfloat16, float16, int8)."""
+        check_storage(storage)
+        copy = Memory(
+            self.identity,
+            [s.astype(storage, self.num_layers) for s in self.segments],
+            self.rope,
+            self.stride,
+            self.window,
+            storage,
+        )
+        copy.mind = self.mind
+        return copy
+
+    # ---- persistence (see store.py) ----
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Write the memory to directory `path` (default: where it was loaded from or last saved). Only documents
+        not yet in that directory are written; the manifest is swapped atomically, so a crash leaves either the
+        previous or the new memory, both complete."""
+        from .store import save_memory
+
+        target = Path(path) if path is not None else self.path
+        if target is None:
+            raise ExtendedMindError("this memory has never been saved: give a directory to save it to")
+        self.path = save_memory(self, target)
+        return self.path
 
     @classmethod
     def load(cls, path: str | Path) -> Memory:
-        path = Path(path)
-        if not (path / _MANIFEST).is_file():
-            raise MemoryFileError(f"not a saved memory (no {_MANIFEST}): {path}")
-        try:
-            manifest = json.loads((path / _MANIFEST).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise MemoryFileError(f"corrupt memory manifest in {path}: {exc}") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-            raise MemoryFileError(f"{path / _MANIFEST} is not an extended-mind memory manifest")
-        if manifest.get("version") != FORMAT_VERSION:
-            raise MemoryFileError(
-                f"memory {path} has format version {manifest.get('version')}; this version reads {FORMAT_VERSION}"
-            )
-        try:
-            t = load_file(path / _TENSORS)
-            n_layers, n_tables = manifest["num_layers"], len(set(manifest["layer_rope"]) - {-1})
-            memory = cls(
-                model_fingerprint=manifest["model_fingerprint"],
-                model_source=manifest["model_source"],
-                documents=[Document(id=d["id"], text=d["text"], name=d["name"]) for d in manifest["documents"]],
-                keys=[t[f"keys.{i}"] for i in range(n_layers)],
-                values=[t[f"values.{i}"] for i in range(n_layers)],
-                positions=t["positions"],
-                token_doc=t["token_doc"],
-                token_spans=t["token_spans"],
-                rope_cos=[t[f"rope_cos.{i}"] for i in range(n_tables)],
-                rope_sin=[t[f"rope_sin.{i}"] for i in range(n_tables)],
-                layer_rope=list(manifest["layer_rope"]),
-                stride=int(manifest["stride"]),
-                window=int(manifest["window"]),
-            )
-        except (SafetensorError, OSError, KeyError, TypeError, ValueError) as exc:
-            raise MemoryFileError(f"corrupt or incomplete memory at {path}: {exc}") from None
-        if memory.num_tokens != manifest["num_tokens"] or any(k.shape[1] != memory.num_tokens for k in memory.keys):
-            raise MemoryFileError(f"corrupt memory at {path}: tensor sizes disagree with the manifest")
-        return memory
+        """Open a saved memory. Tensors are read (and their checksums verified) on first use."""
+        from .store import load_memory
+
+        return load_memory(Path(path))
+
+    def verify(self) -> None:
+        """Read every tensor now, checking checksums (raises MemoryFileError on corruption)."""
+        for s in self.segments:
+            s.tensors  # noqa: B018 - reading is the check
+
+
+def _concat(parts: list[torch.Tensor], empty_shape: tuple[int, ...], dim: int = 0) -> torch.Tensor:
+    if not parts:
+        return torch.zeros(empty_shape, dtype=torch.int32 if len(empty_shape) < 3 else torch.float32)
+    if len({p.dtype for p in parts}) > 1:  # documents stored in different precisions
+        parts = [p.float() for p in parts]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def _longest_rope(tables: list[RopeTables]) -> RopeTables:
+    """Rotary tables of one model agree on their common prefix; the longest covers every stored position."""
+    return max(tables, key=lambda r: r.length)
 
 
 def is_saved_memory(path: str | Path) -> bool:
-    return (Path(path) / _MANIFEST).is_file()
+    from .store import MANIFEST
+
+    return (Path(path) / MANIFEST).is_file()

@@ -11,7 +11,8 @@ from .attention import LayerMemory, RetrievalSettings, Session, patch_model
 from .documents import load_documents
 from .errors import ExtendedMindError, PromptTooLongError
 from .generation import DecodeSettings, GenerationResult, TokenStream
-from .loading import load_model, model_fingerprint
+from .identity import ModelIdentity
+from .loading import load_model
 from .memorize import encode_documents, memorize_encoded
 from .memory import Memory
 from .positions import POSITION_POLICIES, prepare_layers, prompt_offset
@@ -34,7 +35,7 @@ class ExtendedMind:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.source = source
-        self.fingerprint = model_fingerprint(model, tokenizer)
+        self.identity = ModelIdentity.of(model, tokenizer, source)
         patch_model(model)
 
     @classmethod
@@ -61,31 +62,39 @@ class ExtendedMind:
         stride: int | None = None,
         window: int | None = None,
         progress: bool | None = None,
+        storage: str | None = None,
+        taken: set[str] | frozenset = frozenset(),
     ) -> Memory:
         """Run documents (texts or text-file paths) through the model once and keep every token's keys/values.
 
         Each token is memorized with up to `window` tokens of context (default: 2048, or half the model's context
-        window if that is smaller), taking `stride` new tokens at a time (default: window / 4). A progress bar
-        shows for inputs longer than two windows unless `progress` says otherwise."""
-        docs = load_documents(documents, ids)
+        window if that is smaller), taking `stride` new tokens at a time (default: window / 4). Keys and values are
+        kept in `storage` precision: float32, bfloat16, float16 or int8 (default: the model's dtype). A progress bar
+        shows for inputs longer than two windows unless `progress` says otherwise. Ids default to file names, else
+        doc0, doc1, ...; `taken` lists ids that must not be used (those already in a memory)."""
+        docs = load_documents(documents, ids, taken)
         window = window if window is not None else min(DEFAULT_WINDOW, self.context_window // 2)
         stride = stride if stride is not None else max(1, window // 4)
         if window > self.context_window:
             raise ExtendedMindError(f"window {window} exceeds the model's context window {self.context_window}")
-        return memorize_encoded(
+        memory = memorize_encoded(
             self.model,
             docs,
             encode_documents(self.tokenizer, docs),
             stride=stride,
             window=window,
-            fingerprint=self.fingerprint,
-            source=self.source,
+            identity=self.identity,
+            storage=storage,
             progress=progress,
         )
+        memory.mind = self
+        return memory
 
     def load_memory(self, path: str | Path) -> Memory:
+        """Open a saved memory for this model (refused when another model or tokenizer built it)."""
         memory = Memory.load(path)
-        memory.check_model(self.fingerprint, self.source)
+        memory.check_model(self.identity)
+        memory.mind = self
         return memory
 
     def _as_memory(self, memory: MemoryLike | list[MemoryLike] | None) -> Memory | None:
@@ -100,7 +109,7 @@ class ExtendedMind:
                 raise ExtendedMindError(
                     f"memory must be a Memory (from memorize or load_memory), got {type(m).__name__}"
                 )
-            m.check_model(self.fingerprint, self.source)
+            m.check_model(self.identity)
         return Memory.merge(memories)
 
     def _retrieval(

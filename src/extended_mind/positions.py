@@ -37,15 +37,11 @@ def prepare_layers(
             cos, sin = memory.rope_cos[table], memory.rope_sin[table]
             pos = torch.zeros_like(memory.positions) if policy == "zero" else memory.positions
             pos = pos.long()
-            keys = apply_rope(
-                memory.keys[layer].float(),
-                cos[pos].to(memory.keys[layer].device),
-                sin[pos].to(memory.keys[layer].device),
-            )
+            keys = apply_rope(memory.layer_keys(layer).float(), cos[pos], sin[pos])
             keys = keys.to(device=device, dtype=dtype)
             prepared[layer] = LayerMemory(
                 keys=keys,
-                values=memory.values[layer].to(device=device, dtype=dtype),
+                values=memory.layer_values(layer).to(device=device, dtype=dtype),
                 inv_norms=1.0 / keys.float().norm(dim=-1).clamp_min(1e-12).to(dtype),
             )
         memory._prepared.clear()  # keep one prepared copy: memory use stays at most twice the raw memory

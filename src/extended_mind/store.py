@@ -1,0 +1,310 @@
+"""Saved memories: a directory with a manifest and content-addressed safetensors files, written crash-safely.
+
+    DIR/manifest.json                  format, version, model identity, settings, and per document: id, name, text,
+                                       length, text checksum, token range, tensor file and its checksum
+    DIR/tensors/<sha256>.safetensors   one file per document (keys, values, positions, spans), and the rotary tables
+    DIR/.lock                          held while a save is in progress
+
+A save writes only the tensor files that are not there yet (a file's name is the sha256 of its bytes, so a file
+that exists holds exactly the wanted bytes), fsyncs them, replaces manifest.json atomically (write aside, fsync,
+rename, fsync the directory), and only then deletes files the new manifest does not name. A kill at any moment
+leaves either the old manifest with all its files or the new one with all of its. Opening reads the manifest and
+checks file sizes; tensors are read, and their checksums verified, the first time they are used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
+
+from .documents import Document
+from .errors import MemoryFileError
+from .identity import ModelIdentity
+from .memory import Memory, RopeTables, Segment
+from .storage import STORAGE_DTYPES
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory lock
+    fcntl = None
+
+FORMAT_NAME = "extended-mind-memory"
+FORMAT_VERSION = 2
+MANIFEST = "manifest.json"
+TENSOR_DIR = "tensors"
+_LOCK = ".lock"
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """A tensor file of a saved memory, with the checksum and size the manifest recorded for it."""
+
+    path: Path
+    sha256: str
+    size: int
+
+    def read_bytes(self) -> bytes:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            raise MemoryFileError(
+                f"memory file missing: {self.path} (the memory was changed or damaged after it was opened)"
+            ) from None
+        if len(data) != self.size:
+            raise MemoryFileError(f"corrupt memory file {self.path}: {len(data)} bytes, the manifest says {self.size}")
+        if hashlib.sha256(data).hexdigest() != self.sha256:
+            raise MemoryFileError(f"corrupt memory file {self.path}: its checksum does not match the manifest")
+        return data
+
+    def read(self) -> dict[str, torch.Tensor]:
+        try:
+            return load_bytes(self.read_bytes())
+        except SafetensorError as exc:
+            raise MemoryFileError(f"corrupt memory file {self.path}: {exc}") from None
+
+
+# ---- writing ----
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(target: Path, data: bytes) -> None:
+    tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _put(directory: Path, data: bytes) -> StoredFile:
+    """Store `data` under its checksum in `directory` (no write when an intact copy is already there)."""
+    sha = hashlib.sha256(data).hexdigest()
+    target = directory / f"{sha}.safetensors"
+    if not (target.is_file() and target.stat().st_size == len(data)):
+        _write_atomic(target, data)
+    return StoredFile(target, sha, len(data))
+
+
+def _store_segment(segment: Segment, directory: Path) -> StoredFile:
+    f = segment.file
+    if f is not None and f.path.parent.resolve() == directory.resolve() and f.path.is_file():
+        return f  # already saved here
+    if f is not None and segment._tensors is None:
+        data = f.read_bytes()  # saved elsewhere and not loaded: copy the verified bytes
+    else:
+        data = save_bytes(segment.tensors, metadata={"format": "extended-mind-segment"})
+    return _put(directory, data)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    with open(path / _LOCK, "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def save_memory(memory: Memory, path: Path) -> Path:
+    from . import __version__
+
+    if path.exists() and not path.is_dir():
+        raise MemoryFileError(f"cannot save a memory to {path}: it is a file, not a directory")
+    if path.is_dir() and not (path / MANIFEST).is_file() and any(p.name != _LOCK for p in path.iterdir()):
+        raise MemoryFileError(f"cannot save a memory to {path}: the directory exists and is not a saved memory")
+    tensor_dir = path / TENSOR_DIR
+    tensor_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(path):
+        if (path / MANIFEST).is_file():
+            _read_manifest(path)  # refuses to overwrite a memory of an unknown (newer) format
+        documents, start = [], 0
+        stored = [_store_segment(s, tensor_dir) for s in memory.segments]
+        for s, f in zip(memory.segments, stored):
+            d = s.document
+            documents.append(
+                {
+                    "id": d.id,
+                    "name": d.name,
+                    "chars": len(d.text),
+                    "text_sha256": hashlib.sha256(d.text.encode()).hexdigest(),
+                    "tokens": [start, start + s.num_tokens],
+                    "stride": s.stride,
+                    "window": s.window,
+                    "storage": s.storage,
+                    "file": f"{TENSOR_DIR}/{f.path.name}",
+                    "sha256": f.sha256,
+                    "bytes": f.size,
+                    "text": d.text,
+                }
+            )
+            start += s.num_tokens
+        rope_tensors = {f"cos.{t}": c.contiguous() for t, c in enumerate(memory.rope.cos)}
+        rope_tensors |= {f"sin.{t}": s.contiguous() for t, s in enumerate(memory.rope.sin)}
+        rope = _put(tensor_dir, save_bytes(rope_tensors, metadata={"format": "extended-mind-rope"}))
+        _fsync_dir(tensor_dir)
+        manifest = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "written_by": f"extended-mind {__version__}",
+            "model": memory.identity.to_dict(),
+            "storage": memory.storage,
+            "stride": memory.stride,
+            "window": memory.window,
+            "positions": "each token's position inside its memorization window (policies: zero, stored)",
+            "num_layers": memory.num_layers,
+            "num_tokens": memory.num_tokens,
+            "layer_rope": memory.rope.layer_rope,
+            "kv_shapes": [list(x) for x in memory.rope.kv_shapes],
+            "rope": {"file": f"{TENSOR_DIR}/{rope.path.name}", "sha256": rope.sha256, "bytes": rope.size},
+            "documents": documents,
+        }
+        _write_atomic(path / MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=1).encode())
+        _fsync_dir(path)
+        for s, f in zip(memory.segments, stored):
+            s.file = f
+        keep = {f.path.name for f in stored} | {rope.path.name}
+        for p in tensor_dir.iterdir():  # no manifest refers to these any more (or they are leftovers of a crash)
+            if p.name not in keep:
+                p.unlink(missing_ok=True)
+        (path / "tensors.safetensors").unlink(missing_ok=True)  # format 1's single file
+    return path
+
+
+# ---- reading ----
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MemoryFileError(f"corrupt memory manifest in {path}: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise MemoryFileError(f"{path / MANIFEST} is not an extended-mind memory manifest")
+    version = manifest.get("version")
+    if version != FORMAT_VERSION:
+        hint = (
+            "written by a newer extended-mind: upgrade to read it"
+            if isinstance(version, int) and version > FORMAT_VERSION
+            else "memorize the documents again to rebuild it"
+        )
+        raise MemoryFileError(
+            f"memory {path} has format version {version}; this extended-mind reads version {FORMAT_VERSION} ({hint})"
+        )
+    return manifest
+
+
+def _stored(path: Path, entry: dict, what: str) -> StoredFile:
+    name = str(entry["file"])
+    file = (path / name).resolve()
+    if file.parent != (path / TENSOR_DIR).resolve():
+        raise MemoryFileError(f"corrupt memory manifest in {path}: {what} points outside the memory ({name!r})")
+    stored = StoredFile(file, str(entry["sha256"]), int(entry["bytes"]))
+    if not file.is_file():
+        raise MemoryFileError(f"corrupt memory at {path}: the tensor file of {what} is missing ({name})")
+    size = file.stat().st_size
+    if size != stored.size:
+        raise MemoryFileError(
+            f"corrupt memory at {path}: the tensor file of {what} is truncated or damaged ({name}: {size} bytes, "
+            f"expected {stored.size})"
+        )
+    return stored
+
+
+def _segment_loader(stored: StoredFile, n: int, shapes: list, storage: str, what: str):
+    def load() -> dict[str, torch.Tensor]:
+        tensors = stored.read()
+        expected = {"positions": (n,), "spans": (n, 2)}
+        for layer, (h, dk, dv) in enumerate(shapes):
+            expected[f"keys.{layer}"] = (h, n, dk)
+            expected[f"values.{layer}"] = (h, n, dv)
+            if storage == "int8":
+                expected[f"key_scales.{layer}"] = (h, n)
+                expected[f"value_scales.{layer}"] = (h, n)
+        for name, shape in expected.items():
+            if name not in tensors or tuple(tensors[name].shape) != shape:
+                raise MemoryFileError(f"corrupt memory file {stored.path} ({what}): tensor {name} missing or misshapen")
+        return tensors
+
+    return load
+
+
+def load_memory(path: Path) -> Memory:
+    if not (path / MANIFEST).is_file():
+        raise MemoryFileError(f"not a saved memory (no {MANIFEST}): {path}")
+    manifest = _read_manifest(path)
+    try:
+        shapes = [tuple(int(x) for x in s) for s in manifest["kv_shapes"]]
+        layer_rope = [int(x) for x in manifest["layer_rope"]]
+        if len(shapes) != int(manifest["num_layers"]) or len(layer_rope) != len(shapes):
+            raise ValueError("layer counts disagree")
+        rope_file = _stored(path, manifest["rope"], "the rotary tables")
+        segments, start = [], 0
+        for entry in manifest["documents"]:
+            what = f"document {entry['id']!r}"
+            lo, hi = (int(x) for x in entry["tokens"])
+            storage = str(entry["storage"])
+            text = str(entry["text"])
+            if lo != start or hi < lo or storage not in STORAGE_DTYPES:
+                raise ValueError(f"bad token range or storage for {what}")
+            if hashlib.sha256(text.encode()).hexdigest() != entry["text_sha256"]:
+                raise MemoryFileError(f"corrupt memory manifest in {path}: the text of {what} fails its checksum")
+            stored = _stored(path, entry, what)
+            segment = Segment(
+                Document(str(entry["id"]), text, entry["name"]),
+                hi - lo,
+                int(entry["stride"]),
+                int(entry["window"]),
+                storage,
+                load=_segment_loader(stored, hi - lo, shapes, storage, what),
+                file=stored,
+            )
+            segments.append(segment)
+            start = hi
+        if start != int(manifest["num_tokens"]):
+            raise ValueError("token count disagrees with the documents")
+        rope_tensors = rope_file.read()
+        n_tables = len(set(layer_rope))
+        rope = RopeTables(
+            cos=[rope_tensors[f"cos.{t}"] for t in range(n_tables)],
+            sin=[rope_tensors[f"sin.{t}"] for t in range(n_tables)],
+            layer_rope=layer_rope,
+            kv_shapes=shapes,
+        )
+        return Memory(
+            ModelIdentity.from_dict(manifest["model"]),
+            segments,
+            rope,
+            int(manifest["stride"]),
+            int(manifest["window"]),
+            str(manifest["storage"]),
+            path=path,
+        )
+    except MemoryFileError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MemoryFileError(f"corrupt or incomplete memory manifest in {path}: {exc!r}") from None
