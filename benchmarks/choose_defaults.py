@@ -7,6 +7,8 @@ Tasks (SmolLM2-135M-Instruct, the question alone in the prompt, the document onl
     0.1 / 0.5 / 0.9; chat question "What is the pass key?"; correct when the key is the first number answered;
   - counterfactual QA: the bundled Wikipedia article "Aardwolf" with one fact changed per item (the model's prior
     is no help), completion-style prompt; correct when the changed fact appears in the answer's first line.
+  - unrelated questions (general knowledge) asked with the Aardwolf memory attached: correct when the expected
+    word is in the answer; measures whether memory hijacks answers it has nothing to do with.
 For every item we also report the log-probability of the answer under teacher forcing (higher is better), which
 separates settings that greedy accuracy ties.
 """
@@ -92,7 +94,35 @@ def qa_items() -> list[dict]:
     return items
 
 
+UNRELATED = [
+    ("What is the capital of Italy?", "The capital of Italy is", "Rome"),
+    ("Which planet is the largest in the solar system?", "The largest planet is", "Jupiter"),
+    ("What color is the sky on a clear day?", "The sky is", "blue"),
+    ("How many legs does a spider have?", "A spider has", "eight"),
+]
+
+
+def unrelated_items() -> list[dict]:
+    article = (files("extended_mind") / "data" / "aardwolf.txt").read_text()
+    return [
+        dict(
+            task="unrelated",
+            length=None,
+            depth=None,
+            doc=article,
+            question=question,
+            chat=True,
+            prefix=prefix,
+            answer=f" {answer}",
+            expect=answer,
+        )
+        for question, prefix, answer in UNRELATED
+    ]
+
+
 def correct(item: dict, text: str) -> bool:
+    if item["task"] == "unrelated":
+        return item["expect"].lower() in text.lower() or (item["expect"] == "eight" and "8" in text)
     if item["task"] == "passkey":
         numbers = re.findall(r"\d+", text)
         return bool(numbers) and numbers[0] == item["expect"]
@@ -113,18 +143,26 @@ def main() -> None:
     parser.add_argument("--topk", type=int, nargs="+", default=[2, 5, 10, 20])
     parser.add_argument("--rankings", nargs="+", default=["logit", "cosine"])
     parser.add_argument("--policies", nargs="+", default=["stored", "zero"])
+    parser.add_argument(
+        "--first-layers", type=int, nargs="+", default=[0], help="first layer that reads memory (earlier ones do not)"
+    )
     parser.add_argument("--depths", type=int, default=3, help="passkey depths per length, evenly from 0.1 to 0.9")
     parser.add_argument("--out", type=Path, default=Path("runs/defaults"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     mind = ExtendedMind.from_pretrained()
-    items = passkey_items(random.Random(args.seed), args.depths) + qa_items()
+    items = passkey_items(random.Random(args.seed), args.depths) + qa_items() + unrelated_items()
+    memories: dict[str, object] = {}
     for item in tqdm(items, desc="memorizing"):
-        item["memory"] = mind.memorize(item["doc"], progress=False)
-    grid = list(itertools.product(args.policies, args.topk, args.rankings))
+        if item["doc"] not in memories:
+            memories[item["doc"]] = mind.memorize(item["doc"], progress=False)
+        item["memory"] = memories[item["doc"]]
+    n_layers = mind.model.config.num_hidden_layers
+    grid = list(itertools.product(args.policies, args.topk, args.rankings, args.first_layers))
     rows = []
-    for (policy, k, ranking), item in tqdm(list(itertools.product(grid, items)), desc="evaluating"):
-        settings = dict(topk=k, position_policy=policy, ranking=ranking)
+    for (policy, k, ranking, first), item in tqdm(list(itertools.product(grid, items)), desc="evaluating"):
+        layers = list(range(first, n_layers)) if first else None
+        settings = dict(topk=k, position_policy=policy, ranking=ranking, memory_layers=layers)
         result = mind.generate(
             item["question"],
             memory=item["memory"],
@@ -142,33 +180,40 @@ def main() -> None:
                 prediction=result.text,
                 correct=correct(item, result.text),
                 logprob=answer_logprob(mind, item, item["memory"], **settings),
-                **settings,
+                first_memory_layer=first,
+                **{k: v for k, v in settings.items() if k != "memory_layers"},
             )
         )
     summary = []
-    for policy, k, ranking in grid:
-        sel = [r for r in rows if (r["position_policy"], r["topk"], r["ranking"]) == (policy, k, ranking)]
-        by = {t: [r for r in sel if r["task"] == t] for t in ("passkey", "counterfactual_qa")}
+    for policy, k, ranking, first in grid:
+        key = (policy, k, ranking, first)
+        sel = [r for r in rows if (r["position_policy"], r["topk"], r["ranking"], r["first_memory_layer"]) == key]
+        by = {t: [r for r in sel if r["task"] == t] for t in ("passkey", "counterfactual_qa", "unrelated")}
         summary.append(
             dict(
                 position_policy=policy,
                 topk=k,
                 ranking=ranking,
+                first_memory_layer=first,
                 passkey_acc=statistics.mean(r["correct"] for r in by["passkey"]),
                 qa_acc=statistics.mean(r["correct"] for r in by["counterfactual_qa"]),
+                unrelated_acc=statistics.mean(r["correct"] for r in by["unrelated"]),
                 mean_logprob=statistics.mean(r["logprob"] for r in sel),
             )
         )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"summary": summary, "items": rows}, indent=2))
     lines = [
-        "| policy | top-k | ranking | passkey acc | counterfactual QA acc | mean answer log p |",
-        "|---|---|---|---|---|---|",
+        "| policy | top-k | ranking | first memory layer | passkey acc | counterfactual QA acc | unrelated acc "
+        "| mean answer log p |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for s in sorted(summary, key=lambda s: (-(s["passkey_acc"] + s["qa_acc"]), -s["mean_logprob"])):
+    for s in sorted(
+        summary, key=lambda s: (-(s["passkey_acc"] + s["qa_acc"] + s["unrelated_acc"]), -s["mean_logprob"])
+    ):
         lines.append(
-            f"| {s['position_policy']} | {s['topk']} | {s['ranking']} | {s['passkey_acc']:.2f} | "
-            f"{s['qa_acc']:.2f} | {s['mean_logprob']:.2f} |"
+            f"| {s['position_policy']} | {s['topk']} | {s['ranking']} | {s['first_memory_layer']} | "
+            f"{s['passkey_acc']:.2f} | {s['qa_acc']:.2f} | {s['unrelated_acc']:.2f} | {s['mean_logprob']:.2f} |"
         )
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -182,19 +227,25 @@ def plot(summary: list[dict], path: Path, n_passkey: int, n_qa: int) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    pairs = sorted({(s["position_policy"], s["ranking"]) for s in summary})
-    for (policy, ranking), marker in zip(pairs, "osD^v<>"):
+    groups = sorted({(s["position_policy"], s["ranking"], s["first_memory_layer"]) for s in summary})
+    for (policy, ranking, first), marker in zip(groups, "osD^v<>*xP"):
         sel = sorted(
-            (s for s in summary if s["position_policy"] == policy and s["ranking"] == ranking), key=lambda s: s["topk"]
+            (
+                s
+                for s in summary
+                if (s["position_policy"], s["ranking"], s["first_memory_layer"]) == (policy, ranking, first)
+            ),
+            key=lambda s: s["topk"],
         )
+        label = f"{policy}/{ranking}" + (f"/layers {first}+" if first else "")
         ks = [s["topk"] for s in sel]
         axes[0].plot(
             ks,
             [(s["passkey_acc"] * n_passkey + s["qa_acc"] * n_qa) / (n_passkey + n_qa) for s in sel],
             marker=marker,
-            label=f"{policy}/{ranking}",
+            label=label,
         )
-        axes[1].plot(ks, [s["mean_logprob"] for s in sel], marker=marker, label=f"{policy}/{ranking}")
+        axes[1].plot(ks, [s["mean_logprob"] for s in sel], marker=marker, label=label)
     axes[0].set(xlabel="top-k", ylabel="accuracy (all items)", title="Greedy accuracy", xscale="log")
     axes[1].set(xlabel="top-k", ylabel="mean log p(answer)", title="Answer log-probability", xscale="log")
     for ax in axes:
@@ -202,7 +253,7 @@ def plot(summary: list[dict], path: Path, n_passkey: int, n_qa: int) -> None:
         ax.minorticks_off()
         ax.legend()
         ax.grid(alpha=0.3)
-    fig.suptitle("SmolLM2-135M: position policy x top-k x ranking (passkey 4k/12k + counterfactual QA)")
+    fig.suptitle("SmolLM2-135M: position policy x top-k x ranking x memory layers (passkey, counterfactual QA)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

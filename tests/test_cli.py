@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from extended_mind import Memory
 from extended_mind.cli import main
 
 from .conftest import byte_tokenizer, tiny_model
@@ -65,3 +66,47 @@ def test_cli_errors_are_one_clear_line(model_dir, tmp_path, capsys):
     assert "binary" in err and "Traceback" not in err
     assert main(["ask", "--model", str(model_dir), "--topk", "-2", "q"]) == 2
     assert "topk must be an integer >= 0" in capsys.readouterr().err
+
+
+def test_memory_commands_edit_a_saved_memory(model_dir, tmp_path, capsys):
+    a, b, b2 = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "b2.txt"
+    a.write_text("Alpha document.")
+    b.write_text("Beta document.")
+    b2.write_text("Beta document, second edition.")
+    mem = str(tmp_path / "mem")
+    assert main(["memory", "create", mem, str(a), "--model", str(model_dir), "--storage", "int8"]) == 0
+    assert main(["memory", "create", mem, str(a), "--model", str(model_dir)]) == 2
+    assert "already holds a memory" in capsys.readouterr().err
+    assert main(["memory", "add", mem, str(b), "--id", "beta"]) == 0  # the model comes from the memory
+    assert main(["memory", "replace", mem, "beta", str(b2)]) == 0
+    assert main(["memory", "ls", mem, "--json"]) == 0
+    capsys.readouterr()
+    assert main(["memory", "ls", mem, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["id"], r["chars"]) for r in rows] == [("a.txt", 15), ("beta", 30)]
+    assert main(["memory", "rm", mem, "a.txt"]) == 0
+    assert main(["memory", "rm", mem, "nope"]) == 2
+    assert "no document 'nope'" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["memory", "info", mem, "--verify", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["documents"] == 1 and info["tokens"] == 30 and info["storage"] == "int8" and info["verified"]
+    assert main(["memory", "info", str(tmp_path)]) == 2
+    assert "no saved memory" in capsys.readouterr().err
+
+
+def test_chat_memorizes_turns_that_leave_the_context(model_dir, tmp_path, capsys, monkeypatch):
+    import io
+
+    lines = "".join(f"message number {i}\n" for i in range(4)) + "/exit\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(lines))
+    history = tmp_path / "history"
+    args = ["chat", "--model", str(model_dir), "--max-new-tokens", "4", "--max-context-tokens", "60"]
+    assert main([*args, "--history", str(history)]) == 0
+    err = capsys.readouterr().err
+    assert "memorized 1 old turn(s)" in err
+    ids = [d.id for d in Memory.load(history).documents]
+    assert ids[0] == "turn-0" and len(ids) >= 2
+    monkeypatch.setattr("sys.stdin", io.StringIO("one more\n"))
+    assert main([*args, "--history", str(history)]) == 0
+    assert f"({len(ids)} earlier turns in memory" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Command line: `extended-mind memorize|ask|demo`."""
+"""Command line: `extended-mind memorize|ask|chat|memory|demo`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from importlib.resources import files
 from pathlib import Path
 
+from .chat import ChatSession
 from .errors import ExtendedMindError
 from .memory import Memory, is_saved_memory
 from .mind import (
@@ -21,6 +22,7 @@ from .mind import (
     ExtendedMind,
 )
 from .positions import POSITION_POLICIES
+from .storage import STORAGE_DTYPES
 
 DEMO_QUESTION = (
     "Question: How many termites can one aardwolf eat in a single night?\nAnswer: One aardwolf can eat about"
@@ -46,6 +48,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help=f"context of each memorized token ({DEFAULT_WINDOW}, at most half the model's window)",
+    )
+    p.add_argument(
+        "--storage", choices=STORAGE_DTYPES, default=None, help="precision of stored keys/values (the model's dtype)"
     )
 
 
@@ -98,10 +103,147 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(p)
     _add_generation_args(p)
+    p = sub.add_parser("chat", help="chat on stdin; turns that leave the context are memorized, not dropped")
+    p.add_argument("--memory", action="append", default=[], type=Path, metavar="PATH", help="documents (repeatable)")
+    p.add_argument("--history", type=Path, default=None, help="directory that keeps the memorized turns (resumes)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max-context-tokens", type=int, default=None, help="tokens of conversation kept in context")
+    _add_model_args(p)
+    _add_generation_args(p)
+    _add_memory_commands(sub)
     p = sub.add_parser("demo", help="memorize the bundled counterfactual Wikipedia article and ask about it")
     _add_model_args(p)
     _add_generation_args(p)
     return parser
+
+
+def _add_memory_commands(sub) -> None:
+    p = sub.add_parser("memory", help="create, edit and inspect saved memories")
+    ops = p.add_subparsers(dest="op", required=True)
+    q = ops.add_parser("create", help="memorize text files into a new memory directory")
+    q.add_argument("dir", type=Path)
+    q.add_argument("files", nargs="+", type=Path)
+    q.add_argument("--id", action="append", default=None, dest="ids", help="document id per file (default: file name)")
+    _add_model_args(q)
+    q = ops.add_parser("add", help="memorize more text files into a memory (others are not recomputed)")
+    q.add_argument("dir", type=Path)
+    q.add_argument("files", nargs="+", type=Path)
+    q.add_argument("--id", action="append", default=None, dest="ids", help="document id per file (default: file name)")
+    _add_model_args(q)
+    q = ops.add_parser("rm", help="remove documents from a memory")
+    q.add_argument("dir", type=Path)
+    q.add_argument("doc_ids", nargs="+", metavar="ID")
+    q = ops.add_parser("replace", help="memorize a new version of a document in its place")
+    q.add_argument("dir", type=Path)
+    q.add_argument("doc_id", metavar="ID")
+    q.add_argument("file", type=Path)
+    _add_model_args(q)
+    for name, text in (("ls", "list a memory's documents"), ("info", "describe a memory")):
+        q = ops.add_parser(name, help=text)
+        q.add_argument("dir", type=Path)
+        q.add_argument("--json", action="store_true", help="print JSON")
+        if name == "info":
+            q.add_argument("--verify", action="store_true", help="read every tensor file and check its checksum")
+
+
+def _memory_command(args: argparse.Namespace) -> None:
+    if args.op == "create":
+        if is_saved_memory(args.dir):
+            raise ExtendedMindError(f"{args.dir} already holds a memory: use `memory add` or `memory replace`")
+        mind = _load_mind(args, [])
+        memory = mind.memorize(args.files, ids=args.ids, stride=args.stride, window=args.window, storage=args.storage)
+        memory.save(args.dir)
+        print(f"created {args.dir}: {len(memory)} document(s), {memory.num_tokens} tokens")
+        return
+    if not is_saved_memory(args.dir):
+        raise ExtendedMindError(f"no saved memory at {args.dir}")
+    memory = Memory.load(args.dir)
+    if args.op in ("add", "replace"):
+        if args.stride is not None or args.window is not None or args.storage is not None:
+            raise ExtendedMindError("stride, window and storage are set when the memory is created")
+        mind = _load_mind(args, [memory])
+        memory.check_model(mind.identity)
+        memory.mind = mind
+        if args.op == "add":
+            memory.add(args.files, ids=args.ids)
+            done = f"added {len(args.files)} document(s)"
+        else:
+            memory.replace(args.doc_id, args.file)
+            done = f"replaced {args.doc_id!r}"
+        memory.save()
+        print(f"{done}; {args.dir} now holds {len(memory)} document(s), {memory.num_tokens} tokens")
+    elif args.op == "rm":
+        memory.remove(args.doc_ids).save()
+        print(f"removed {len(args.doc_ids)} document(s); {args.dir} now holds {len(memory)} document(s)")
+    elif args.op == "ls":
+        rows = [
+            {"id": s.document.id, "name": s.document.name, "chars": len(s.document.text), "tokens": s.num_tokens}
+            for s in memory.segments
+        ]
+        if args.json:
+            print(json.dumps(rows, ensure_ascii=False, indent=2))
+            return
+        print(f"{'id':<32} {'tokens':>8} {'chars':>9}  name")
+        for r in rows:
+            print(f"{r['id']:<32} {r['tokens']:>8} {r['chars']:>9}  {r['name'] or ''}")
+    elif args.op == "info":
+        if args.verify:
+            memory.verify()
+        info = memory.info() | ({"verified": True} if args.verify else {})
+        if args.json:
+            print(json.dumps(info, indent=2))
+        else:
+            for k, v in info.items():
+                print(f"{k:>16}: {v}")
+
+
+def _chat(args: argparse.Namespace) -> None:
+    saved = _saved_memories(args.memory)
+    mind = _load_mind(args, list(saved.values()))
+    session = ChatSession(
+        mind,
+        memory=_memories(mind, args.memory, saved, args) or None,
+        system=args.system,
+        max_context_tokens=args.max_context_tokens,
+        history=args.history,
+        storage=args.storage,
+        topk=args.topk,
+        max_new_tokens=args.max_new_tokens,
+        ranking=args.ranking,
+        similarity_threshold=args.similarity_threshold,
+        position_policy=args.position_policy,
+        uncertainty_threshold=args.uncertainty_threshold,
+        topk_step=args.topk_step,
+        stop=args.stop,
+    )
+    interactive = sys.stdin.isatty()
+    if session.memorized_turns:
+        print(f"({session.memorized_turns} earlier turns in memory from {args.history})", file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            break
+        if not line.strip():
+            continue
+        before = session.memorized_turns
+        for token in session.stream(line.strip()):
+            print(token.text, end="", flush=True)
+        print()
+        if session.memorized_turns > before:
+            print(f"  (memorized {session.memorized_turns - before} old turn(s))", file=sys.stderr)
+        for c in session.last.citations if session.last else []:
+            print(f"  [{c.weight:.3f}] {c.doc}: {c.text[:100]}", file=sys.stderr)
+
+
+def _saved_memories(paths: list[Path]) -> dict[Path, Memory]:
+    for p in paths:
+        if not p.exists():
+            raise ExtendedMindError(f"memory path not found: {p}")
+        if p.is_dir() and not is_saved_memory(p):
+            raise ExtendedMindError(f"{p} is a directory but not a saved memory")
+    return {p: Memory.load(p) for p in paths if is_saved_memory(p)}
 
 
 def _load_mind(args: argparse.Namespace, saved: list[Memory]) -> ExtendedMind:
@@ -118,7 +260,7 @@ def _memories(mind: ExtendedMind, paths: list[Path], saved: dict[Path, Memory], 
     texts = [p for p in paths if p not in saved]
     if texts:
         print(f"memorizing {len(texts)} file(s) ...", file=sys.stderr)
-        memories.append(mind.memorize(texts, stride=args.stride, window=args.window))
+        memories.append(mind.memorize(texts, stride=args.stride, window=args.window, storage=args.storage))
     return memories
 
 
@@ -164,16 +306,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "memorize":
             mind = _load_mind(args, [])
-            memory = mind.memorize(args.files, stride=args.stride, window=args.window)
+            memory = mind.memorize(args.files, stride=args.stride, window=args.window, storage=args.storage)
             memory.save(args.out)
             print(f"saved {memory.num_tokens} memory tokens from {len(memory.documents)} document(s) to {args.out}")
+        elif args.command == "memory":
+            _memory_command(args)
+        elif args.command == "chat":
+            _chat(args)
         elif args.command == "ask":
-            for p in args.memory:
-                if not p.exists():
-                    raise ExtendedMindError(f"memory path not found: {p}")
-                if p.is_dir() and not is_saved_memory(p):
-                    raise ExtendedMindError(f"{p} is a directory but not a saved memory")
-            saved = {p: Memory.load(p) for p in args.memory if is_saved_memory(p)}
+            saved = _saved_memories(args.memory)
             mind = _load_mind(args, list(saved.values()))
             _generate(mind, args.question, _memories(mind, args.memory, saved, args), args)
         elif args.command == "demo":
