@@ -7,8 +7,6 @@ from importlib.resources import files
 
 import pytest
 
-from extended_mind.chat import ChatSession
-
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 TERMITES = "Question: How many termites can one aardwolf eat in a single night?\nAnswer: One aardwolf can eat about"
 PASSKEY = "The pass key is 61734. Remember it. 61734 is the pass key. "

@@ -163,8 +163,9 @@ def save_memory(memory: Memory, path: Path) -> Path:
                 }
             )
             start += s.num_tokens
-        rope_tensors = {f"cos.{t}": c.contiguous() for t, c in enumerate(memory.rope.cos)}
-        rope_tensors |= {f"sin.{t}": s.contiguous() for t, s in enumerate(memory.rope.sin)}
+        # cloned: safetensors refuses tensors that share storage, and the tables are small
+        rope_tensors = {f"cos.{t}": c.clone() for t, c in enumerate(memory.rope.cos)}
+        rope_tensors |= {f"sin.{t}": s.clone() for t, s in enumerate(memory.rope.sin)}
         rope = _put(tensor_dir, save_bytes(rope_tensors, metadata={"format": "extended-mind-rope"}))
         _fsync_dir(tensor_dir)
         manifest = {
