@@ -197,7 +197,25 @@ def _memory_command(args: argparse.Namespace) -> None:
                 print(f"{k:>16}: {v}")
 
 
+def _generation_options(args: argparse.Namespace) -> dict:
+    """The options of `_add_generation_args` that `ExtendedMind.stream` and `ChatSession` share."""
+    return dict(
+        topk=args.topk,
+        max_new_tokens=args.max_new_tokens,
+        ranking=args.ranking,
+        similarity_threshold=args.similarity_threshold,
+        position_policy=args.position_policy,
+        uncertainty_threshold=args.uncertainty_threshold,
+        topk_step=args.topk_step,
+        stop=args.stop,
+    )
+
+
 def _chat(args: argparse.Namespace) -> None:
+    if args.no_chat or args.answer_prefix or args.json:
+        raise ExtendedMindError(
+            "chat always uses the chat template and prints text: drop --no-chat/--answer-prefix/--json"
+        )
     saved = _saved_memories(args.memory)
     mind = _load_mind(args, list(saved.values()))
     session = ChatSession(
@@ -207,14 +225,7 @@ def _chat(args: argparse.Namespace) -> None:
         max_context_tokens=args.max_context_tokens,
         history=args.history,
         storage=args.storage,
-        topk=args.topk,
-        max_new_tokens=args.max_new_tokens,
-        ranking=args.ranking,
-        similarity_threshold=args.similarity_threshold,
-        position_policy=args.position_policy,
-        uncertainty_threshold=args.uncertainty_threshold,
-        topk_step=args.topk_step,
-        stop=args.stop,
+        **_generation_options(args),
     )
     interactive = sys.stdin.isatty()
     if session.memorized_turns:
@@ -268,16 +279,9 @@ def _generate(mind: ExtendedMind, question: str, memories: list[Memory], args) -
     stream = mind.stream(
         question,
         memory=memories or None,
-        topk=args.topk,
-        max_new_tokens=args.max_new_tokens,
         chat=not args.no_chat,
         answer_prefix=args.answer_prefix,
-        ranking=args.ranking,
-        similarity_threshold=args.similarity_threshold,
-        position_policy=args.position_policy,
-        uncertainty_threshold=args.uncertainty_threshold,
-        topk_step=args.topk_step,
-        stop=args.stop,
+        **_generation_options(args),
     )
     if args.json:
         for _ in stream:
