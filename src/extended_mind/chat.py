@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from transformers import PreTrainedTokenizerBase
+
 from .errors import ExtendedMindError
 from .generation import GeneratedToken, GenerationResult
 from .memory import Memory, is_saved_memory
@@ -18,6 +20,16 @@ from .positions import prompt_offset
 
 if TYPE_CHECKING:
     from .mind import ExtendedMind, MemoryLike
+
+
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of `messages` ({"role", "content"} dicts) ready for the assistant's answer: the tokenizer's chat
+    template, or "Role: content" lines when it has none."""
+    if not getattr(tokenizer, "chat_template", None):
+        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
+        return tokenizer(text + "Assistant:", add_special_tokens=True)["input_ids"]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 class ChatSession:
@@ -61,12 +73,7 @@ class ChatSession:
         return [*out, {"role": "user", "content": message}]
 
     def _prompt_ids(self, message: str) -> list[int]:
-        tok = self.mind.tokenizer
-        if not getattr(tok, "chat_template", None):
-            text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in self._messages(message))
-            return tok(text + "Assistant:", add_special_tokens=True)["input_ids"]
-        text = tok.apply_chat_template(self._messages(message), tokenize=False, add_generation_prompt=True)
-        return tok(text, add_special_tokens=False)["input_ids"]
+        return chat_prompt_ids(self.mind.tokenizer, self._messages(message))
 
     def _memories(self) -> list[Memory]:
         return [m for m in (self.documents, self.history) if m is not None]

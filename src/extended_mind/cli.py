@@ -1,4 +1,4 @@
-"""Command line: `extended-mind memorize|ask|chat|memory|demo`."""
+"""Command line: `extended-mind memorize|ask|chat|memory|serve|demo`."""
 
 from __future__ import annotations
 
@@ -111,10 +111,69 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_generation_args(p)
     _add_memory_commands(sub)
+    _add_serve_command(sub)
     p = sub.add_parser("demo", help="memorize the bundled counterfactual Wikipedia article and ask about it")
     _add_model_args(p)
     _add_generation_args(p)
     return parser
+
+
+def _add_serve_command(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with named memories and a web page")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1; others need --api-key)")
+    p.add_argument("--port", type=int, default=8000, help="port (8000)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $EXTENDED_MIND_API_KEY)")
+    p.add_argument("--memory-dir", type=Path, default=Path("memories"), help="where named memories live (./memories)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="most tokens one request may generate (1024)")
+    p.add_argument("--max-body-mb", type=float, default=16, help="largest request body in MiB (16)")
+    p.add_argument("--max-document-chars", type=int, default=4_000_000, help="largest document (4,000,000 chars)")
+    p.add_argument("--max-memory-tokens", type=int, default=1_000_000, help="largest memory (1,000,000 tokens)")
+    p.add_argument("--model", default=None, help="local model directory or hub id (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import os
+
+    from .server.config import ServerConfig, is_loopback
+
+    key = args.api_key or os.environ.get("EXTENDED_MIND_API_KEY") or None
+    if not is_loopback(args.host) and not key:
+        raise ExtendedMindError(
+            f"refusing to serve on {args.host} without an API key: anyone who can reach it could read and change "
+            "your memories. Pass --api-key KEY (or set EXTENDED_MIND_API_KEY), or bind to 127.0.0.1"
+        )
+    limits = {
+        "max_tokens": args.max_tokens,
+        "max_document_chars": args.max_document_chars,
+        "max_memory_tokens": args.max_memory_tokens,
+    }
+    bad = [f"--{k.replace('_', '-')}" for k, v in limits.items() if v < 1] + (
+        ["--max-body-mb"] if args.max_body_mb <= 0 else []
+    )
+    if bad:
+        raise ExtendedMindError(f"{', '.join(bad)} must be positive")
+    import uvicorn
+
+    from .server import create_app
+
+    mind = _load_mind(args, [])
+    config = ServerConfig(
+        memory_dir=args.memory_dir,
+        api_key=key,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        default_max_tokens=min(256, args.max_tokens),
+        **limits,
+    )
+    app = create_app(mind, config)
+    where = f"http://{args.host if ':' not in args.host else f'[{args.host}]'}:{args.port}"
+    print(
+        f"serving {app.state.model_id} at {where}/ (web page) and {where}/v1 (OpenAI API); memories in "
+        f"{args.memory_dir.resolve()}",
+        file=sys.stderr,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
 def _add_memory_commands(sub) -> None:
@@ -317,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
             _memory_command(args)
         elif args.command == "chat":
             _chat(args)
+        elif args.command == "serve":
+            _serve(args)
         elif args.command == "ask":
             saved = _saved_memories(args.memory)
             mind = _load_mind(args, list(saved.values()))

@@ -31,15 +31,19 @@ def read_text_file(path: Path) -> str:
         raise DocumentError(f"document path not found: {path}")
     if path.is_dir():
         raise DocumentError(f"document path is a directory, not a text file: {path}")
-    data = path.read_bytes()
+    return decode_text(path.read_bytes(), str(path))
+
+
+def decode_text(data: bytes, name: str) -> str:
+    """The UTF-8 text of a file's bytes (`name` appears in errors); binary, non-UTF-8 and empty files are refused."""
     if b"\x00" in data[:65536]:
-        raise DocumentError(f"document is a binary file, not text: {path}")
+        raise DocumentError(f"document is a binary file, not text: {name}")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise DocumentError(f"document is a binary file or not UTF-8 text: {path} ({exc.reason})") from None
+        raise DocumentError(f"document is a binary file or not UTF-8 text: {name} ({exc.reason})") from None
     if not text.strip():
-        raise DocumentError(f"document is empty: {path}")
+        raise DocumentError(f"document is empty: {name}")
     return text
 
 
@@ -48,11 +52,14 @@ def _looks_like_path(text: str) -> bool:
 
 
 def load_documents(
-    documents: str | Path | list[str | Path], ids: list[str] | None = None, taken: set[str] | frozenset = frozenset()
+    documents: str | Path | Document | list[str | Path | Document],
+    ids: list[str] | None = None,
+    taken: set[str] | frozenset = frozenset(),
 ) -> list[Document]:
-    """Normalise `documents` (texts and/or paths) into `Document`s with unique ids. Ids default to the file name,
-    else the first free "doc<n>"; ids in `taken` (already in a memory) are refused."""
-    items = [documents] if isinstance(documents, (str, Path)) else list(documents)
+    """Normalise `documents` (texts, paths and/or `Document`s) into `Document`s with unique ids. Ids default to the
+    file name, else the first free "doc<n>"; ids in `taken` (already in a memory) are refused. A `Document` is
+    always text, never read as a path (the server passes untrusted text this way); its id is kept unless empty."""
+    items = [documents] if isinstance(documents, (str, Path, Document)) else list(documents)
     if not items:
         raise DocumentError("no documents given")
     if ids is not None and len(ids) != len(items):
@@ -60,7 +67,13 @@ def load_documents(
     out: list[Document] = []
     for i, item in enumerate(items):
         name = None
-        if isinstance(item, Path) or (isinstance(item, str) and _looks_like_path(item)):
+        if isinstance(item, Document):
+            text, name = item.text, item.name
+            if not isinstance(text, str) or not text.strip():
+                raise DocumentError(f"document {item.id or i!r} is empty")
+            if "\x00" in text:
+                raise DocumentError(f"document {item.id or i!r} contains NUL bytes: binary data, not text")
+        elif isinstance(item, Path) or (isinstance(item, str) and _looks_like_path(item)):
             path = Path(item)
             text, name = read_text_file(path), path.name
         elif isinstance(item, str):
@@ -71,11 +84,11 @@ def load_documents(
                 raise DocumentError(f"document {i} contains NUL bytes: binary data, not text")
         else:
             raise DocumentError(f"document {i} must be a string or a path, got {type(item).__name__}")
-        out.append(Document(id="", text=text, name=name))
+        out.append(Document(id=item.id if isinstance(item, Document) else "", text=text, name=name))
     seen = set(taken)
     free = (f"doc{n}" for n in itertools.count() if f"doc{n}" not in taken)
     for i, doc in enumerate(out):
-        doc_id = ids[i] if ids is not None else (doc.name or next(free))
+        doc_id = ids[i] if ids is not None else (doc.id or doc.name or next(free))
         if not isinstance(doc_id, str) or not doc_id.strip():
             raise DocumentError(f"document id must be a non-empty string, got {doc_id!r}")
         if doc_id in seen:

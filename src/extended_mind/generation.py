@@ -46,6 +46,7 @@ class GenerationResult:
     citations: list[Citation]
     retrievals: list[Retrieval]
     prompt_tokens: int
+    finish_reason: str = "stop"  # "stop": end of sequence or a stop string; "length": max_new_tokens reached
 
     def to_dict(self) -> dict:
         return {
@@ -145,6 +146,7 @@ class TokenStream:
         tokens: list[GeneratedToken] = []
         retrievals: list[Retrieval] = []
         text = ""
+        finish_reason = "length"
         last_input = self.prompt_ids
         for step in range(s.max_new_tokens):
             k = s.topk
@@ -165,6 +167,7 @@ class TokenStream:
             else:
                 token = int(logits.argmax())
             if token in stop_ids:
+                finish_reason = "stop"
                 break
             generated.append(token)
             new_text = self.tokenizer.decode(generated, skip_special_tokens=True)
@@ -173,14 +176,20 @@ class TokenStream:
             hit = min(found, default=-1)
             if hit >= 0:
                 new_text = new_text[:hit]
-            piece, text = new_text[len(text) :], new_text
+            if hit < 0 and new_text.endswith("\ufffd") and step + 1 < s.max_new_tokens:
+                piece = ""  # an incomplete UTF-8 character: its bytes come with the next token's piece
+            else:
+                piece, text = new_text[len(text) :], new_text
             citations = cite(self.memory, idx, w, max_spans=3) if self.memory is not None and len(idx) else []
             tok = GeneratedToken(
                 id=token, text=piece, entropy=h, topk=k, citations=citations, memory_indices=idx, memory_weights=w
             )
             tokens.append(tok)
             yield tok
-            if hit >= 0 or step + 1 == s.max_new_tokens:
+            if hit >= 0:
+                finish_reason = "stop"
+                break
+            if step + 1 == s.max_new_tokens:
                 break
             last_input = [token]
             logits, idx, w = forward(last_input, position, s.topk, cache)
@@ -191,5 +200,10 @@ class TokenStream:
             all_idx, all_w = sparse_sum([t.memory_indices for t in tokens], [t.memory_weights for t in tokens])
             citations = cite(self.memory, all_idx, all_w / len(tokens))
         self.result = GenerationResult(
-            text=text, tokens=tokens, citations=citations, retrievals=retrievals, prompt_tokens=len(self.prompt_ids)
+            text=text,
+            tokens=tokens,
+            citations=citations,
+            retrievals=retrievals,
+            prompt_tokens=len(self.prompt_ids),
+            finish_reason=finish_reason,
         )

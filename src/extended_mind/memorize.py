@@ -14,6 +14,7 @@ being special, is never stored as a memory.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -127,9 +128,11 @@ def memorize_encoded(
     identity: ModelIdentity,
     storage: str | None = None,
     progress: bool | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Memory:
     """Memorize already tokenized documents (see `encode_documents`), one segment per document, keys and values
-    kept in `storage` precision (default: the model's dtype)."""
+    kept in `storage` precision (default: the model's dtype). `on_progress(done, total)` is called after every
+    chunk with token counts (an exception raised there stops memorization)."""
     validate_window(stride, window)
     device = next(model.parameters()).device
     compute_dtype = next(model.parameters()).dtype
@@ -139,6 +142,7 @@ def memorize_encoded(
     segments: list[Segment] = []
     rope_per_layer: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     kv_shapes: list[tuple[int, int, int]] = []
+    done = 0
     with torch.inference_mode(), tqdm(total=total, unit="tok", desc="memorizing", disable=not show) as bar:
         for doc, enc in zip(documents, encoded):
             ids, offsets, keep = enc.ids, enc.offsets, enc.keep
@@ -154,6 +158,9 @@ def memorize_encoded(
                 run.run_chunk(ids[start:end].to(device), start, context, sink)
                 pos[start:end] = torch.arange(context, context + end - start, dtype=torch.int32)
                 bar.update(end - start)
+                done += end - start
+                if on_progress is not None:
+                    on_progress(done, total)
             if any(r is None for r in run.rope):
                 raise ExtendedMindError("some attention layers received no rotary embeddings; unsupported model")
             keep_dev = keep.to(device)

@@ -279,7 +279,7 @@ class Memory:
         merged = cls(
             first.identity,
             [s for m in memories for s in m.segments],
-            _longest_rope([m.rope for m in memories]),
+            longest_rope([m.rope for m in memories]),
             first.stride,
             first.window,
             first.storage,
@@ -289,7 +289,14 @@ class Memory:
 
     # ---- editing: each operation touches only the documents it names ----
 
-    def _memorize(self, documents: Any, ids: list[str] | None, mind: ExtendedMind | None, taken: set[str]) -> Memory:
+    def _memorize(
+        self,
+        documents: Any,
+        ids: list[str] | None,
+        mind: ExtendedMind | None,
+        taken: set[str],
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> Memory:
         mind = mind or self.mind
         if mind is None:
             raise ExtendedMindError(
@@ -298,12 +305,24 @@ class Memory:
             )
         self.check_model(mind.identity)
         return mind.memorize(
-            documents, ids=ids, stride=self.stride, window=self.window, storage=self.storage, taken=taken
+            documents,
+            ids=ids,
+            stride=self.stride,
+            window=self.window,
+            storage=self.storage,
+            taken=taken,
+            on_progress=on_progress,
         )
 
-    def add(self, documents: Any, ids: list[str] | None = None, mind: ExtendedMind | None = None) -> Memory:
-        """Memorize `documents` (texts, text-file paths, or a Memory of the same model) and append them. Ids must
-        be new (use `replace` to change a document). Returns self."""
+    def add(
+        self,
+        documents: Any,
+        ids: list[str] | None = None,
+        mind: ExtendedMind | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> Memory:
+        """Memorize `documents` (texts, text-file paths, `Document`s, or a Memory of the same model) and append
+        them. Ids must be new (use `replace` to change a document). Returns self."""
         taken = {d.id for d in self.documents}
         if isinstance(documents, Memory):
             new = documents
@@ -312,9 +331,9 @@ class Memory:
             if dup:
                 raise DocumentError(f"document ids {dup} are already in the memory (use replace to change them)")
         else:
-            new = self._memorize(documents, ids, mind, taken)
+            new = self._memorize(documents, ids, mind, taken, on_progress)
         self.segments = self.segments + [s.astype(self.storage, self.num_layers) for s in new.segments]
-        self.rope = _longest_rope([self.rope, new.rope])
+        self.rope = longest_rope([self.rope, new.rope])
         self._changed()
         return self
 
@@ -342,7 +361,7 @@ class Memory:
         if segment.document.name is None and old.name is not None:
             segment.document = Document(doc_id, segment.document.text, old.name)
         self.segments = [*self.segments[:i], segment, *self.segments[i + 1 :]]
-        self.rope = _longest_rope([self.rope, new.rope])
+        self.rope = longest_rope([self.rope, new.rope])
         self._changed()
         return self
 
@@ -395,7 +414,7 @@ def _concat(parts: list[torch.Tensor], empty_shape: tuple[int, ...], dim: int = 
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def _longest_rope(tables: list[RopeTables]) -> RopeTables:
+def longest_rope(tables: list[RopeTables]) -> RopeTables:
     """Rotary tables of one model agree on their common prefix; the longest covers every stored position."""
     return max(tables, key=lambda r: r.length)
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .attention import LayerMemory, RetrievalSettings, Session, patch_model
-from .documents import load_documents
+from .documents import Document, load_documents
 from .errors import ExtendedMindError, PromptTooLongError
 from .generation import DecodeSettings, GenerationResult, TokenStream
 from .identity import ModelIdentity
@@ -57,13 +58,14 @@ class ExtendedMind:
 
     def memorize(
         self,
-        documents: str | Path | list[str | Path],
+        documents: str | Path | Document | list[str | Path | Document],
         ids: list[str] | None = None,
         stride: int | None = None,
         window: int | None = None,
         progress: bool | None = None,
         storage: str | None = None,
         taken: set[str] | frozenset = frozenset(),
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> Memory:
         """Run documents (texts or text-file paths) through the model once and keep every token's keys/values.
 
@@ -71,7 +73,8 @@ class ExtendedMind:
         window if that is smaller), taking `stride` new tokens at a time (default: window / 4). Keys and values are
         kept in `storage` precision: float32, bfloat16, float16 or int8 (default: the model's dtype). A progress bar
         shows for inputs longer than two windows unless `progress` says otherwise. Ids default to file names, else
-        doc0, doc1, ...; `taken` lists ids that must not be used (those already in a memory)."""
+        doc0, doc1, ...; `taken` lists ids that must not be used (those already in a memory). `on_progress(done, total)`
+        receives token counts as memorization proceeds."""
         docs = load_documents(documents, ids, taken)
         window = window if window is not None else min(DEFAULT_WINDOW, self.context_window // 2)
         stride = stride if stride is not None else max(1, window // 4)
@@ -86,6 +89,7 @@ class ExtendedMind:
             identity=self.identity,
             storage=storage,
             progress=progress,
+            on_progress=on_progress,
         )
         memory.mind = self
         return memory

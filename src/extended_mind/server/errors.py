@@ -1,0 +1,100 @@
+"""Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}, with the HTTP status that fits."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import DocumentError, ExtendedMindError, MemoryFileError, MemoryMismatchError, PromptTooLongError
+
+log = logging.getLogger("extended_mind.server")
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "request_too_large",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+}
+
+
+class APIError(Exception):
+    """An error answered to the client as it is."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+
+def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict:
+    return {
+        "error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"), "param": param, "code": code}
+    }
+
+
+def error_response(status: int, message: str, code: str | None = None, param: str | None = None) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
+
+
+def as_api_error(exc: Exception) -> APIError:
+    """The client-facing form of an exception raised while serving a request."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, PromptTooLongError):
+        return APIError(400, str(exc), "context_length_exceeded")
+    if isinstance(exc, MemoryFileError):
+        return APIError(500, f"a stored memory is damaged: {exc}", "memory_corrupt")
+    if isinstance(exc, (DocumentError, MemoryMismatchError, ExtendedMindError)):
+        return APIError(400, str(exc), "invalid_value")
+    log.exception("internal error", exc_info=exc)
+    return APIError(500, "internal server error (see the server log)", "internal_error")
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return f"request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
+    if tuple(first.get("loc", ())) == ("body",):
+        return "request body must be a JSON object (send it with Content-Type: application/json)", None
+    loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "path")]
+    param = ".".join(loc) or None
+    where = f" ({param})" if param else ""
+    more = f"; and {len(errors) - 1} more problem(s)" if len(errors) > 1 else ""
+    return f"{first.get('msg', 'invalid value')}{where}{more}", param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.code, exc.param)
+
+    @app.exception_handler(ExtendedMindError)
+    async def _library_error(_: Request, exc: ExtendedMindError) -> JSONResponse:
+        e = as_api_error(exc)
+        return error_response(e.status, e.message, e.code, e.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return error_response(400, message, "invalid_value", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), None)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        e = as_api_error(exc)
+        return error_response(e.status, e.message, e.code, e.param)

@@ -1,0 +1,94 @@
+"""Request bodies. Field names follow OpenAI's API; the extended-mind fields (memory, topk, ...) are what the
+OpenAI SDK sends as top-level extras through `extra_body`. Unknown fields are ignored, as OpenAI clients send
+many optional ones."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MEMORY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
+MemoryName = Annotated[str, Field(pattern=MEMORY_NAME_PATTERN, description="letters, digits, '_', '.', '-'")]
+
+
+class MemoryOptions(BaseModel):
+    """How a request reads its memories (all optional; defaults as in the Python API)."""
+
+    memory: MemoryName | list[MemoryName] | None = Field(
+        default=None, description="name(s) of stored memories to attend to"
+    )
+    topk: int | None = Field(default=None, ge=0, le=1024, description="memories retrieved per query head and token")
+    uncertainty_threshold: float | None = Field(
+        default=None, ge=0, le=100, description="entropy (nats) above which a step is redone with more memories"
+    )
+    topk_step: int | None = Field(default=None, ge=0, le=1024)
+    similarity_threshold: float | None = Field(default=None, ge=-1, le=1)
+    position_policy: Literal["zero", "stored"] | None = None
+    ranking: Literal["logit", "cosine"] | None = None
+
+
+class SamplingOptions(BaseModel):
+    model: str = Field(max_length=256)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2, description="0 or absent: greedy")
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = None
+    n: int | None = Field(default=None, ge=1, le=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+
+class ChatCompletionRequest(SamplingOptions, MemoryOptions):
+    model_config = ConfigDict(extra="ignore")
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+
+
+class CompletionRequest(SamplingOptions, MemoryOptions):
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str | list[str]
+
+
+class DocumentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1)
+    id: str | None = Field(default=None, min_length=1, max_length=256)
+    name: str | None = Field(default=None, max_length=256)
+
+
+class DocumentsIn(BaseModel):
+    """Documents to memorize: `documents` (texts or {text, id, name} objects) and/or one `text`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    documents: list[str | DocumentIn] | None = Field(default=None, max_length=10_000)
+    text: str | None = None
+    stream: bool = Field(default=False, description="answer with server-sent progress events")
+
+
+class MemoryCreate(DocumentsIn):
+    name: MemoryName
+    storage: Literal["float32", "bfloat16", "float16", "int8"] | None = None
+
+
+SamplingOptions.model_rebuild()

@@ -1,0 +1,88 @@
+"""One thread owns the model: every generation and memorization is queued to it and runs alone, so requests never
+share attention state (the memory session lives in a context variable of that thread) and the CPU is not split
+between requests. Async endpoints await results, or receive streamed items through an asyncio queue."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from .errors import APIError
+
+T = TypeVar("T")
+_END = object()
+
+
+class ModelWorker:
+    def __init__(self, max_queue: int):
+        self.max_queue = max_queue
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="extended-mind-model")
+        self._pending = 0
+        self._lock = threading.Lock()
+
+    def _admit(self) -> None:
+        with self._lock:
+            if self._pending >= self.max_queue:
+                raise APIError(
+                    429,
+                    f"the server is busy: {self._pending} requests are waiting for the model; retry later",
+                    "server_busy",
+                )
+            self._pending += 1
+
+    def _done(self) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the model thread and return its result (exceptions propagate)."""
+        self._admit()
+
+        def job() -> T:
+            try:
+                return fn()
+            finally:
+                self._done()
+
+        return await asyncio.wrap_future(self._executor.submit(job))
+
+    async def stream(self, job: Callable[[Callable[[Any], None], Callable[[], bool]], None]) -> AsyncIterator[Any]:
+        """Run `job(emit, cancelled)` on the model thread, yielding each item it emits as it comes. When the
+        consumer stops early (client disconnected), `cancelled()` turns true; the job should then return."""
+        self._admit()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+
+        def emit(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is gone (server shutting down): nobody is listening
+                stop.set()
+
+        def run() -> None:
+            try:
+                job(emit, stop.is_set)
+                emit(_END)
+            except BaseException as exc:  # handed to the consumer, which raises it
+                emit(exc)
+            finally:
+                self._done()
+
+        self._executor.submit(run)
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
