@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # torch first, pinned to the CPU build this machine serves: a bare `torch` requirement would pull the CUDA stack.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean browser
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,13 @@ demo: install
 lint: install
 	$(BIN)/ruff check src tests benchmarks scripts
 
-test: lint
+# Headless Chromium for the web page tests, from Debian's packages (Playwright's own browser download cannot work here).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else echo "note: install the Debian packages chromium and chromium-driver (as root) to run the web page tests"; fi; }
+
+test: lint browser
 	$(BIN)/python -m pytest -q
 
 bench: install

@@ -19,9 +19,15 @@ _END = object()
 class ModelWorker:
     def __init__(self, max_queue: int):
         self.max_queue = max_queue
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="extended-mind-model")
+        self._executor: ThreadPoolExecutor | None = None
         self._pending = 0
         self._lock = threading.Lock()
+
+    def _submit(self, fn: Callable[[], Any]):
+        with self._lock:
+            if self._executor is None:  # started on first use, again after a shutdown (app lifespans can repeat)
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="extended-mind-model")
+            return self._executor.submit(fn)
 
     def _admit(self) -> None:
         with self._lock:
@@ -47,7 +53,7 @@ class ModelWorker:
             finally:
                 self._done()
 
-        return await asyncio.wrap_future(self._executor.submit(job))
+        return await asyncio.wrap_future(self._submit(job))
 
     async def stream(self, job: Callable[[Callable[[Any], None], Callable[[], bool]], None]) -> AsyncIterator[Any]:
         """Run `job(emit, cancelled)` on the model thread, yielding each item it emits as it comes. When the
@@ -72,7 +78,7 @@ class ModelWorker:
             finally:
                 self._done()
 
-        self._executor.submit(run)
+        self._submit(run)
         try:
             while True:
                 item = await queue.get()
@@ -85,4 +91,7 @@ class ModelWorker:
             stop.set()
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)

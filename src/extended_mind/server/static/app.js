@@ -184,7 +184,7 @@ async function showCitations(citations) {
       mark.title = `citation ${s.rank}, weight ${s.weight.toFixed(4)}`;
       mark.append(text.slice(s.start, s.end));
       const sup = document.createElement("sup");
-      sup.textContent = `${s.rank}:${s.weight.toFixed(2)}`;
+      sup.textContent = `[${s.rank}] ${s.weight.toFixed(3)}`;
       mark.append(sup);
       pre.append(mark);
       pos = s.end;

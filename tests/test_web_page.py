@@ -1,0 +1,115 @@
+"""The web page in headless Chromium (Debian's package, driven by Playwright): create a memory by pasting text and
+uploading a file, ask, watch the answer stream, and see the cited spans highlighted in their documents. Saves a
+screenshot to runs/test-screenshots/."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from extended_mind import ExtendedMind
+from extended_mind.server import ServerConfig, create_app
+
+from .conftest import byte_tokenizer, tiny_model
+from .live_server import LiveServer
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "runs" / "test-screenshots"
+# Flags for a sandboxed root session on a machine with no outside network.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+if CHROMIUM is None:
+    if os.environ.get("CI"):
+        raise RuntimeError("Chromium is missing: `make test` installs it (Debian packages chromium, chromium-driver)")
+    pytest.skip("Chromium is not installed (make test installs it)", allow_module_level=True)
+
+from playwright.sync_api import expect, sync_playwright  # noqa: E402
+
+DOC = "The lighthouse of Varn was painted blue in 1911. Its keeper was called Ilse Brandt. Ships used it at night."
+
+
+@pytest.fixture
+def browser():
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def test_create_ask_and_see_cited_spans(browser, tmp_path):
+    mind = ExtendedMind(tiny_model("llama"), byte_tokenizer(), "tiny-llama")
+    app = create_app(mind, ServerConfig(memory_dir=tmp_path / "mem", max_tokens=32))
+    upload = tmp_path / "keeper.txt"
+    upload.write_text("Ilse Brandt kept the light for forty years.")
+    with LiveServer(app) as server:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(server.url + "/")
+        expect(page.locator("#model")).to_have_text("model: tiny-llama")
+        page.fill("#memory-name", "lighthouse")
+        page.fill("#memory-text", DOC)
+        page.set_input_files("#memory-files", str(upload))
+        page.click("#create-memory")
+        expect(page.locator("#memorize-status")).to_contain_text("memorized")
+        entry = page.locator('#memories li[data-memory="lighthouse"]')
+        expect(entry).to_contain_text("2 doc")
+        expect(entry.locator("input")).to_be_checked()
+
+        page.fill("#question", "What colour was the lighthouse?")
+        page.fill("#max-tokens", "12")
+        page.click("#ask")
+        marks = page.locator("mark.cited")
+        expect(marks.first).to_be_visible()
+        expect(page.locator("#ask")).to_be_enabled()
+        assert page.locator("#answer").inner_text() != ""
+        assert page.locator("#citations li").count() >= 1
+        documents = {"doc0": DOC, "keeper.txt": upload.read_text()}
+        for i in range(marks.count()):
+            cited = marks.nth(i).evaluate("m => m.firstChild.textContent")
+            assert any(cited in text for text in documents.values())
+        assert "weight" in marks.first.get_attribute("title")
+        assert page.locator("#error").inner_text() == ""
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / "web_page.png"), full_page=True)
+
+        # the answer on the page is the API's answer
+        import httpx
+
+        api = httpx.post(
+            server.url + "/v1/chat/completions",
+            json={
+                "model": "tiny-llama",
+                "messages": [{"role": "user", "content": "What colour was the lighthouse?"}],
+                "max_tokens": 12,
+                "topk": 10,
+                "memory": ["lighthouse"],
+            },
+        ).json()
+        assert page.locator("#answer").inner_text().strip() == api["choices"][0]["message"]["content"].strip()
+
+        page.on("dialog", lambda d: d.accept())
+        entry.locator("button").click()
+        expect(page.locator('#memories li[data-memory="lighthouse"]')).to_have_count(0)
+
+
+def test_page_sends_the_api_key(browser, tmp_path):
+    mind = ExtendedMind(tiny_model("llama"), byte_tokenizer(), "tiny-llama")
+    app = create_app(mind, ServerConfig(memory_dir=tmp_path / "mem", api_key="k-123"))
+    with LiveServer(app) as server:
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        expect(page.locator("#error")).to_contain_text("API key")
+        page.fill("#api-key", "k-123")
+        page.dispatch_event("#api-key", "change")
+        expect(page.locator("#model")).to_have_text("model: tiny-llama")
+        expect(page.locator("#error")).to_have_text("")
