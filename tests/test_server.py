@@ -15,9 +15,9 @@ from fastapi.testclient import TestClient
 from extended_mind import ExtendedMind
 from extended_mind.cli import main
 from extended_mind.server import ServerConfig, create_app
+from extended_mind.server.background import BackgroundServer
 
 from .conftest import byte_tokenizer, tiny_model
-from .live_server import LiveServer
 
 MODEL = "tiny-llama"
 DOCS = {
@@ -61,7 +61,7 @@ def chat_body(question: str, memory=None, **kw) -> dict:
 
 def test_openai_client_chat_and_completions_with_citations(mind, tmp_path):
     app = make_app(mind, tmp_path / "mem")
-    with LiveServer(app) as server:
+    with BackgroundServer(app) as server:
         create_memories(httpx.Client(base_url=server.url))
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
         assert [m.id for m in client.models.list()] == [MODEL]
@@ -130,7 +130,7 @@ def test_openai_client_chat_and_completions_with_citations(mind, tmp_path):
 
 def test_32_concurrent_requests_get_their_own_answers(mind, tmp_path):
     app = make_app(mind, tmp_path / "mem")
-    with LiveServer(app) as server:
+    with BackgroundServer(app) as server:
         http = httpx.Client(base_url=server.url, timeout=120)
         create_memories(http)
         memories = [None, "cats", "ships", "rain", ["cats", "rain"]]
@@ -162,7 +162,7 @@ def test_32_concurrent_requests_get_their_own_answers(mind, tmp_path):
 
 def test_client_disconnect_mid_stream_frees_the_model(mind, tmp_path):
     app = make_app(mind, tmp_path / "mem", max_tokens=400)
-    with LiveServer(app) as server:
+    with BackgroundServer(app) as server:
         http = httpx.Client(base_url=server.url, timeout=60)
         with http.stream("POST", "/v1/chat/completions", json=chat_body("go on", max_tokens=400, stream=True)) as r:
             lines = r.iter_lines()
@@ -226,7 +226,7 @@ def error_of(r, status: int) -> str:
 
 def test_auth_is_enforced(mind, tmp_path):
     app = create_app(mind, ServerConfig(memory_dir=tmp_path / "mem", api_key="s3cret", max_tokens=8))
-    with LiveServer(app) as server:
+    with BackgroundServer(app) as server:
         http = httpx.Client(base_url=server.url)
         for method, path in [
             ("GET", "/v1/models"),

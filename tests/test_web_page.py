@@ -12,9 +12,9 @@ import pytest
 
 from extended_mind import ExtendedMind
 from extended_mind.server import ServerConfig, create_app
+from extended_mind.server.background import BackgroundServer
 
 from .conftest import byte_tokenizer, tiny_model
-from .live_server import LiveServer
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "runs" / "test-screenshots"
@@ -52,7 +52,7 @@ def test_create_ask_and_see_cited_spans(browser, tmp_path):
     app = create_app(mind, ServerConfig(memory_dir=tmp_path / "mem", max_tokens=32))
     upload = tmp_path / "keeper.txt"
     upload.write_text("Ilse Brandt kept the light for forty years.")
-    with LiveServer(app) as server:
+    with BackgroundServer(app) as server:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(server.url + "/")
         expect(page.locator("#model")).to_have_text("model: tiny-llama")
@@ -105,7 +105,7 @@ def test_create_ask_and_see_cited_spans(browser, tmp_path):
 def test_page_sends_the_api_key(browser, tmp_path):
     mind = ExtendedMind(tiny_model("llama"), byte_tokenizer(), "tiny-llama")
     app = create_app(mind, ServerConfig(memory_dir=tmp_path / "mem", api_key="k-123"))
-    with LiveServer(app) as server:
+    with BackgroundServer(app) as server:
         page = browser.new_page()
         page.goto(server.url + "/")
         expect(page.locator("#error")).to_contain_text("API key")

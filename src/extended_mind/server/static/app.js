@@ -119,21 +119,21 @@ $("ask").addEventListener("click", async () => {
   const question = $("question").value.trim();
   if (!question) { showError("type a question first"); return; }
   $("answer").textContent = ""; $("citations").replaceChildren(); $("sources").replaceChildren(); $("error").textContent = "";
-  const body = {
-    model: modelId, stream: true, messages: [{ role: "user", content: question }],
-    max_tokens: Number($("max-tokens").value) || 96, topk: Number($("topk").value),
-  };
+  const raw = $("raw").checked;
+  const body = { model: modelId, stream: true, max_tokens: Number($("max-tokens").value) || 96, topk: Number($("topk").value) };
+  if (raw) body.prompt = $("question").value; else body.messages = [{ role: "user", content: question }];
   const memories = selectedMemories();
   if (memories.length) body.memory = memories;
   $("ask").disabled = true;
   try {
-    const response = await api("/v1/chat/completions", {
+    const response = await api(raw ? "/v1/completions" : "/v1/chat/completions", {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
     });
     let citations = [];
     await readEvents(response, (chunk) => {
-      const delta = chunk.choices[0].delta || {};
-      if (delta.content) $("answer").textContent += delta.content;
+      const choice = chunk.choices[0] || {};
+      const piece = raw ? choice.text : (choice.delta || {}).content;
+      if (piece) $("answer").textContent += piece;
       if (chunk.citations) citations = chunk.citations;
     });
     await showCitations(citations);

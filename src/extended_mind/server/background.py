@@ -1,4 +1,8 @@
-"""A real uvicorn server on a free loopback port, in a background thread, for tests that need a live socket."""
+"""Serve an app from a background thread on a free loopback port (tests, benchmarks, notebooks):
+
+with BackgroundServer(create_app(mind, config)) as server:
+    openai.OpenAI(base_url=server.url + "/v1", api_key="-")
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class LiveServer:
+class BackgroundServer:
     def __init__(self, app):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -23,12 +27,12 @@ class LiveServer:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> LiveServer:
+    def __enter__(self) -> BackgroundServer:
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:
             if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("test server did not start")
+                raise RuntimeError(f"the server on port {self.port} did not start")
             time.sleep(0.02)
         return self
 
