@@ -1,0 +1,227 @@
+"""OpenAI-compatible routes: /v1/models, /v1/chat/completions and /v1/completions with memory attention; answers
+carry citations (per token while streaming, all of them at the end)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+
+from ..chat import chat_prompt_ids
+from ..citations import Citation
+from ..generation import GeneratedToken, GenerationResult
+from ..memory import Memory
+from ..mind import ExtendedMind
+from .config import ServerConfig
+from .errors import APIError, as_api_error, error_body
+from .library import MemoryLibrary, check_name, split_document_id
+from .schemas import ChatCompletionRequest, CompletionRequest, MemoryOptions
+from .streaming import SSE_HEADERS, sse
+from .worker import ModelWorker
+
+
+def served_model_id(mind: ExtendedMind) -> str:
+    """The name clients pass as `model`: the last part of the model's source path or hub id."""
+    return str(mind.source).rstrip("/").split("/")[-1] or "model"
+
+
+def citation_json(c: Citation) -> dict:
+    memory, doc = split_document_id(c.doc)
+    return {"memory": memory, "document": doc, "start": c.start, "end": c.end, "text": c.text, "weight": c.weight}
+
+
+def add_completion_routes(
+    app: FastAPI, mind: ExtendedMind, library: MemoryLibrary, worker: ModelWorker, config: ServerConfig
+) -> None:
+    model_id = served_model_id(mind)
+    created = int(time.time())
+
+    def check_model(name: str) -> None:
+        if name != model_id:
+            raise APIError(
+                404, f"model {name!r} is not served here; this server serves {model_id!r}", "model_not_found", "model"
+            )
+
+    def generation_options(req: ChatCompletionRequest | CompletionRequest) -> dict:
+        max_tokens = req.max_completion_tokens or req.max_tokens or min(config.default_max_tokens, config.max_tokens)
+        if max_tokens > config.max_tokens:
+            raise APIError(
+                400,
+                f"max_tokens {max_tokens} exceeds this server's limit of {config.max_tokens}",
+                "max_tokens_too_large",
+                "max_tokens",
+            )
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > 4 or any(len(s) > 256 for s in stop):
+            raise APIError(400, "stop takes at most 4 strings of at most 256 characters", "invalid_value", "stop")
+        opts: dict[str, Any] = {
+            "max_new_tokens": max_tokens,
+            "temperature": req.temperature or 0.0,
+            "stop": stop,
+            "seed": req.seed,
+        }
+        for name in (
+            "topk",
+            "uncertainty_threshold",
+            "topk_step",
+            "similarity_threshold",
+            "position_policy",
+            "ranking",
+        ):
+            value = getattr(req, name)
+            if value is not None:
+                opts[name] = value
+        return opts
+
+    def memory_names(req: MemoryOptions) -> list[str]:
+        names = [req.memory] if isinstance(req.memory, str) else list(req.memory or [])
+        if len(names) > config.max_memories_per_request:
+            raise APIError(
+                400, f"at most {config.max_memories_per_request} memories per request", "too_many_memories", "memory"
+            )
+        if len(set(names)) != len(names):
+            raise APIError(400, "a memory is named twice", "invalid_value", "memory")
+        for n in names:
+            check_name(n)
+            if not library.exists(n):
+                raise APIError(404, f"no memory named {n!r}", "memory_not_found", "memory")
+        return names
+
+    def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
+        out = []
+        for m in req.messages:
+            content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
+            out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        if out[-1]["role"] == "assistant":
+            raise APIError(400, "the last message must not be the assistant's", "invalid_value", "messages")
+        if not any(m["content"].strip() for m in out if m["role"] == "user"):
+            raise APIError(400, "no user message with text", "invalid_value", "messages")
+        return out
+
+    def prompt_ids(req: ChatCompletionRequest | CompletionRequest) -> list[int]:
+        if isinstance(req, ChatCompletionRequest):
+            return chat_prompt_ids(mind.tokenizer, chat_messages(req))
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if len(prompts) != 1:
+            raise APIError(400, "send exactly one prompt per request", "invalid_value", "prompt")
+        return mind.encode_prompt(prompts[0], chat=False)
+
+    def start(req: ChatCompletionRequest | CompletionRequest, names: list[str]):
+        """On the model thread: the token stream for a request."""
+        memory: Memory | None = library.view(names) if names else None
+        if memory is not None and memory.num_tokens == 0:  # every document was removed
+            memory = None
+        return mind.stream(prompt_ids(req), memory=memory, **generation_options(req))
+
+    def usage(result: GenerationResult) -> dict:
+        n = len(result.tokens)
+        return {"prompt_tokens": result.prompt_tokens, "completion_tokens": n, "total_tokens": result.prompt_tokens + n}
+
+    def extras(result: GenerationResult) -> dict:
+        return {
+            "citations": [citation_json(c) for c in result.citations],
+            "retrievals": [r.to_dict() for r in result.retrievals],
+        }
+
+    async def generate(req: ChatCompletionRequest | CompletionRequest, kind: str):
+        check_model(req.model)
+        names = memory_names(req)
+        generation_options(req)  # validate before queueing
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        now = int(time.time())
+        if not req.stream:
+
+            def job() -> GenerationResult:
+                stream = start(req, names)
+                for _ in stream:
+                    pass
+                return stream.result
+
+            result = await worker.run(job)
+            if kind == "chat":
+                choice = {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result.text},
+                    "finish_reason": result.finish_reason,
+                    "logprobs": None,
+                }
+                obj = "chat.completion"
+            else:
+                choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}
+                obj = "text_completion"
+            return {
+                "id": rid,
+                "object": obj,
+                "created": now,
+                "model": model_id,
+                "choices": [choice],
+                "usage": usage(result),
+                **extras(result),
+            }
+        return StreamingResponse(
+            stream_generation(req, names, kind, rid, now), media_type="text/event-stream", headers=SSE_HEADERS
+        )
+
+    async def stream_generation(
+        req: ChatCompletionRequest | CompletionRequest, names: list[str], kind: str, rid: str, now: int
+    ) -> AsyncIterator[bytes]:
+        def job(emit: Callable[[Any], None], cancelled: Callable[[], bool]) -> None:
+            stream = start(req, names)
+            for token in stream:
+                emit(token)
+                if cancelled():
+                    return
+            emit(stream.result)
+
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+        def chunk(piece: str | None, finish: str | None, extra: dict | None = None) -> dict:
+            if kind == "chat":
+                delta = {} if piece is None else {"content": piece}
+                if piece is not None and first:
+                    delta = {"role": "assistant", **delta}
+                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": piece or "", "finish_reason": finish, "logprobs": None}
+            return {"id": rid, "object": obj, "created": now, "model": model_id, "choices": [choice], **(extra or {})}
+
+        first = True
+        try:
+            async for item in worker.stream(job):
+                if isinstance(item, GeneratedToken):
+                    yield sse(chunk(item.text, None, {"token_citations": [citation_json(c) for c in item.citations]}))
+                    first = False
+                else:
+                    result: GenerationResult = item
+                    extra = extras(result)
+                    if req.stream_options and req.stream_options.include_usage:
+                        extra["usage"] = usage(result)
+                    yield sse(chunk(None if kind == "chat" else "", result.finish_reason, extra))
+        except Exception as exc:  # headers are sent: report in the stream, as OpenAI does
+            e = as_api_error(exc)
+            yield sse(error_body(e.status, e.message, e.code, e.param))
+        yield sse("[DONE]")
+
+    @app.get("/v1/models", summary="The served model")
+    async def list_models() -> dict:
+        return {
+            "object": "list",
+            "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "extended-mind"}],
+        }
+
+    @app.get("/v1/models/{model}", summary="One model")
+    async def get_model(model: str) -> dict:
+        check_model(model)
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "extended-mind"}
+
+    @app.post("/v1/chat/completions", summary="Chat completion with memory attention (OpenAI-compatible)")
+    async def chat_completions(req: ChatCompletionRequest):
+        return await generate(req, "chat")
+
+    @app.post("/v1/completions", summary="Text completion with memory attention (OpenAI-compatible)")
+    async def completions(req: CompletionRequest):
+        return await generate(req, "text")
