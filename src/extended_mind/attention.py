@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
@@ -23,6 +24,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .errors import ExtendedMindError
+
+if TYPE_CHECKING:
+    from .index import IndexSettings, LayerIndex
 
 ATTENTION_NAME = "extended_mind"
 _BASE_ATTR = "_extended_mind_base_attention"
@@ -39,6 +43,8 @@ class LayerMemory:
     keys: torch.Tensor  # (H, N, D)
     values: torch.Tensor  # (H, N, D)
     inv_norms: torch.Tensor  # (H, N) 1/|key|, for cosine ranking
+    index: LayerIndex | None = None  # approximate search (index.py); None: exact
+    index_settings: IndexSettings | None = None
 
 
 @dataclass
@@ -97,28 +103,53 @@ def _call_base(module, query, key, value, attention_mask, **kwargs):
 def _retrieve(
     q: torch.Tensor, mem: LayerMemory, settings: RetrievalSettings, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k memory logits and indices for grouped queries q (B, H, R, D): both (B, H, R, k)."""
+    """Top-k memory logits and indices for grouped queries q (B, H, R, D): both (B, H, R, k). Exact search scans
+    every key in blocks; with an index, only its candidates are scored (exactly) and ranked."""
     k = min(settings.topk, mem.keys.shape[1])
     b, h, rows, _ = q.shape
+    if mem.index is not None:
+        from .index import approximate_candidates
+
+        scores, cand = approximate_candidates(q, mem.keys, mem.index, k, mem.index_settings)
+        return _select(q, scores, cand, mem, settings, scaling, k)
     keys_t = mem.keys.transpose(1, 2)  # (H, D, N)
     step = max(1, _SCORE_BLOCK // max(1, mem.keys.shape[1] * h))
     logits, indices = [], []
     for r0 in range(0, rows, step):
         qc = q[:, :, r0 : r0 + step]
-        scores = torch.matmul(qc, keys_t)  # (B, H, r, N) = q·k
-        if settings.ranking == "cosine":
-            rank = scores * mem.inv_norms[None, :, None, :]
-            _, idx = rank.topk(k, dim=-1)
-            raw = scores.gather(-1, idx)
-        else:
-            raw, idx = scores.topk(k, dim=-1)
-        if settings.similarity_threshold is not None:
-            knorm = 1.0 / mem.inv_norms[None, :, None, :].expand(b, -1, raw.shape[2], -1).gather(-1, idx)
-            cos = raw / (qc.norm(dim=-1, keepdim=True) * knorm).clamp_min(1e-12)
-            raw = raw.masked_fill(cos <= settings.similarity_threshold, float("-inf"))
-        logits.append(raw * scaling)
+        raw, idx = _select(qc, torch.matmul(qc, keys_t), None, mem, settings, scaling, k)  # scores: q.k, all keys
+        logits.append(raw)
         indices.append(idx)
     return torch.cat(logits, dim=2), torch.cat(indices, dim=2)
+
+
+def _select(
+    q: torch.Tensor,
+    scores: torch.Tensor,
+    cand: torch.Tensor | None,
+    mem: LayerMemory,
+    settings: RetrievalSettings,
+    scaling: float,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best k of `scores` (B, H, R, M: q.k of memory keys `cand`, or of all keys when cand is None) by the
+    ranking, with the similarity mask applied: scaled logits and memory indices, both (B, H, R, k)."""
+    b = q.shape[0]
+    if cand is None:
+        inv_norms = mem.inv_norms[None, :, None, :].expand(b, -1, q.shape[2], -1)
+    else:
+        inv_norms = mem.inv_norms[torch.arange(mem.keys.shape[0], device=cand.device)[None, :, None, None], cand]
+    if settings.ranking == "cosine":
+        _, pos = (scores * inv_norms).topk(k, dim=-1)
+        raw = scores.gather(-1, pos)
+    else:
+        raw, pos = scores.topk(k, dim=-1)
+    idx = pos if cand is None else cand.gather(-1, pos)
+    if settings.similarity_threshold is not None:
+        knorm = 1.0 / inv_norms.gather(-1, pos)
+        cos = raw / (q.norm(dim=-1, keepdim=True) * knorm).clamp_min(1e-12)
+        raw = raw.masked_fill(cos <= settings.similarity_threshold, float("-inf"))
+    return raw * scaling, idx
 
 
 def memory_attention(

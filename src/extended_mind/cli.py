@@ -10,15 +10,18 @@ from pathlib import Path
 
 from .chat import ChatSession
 from .errors import ExtendedMindError
+from .index import DEFAULT_APPROX_THRESHOLD
 from .memory import Memory, is_saved_memory
 from .mind import (
     DEFAULT_POSITION_POLICY,
     DEFAULT_RANKING,
+    DEFAULT_SEARCH,
     DEFAULT_STRIDE,
     DEFAULT_TOPK,
     DEFAULT_TOPK_STEP,
     DEFAULT_WINDOW,
     RANKINGS,
+    SEARCH_MODES,
     ExtendedMind,
 )
 from .positions import POSITION_POLICIES
@@ -81,6 +84,12 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
         "--topk-step", type=int, default=DEFAULT_TOPK_STEP, help=f"extra memories on re-retrieval ({DEFAULT_TOPK_STEP})"
     )
     p.add_argument("--stop", action="append", default=[], help="string that ends the answer (repeatable)")
+    p.add_argument(
+        "--search",
+        choices=SEARCH_MODES,
+        default=DEFAULT_SEARCH,
+        help=f"top-k search: auto is approximate from {DEFAULT_APPROX_THRESHOLD:,} memory tokens on ({DEFAULT_SEARCH})",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -211,6 +220,7 @@ def _memory_command(args: argparse.Namespace) -> None:
             raise ExtendedMindError(f"{args.dir} already holds a memory: use `memory add` or `memory replace`")
         mind = _load_mind(args, [])
         memory = mind.memorize(args.files, ids=args.ids, stride=args.stride, window=args.window, storage=args.storage)
+        mind.build_index(memory, only_above_threshold=True)
         memory.save(args.dir)
         print(f"created {args.dir}: {len(memory)} document(s), {memory.num_tokens} tokens")
         return
@@ -229,6 +239,7 @@ def _memory_command(args: argparse.Namespace) -> None:
         else:
             memory.replace(args.doc_id, args.file)
             done = f"replaced {args.doc_id!r}"
+        mind.build_index(memory, only_above_threshold=True)
         memory.save()
         print(f"{done}; {args.dir} now holds {len(memory)} document(s), {memory.num_tokens} tokens")
     elif args.op == "rm":
@@ -267,6 +278,7 @@ def _generation_options(args: argparse.Namespace) -> dict:
         uncertainty_threshold=args.uncertainty_threshold,
         topk_step=args.topk_step,
         stop=args.stop,
+        search=args.search,
     )
 
 
@@ -370,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "memorize":
             mind = _load_mind(args, [])
             memory = mind.memorize(args.files, stride=args.stride, window=args.window, storage=args.storage)
+            mind.build_index(memory, only_above_threshold=True)
             memory.save(args.out)
             print(f"saved {memory.num_tokens} memory tokens from {len(memory.documents)} document(s) to {args.out}")
         elif args.command == "memory":

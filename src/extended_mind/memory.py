@@ -9,8 +9,10 @@ Persistence (a directory with a manifest and one safetensors file per segment) l
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -136,6 +138,9 @@ class Memory:
         self.mind: ExtendedMind | None = None  # the model that memorizes added documents (set by ExtendedMind)
         self._flat: dict[str, Any] = {}
         self._prepared: dict = {}
+        # approximate-search indexes by fingerprint (index.memory_fingerprint): per layer LayerIndex, or a loader
+        # of them when they were saved with the memory
+        self.indexes: dict[str, Any] = {}
 
     # ---- what it holds ----
 
@@ -251,6 +256,12 @@ class Memory:
     def _changed(self) -> None:
         self._flat.clear()
         self._prepared.clear()
+        self.indexes.clear()  # built over the old documents
+
+    def content_key(self) -> list[tuple]:
+        """What determines the memory's keys, per document in order (see index.memory_fingerprint); ids and names
+        do not, so a renamed view of a memory shares its indexes."""
+        return [(_text_sha(s.document.text), s.num_tokens, s.storage, s.stride, s.window) for s in self.segments]
 
     # ---- model checks and combining ----
 
@@ -412,6 +423,11 @@ def _concat(parts: list[torch.Tensor], empty_shape: tuple[int, ...], dim: int = 
     if len({p.dtype for p in parts}) > 1:  # documents stored in different precisions
         parts = [p.float() for p in parts]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+@lru_cache(maxsize=4096)
+def _text_sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def longest_rope(tables: list[RopeTables]) -> RopeTables:

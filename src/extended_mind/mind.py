@@ -13,6 +13,7 @@ from .documents import Document, load_documents
 from .errors import ExtendedMindError, PromptTooLongError
 from .generation import DecodeSettings, GenerationResult, TokenStream
 from .identity import ModelIdentity
+from .index import DEFAULT_APPROX_THRESHOLD, IndexSettings, require_faiss
 from .loading import load_model
 from .memorize import encode_documents, memorize_encoded
 from .memory import Memory
@@ -27,6 +28,8 @@ DEFAULT_TOPK_STEP = 2
 RANKINGS = ("logit", "cosine")
 MemoryLike = Memory | str | Path  # a Memory, or the directory of a saved one
 CITATION_WEIGHTINGS = ("attention_value", "attention")
+SEARCH_MODES = ("auto", "exact", "approximate")
+DEFAULT_SEARCH = "auto"
 
 
 class ExtendedMind:
@@ -101,6 +104,21 @@ class ExtendedMind:
         memory.mind = self
         return memory
 
+    def build_index(
+        self,
+        memory: Memory,
+        position_policy: str = DEFAULT_POSITION_POLICY,
+        index: IndexSettings | None = None,
+        only_above_threshold: bool = False,
+        approx_threshold: int = DEFAULT_APPROX_THRESHOLD,
+    ) -> Memory:
+        """Build the approximate-search indexes of `memory` now (for `position_policy`), so that the first question
+        does not wait for them and `memory.save()` stores them. With `only_above_threshold`, only when the memory
+        is large enough for `search="auto"` to use them. Returns the memory."""
+        if not only_above_threshold or memory.num_tokens >= approx_threshold:
+            self._retrieval(memory, DEFAULT_TOPK, DEFAULT_RANKING, position_policy, None, "approximate", 0, index)
+        return memory
+
     def _as_memory(self, memory: MemoryLike | list[MemoryLike] | None) -> Memory | None:
         if memory is None:
             return None
@@ -123,8 +141,16 @@ class ExtendedMind:
         ranking: str,
         position_policy: str,
         memory_layers: list[int] | None,
+        search: str = DEFAULT_SEARCH,
+        approx_threshold: int = DEFAULT_APPROX_THRESHOLD,
+        index: IndexSettings | None = None,
     ) -> tuple[Memory | None, int, dict[int, LayerMemory]]:
         """Validate the retrieval options; return (memory, first prompt position, prepared memory layers)."""
+        if search not in SEARCH_MODES:
+            raise ExtendedMindError(f"unknown search {search!r}; choose one of {SEARCH_MODES}")
+        _check_int("approx_threshold", approx_threshold, 0)
+        if index is not None and not isinstance(index, IndexSettings):
+            raise ExtendedMindError(f"index must be an IndexSettings, got {type(index).__name__}")
         _check_int("topk", topk, 0)
         if ranking not in RANKINGS:
             raise ExtendedMindError(f"unknown ranking {ranking!r}; choose one of {RANKINGS}")
@@ -138,7 +164,11 @@ class ExtendedMind:
         mem = self._as_memory(memory)
         if mem is None:
             return None, 0, {}
-        layers = prepare_layers(mem, position_policy, self.device, self.model.dtype, memory_layers)
+        approximate = search == "approximate" or (search == "auto" and mem.num_tokens >= approx_threshold)
+        if approximate:
+            require_faiss()
+        settings = (index or IndexSettings()) if approximate and topk > 0 and mem.num_tokens else None
+        layers = prepare_layers(mem, position_policy, self.device, self.model.dtype, memory_layers, settings)
         return mem, prompt_offset(mem, position_policy), layers
 
     # ---- generation ----
@@ -179,6 +209,9 @@ class ExtendedMind:
         seed: int | None = None,
         stop: list[str] | None = None,
         citation_weighting: str = "attention_value",
+        search: str = DEFAULT_SEARCH,
+        approx_threshold: int = DEFAULT_APPROX_THRESHOLD,
+        index: IndexSettings | None = None,
     ) -> TokenStream:
         """Like `generate`, but returns an iterator of tokens as they are produced (`.result` once exhausted)."""
         _check_int("max_new_tokens", max_new_tokens, 1)
@@ -189,7 +222,9 @@ class ExtendedMind:
             )
         if temperature < 0:
             raise ExtendedMindError(f"temperature must be >= 0, got {temperature}")
-        mem, offset, layers = self._retrieval(memory, topk, ranking, position_policy, memory_layers)
+        mem, offset, layers = self._retrieval(
+            memory, topk, ranking, position_policy, memory_layers, search, approx_threshold, index
+        )
         ids = self.encode_prompt(prompt, chat, answer_prefix)
         window = self.context_window
         if len(ids) > window:
@@ -223,10 +258,15 @@ class ExtendedMind:
         similarity_threshold: float | None = None,
         position_policy: str = DEFAULT_POSITION_POLICY,
         memory_layers: list[int] | None = None,
+        search: str = DEFAULT_SEARCH,
+        approx_threshold: int = DEFAULT_APPROX_THRESHOLD,
+        index: IndexSettings | None = None,
     ) -> torch.Tensor:
         """Next-token logits (B, S, V) for every position of `input_ids` (B, S) with memory attention; for scoring
         (perplexity, answer log-probabilities). Positions start after the memory as in `generate`."""
-        _, offset, layers = self._retrieval(memory, topk, ranking, position_policy, memory_layers)
+        _, offset, layers = self._retrieval(
+            memory, topk, ranking, position_policy, memory_layers, search, approx_threshold, index
+        )
         session = Session(layers=layers, settings=RetrievalSettings(topk, ranking, similarity_threshold))
         input_ids = input_ids.to(self.device)
         positions = torch.arange(offset, offset + input_ids.shape[1], device=self.device)[None].expand_as(input_ids)
@@ -242,7 +282,9 @@ class ExtendedMind:
         the answer starts with; the result's text excludes it), ranking ("logit"),
         similarity_threshold (None), position_policy ("stored"), memory_layers (None: all), uncertainty_threshold
         (None: off), topk_step (2), temperature (0: greedy), seed (None), stop (None: strings that end the answer),
-        citation_weighting ("attention_value": attention probability x value norm; "attention": probability alone).
+        citation_weighting ("attention_value": attention probability x value norm; "attention": probability alone),
+        search ("auto": approximate from approx_threshold memory tokens (32,768) on, else exact; "exact";
+        "approximate"), index (IndexSettings: IVF cells, nprobe, candidates re-ranked per retrieved key).
         """
         stream = self.stream(prompt, memory=memory, **options)
         for _ in stream:

@@ -8,8 +8,10 @@
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from .attention import LayerMemory
+from .index import IndexSettings, LayerIndex, memory_fingerprint
 from .memory import Memory
 from .rope import apply_rope
 
@@ -24,11 +26,17 @@ def prompt_offset(memory: Memory | None, policy: str) -> int:
 
 
 def prepare_layers(
-    memory: Memory, policy: str, device: torch.device, dtype: torch.dtype, layers: list[int] | None
+    memory: Memory,
+    policy: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    layers: list[int] | None,
+    index: IndexSettings | None = None,
 ) -> dict[int, LayerMemory]:
     """Rotate memory keys for `policy` (one of POSITION_POLICIES, checked by the caller), move them to the model's
-    device; cached on the memory per setting."""
-    cache_key = (policy, str(device), dtype)
+    device, and with `index` attach approximate-search indexes (loaded when saved with the memory, else built);
+    cached on the memory per setting."""
+    cache_key = (policy, str(device), dtype, index)
     prepared = memory._prepared.get(cache_key)
     if prepared is None:
         prepared = {}
@@ -44,8 +52,29 @@ def prepare_layers(
                 values=memory.layer_values(layer).to(device=device, dtype=dtype),
                 inv_norms=1.0 / keys.float().norm(dim=-1).clamp_min(1e-12).to(dtype),
             )
+        if index is not None:
+            for layer, layer_index in enumerate(memory_indexes(memory, policy, index, prepared)):
+                prepared[layer].index, prepared[layer].index_settings = layer_index, index
         memory._prepared.clear()  # keep one prepared copy: memory use stays at most twice the raw memory
         memory._prepared[cache_key] = prepared
     if layers is None:
         return dict(prepared)
     return {layer: prepared[layer] for layer in layers}
+
+
+def memory_indexes(
+    memory: Memory, policy: str, settings: IndexSettings, prepared: dict[int, LayerMemory]
+) -> list[LayerIndex]:
+    """Per-layer indexes of the prepared keys: the ones saved with (or built earlier for) the same documents,
+    policy and settings, else built now (with a progress bar for large memories)."""
+    fingerprint = memory_fingerprint(memory.content_key(), policy, settings.key(memory.num_tokens))
+    found = memory.indexes.get(fingerprint)
+    if callable(found):  # saved with the memory: read (and checksum) it now
+        found = found()
+    if found is None:
+        layers = range(memory.num_layers)
+        show = memory.num_tokens >= 65_536
+        found = [LayerIndex.build(prepared[layer].keys, settings) for layer in tqdm(
+            layers, desc="building search index", unit="layer", disable=not show)]  # fmt: skip
+    memory.indexes = {fingerprint: found}  # one set at a time: indexes are about as large as the keys
+    return found

@@ -73,6 +73,47 @@ class StoredFile:
             raise MemoryFileError(f"corrupt memory file {self.path}: {exc}") from None
 
 
+@dataclass(frozen=True)
+class SavedIndex:
+    """Approximate-search indexes saved with a memory: read (checksum verified) when first called."""
+
+    file: StoredFile
+    num_layers: int
+    num_heads: int
+
+    def __call__(self) -> list:
+        from .index import LayerIndex
+
+        tensors = self.file.read()
+        try:
+            return [
+                LayerIndex.from_bytes([tensors[f"{layer}.{head}"].numpy() for head in range(self.num_heads)])
+                for layer in range(self.num_layers)
+            ]
+        except (KeyError, RuntimeError) as exc:
+            raise MemoryFileError(f"corrupt search index {self.file.path}: {exc}") from None
+
+
+def _store_indexes(memory: Memory, directory: Path) -> list[tuple[str, SavedIndex]]:
+    out = []
+    for fingerprint, found in memory.indexes.items():
+        if isinstance(found, SavedIndex):
+            if found.file.path.parent.resolve() == directory.resolve() and found.file.path.is_file():
+                out.append((fingerprint, found))
+                continue
+            found = found()
+        if not isinstance(found, list) or not found:
+            continue
+        tensors = {
+            f"{layer}.{head}": torch.from_numpy(blob.copy())
+            for layer, li in enumerate(found)
+            for head, blob in enumerate(li.to_bytes())
+        }
+        stored = _put(directory, save_bytes(tensors, metadata={"format": "extended-mind-index"}))
+        out.append((fingerprint, SavedIndex(stored, len(found), len(found[0].heads))))
+    return out
+
+
 # ---- writing ----
 
 
@@ -167,6 +208,7 @@ def save_memory(memory: Memory, path: Path) -> Path:
         rope_tensors = {f"cos.{t}": c.clone() for t, c in enumerate(memory.rope.cos)}
         rope_tensors |= {f"sin.{t}": s.clone() for t, s in enumerate(memory.rope.sin)}
         rope = _put(tensor_dir, save_bytes(rope_tensors, metadata={"format": "extended-mind-rope"}))
+        indexes = _store_indexes(memory, tensor_dir)
         _fsync_dir(tensor_dir)
         manifest = {
             "format": FORMAT_NAME,
@@ -183,12 +225,23 @@ def save_memory(memory: Memory, path: Path) -> Path:
             "kv_shapes": [list(x) for x in memory.rope.kv_shapes],
             "rope": {"file": f"{TENSOR_DIR}/{rope.path.name}", "sha256": rope.sha256, "bytes": rope.size},
             "documents": documents,
+            "indexes": [
+                {
+                    "fingerprint": fp,
+                    "layers": ix.num_layers,
+                    "heads": ix.num_heads,
+                    "file": f"{TENSOR_DIR}/{ix.file.path.name}",
+                    "sha256": ix.file.sha256,
+                    "bytes": ix.file.size,
+                }
+                for fp, ix in indexes
+            ],  # fmt: skip
         }
         _write_atomic(path / MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=1).encode())
         _fsync_dir(path)
         for s, f in zip(memory.segments, stored):
             s.file = f
-        keep = {f.path.name for f in stored} | {rope.path.name}
+        keep = {f.path.name for f in stored} | {rope.path.name} | {ix.file.path.name for _, ix in indexes}
         for p in tensor_dir.iterdir():  # no manifest refers to these any more (or they are leftovers of a crash)
             if p.name not in keep:
                 p.unlink(missing_ok=True)
@@ -296,7 +349,7 @@ def load_memory(path: Path) -> Memory:
             layer_rope=layer_rope,
             kv_shapes=shapes,
         )
-        return Memory(
+        memory = Memory(
             ModelIdentity.from_dict(manifest["model"]),
             segments,
             rope,
@@ -305,6 +358,10 @@ def load_memory(path: Path) -> Memory:
             str(manifest["storage"]),
             path=path,
         )
+        for entry in manifest.get("indexes", []):
+            stored = _stored(path, entry, "a search index")
+            memory.indexes[str(entry["fingerprint"])] = SavedIndex(stored, int(entry["layers"]), int(entry["heads"]))
+        return memory
     except MemoryFileError:
         raise
     except (KeyError, TypeError, ValueError) as exc:

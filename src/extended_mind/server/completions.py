@@ -71,6 +71,7 @@ def add_completion_routes(
             "similarity_threshold",
             "position_policy",
             "ranking",
+            "search",
         ):
             value = getattr(req, name)
             if value is not None:

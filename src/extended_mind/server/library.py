@@ -119,6 +119,7 @@ class MemoryLibrary:
                 first = memories[0]
                 rope = longest_rope([m.rope for m in memories])
                 view = Memory(first.identity, segments, rope, first.stride, first.window, first.storage)
+                view.indexes = dict(first.indexes) if len(memories) == 1 else {}  # same keys: share saved indexes
                 view.mind = self.mind
                 self._views = {key: view}  # one view at a time: its prepared keys are as large as the memories
             return view

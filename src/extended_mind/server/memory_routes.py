@@ -213,6 +213,7 @@ def add_memory_routes(
                 raise APIError(409, f"a memory named {name!r} exists", "memory_exists", "name")
             check_memory_size(docs, 0)
             memory = mind.memorize(docs, storage=body.storage, progress=False, on_progress=progress)
+            mind.build_index(memory, only_above_threshold=True)  # saved with it: the first question does not wait
             library.put(name, memory)
             return memory_json(name, memory, documents=True)
 
@@ -262,6 +263,7 @@ def add_memory_routes(
             current = library.get(name)
             check_memory_size(docs, current.num_tokens)
             current.add(docs, mind=mind, on_progress=progress)
+            mind.build_index(current, only_above_threshold=True)
             library.saved(name)
             return memory_json(name, current, documents=True)
 

@@ -26,6 +26,9 @@ class MemoryOptions(BaseModel):
     similarity_threshold: float | None = Field(default=None, ge=-1, le=1)
     position_policy: Literal["zero", "stored"] | None = None
     ranking: Literal["logit", "cosine"] | None = None
+    search: Literal["auto", "exact", "approximate"] | None = Field(
+        default=None, description="top-k search: approximate (IVF index) from 32,768 memory tokens on when auto"
+    )
 
 
 class SamplingOptions(BaseModel):

@@ -1,0 +1,319 @@
+"""Speed of memory attention as ratios against the no-memory model measured in the same run (SmolLM2, fixed threads).
+
+    python benchmarks/speed.py --threads 1 --sizes 2048 16384 65536 262144 --real-tokens 65536 --out runs/speed
+
+Memories are made of real English text (Python's own documentation, `pydoc_data.topics`, shipped with CPython).
+`--real-tokens` of it are memorized; larger sizes repeat those documents (same keys, so the scan and the index do
+the same work as for new text; recall is measured on the real memory only). For every size:
+  - decode: median ms per generated token (after the prompt) without memory, with exact search, with approximate
+    search (faiss IVF + exact re-ranking; index build time reported), and for the reference approach, which copies
+    the whole memory for every attention call (`reference_copy`);
+  - prefill: ms for a 500-token prompt, exact and approximate;
+  - peak RSS of each measurement (the process peak, reset before it where Linux allows);
+  - recall@k of approximate against exact search, on the queries of real prompts over the real memory.
+Memorization throughput is measured once against one plain forward pass over the same tokens.
+Writes results.json, table.md and speed.png (ms/token against memory size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pydoc_data.topics
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from extended_mind import ExtendedMind, Memory
+from extended_mind import attention as attention_module
+from extended_mind.documents import Document
+
+PROMPTS = [
+    "Explain what the yield statement does in a function.",
+    "How do I format a floating point number with two decimals?",
+    "What happens when an exception is raised inside a with block?",
+    "Describe how class inheritance resolves method names.",
+]
+
+
+def reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def real_documents(tokenizer, tokens: int) -> list[str]:
+    docs, total = [], 0
+    for _, text in sorted(pydoc_data.topics.topics.items()):
+        if total >= tokens:
+            break
+        n = len(tokenizer(text)["input_ids"])
+        docs.append(text)
+        total += n
+    return docs
+
+
+def tiled(memory: Memory, size: int) -> Memory:
+    """`memory`'s documents repeated (renamed, tensors shared) until it holds about `size` tokens."""
+    segments, n, copy = [], 0, 0
+    while n < size:
+        for s in memory.segments:
+            if n >= size:
+                break
+            doc = Document(f"{s.document.id}#{copy}", s.document.text, s.document.name)
+            segments.append(dataclasses.replace(s, document=doc))
+            n += s.num_tokens
+        copy += 1
+    out = Memory(memory.identity, segments, memory.rope, memory.stride, memory.window, memory.storage)
+    out.mind = memory.mind
+    return out
+
+
+def decode_ms(mind: ExtendedMind, memory, tokens: int, repeats: int, **options) -> tuple[float, float]:
+    """(median ms per decoded token, median ms to the first token) over `repeats` runs of one prompt."""
+    steps, firsts = [], []
+    for r in range(repeats):
+        start = time.perf_counter()
+        last = None
+        stream = mind.stream(PROMPTS[r % len(PROMPTS)], memory=memory, max_new_tokens=tokens, **options)
+        for _ in stream:
+            now = time.perf_counter()
+            if last is None:
+                firsts.append(now - start)
+            else:
+                steps.append(now - last)
+            last = now
+    return 1000 * statistics.median(steps), 1000 * statistics.median(firsts)
+
+
+def prefill_ms(mind: ExtendedMind, memory, repeats: int, **options) -> float:
+    ids = mind.tokenizer(" ".join(pydoc_data.topics.topics["if"].split()) * 4)["input_ids"][:500]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in mind.stream(ids, memory=memory, max_new_tokens=1, **options):
+            pass
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+class ReferenceCopy:
+    """The reference implementation's per-call cost: the whole memory copied for every attention call."""
+
+    def __enter__(self):
+        self.real = attention_module._retrieve
+
+        def copying(q, mem, settings, scaling):
+            fresh = attention_module.LayerMemory(mem.keys.clone(), mem.values.clone(), mem.inv_norms.clone())
+            return self.real(q, fresh, settings, scaling)
+
+        attention_module._retrieve = copying
+        return self
+
+    def __exit__(self, *exc):
+        attention_module._retrieve = self.real
+
+
+class RecallProbe:
+    """Compares every approximate retrieval with exact search over the same keys (recall@k of the index)."""
+
+    def __enter__(self):
+        self.real = attention_module._retrieve
+        self.hits = self.total = 0
+
+        def probing(q, mem, settings, scaling):
+            logits, idx = self.real(q, mem, settings, scaling)
+            if mem.index is not None:
+                exact = dataclasses.replace(mem, index=None)
+                _, ref = self.real(q, exact, settings, scaling)
+                found = (idx.unsqueeze(-1) == ref.unsqueeze(-2)).any(-1)  # (B, H, R, k): exact key also found
+                self.hits += int(found.sum())
+                self.total += found.numel()
+            return logits, idx
+
+        attention_module._retrieve = probing
+        return self
+
+    def __exit__(self, *exc):
+        attention_module._retrieve = self.real
+
+    @property
+    def recall(self) -> float:
+        return self.hits / max(self.total, 1)
+
+
+def memorize_ratio(mind: ExtendedMind, docs: list[str], repeats: int) -> dict:
+    ids = torch.tensor([mind.tokenizer("\n\n".join(docs))["input_ids"][:8192]])
+    window = 2048
+    text = mind.tokenizer.decode(ids[0])
+
+    def plain():
+        with torch.inference_mode():
+            for s in range(0, ids.shape[1], window):
+                mind.model(input_ids=ids[:, s : s + window], use_cache=False)
+
+    def memorize():
+        mind.memorize(text, progress=False)
+
+    times = {}
+    for name, fn in (("forward", plain), ("memorize", memorize)):
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            runs.append(time.perf_counter() - start)
+        times[name] = statistics.median(runs)
+    n = ids.shape[1]
+    return {"tokens": n, "forward_tok_s": n / times["forward"], "memorize_tok_s": n / times["memorize"],
+            "ratio": times["forward"] / times["memorize"]}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 16384, 65536, 262144])
+    ap.add_argument("--real-tokens", type=int, default=65536)
+    ap.add_argument("--tokens", type=int, default=12, help="decoded tokens per run")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--topk", type=int, default=10)
+    ap.add_argument("--storage", default="bfloat16", help="precision of the stored memory")
+    ap.add_argument("--skip-reference-above", type=int, default=65536, help="the copying reference is slow")
+    ap.add_argument("--skip-memorize", action="store_true", help="skip the memorization throughput measurement")
+    ap.add_argument("--out", type=Path, default=Path("runs/speed"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    mind = ExtendedMind.from_pretrained()
+    docs = real_documents(mind.tokenizer, args.real_tokens)
+    results: dict = {"threads": args.threads, "topk": args.topk, "storage": args.storage, "rows": []}
+    if not args.skip_memorize:
+        print("memorization throughput ...", flush=True)
+        results["memorize"] = memorize_ratio(mind, docs, args.repeats)
+        print(results["memorize"], flush=True)
+
+    start = time.perf_counter()
+    real = mind.memorize(docs, storage=args.storage, progress=True)
+    results["real_memory"] = {"tokens": real.num_tokens, "documents": len(docs), "seconds": time.perf_counter() - start}
+    opts = {"topk": args.topk}
+    base_ms, base_first = decode_ms(mind, None, args.tokens, args.repeats, **opts)
+    base_prefill = prefill_ms(mind, None, args.repeats, **opts)
+    results["no_memory"] = {"decode_ms": base_ms, "first_token_ms": base_first, "prefill_500_ms": base_prefill}
+    print("no memory", results["no_memory"], flush=True)
+
+    for size in args.sizes:
+        if size > real.num_tokens:
+            memory = tiled(real, size)
+        else:
+            memory = _prefix(real, size)
+        row: dict = {"size": memory.num_tokens}
+        reset_peak_rss()
+        row["exact_ms"], _ = decode_ms(mind, memory, args.tokens, args.repeats, search="exact", **opts)
+        row["exact_prefill_500_ms"] = prefill_ms(mind, memory, args.repeats, search="exact", **opts)
+        row["exact_peak_rss_mb"] = peak_rss_mb()
+        start = time.perf_counter()
+        mind.generate("x", memory=memory, max_new_tokens=1, search="approximate", **opts)  # builds the index
+        row["index_build_s"] = time.perf_counter() - start
+        reset_peak_rss()
+        row["approx_ms"], _ = decode_ms(mind, memory, args.tokens, args.repeats, search="approximate", **opts)
+        row["approx_prefill_500_ms"] = prefill_ms(mind, memory, args.repeats, search="approximate", **opts)
+        row["approx_peak_rss_mb"] = peak_rss_mb()
+        if memory.num_tokens <= real.num_tokens:
+            with RecallProbe() as probe:
+                for p in PROMPTS:
+                    mind.generate(p, memory=memory, max_new_tokens=4, search="approximate", **opts)
+            row["recall_at_k"] = probe.recall
+        if memory.num_tokens <= args.skip_reference_above:
+            with ReferenceCopy():
+                row["reference_copy_ms"], _ = decode_ms(mind, memory, args.tokens, 1, search="exact", **opts)
+        for key in ("exact_ms", "approx_ms", "reference_copy_ms"):
+            if key in row:
+                row[key.replace("_ms", "_ratio")] = row[key] / base_ms
+        for key in ("exact_prefill_500_ms", "approx_prefill_500_ms"):
+            row[key.replace("_ms", "_ratio")] = row[key] / base_prefill
+        results["rows"].append(row)
+        print(row, flush=True)
+        memory._prepared.clear()
+        memory.indexes.clear()
+        (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    write_table(results, args.out)
+    plot(results, args.out)
+
+
+def _prefix(memory: Memory, size: int) -> Memory:
+    segments, n = [], 0
+    for s in memory.segments:
+        if n >= size:
+            break
+        segments.append(s)
+        n += s.num_tokens
+    out = Memory(memory.identity, segments, memory.rope, memory.stride, memory.window, memory.storage)
+    out.mind = memory.mind
+    return out
+
+
+def write_table(results: dict, out: Path) -> None:
+    nm = results["no_memory"]
+    lines = [
+        f"No memory: {nm['decode_ms']:.1f} ms/token, 500-token prefill {nm['prefill_500_ms']:.0f} ms "
+        f"({results['threads']} thread(s), top-k {results['topk']}, {results['storage']} memory).",
+        "",
+        "| memory tokens | exact ms/token (x) | approx ms/token (x) | reference copy (x) | recall@k | "
+        "prefill 500 exact / approx (x) | index build s | peak RSS exact / approx MB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results["rows"]:
+        ref = f"{r['reference_copy_ms']:.0f} ({r['reference_copy_ratio']:.2f})" if "reference_copy_ms" in r else "-"
+        rec = f"{r['recall_at_k']:.3f}" if "recall_at_k" in r else "-"
+        lines.append(
+            f"| {r['size']:,} | {r['exact_ms']:.0f} ({r['exact_ratio']:.2f}) | {r['approx_ms']:.0f} "
+            f"({r['approx_ratio']:.2f}) | {ref} | {rec} | {r['exact_prefill_500_ratio']:.2f} / "
+            f"{r['approx_prefill_500_ratio']:.2f} | {r['index_build_s']:.1f} | {r['exact_peak_rss_mb']:.0f} / "
+            f"{r['approx_peak_rss_mb']:.0f} |"
+        )
+    m = results.get("memorize")
+    if m is not None:
+        lines += ["", f"Memorization: {m['memorize_tok_s']:.0f} tok/s against {m['forward_tok_s']:.0f} tok/s for "
+                  f"one plain forward pass over the same {m['tokens']} tokens ({m['ratio']:.2f}x)."]  # fmt: skip
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def plot(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    sizes = [r["size"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.axhline(results["no_memory"]["decode_ms"], color="gray", ls="--", label="no memory")
+    ax.plot(sizes, [r["exact_ms"] for r in rows], "o-", label="exact search")
+    ax.plot(sizes, [r["approx_ms"] for r in rows], "s-", label="approximate (IVF + re-rank)")
+    ref = [(r["size"], r["reference_copy_ms"]) for r in rows if "reference_copy_ms" in r]
+    if ref:
+        ax.plot(*zip(*ref), "x:", label="reference (memory copied per call)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("memory tokens")
+    ax.set_ylabel("ms per generated token")
+    ax.set_title(f"SmolLM2-135M decode latency, {results['threads']} thread(s), top-k {results['topk']}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "speed.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()

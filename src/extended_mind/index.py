@@ -1,0 +1,123 @@
+"""Approximate top-k for large memories: one faiss IVF index (inner product) per layer and KV head, whose
+candidates are re-ranked by their exact logits.
+
+Attention keys defeat graph indexes (HNSW recall 0.05-0.79 in ../shared/DESIGN.md) but cluster well enough for
+IVF: a query probes the `nprobe` nearest of `nlist` k-means cells and scans only their keys. The index returns
+`candidates` x k keys per query; those are scored exactly (q . k, in the model's dtype) and the best k kept, so
+approximation can only miss a key, never misorder or misscore the ones it returns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import ExtendedMindError
+
+try:
+    import faiss
+except ImportError:  # pragma: no cover - faiss-cpu is a dependency; this names the problem if it is missing
+    faiss = None
+
+DEFAULT_APPROX_THRESHOLD = 32_768  # memory tokens from which search is approximate, unless the caller says otherwise
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """How approximate search is built and queried."""
+
+    nlist: int | None = None  # k-means cells per (layer, KV head); None: about 4 sqrt(N), within [16, 4096]
+    nprobe: int = 16  # cells scanned per query
+    candidates: int = 4  # keys taken from the index per retrieved key, then re-ranked exactly
+    train_points_per_cell: int = 48  # k-means training sample size per cell (faiss needs >= 39)
+    seed: int = 0
+
+    def cells(self, n: int) -> int:
+        nlist = self.nlist if self.nlist is not None else int(4 * math.sqrt(n))
+        return max(1, min(nlist, 4096, n // 39))  # every cell needs enough training points
+
+    def key(self, n: int) -> str:
+        return f"ivf{self.cells(n)}-seed{self.seed}"
+
+
+def require_faiss() -> None:
+    if faiss is None:
+        raise ExtendedMindError("approximate search needs the faiss-cpu package: pip install faiss-cpu")
+
+
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+
+
+class LayerIndex:
+    """IVF indexes of one layer's rotated memory keys, one per KV head."""
+
+    def __init__(self, heads: list):
+        self.heads = heads
+
+    @classmethod
+    def build(cls, keys: torch.Tensor, settings: IndexSettings) -> LayerIndex:
+        """keys (H, N, D): the layer's memory keys as attention sees them (rotated for the position policy)."""
+        require_faiss()
+        _, n, d = keys.shape
+        nlist = settings.cells(n)
+        rng = np.random.default_rng(settings.seed)
+        heads = []
+        for x in keys:
+            data = _numpy(x)
+            quantizer = faiss.IndexFlatIP(d)
+            index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+            sample = min(n, nlist * settings.train_points_per_cell)
+            train = data[rng.choice(n, sample, replace=False)] if sample < n else data
+            index.cp.seed = settings.seed
+            index.cp.niter = 10
+            index.train(train)
+            index.add(data)
+            heads.append(index)
+        return cls(heads)
+
+    def search(self, queries: torch.Tensor, count: int, nprobe: int) -> torch.Tensor:
+        """queries (H, R, D) -> candidate indices (H, R, count), -1 where a probe found fewer keys."""
+        out = []
+        for index, q in zip(self.heads, queries):
+            index.nprobe = min(nprobe, index.nlist)
+            _, idx = index.search(_numpy(q), count)
+            out.append(torch.from_numpy(idx))
+        return torch.stack(out).to(queries.device)
+
+    def to_bytes(self) -> list[np.ndarray]:
+        return [faiss.serialize_index(h) for h in self.heads]
+
+    @classmethod
+    def from_bytes(cls, blobs: list[np.ndarray]) -> LayerIndex:
+        require_faiss()
+        return cls([faiss.deserialize_index(np.asarray(b, dtype=np.uint8)) for b in blobs])
+
+
+def approximate_candidates(
+    q: torch.Tensor, keys: torch.Tensor, index: LayerIndex, k: int, settings: IndexSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The index's candidates for q (B, H, R, D) with their exact scores q . key: both (B, H, R, C), C = candidates
+    x k. Slots a probe could not fill hold index 0 with score -inf, so they are never selected over real keys."""
+    b, h, rows, d = q.shape
+    flat = q.transpose(0, 1).reshape(h, b * rows, d)
+    count = max(k * settings.candidates, k)
+    cand = index.search(flat, count, settings.nprobe)  # (H, B*R, C)
+    valid = cand >= 0
+    cand = cand.clamp_min(0)
+    heads = torch.arange(h, device=cand.device)[:, None, None]
+    scores = torch.matmul(keys[heads, cand], flat.to(keys.dtype).unsqueeze(-1)).squeeze(-1)  # (H, B*R, C)
+    scores = scores.masked_fill(~valid, float("-inf"))
+    return scores.view(h, b, rows, -1).transpose(0, 1), cand.view(h, b, rows, -1).transpose(0, 1)
+
+
+def memory_fingerprint(segments_key: list[tuple], policy: str, settings_key: str) -> str:
+    """Identifies the keys an index was built over: documents (text checksum, tokens, storage, stride, window) in
+    order, the position policy, and the index settings. Memorizing is deterministic, so equal fingerprints mean
+    equal keys (up to float rounding, which re-ranking makes harmless)."""
+    h = hashlib.sha256(repr((segments_key, policy, settings_key)).encode())
+    return h.hexdigest()

@@ -1,0 +1,110 @@
+"""Approximate search (faiss IVF + exact re-ranking) against exact search: planted neighbours are found, probing
+every cell reproduces exact search, generation through an index equals exact generation when the index is
+exhaustive, and indexes are saved with the memory, reused after loading and rebuilt after edits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from extended_mind import ExtendedMind, ExtendedMindError
+from extended_mind.index import IndexSettings, LayerIndex, approximate_candidates
+
+# no repeated sentences: repeated text gives near-equal keys, whose order in a top-k is a tie-break
+TEXT = " ".join(f"Line {i}: the {w} of {c} weighs {i * 37 % 101} grams." for i, (w, c) in enumerate(
+    [(w, c) for w in ("stone", "apple", "lamp", "boot", "drum") for c in ("Oslo", "Lyon", "Cork", "Graz")]
+)) + " The secret number is 4417."  # fmt: skip
+
+
+def test_planted_neighbours_are_found():
+    torch.manual_seed(0)
+    h, n, d = 2, 6000, 32
+    keys = torch.randn(h, n, d)
+    queries = torch.randn(1, h, 40, d)
+    planted = torch.randint(0, n, (h, 40))
+    for head in range(h):
+        keys[head, planted[head]] = 4 * queries[0, head]  # each query's best key by far
+    settings = IndexSettings(nprobe=8)
+    index = LayerIndex.build(keys, settings)
+    scores, cand = approximate_candidates(queries, keys, index, 5, settings)
+    best = cand.gather(-1, scores.argmax(-1, keepdim=True))[..., 0]
+    assert torch.equal(best[0], planted)
+
+
+def test_probing_every_cell_equals_exact_search():
+    torch.manual_seed(1)
+    keys, queries = torch.randn(3, 4000, 16), torch.randn(2, 3, 7, 16)
+    settings = IndexSettings(nlist=32, nprobe=32, candidates=1)
+    scores, cand = approximate_candidates(queries, keys, LayerIndex.build(keys, settings), 10, settings)
+    exact = torch.matmul(queries, keys.transpose(1, 2)).topk(10, dim=-1)
+    assert torch.equal(cand, exact.indices)
+    torch.testing.assert_close(scores, exact.values)
+
+
+def test_recall_of_the_default_settings_on_clustered_keys():
+    torch.manual_seed(2)
+    centers = torch.randn(64, 32) * 3
+    keys = (centers[torch.randint(0, 64, (20000,))] + torch.randn(20000, 32))[None]
+    queries = (centers[torch.randint(0, 64, (200,))] + torch.randn(200, 32))[None, None]
+    settings = IndexSettings()
+    scores, cand = approximate_candidates(queries, keys, LayerIndex.build(keys, settings), 10, settings)
+    top = cand.gather(-1, scores.topk(10, dim=-1).indices)
+    exact = torch.matmul(queries, keys.transpose(1, 2)).topk(10, dim=-1).indices
+    recall = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(top[0, 0], exact[0, 0])) / exact.numel()
+    assert recall >= 0.95, recall
+
+
+@pytest.mark.parametrize("ranking", ["logit", "cosine"])
+def test_exhaustive_index_generates_exactly_like_exact_search(tiny_mind: ExtendedMind, ranking):
+    memory = tiny_mind.memorize(TEXT)
+    # every cell probed and every key a candidate (4 x 200 > the memory's tokens): nothing is left to approximate
+    exhaustive = IndexSettings(nlist=4, nprobe=4, candidates=200)
+    options = dict(topk=4, max_new_tokens=8, chat=False, ranking=ranking)
+    exact = tiny_mind.generate("The secret", memory=memory, search="exact", **options)
+    approx = tiny_mind.generate("The secret", memory=memory, search="approximate", index=exhaustive, **options)
+    assert [t.id for t in approx.tokens] == [t.id for t in exact.tokens]
+    # near-tied keys may swap places (the candidates' scores are summed in another order), so citations are
+    # compared by their spans and the logits within float tolerance
+    assert [(c.doc, c.start) for c in approx.citations[:3]] == [(c.doc, c.start) for c in exact.citations[:3]]
+    ids = torch.tensor([tiny_mind.encode_prompt("The secret", chat=False)])
+    torch.testing.assert_close(
+        tiny_mind.logits(ids, memory=memory, search="approximate", index=exhaustive, topk=4, ranking=ranking),
+        tiny_mind.logits(ids, memory=memory, search="exact", topk=4, ranking=ranking),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+
+
+def test_auto_search_switches_at_the_threshold(tiny_mind: ExtendedMind, monkeypatch):
+    memory = tiny_mind.memorize(TEXT)
+    built = []
+    real_build = LayerIndex.build
+    monkeypatch.setattr(LayerIndex, "build", classmethod(lambda cls, *a: built.append(1) or real_build(*a)))
+    tiny_mind.generate("x", memory=memory, max_new_tokens=2, approx_threshold=memory.num_tokens + 1)
+    assert built == []
+    tiny_mind.generate("x", memory=memory, max_new_tokens=2, approx_threshold=memory.num_tokens)
+    assert len(built) == memory.num_layers
+    with pytest.raises(ExtendedMindError, match="unknown search"):
+        tiny_mind.generate("x", memory=memory, search="fast")
+
+
+def test_indexes_are_saved_reused_and_rebuilt_after_edits(tiny_mind: ExtendedMind, tmp_path, monkeypatch):
+    memory = tiny_mind.memorize(TEXT)
+    settings = IndexSettings(nlist=4, nprobe=2)
+    first = tiny_mind.generate("The secret", memory=memory, search="approximate", index=settings, max_new_tokens=6)
+    memory.save(tmp_path / "m")
+    loaded = tiny_mind.load_memory(tmp_path / "m")
+
+    def no_build(*args):
+        raise AssertionError("the saved index should have been used")
+
+    monkeypatch.setattr(LayerIndex, "build", no_build)
+    again = tiny_mind.generate("The secret", memory=loaded, search="approximate", index=settings, max_new_tokens=6)
+    assert [t.id for t in again.tokens] == [t.id for t in first.tokens]
+
+    monkeypatch.undo()
+    loaded.add("Another document about owls.")  # the keys changed: the old index no longer applies
+    tiny_mind.generate("The secret", memory=loaded, search="approximate", index=settings, max_new_tokens=2)
+    loaded.save()
+    files = list((tmp_path / "m" / "tensors").iterdir())
+    assert len(files) == 2 + 1 + 1  # two documents, rotary tables, one index (the stale one was deleted)
