@@ -89,3 +89,9 @@ def test_attention_weighting_gives_memory_mass_per_token(tiny_mind):
         mass = float(token.memory_weights.sum())  # mean over layers and heads of the probability on memory
         assert 0 < mass <= 1 + 1e-5
     assert result.citations
+
+
+def test_a_tiny_temperature_samples_the_greedy_token(tiny_mind):
+    greedy = tiny_mind.generate("abc", max_new_tokens=5, chat=False)
+    tiny = tiny_mind.generate("abc", max_new_tokens=5, chat=False, temperature=5e-324, seed=1)  # found by fuzzing
+    assert [t.id for t in tiny.tokens] == [t.id for t in greedy.tokens]

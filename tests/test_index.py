@@ -108,3 +108,23 @@ def test_indexes_are_saved_reused_and_rebuilt_after_edits(tiny_mind: ExtendedMin
     loaded.save()
     files = list((tmp_path / "m" / "tensors").iterdir())
     assert len(files) == 2 + 1 + 1  # two documents, rotary tables, one index (the stale one was deleted)
+
+
+def test_bfloat16_scan_with_exact_rescoring_equals_the_float32_scan(tiny_mind: ExtendedMind, monkeypatch):
+    from extended_mind import positions
+
+    memory = tiny_mind.memorize(TEXT)
+    ids = torch.tensor([tiny_mind.encode_prompt("The secret", chat=False)])
+    for ranking in ("logit", "cosine"):
+        options = dict(topk=4, ranking=ranking, search="exact")
+        monkeypatch.setattr(positions, "LOW_PRECISION_SCAN_MIN", 10**9)
+        plain = tiny_mind.generate("The secret", memory=memory, max_new_tokens=8, chat=False, **options)
+        plain_logits = tiny_mind.logits(ids, memory=memory, **options)
+        monkeypatch.setattr(positions, "LOW_PRECISION_SCAN_MIN", 0)
+        monkeypatch.setattr(positions, "fast_bfloat16", lambda device: True)
+        memory._prepared.clear()
+        scanned = tiny_mind.generate("The secret", memory=memory, max_new_tokens=8, chat=False, **options)
+        assert next(iter(memory._prepared.values()))[0].scan_keys.dtype == torch.bfloat16
+        assert [t.id for t in scanned.tokens] == [t.id for t in plain.tokens]
+        torch.testing.assert_close(tiny_mind.logits(ids, memory=memory, **options), plain_logits)
+        memory._prepared.clear()

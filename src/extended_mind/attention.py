@@ -32,6 +32,10 @@ ATTENTION_NAME = "extended_mind"
 _BASE_ATTR = "_extended_mind_base_attention"
 # Bound on the (query rows x memory tokens) score block computed at once per KV head, to cap temporary memory.
 _SCORE_BLOCK = 1 << 24
+# Exact search with a bfloat16 scan: the scan shortlists this many keys per retrieved key (plus a few), which are
+# then scored in full precision. bfloat16 scores are off by ~0.4%, so the true top-k is far inside the shortlist.
+SHORTLIST_FACTOR = 4
+SHORTLIST_EXTRA = 16
 
 _active: ContextVar[Session | None] = ContextVar("extended_mind_session", default=None)
 
@@ -44,6 +48,7 @@ class LayerMemory:
     values: torch.Tensor  # (H, N, D)
     inv_norms: torch.Tensor  # (H, N) 1/|key|, for cosine ranking
     index: LayerIndex | None = None  # approximate search (index.py); None: exact
+    scan_keys: torch.Tensor | None = None  # (H, N, D) bfloat16 copy of `keys` for a faster exact scan
     index_settings: IndexSettings | None = None
 
 
@@ -103,8 +108,11 @@ def _call_base(module, query, key, value, attention_mask, **kwargs):
 def _retrieve(
     q: torch.Tensor, mem: LayerMemory, settings: RetrievalSettings, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k memory logits and indices for grouped queries q (B, H, R, D): both (B, H, R, k). Exact search scans
-    every key in blocks; with an index, only its candidates are scored (exactly) and ranked."""
+    """Top-k memory logits and indices for grouped queries q (B, H, R, D): both (B, H, R, k).
+
+    Exact search scans every key in blocks. With `scan_keys` (a bfloat16 copy, half the bytes to read) the scan
+    only shortlists candidates, which are then scored exactly with the full-precision keys; with an index, only
+    the index's candidates are scored. Either way the returned logits are exact."""
     k = min(settings.topk, mem.keys.shape[1])
     b, h, rows, _ = q.shape
     if mem.index is not None:
@@ -112,15 +120,30 @@ def _retrieve(
 
         scores, cand = approximate_candidates(q, mem.keys, mem.index, k, mem.index_settings)
         return _select(q, scores, cand, mem, settings, scaling, k)
-    keys_t = mem.keys.transpose(1, 2)  # (H, D, N)
-    step = max(1, _SCORE_BLOCK // max(1, mem.keys.shape[1] * h))
+    n = mem.keys.shape[1]
+    scan = mem.scan_keys if mem.scan_keys is not None else mem.keys
+    shortlist = min(n, SHORTLIST_FACTOR * k + SHORTLIST_EXTRA) if mem.scan_keys is not None else None
+    keys_t = scan.transpose(1, 2)  # (H, D, N)
+    step = max(1, _SCORE_BLOCK // max(1, n * h))
     logits, indices = [], []
     for r0 in range(0, rows, step):
         qc = q[:, :, r0 : r0 + step]
-        raw, idx = _select(qc, torch.matmul(qc, keys_t), None, mem, settings, scaling, k)  # scores: q.k, all keys
+        scores = torch.matmul(qc.to(scan.dtype), keys_t)  # (B, H, r, N) = q.k, all keys
+        if shortlist is None:
+            raw, idx = _select(qc, scores, None, mem, settings, scaling, k)
+        else:
+            rank = scores.float() * mem.inv_norms[None, :, None, :] if settings.ranking == "cosine" else scores
+            cand = rank.topk(shortlist, dim=-1).indices
+            raw, idx = _select(qc, exact_scores(qc, mem.keys, cand), cand, mem, settings, scaling, k)
         logits.append(raw)
         indices.append(idx)
     return torch.cat(logits, dim=2), torch.cat(indices, dim=2)
+
+
+def exact_scores(q: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """q . key for candidate keys: q (B, H, R, D), keys (H, N, D), cand (B, H, R, C) -> (B, H, R, C)."""
+    heads = torch.arange(keys.shape[0], device=cand.device)[None, :, None, None]
+    return torch.matmul(keys[heads, cand], q.to(keys.dtype).unsqueeze(-1)).squeeze(-1)
 
 
 def _select(

@@ -162,7 +162,8 @@ class TokenStream:
                 retrievals.append(Retrieval(step=step, entropy=h, topk=s.topk, new_topk=k, new_entropy=h2))
                 h = h2
             if s.temperature > 0:
-                probs = torch.softmax(logits / s.temperature, dim=-1).cpu()
+                # shifted by the max, in float64: a tiny temperature then gives a one-hot, not nan
+                probs = torch.softmax((logits.double() - logits.max()) / s.temperature, dim=-1).cpu()
                 token = int(torch.multinomial(probs, 1, generator=generator))
             else:
                 token = int(logits.argmax())

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .attention import exact_scores
 from .errors import ExtendedMindError
 
 try:
@@ -77,7 +78,7 @@ class LayerIndex:
             index.cp.niter = 10
             index.train(train)
             index.add(data)
-            heads.append(index)
+            heads.append(_to_gpu(index, keys.device))
         return cls(heads)
 
     def search(self, queries: torch.Tensor, count: int, nprobe: int) -> torch.Tensor:
@@ -90,12 +91,33 @@ class LayerIndex:
         return torch.stack(out).to(queries.device)
 
     def to_bytes(self) -> list[np.ndarray]:
-        return [faiss.serialize_index(h) for h in self.heads]
+        return [faiss.serialize_index(_to_cpu(h)) for h in self.heads]
 
     @classmethod
     def from_bytes(cls, blobs: list[np.ndarray]) -> LayerIndex:
         require_faiss()
         return cls([faiss.deserialize_index(np.asarray(b, dtype=np.uint8)) for b in blobs])
+
+
+def _gpu_available(device: torch.device) -> bool:
+    return device.type == "cuda" and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+_GPU_RESOURCES: dict[int, object] = {}
+
+
+def _to_gpu(index, device: torch.device):
+    """Search on the GPU when the model is there and faiss was built with GPU support (faiss-gpu); else CPU."""
+    if not _gpu_available(device):
+        return index
+    gpu = device.index or 0
+    resources = _GPU_RESOURCES.setdefault(gpu, faiss.StandardGpuResources())
+    return faiss.index_cpu_to_gpu(resources, gpu, index)
+
+
+def _to_cpu(index):
+    on_gpu = hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__
+    return faiss.index_gpu_to_cpu(index) if on_gpu else index
 
 
 def approximate_candidates(
@@ -107,12 +129,11 @@ def approximate_candidates(
     flat = q.transpose(0, 1).reshape(h, b * rows, d)
     count = max(k * settings.candidates, k)
     cand = index.search(flat, count, settings.nprobe)  # (H, B*R, C)
+    cand = cand.view(h, b, rows, -1).transpose(0, 1)
     valid = cand >= 0
     cand = cand.clamp_min(0)
-    heads = torch.arange(h, device=cand.device)[:, None, None]
-    scores = torch.matmul(keys[heads, cand], flat.to(keys.dtype).unsqueeze(-1)).squeeze(-1)  # (H, B*R, C)
-    scores = scores.masked_fill(~valid, float("-inf"))
-    return scores.view(h, b, rows, -1).transpose(0, 1), cand.view(h, b, rows, -1).transpose(0, 1)
+    scores = exact_scores(q, keys, cand).masked_fill(~valid, float("-inf"))
+    return scores, cand
 
 
 def memory_fingerprint(segments_key: list[tuple], policy: str, settings_key: str) -> str:
