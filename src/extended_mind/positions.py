@@ -53,6 +53,7 @@ def prepare_layers(
     cache_key = (policy, str(device), dtype, index)
     prepared = memory._prepared.get(cache_key)
     if prepared is None:
+        memory._prepared.clear()  # one prepared copy at a time: memory use stays at most about twice the memory
         prepared = {}
         scan_in_bfloat16 = (
             index is None and memory.num_tokens >= LOW_PRECISION_SCAN_MIN and dtype == torch.float32
@@ -74,7 +75,6 @@ def prepare_layers(
         if index is not None:
             for layer, layer_index in enumerate(memory_indexes(memory, policy, index, prepared)):
                 prepared[layer].index, prepared[layer].index_settings = layer_index, index
-        memory._prepared.clear()  # keep one prepared copy: memory use stays at most twice the raw memory
         memory._prepared[cache_key] = prepared
     if layers is None:
         return dict(prepared)
