@@ -69,6 +69,9 @@ class Session:
     citation_weighting: str = "attention_value"  # or "attention": the probability alone
     # Filled during a forward pass: per memory layer, (indices, weights) of the last query position, (Hq, k).
     citation_records: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # Batches with a memory per prompt: per row, its layers (empty: no memory) and its citation records.
+    rows: list[dict[int, LayerMemory]] | None = None
+    row_citations: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
     capture: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
     position_embeddings: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
@@ -196,7 +199,34 @@ def memory_attention(
             )
         s_new = query.shape[2]
         session.capture(layer, key[:, :, -s_new:], value[:, :, -s_new:], pe[0], pe[1])
+    if session is not None and session.rows is not None:  # a batch whose prompts each have their own memory
+        outs = []
+        for r, row_layers in enumerate(session.rows):
+            mask = attention_mask[r : r + 1] if attention_mask is not None else None
+            out, _ = _attend(module, query[r : r + 1], key[r : r + 1], value[r : r + 1], mask, row_layers.get(layer),
+                             session, session.row_citations[r], scaling, dropout, **kwargs)  # fmt: skip
+            outs.append(out)
+        return torch.cat(outs, dim=0), None
     mem = session.layers.get(layer) if session is not None else None
+    records = session.citation_records if session is not None else None
+    return _attend(module, query, key, value, attention_mask, mem, session, records, scaling, dropout, **kwargs)
+
+
+def _attend(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    mem: LayerMemory | None,
+    session: Session | None,
+    records: list | None,
+    scaling: float | None,
+    dropout: float,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention over the local context and, when `mem` is given, its top-k memories; citation records of the
+    last query position go to `records`."""
     if mem is None or session.settings is None or session.settings.topk <= 0 or mem.keys.shape[1] == 0:
         return _call_base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
@@ -239,7 +269,7 @@ def memory_attention(
         last_p = p_mem[0, :, :, -1].reshape(hq, k)
         if session.citation_weighting == "attention_value":
             last_p = last_p * mem_values[0].view(h, g, sq, k, -1)[:, :, -1].reshape(hq, k, -1).float().norm(dim=-1)
-        session.citation_records.append((last_idx.detach(), last_p.detach()))
+        records.append((last_idx.detach(), last_p.detach()))
 
     out = out.view(b, h, g, sq, d).reshape(b, hq, sq, d).transpose(1, 2).contiguous()
     return out, None

@@ -75,6 +75,38 @@ def entropy(logits: torch.Tensor) -> float:
     return float(-(logp.exp() * logp).sum())
 
 
+def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos])
+    return {i for i in ids if i is not None}
+
+
+def next_token(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
+    """Greedy at temperature 0, else sampled from softmax(logits / temperature)."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    # shifted by the max, in float64: a tiny temperature then gives a one-hot, not nan
+    probs = torch.softmax((logits.double() - logits.max()) / temperature, dim=-1).cpu()
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def next_piece(
+    tokenizer: PreTrainedTokenizerBase, generated: list[int], text: str, stop: tuple[str, ...], last: bool
+) -> tuple[str, str, int]:
+    """The text a new token adds: (piece, full text so far, index of a stop string in it or -1). The text is cut
+    at a stop string; an incomplete UTF-8 character is held back until its next bytes arrive (unless `last`)."""
+    new_text = tokenizer.decode(generated, skip_special_tokens=True)
+    # a stop string can only end in the new piece: search from just before it
+    found = [i for x in stop if (i := new_text.find(x, max(0, len(text) - len(x) + 1))) >= 0]
+    hit = min(found, default=-1)
+    if hit >= 0:
+        new_text = new_text[:hit]
+    if hit < 0 and new_text.endswith("\ufffd") and not last:
+        return "", text, hit
+    return new_text[len(text) :], new_text, hit
+
+
 class TokenStream:
     """Iterate for `GeneratedToken`s as they are produced; `.result` holds the full result once exhausted."""
 
@@ -98,12 +130,6 @@ class TokenStream:
 
     def __next__(self) -> GeneratedToken:
         return next(self._iter)
-
-    def _stop_ids(self) -> set[int]:
-        ids = {self.tokenizer.eos_token_id}
-        eos = getattr(self.model.generation_config, "eos_token_id", None)
-        ids.update(eos if isinstance(eos, list) else [eos])
-        return {i for i in ids if i is not None}
 
     def _run(self) -> Iterator[GeneratedToken]:
         s = self.settings
@@ -138,7 +164,7 @@ class TokenStream:
                 w = w / (len(session.citation_records) * n_heads)
             return out.logits[0, -1].float(), idx.cpu(), w.cpu()
 
-        stop_ids = self._stop_ids()
+        stop_ids = stop_token_ids(self.model, self.tokenizer)
         cache = new_cache()
         logits, idx, w = forward(self.prompt_ids, self.offset, s.topk, cache)
         position = self.offset + len(self.prompt_ids)
@@ -161,26 +187,12 @@ class TokenStream:
                 h2 = entropy(logits)
                 retrievals.append(Retrieval(step=step, entropy=h, topk=s.topk, new_topk=k, new_entropy=h2))
                 h = h2
-            if s.temperature > 0:
-                # shifted by the max, in float64: a tiny temperature then gives a one-hot, not nan
-                probs = torch.softmax((logits.double() - logits.max()) / s.temperature, dim=-1).cpu()
-                token = int(torch.multinomial(probs, 1, generator=generator))
-            else:
-                token = int(logits.argmax())
+            token = next_token(logits, s.temperature, generator)
             if token in stop_ids:
                 finish_reason = "stop"
                 break
             generated.append(token)
-            new_text = self.tokenizer.decode(generated, skip_special_tokens=True)
-            # a stop string can only end in the new piece: search from just before it
-            found = [i for x in s.stop if (i := new_text.find(x, max(0, len(text) - len(x) + 1))) >= 0]
-            hit = min(found, default=-1)
-            if hit >= 0:
-                new_text = new_text[:hit]
-            if hit < 0 and new_text.endswith("\ufffd") and step + 1 < s.max_new_tokens:
-                piece = ""  # an incomplete UTF-8 character: its bytes come with the next token's piece
-            else:
-                piece, text = new_text[len(text) :], new_text
+            piece, text, hit = next_piece(self.tokenizer, generated, text, s.stop, step + 1 == s.max_new_tokens)
             citations = cite(self.memory, idx, w, max_spans=3) if self.memory is not None and len(idx) else []
             tok = GeneratedToken(
                 id=token, text=piece, entropy=h, topk=k, citations=citations, memory_indices=idx, memory_weights=w

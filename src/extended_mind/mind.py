@@ -9,6 +9,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .attention import LayerMemory, RetrievalSettings, Session, patch_model
+from .batching import BatchRow, generate_batch
 from .documents import Document, load_documents
 from .errors import ExtendedMindError, PromptTooLongError
 from .generation import DecodeSettings, GenerationResult, TokenStream
@@ -290,6 +291,26 @@ class ExtendedMind:
         for _ in stream:
             pass
         return stream.result
+
+    def generate_batch(
+        self,
+        prompts: list[str | list[int]],
+        memories: list[MemoryLike | list[MemoryLike] | None] | None = None,
+        **options,
+    ) -> list[GenerationResult]:
+        """Answer several prompts in one batch, prompt i reading memories[i] (None: no memory; default: none for
+        all). The dense layers run batched; retrieval runs per prompt. Options as in `generate`, the same for
+        every prompt, except uncertainty-triggered retrieval, which is not batched."""
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ExtendedMindError("prompts must be a non-empty list")
+        memories = list(memories) if memories is not None else [None] * len(prompts)
+        if len(memories) != len(prompts):
+            raise ExtendedMindError(f"got {len(memories)} memories for {len(prompts)} prompts")
+        if options.get("uncertainty_threshold") is not None:
+            raise ExtendedMindError("uncertainty-triggered retrieval is not batched: call generate per prompt")
+        streams = [self.stream(p, memory=m, **options) for p, m in zip(prompts, memories)]  # validates, prepares
+        rows = [BatchRow(t.prompt_ids, t.memory, t.layers, t.offset) for t in streams]
+        return generate_batch(self.model, self.tokenizer, rows, streams[0].settings)
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:

@@ -1,0 +1,87 @@
+"""Batched generation with a memory per prompt equals generating the prompts one by one; a decode step's memory
+use does not grow with the prompt beyond the local cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from extended_mind import ExtendedMind, ExtendedMindError
+from extended_mind import attention as attention_module
+
+CATS = "The cat sat on the mat. It was a red mat with green stripes. The cat was called Orlo."
+SHIPS = "Ships sail at dawn. The captain of the Meridian is Ada Vance. She has sailed for thirty years."
+PROMPTS = ["Where did the cat sit?", "Who is the captain?", "Hello", "A much longer prompt than the others, to pad it."]
+
+
+@pytest.mark.parametrize("policy", ["stored", "zero"])
+def test_batch_equals_one_by_one(tiny_pair, policy):
+    mind, _ = tiny_pair
+    cats = mind.memorize(CATS, ids=["cats"])
+    ships = mind.memorize(SHIPS, ids=["ships"])
+    memories = [cats, ships, None, [cats, ships]]
+    options = dict(max_new_tokens=8, chat=False, topk=3, position_policy=policy)
+    alone = [mind.generate(p, memory=m, **options) for p, m in zip(PROMPTS, memories)]
+    batch = mind.generate_batch(PROMPTS, memories, **options)
+    for a, b in zip(alone, batch):
+        assert [t.id for t in b.tokens] == [t.id for t in a.tokens]
+        assert b.text == a.text and b.finish_reason == a.finish_reason
+        for ta, tb in zip(a.tokens, b.tokens):  # the same attention mass went to memory at every step
+            assert float(tb.memory_weights.sum()) == pytest.approx(float(ta.memory_weights.sum()), rel=1e-4, abs=1e-7)
+        if policy == "zero":
+            # all memory keys at position 0: a tiny model's first-layer keys of equal bytes are equal, and which of
+            # the tied keys a top-k returns depends on the matmul's shape; only the spans can differ
+            continue
+        assert [(c.doc, c.start) for c in b.citations] == [(c.doc, c.start) for c in a.citations]
+        for ca, cb in zip(a.citations, b.citations):
+            assert cb.weight == pytest.approx(ca.weight, rel=1e-3, abs=1e-6)
+    assert batch[2].citations == []  # the prompt without memory cites nothing
+
+
+def test_batch_stop_strings_and_sampling(tiny_mind: ExtendedMind):
+    memory = tiny_mind.memorize(CATS)
+    options = dict(max_new_tokens=12, chat=False, temperature=0.8, seed=3)
+    alone = [tiny_mind.generate(p, memory=memory, **options) for p in PROMPTS[:2]]
+    stops = {alone[0].text[2:4]} - {""}
+    batch = tiny_mind.generate_batch(PROMPTS[:2], [memory, memory], stop=sorted(stops), **options)
+    again = [tiny_mind.generate(p, memory=memory, stop=sorted(stops), **options) for p in PROMPTS[:2]]
+    assert [b.text for b in batch] == [a.text for a in again]
+    assert batch[0].finish_reason == "stop" and len(batch[0].text) < len(alone[0].text)
+
+
+def test_batch_input_errors(tiny_mind: ExtendedMind):
+    with pytest.raises(ExtendedMindError, match="non-empty list"):
+        tiny_mind.generate_batch([])
+    with pytest.raises(ExtendedMindError, match="memories for"):
+        tiny_mind.generate_batch(["a", "b"], [None])
+    with pytest.raises(ExtendedMindError, match="not batched"):
+        tiny_mind.generate_batch(["a"], uncertainty_threshold=1.0)
+
+
+def test_decode_step_memory_does_not_grow_with_the_prompt(tiny_mind: ExtendedMind, monkeypatch):
+    """The largest tensor a decode step's retrieval makes is (B, H, g, N) scores: it depends on the memory, not on
+    the prompt; only the local cache grows with the prompt. Prefill scores come in blocks of bounded size."""
+    memory = tiny_mind.memorize(CATS * 12)
+    shapes: list[tuple[int, ...]] = []
+    real_matmul = torch.matmul
+
+    def recording(a, b, *args, **kwargs):
+        out = real_matmul(a, b, *args, **kwargs)
+        shapes.append(tuple(out.shape))
+        return out
+
+    largest = {}
+    for n in (8, 200):
+        prompt = list(range(40, 40 + n))
+        stream = tiny_mind.stream(prompt, memory=memory, max_new_tokens=3, search="exact")
+        next(stream)  # prefill and first token
+        monkeypatch.setattr(attention_module.torch, "matmul", recording)
+        shapes.clear()
+        next(stream)  # one decode step
+        monkeypatch.undo()
+        largest[n] = max(torch.Size(s).numel() for s in shapes if len(s) == 4 and s[-1] == memory.num_tokens)
+        local = max(torch.Size(s).numel() for s in shapes if len(s) == 4 and s[-1] != memory.num_tokens)
+        assert local <= 4 * (n + 3) * 4  # (B, H, g*1, Skv) local logits: linear in the prompt, no memory factor
+    assert largest[8] == largest[200] == 2 * 2 * memory.num_tokens  # H=2 KV heads x g=2 query rows x N
+    # prefill: score blocks are bounded by the block size, whatever the prompt length
+    assert attention_module._SCORE_BLOCK >= 2 * memory.num_tokens
