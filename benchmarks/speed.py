@@ -54,14 +54,25 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def real_documents(tokenizer, tokens: int) -> list[str]:
+def real_documents(tokenizer, tokens: int, chars: int = 6000) -> list[str]:
+    """Documentation topics cut into pieces of at most `chars` characters (at paragraph breaks), until about
+    `tokens` tokens: pieces small enough that a memory can be cut close to any size."""
     docs, total = [], 0
     for _, text in sorted(pydoc_data.topics.topics.items()):
+        piece = ""
+        for para in text.split("\n\n"):
+            if piece and len(piece) + len(para) > chars:
+                docs.append(piece)
+                total += len(tokenizer(piece)["input_ids"])
+                piece = ""
+                if total >= tokens:
+                    return docs
+            piece = f"{piece}\n\n{para}" if piece else para
+        if piece.strip():
+            docs.append(piece)
+            total += len(tokenizer(piece)["input_ids"])
         if total >= tokens:
-            break
-        n = len(tokenizer(text)["input_ids"])
-        docs.append(text)
-        total += n
+            return docs
     return docs
 
 

@@ -24,7 +24,7 @@ try:
 except ImportError:  # pragma: no cover - faiss-cpu is a dependency; this names the problem if it is missing
     faiss = None
 
-DEFAULT_APPROX_THRESHOLD = 32_768  # memory tokens from which search is approximate, unless the caller says otherwise
+DEFAULT_APPROX_THRESHOLD = 65_536  # memory tokens from which search is approximate, unless the caller says otherwise
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class IndexSettings:
         return self.nprobe if self.nprobe is not None else max(1, math.ceil(nlist / 5))
 
     def key(self, n: int) -> str:
-        return f"ivf-centred{self.cells(n)}-seed{self.seed}"
+        return f"ivf-centred-fp16-{self.cells(n)}-seed{self.seed}"
 
 
 def require_faiss() -> None:
@@ -80,7 +80,10 @@ class LayerIndex:
             data = _numpy(x)
             data = np.ascontiguousarray(data - data.mean(0, keepdims=True))
             quantizer = faiss.IndexFlatIP(d)
-            index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+            # lists hold float16 keys: half the bytes to scan; candidates are re-scored from the exact keys anyway
+            index = faiss.IndexIVFScalarQuantizer(
+                quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
+            )
             sample = min(n, nlist * settings.train_points_per_cell)
             train = data[rng.choice(n, sample, replace=False)] if sample < n else data
             index.cp.seed = settings.seed

@@ -284,7 +284,7 @@ class ExtendedMind:
         similarity_threshold (None), position_policy ("stored"), memory_layers (None: all), uncertainty_threshold
         (None: off), topk_step (2), temperature (0: greedy), seed (None), stop (None: strings that end the answer),
         citation_weighting ("attention_value": attention probability x value norm; "attention": probability alone),
-        search ("auto": approximate from approx_threshold memory tokens (32,768) on, else exact; "exact";
+        search ("auto": approximate from approx_threshold memory tokens (65,536) on, else exact; "exact";
         "approximate"), index (IndexSettings: IVF cells, nprobe, candidates re-ranked per retrieved key).
         """
         stream = self.stream(prompt, memory=memory, **options)

@@ -27,7 +27,7 @@ class MemoryOptions(BaseModel):
     position_policy: Literal["zero", "stored"] | None = None
     ranking: Literal["logit", "cosine"] | None = None
     search: Literal["auto", "exact", "approximate"] | None = Field(
-        default=None, description="top-k search: approximate (IVF index) from 32,768 memory tokens on when auto"
+        default=None, description="top-k search: approximate (IVF index) from 65,536 memory tokens on when auto"
     )
 
 
