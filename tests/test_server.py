@@ -287,3 +287,10 @@ def test_oversized_and_malformed_requests_get_4xx(mind, tmp_path):
         assert error_of(client.delete("/v1/memories/cats/documents/none"), 404)
         assert [m["id"] for m in client.get("/v1/memories").json()["data"]] == ["cats"]
     assert not (tmp_path / "escape").exists()
+
+
+def test_pasted_text_over_a_megabyte_reaches_the_memory_limits(mind, tmp_path):
+    app = make_app(mind, tmp_path / "mem", max_document_chars=3_000_000, max_memory_tokens=10_000)
+    with TestClient(app) as client:
+        r = client.post("/v1/memories", data={"name": "big", "text": "word " * 300_000})  # 1.5 MB form field
+        assert "10000" in error_of(r, 413)  # refused by the memory limit, not by the form parser

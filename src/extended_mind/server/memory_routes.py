@@ -65,7 +65,7 @@ def add_memory_routes(
             if body.text is not None:
                 docs.append(Document("", body.text))
         elif ctype == "multipart/form-data":
-            form = await request.form(max_files=1000, max_fields=1000)
+            form = await request.form(max_files=1000, max_fields=1000, max_part_size=config.max_body_bytes)
             fields: dict[str, Any] = {}
             docs = []
             for key, value in form.multi_items():
