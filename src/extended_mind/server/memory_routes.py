@@ -64,7 +64,7 @@ def add_memory_routes(
             ]
             if body.text is not None:
                 docs.append(Document("", body.text))
-        elif ctype == "multipart/form-data":
+        elif ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
             form = await request.form(max_files=1000, max_fields=1000, max_part_size=config.max_body_bytes)
             fields: dict[str, Any] = {}
             docs = []
@@ -94,7 +94,9 @@ def add_memory_routes(
                     400, f"{err.get('msg')} ({'.'.join(str(x) for x in err.get('loc', ()))})", "invalid_value"
                 ) from None
         else:
-            raise APIError(415, "send documents as application/json or multipart/form-data", "unsupported_media_type")
+            raise APIError(
+                415, "send documents as application/json or a form (multipart or urlencoded)", "unsupported_media_type"
+            )
         if not docs:
             raise APIError(400, "no documents given: send 'documents', 'text' or files", "invalid_value", "documents")
         for d in docs:
