@@ -31,7 +31,7 @@ import torch
 
 from extended_mind import ExtendedMind
 from extended_mind.server import ServerConfig, create_app
-from extended_mind.server.background import BackgroundServer
+from extended_mind.server.background import HEADLESS_CHROMIUM_ARGS, BackgroundServer, chromium_path
 
 QUESTIONS = [
     "Question: How many termites can one aardwolf eat in a single night?\nAnswer: One aardwolf can eat about",
@@ -74,18 +74,8 @@ def ask(url: str, prompt: str, memory: str | None, max_tokens: int, stream: bool
 def screenshot(url: str, path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    args = [
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-    ]
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=args)
+        browser = p.chromium.launch(executable_path=chromium_path(), headless=True, args=HEADLESS_CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.goto(url + "/")
         page.check('#memories li[data-memory="animals"] input')

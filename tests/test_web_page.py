@@ -5,29 +5,18 @@ screenshot to runs/test-screenshots/."""
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
 from extended_mind import ExtendedMind
 from extended_mind.server import ServerConfig, create_app
-from extended_mind.server.background import BackgroundServer
+from extended_mind.server.background import HEADLESS_CHROMIUM_ARGS, BackgroundServer, chromium_path
 
 from .conftest import byte_tokenizer, tiny_model
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM = chromium_path()
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "runs" / "test-screenshots"
-# Flags for a sandboxed root session on a machine with no outside network.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 if CHROMIUM is None:
     if os.environ.get("CI"):
@@ -42,7 +31,7 @@ DOC = "The lighthouse of Varn was painted blue in 1911. Its keeper was called Il
 @pytest.fixture
 def browser():
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=HEADLESS_CHROMIUM_ARGS)
         yield b
         b.close()
 

@@ -6,11 +6,28 @@ with BackgroundServer(create_app(mind, config)) as server:
 
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 import time
 
 import uvicorn
+
+# Headless Chromium (Debian's package) as root on a machine without outside network: no sandbox, no background
+# connections. Used by the web page tests and the screenshot in benchmarks/server_load.py.
+HEADLESS_CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def chromium_path() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def free_port() -> int:
