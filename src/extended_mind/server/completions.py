@@ -17,10 +17,10 @@ from ..generation import GeneratedToken, GenerationResult
 from ..memory import Memory
 from ..mind import ExtendedMind
 from .config import ServerConfig
-from .errors import APIError, as_api_error, error_body
+from .errors import APIError
 from .library import MemoryLibrary, check_name, split_document_id
 from .schemas import ChatCompletionRequest, CompletionRequest, MemoryOptions
-from .streaming import SSE_HEADERS, sse
+from .streaming import SSE_HEADERS, event_stream
 from .worker import ModelWorker
 
 
@@ -164,12 +164,14 @@ def add_completion_routes(
                 **extras(result),
             }
         return StreamingResponse(
-            stream_generation(req, names, kind, rid, now), media_type="text/event-stream", headers=SSE_HEADERS
+            event_stream(stream_generation(req, names, kind, rid, now)),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
         )
 
     async def stream_generation(
         req: ChatCompletionRequest | CompletionRequest, names: list[str], kind: str, rid: str, now: int
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncIterator[dict]:
         def job(emit: Callable[[Any], None], cancelled: Callable[[], bool]) -> None:
             stream = start(req, names)
             for token in stream:
@@ -191,21 +193,16 @@ def add_completion_routes(
             return {"id": rid, "object": obj, "created": now, "model": model_id, "choices": [choice], **(extra or {})}
 
         first = True
-        try:
-            async for item in worker.stream(job):
-                if isinstance(item, GeneratedToken):
-                    yield sse(chunk(item.text, None, {"token_citations": [citation_json(c) for c in item.citations]}))
-                    first = False
-                else:
-                    result: GenerationResult = item
-                    extra = extras(result)
-                    if req.stream_options and req.stream_options.include_usage:
-                        extra["usage"] = usage(result)
-                    yield sse(chunk(None if kind == "chat" else "", result.finish_reason, extra))
-        except Exception as exc:  # headers are sent: report in the stream, as OpenAI does
-            e = as_api_error(exc)
-            yield sse(error_body(e.status, e.message, e.code, e.param))
-        yield sse("[DONE]")
+        async for item in worker.stream(job):
+            if isinstance(item, GeneratedToken):
+                yield chunk(item.text, None, {"token_citations": [citation_json(c) for c in item.citations]})
+                first = False
+            else:
+                result: GenerationResult = item
+                extra = extras(result)
+                if req.stream_options and req.stream_options.include_usage:
+                    extra["usage"] = usage(result)
+                yield chunk(None if kind == "chat" else "", result.finish_reason, extra)
 
     @app.get("/v1/models", summary="The served model")
     async def list_models() -> dict:

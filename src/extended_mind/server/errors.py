@@ -59,20 +59,22 @@ def as_api_error(exc: Exception) -> APIError:
     return APIError(500, "internal server error (see the server log)", "internal_error")
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    errors = exc.errors()
+def validation_error(errors: list[dict]) -> APIError:
+    """A 400 naming the first problem pydantic found (request models and the memory routes' own parsing)."""
     if not errors:
-        return "invalid request", None
+        return APIError(400, "invalid request", "invalid_value")
     first = errors[0]
     if first.get("type") == "json_invalid":
-        return f"request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
-    if tuple(first.get("loc", ())) == ("body",):
-        return "request body must be a JSON object (send it with Content-Type: application/json)", None
+        detail = first.get("ctx", {}).get("error", first.get("msg"))
+        return APIError(400, f"request body is not valid JSON: {detail}", "invalid_value")
+    if tuple(first.get("loc", ())) in (("body",), ()):
+        return APIError(400, "request body must be a JSON object (send it with Content-Type: application/json)",
+                        "invalid_value")  # fmt: skip
     loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "path")]
     param = ".".join(loc) or None
     where = f" ({param})" if param else ""
     more = f"; and {len(errors) - 1} more problem(s)" if len(errors) > 1 else ""
-    return f"{first.get('msg', 'invalid value')}{where}{more}", param
+    return APIError(400, f"{first.get('msg', 'invalid value')}{where}{more}", "invalid_value", param)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -87,8 +89,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
-        return error_response(400, message, "invalid_value", param)
+        e = validation_error(exc.errors())
+        return error_response(e.status, e.message, e.code, e.param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -3,7 +3,7 @@ and add, read or remove single documents. Everything that memorizes or edits run
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,10 +15,10 @@ from ..documents import Document, decode_text
 from ..memory import Memory
 from ..mind import ExtendedMind
 from .config import ServerConfig
-from .errors import APIError, as_api_error, error_body
+from .errors import APIError, as_api_error, validation_error
 from .library import MemoryLibrary, check_name
 from .schemas import DocumentsIn, MemoryCreate
-from .streaming import SSE_HEADERS, sse
+from .streaming import SSE_HEADERS, event_stream
 from .worker import ModelWorker
 
 
@@ -50,14 +50,7 @@ def add_memory_routes(
             try:
                 body = model.model_validate_json(await request.body())
             except ValidationError as exc:
-                err = exc.errors()[0]
-                where = ".".join(str(x) for x in err.get("loc", ()))
-                raise APIError(
-                    400,
-                    f"{err.get('msg')} ({where})" if where else err.get("msg", "invalid body"),
-                    "invalid_value",
-                    where or None,
-                ) from None
+                raise validation_error(exc.errors()) from None
             docs = [
                 Document(d.id or "", d.text, d.name) if not isinstance(d, str) else Document("", d)
                 for d in body.documents or []
@@ -89,10 +82,7 @@ def add_memory_routes(
                     {k: (v.lower() in ("1", "true", "yes") if k == "stream" else v) for k, v in fields.items()}
                 )
             except ValidationError as exc:
-                err = exc.errors()[0]
-                raise APIError(
-                    400, f"{err.get('msg')} ({'.'.join(str(x) for x in err.get('loc', ()))})", "invalid_value"
-                ) from None
+                raise validation_error(exc.errors()) from None
         else:
             raise APIError(
                 415, "send documents as application/json or a form (multipart or urlencoded)", "unsupported_media_type"
@@ -147,56 +137,11 @@ def add_memory_routes(
 
             emit(job(progress))
 
-        async def events() -> AsyncIterator[bytes]:
-            try:
-                async for item in worker.stream(streamed):
-                    yield sse(item)
-            except Exception as exc:
-                e = as_api_error(exc)
-                yield sse(error_body(e.status, e.message, e.code, e.param))
-            yield sse("[DONE]")
+        events = event_stream(worker.stream(streamed))
+        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS, status_code=status)
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS, status_code=status)
-
-    body_doc = {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/MemoryCreate"}},
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "properties": {
-                            "name": {"type": "string"},
-                            "storage": {"type": "string"},
-                            "stream": {"type": "boolean"},
-                            "text": {"type": "string"},
-                            "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                        },
-                        "required": ["name"],
-                    }
-                },
-            },
-        }
-    }
-    add_doc = {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/DocumentsIn"}},
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "properties": {
-                            "stream": {"type": "boolean"},
-                            "text": {"type": "string"},
-                            "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                        },
-                    }
-                },
-            },
-        }
-    }
+    body_doc = _documents_body("MemoryCreate", {"name": "string", "storage": "string"}, required=["name"])
+    add_doc = _documents_body("DocumentsIn", {}, required=[])
 
     @app.post(
         "/v1/memories", status_code=201, summary="Memorize documents into a new named memory", openapi_extra=body_doc
@@ -299,3 +244,24 @@ def add_memory_routes(
 
         await worker.run(job)
         return {"id": doc_id, "object": "memory.document.deleted", "memory": name, "deleted": True}
+
+
+def _documents_body(json_schema: str, fields: dict[str, str], required: list[str]) -> dict:
+    """OpenAPI request body of a route that takes documents as JSON (`json_schema`) or as a form with `fields`,
+    pasted `text` and uploaded `files` (the routes parse the body themselves, so FastAPI cannot describe it)."""
+    properties = {name: {"type": kind} for name, kind in fields.items()}
+    properties |= {
+        "stream": {"type": "boolean"},
+        "text": {"type": "string"},
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+    }
+    form = {"type": "object", "properties": properties} | ({"required": required} if required else {})
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{json_schema}"}},
+                "multipart/form-data": {"schema": form},
+            },
+        }
+    }
