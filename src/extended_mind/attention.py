@@ -85,9 +85,12 @@ class Session:
 
 
 def _memory_mask(*args, **kwargs):
-    # Always a real boolean mask: the stock sdpa mask may return None for plain causal inputs, and the memory path
-    # needs the mask explicitly.
-    kwargs["allow_is_causal_skip"] = False
+    # The memory path needs a real boolean mask, and the stock sdpa mask may return None for plain causal inputs.
+    # Without memory in play, let it skip: sdpa's is_causal kernel is ~1.6x faster on long CPU prefills.
+    session = _active.get()
+    memory_in_play = session is not None and (session.layers or session.rows is not None)
+    if memory_in_play or getattr(kwargs.get("config"), _BASE_ATTR, "sdpa") != "sdpa":  # eager needs a real mask
+        kwargs["allow_is_causal_skip"] = False
     kwargs.pop("dtype", None)
     kwargs.pop("config", None)
     return sdpa_mask(*args, **kwargs)
