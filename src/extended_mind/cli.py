@@ -1,4 +1,4 @@
-"""Command line: `extended-mind memorize|ask|chat|memory|serve|demo`."""
+"""Command line: `extended-mind memorize|ask|chat|memory|serve|demo|bench|tune|data`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from importlib.resources import files
 from pathlib import Path
 
+from .bench import cli as bench_cli
 from .chat import ChatSession
 from .errors import ExtendedMindError
 from .index import DEFAULT_APPROX_THRESHOLD
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p)
     _add_memory_commands(sub)
     _add_serve_command(sub)
+    bench_cli.add_commands(sub)
     p = sub.add_parser("demo", help="memorize the bundled counterfactual Wikipedia article and ask about it")
     _add_model_args(p)
     _add_generation_args(p)
@@ -391,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
             _chat(args)
         elif args.command == "serve":
             _serve(args)
+        elif args.command in ("bench", "tune", "data"):
+            return bench_cli.run(args)
         elif args.command == "ask":
             saved = _saved_memories(args.memory)
             mind = _load_mind(args, list(saved.values()))

@@ -1,0 +1,178 @@
+"""The methods compared, all on one loaded model and one prompt template.
+
+A method is named by a spec: `emt`, `rag`, `context`, `yarn`, `emt+rag` or `none`, optionally with settings in
+brackets, e.g. `emt[topk=20,position_policy=zero]` or `rag[chunk_tokens=300,top=8]`. Every method builds the same
+completion-style prompt: (pasted text,) the question, then the start of the answer; only what it pastes and whether
+the model reads the document from memory differ."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ExtendedMindError
+from ..memorize import sink_token_id
+from ..memory import Memory
+from ..mind import ExtendedMind
+from .items import Item
+from .rag import Embedder, Retriever
+from .yarn import yarn_factor, yarn_scaling
+
+METHODS = ("emt", "rag", "context", "yarn", "emt+rag", "none")
+EMT_SETTINGS = {
+    "topk": int, "stride": int, "position_policy": str, "similarity_threshold": float, "ranking": str,
+    "uncertainty_threshold": float, "topk_step": int, "search": str,
+}  # fmt: skip
+RAG_SETTINGS = {"chunk_tokens": int, "top": int}
+ALLOWED = {
+    "emt": EMT_SETTINGS, "rag": RAG_SETTINGS, "emt+rag": {**EMT_SETTINGS, **RAG_SETTINGS}, "context": {},
+    "yarn": {}, "none": {},
+}  # fmt: skip
+_SPEC = re.compile(r"^([a-z+]+)(?:\[(.*)\])?$")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        if not self.settings:
+            return self.name
+        return f"{self.name}[{','.join(f'{k}={v}' for k, v in sorted(self.settings.items()))}]"
+
+
+def parse_method(spec: str) -> MethodSpec:
+    """`emt[topk=20,similarity_threshold=0.25]` -> MethodSpec("emt", {...}); a clear error for unknown names or
+    settings and for values of the wrong type ("none" sets a float setting to None)."""
+    m = _SPEC.match(spec.strip())
+    if not m or m.group(1) not in METHODS:
+        raise ExtendedMindError(f"unknown method {spec!r}; choose from {METHODS} (settings in brackets)")
+    name, body = m.group(1), m.group(2)
+    settings = {}
+    for part in filter(None, (p.strip() for p in (body or "").split(","))):
+        key, _, raw = part.partition("=")
+        kind = ALLOWED[name].get(key.strip())
+        if kind is None:
+            raise ExtendedMindError(f"method {name} has no setting {key.strip()!r}; it has {sorted(ALLOWED[name])}")
+        raw = raw.strip()
+        try:
+            settings[key.strip()] = None if raw.lower() == "none" and kind is float else kind(raw)
+        except ValueError:
+            raise ExtendedMindError(f"setting {key.strip()} of {name} needs a {kind.__name__}, got {raw!r}") from None
+    return MethodSpec(name, settings)
+
+
+def prompt_text(item: Item, pasted: str = "") -> str:
+    """The one template every method uses."""
+    block = f"{pasted.strip()}\n\n" if pasted.strip() else ""
+    return f"{block}{item.question}\n{item.answer_prefix}"
+
+
+class Harness:
+    """One model, the embedding model when RAG is used, and the memory of the document being asked about (built
+    once per document and stride, shared by every memory method)."""
+
+    def __init__(self, mind: ExtendedMind):
+        self.mind = mind
+        self._memories: dict[tuple[str, int | None], Memory] = {}
+        self._retriever: Retriever | None = None
+
+    def memory(self, document: str, stride: int | None) -> tuple[Memory, float]:
+        """(memory of `document`, seconds spent memorizing now: 0 when it was already built)."""
+        key = (hashlib.sha1(document.encode()).hexdigest(), stride)
+        if key not in self._memories:
+            self._memories = {k: v for k, v in self._memories.items() if k[0] == key[0]}  # one document at a time
+            start = time.perf_counter()
+            self._memories[key] = self.mind.memorize(document, stride=stride, progress=False)
+            return self._memories[key], time.perf_counter() - start
+        return self._memories[key], 0.0
+
+    @property
+    def retriever(self) -> Retriever:
+        if self._retriever is None:
+            self._retriever = Retriever(Embedder(device=self.mind.device), self.mind.tokenizer)
+        return self._retriever
+
+    def count(self, text: str) -> int:
+        return len(self.mind.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # ---- answering ----
+
+    def answer(self, spec: MethodSpec, item: Item) -> dict:
+        """Run one method on one item: {prediction, seconds, ...details}."""
+        start = time.perf_counter()
+        details: dict = {}
+        s = spec.settings
+        pasted, memory, options = "", None, {}
+        if spec.name in ("rag", "emt+rag"):
+            chunks = self.retriever.retrieve(
+                item.document, f"{item.question} {item.answer_prefix}", s.get("chunk_tokens", 500), s.get("top", 5)
+            )
+            pasted = "\n\n".join(chunks)
+        if spec.name in ("emt", "emt+rag"):
+            memory, details["memorize_seconds"] = self.memory(item.document, s.get("stride"))
+            options = {k: v for k, v in s.items() if k in EMT_SETTINGS and k != "stride"}
+        if spec.name in ("context", "yarn"):
+            pasted, details = self._fit_document(item, spec.name == "yarn")
+        factor = details.get("yarn_factor", 1.0)
+        with yarn_scaling(self.mind.model, factor):
+            result = self.mind.generate(
+                prompt_text(item, pasted), memory=memory, chat=False, max_new_tokens=item.max_new_tokens, **options
+            )
+        details["prompt_tokens"] = result.prompt_tokens
+        details["uncertainty_retrievals"] = len(result.retrievals)
+        if memory is not None and result.citations:
+            details["top_citation"] = result.citations[0].text[:160]
+        return {"prediction": result.text, "seconds": time.perf_counter() - start, **details}
+
+    def _fit_document(self, item: Item, yarn: bool) -> tuple[str, dict]:
+        """The document for `context` (cut to the part nearest the question when it does not fit) or `yarn` (whole,
+        with the scaling factor that makes it fit)."""
+        window = self.mind.context_window
+        frame = self.count(prompt_text(item, "x")) + item.max_new_tokens + 2  # template, question, answer, BOS
+        ids = self.mind.tokenizer(item.document, add_special_tokens=False)["input_ids"]
+        if yarn:
+            return item.document, {"yarn_factor": yarn_factor(len(ids) + frame, window), "truncated": False}
+        budget = window - frame
+        if len(ids) <= budget:
+            return item.document, {"truncated": False}
+        return self.mind.tokenizer.decode(ids[-budget:]), {"truncated": True, "kept_tokens": budget}
+
+    # ---- perplexity ----
+
+    def perplexity(self, spec: MethodSpec, prefix: list[int], local: list[int]) -> dict | None:
+        """Mean negative log-likelihood of `local[1:]` after `prefix`, as each method sees it: `none` only `local`
+        (truncation), `context` as much prefix as fits the window, `yarn` all of it with scaling, `emt` the prefix
+        in memory. None for methods that do not apply (RAG has no question to retrieve for)."""
+        if spec.name in ("rag", "emt+rag"):
+            return None
+        start = time.perf_counter()
+        sink = sink_token_id(self.mind.tokenizer)
+        head = [sink] if sink is not None else []
+        window, details = self.mind.context_window, {}
+        memory, context = None, []
+        if spec.name == "emt":
+            text = self.mind.tokenizer.decode(prefix)
+            memory, details["memorize_seconds"] = self.memory(text, spec.settings.get("stride"))
+        elif spec.name == "context":
+            keep = max(0, window - len(head) - len(local))
+            context = prefix[len(prefix) - keep :] if keep else []
+            details["truncated"] = len(context) < len(prefix)
+        elif spec.name == "yarn":
+            context = prefix
+            details["yarn_factor"] = yarn_factor(len(head) + len(prefix) + len(local), window)
+        ids = torch.tensor([head + context + local])
+        options = {k: v for k, v in spec.settings.items() if k in ("topk", "position_policy", "similarity_threshold",
+                                                                   "ranking", "search")}  # fmt: skip
+        with yarn_scaling(self.mind.model, details.get("yarn_factor", 1.0)):
+            logits = self.mind.logits(ids, memory=memory, **options)[0, -len(local) : -1].float()
+        targets = torch.tensor(local[1:], device=logits.device)
+        nll = torch.nn.functional.cross_entropy(logits, targets).item()
+        return {"nll": nll, "perplexity": float(torch.exp(torch.tensor(nll))), "tokens": len(local) - 1,
+                "seconds": time.perf_counter() - start, **details}  # fmt: skip

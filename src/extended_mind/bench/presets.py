@@ -1,0 +1,25 @@
+"""What `bench TASK` runs when not told otherwise: the full run (hours are fine, it resumes) and `--quick` (all five
+tasks in under 20 minutes on a 2-core CPU), sized from measured costs on SmolLM2: memorizing ~290 tokens/s,
+an 8k-token prompt ~30 s of prefill, YaRN at 16k several minutes per answer."""
+
+from __future__ import annotations
+
+PRESETS: dict[str, dict[str, dict]] = {
+    "quick": {
+        "passkey": {"lengths": [4096, 16384], "depths": [0.5], "n": 1, "methods": ["emt", "rag", "context", "none"]},
+        "niah": {"lengths": [2048, 8192], "depths": [0.1, 0.9], "n": 1, "methods": ["emt", "rag", "context"]},
+        "ruler": {"lengths": [4096], "n": 1, "methods": ["emt", "rag", "context"]},
+        "wikiqa": {"lengths": [2048, 16384], "n": 2, "methods": ["emt", "rag", "context", "emt+rag"]},
+        "perplexity": {"lengths": [8192], "n": 1, "methods": ["emt", "context", "none"]},
+    },
+    "full": {
+        "passkey": {"lengths": [8192, 16384, 32768, 65536], "depths": [0.1, 0.5, 0.9], "n": 1,
+                    "methods": ["emt", "rag", "context"]},
+        "niah": {"lengths": [2048, 4096, 8192, 16384], "depths": [0.1, 0.3, 0.5, 0.7, 0.9], "n": 1,
+                 "methods": ["emt", "rag", "context"]},
+        "ruler": {"lengths": [4096, 16384], "n": 1, "methods": ["emt", "rag", "context"]},
+        "wikiqa": {"lengths": [2048, 4096, 8192, 16384], "n": 10,
+                   "methods": ["emt", "rag", "context", "emt+rag", "none"]},
+        "perplexity": {"lengths": [4096, 8192, 16384], "n": 1, "methods": ["emt", "context", "none"]},
+    },
+}  # fmt: skip
