@@ -25,8 +25,28 @@ from .yarn import yarn_factor, yarn_scaling
 METHODS = ("emt", "rag", "context", "yarn", "emt+rag", "none")
 EMT_SETTINGS = {
     "topk": int, "stride": int, "position_policy": str, "similarity_threshold": float, "ranking": str,
-    "uncertainty_threshold": float, "topk_step": int, "search": str,
+    "uncertainty_threshold": float, "topk_step": int, "search": str, "layers": str,
 }  # fmt: skip
+# Settings with another name in ExtendedMind.generate/logits (layers "10-29" -> memory_layers [10, ..., 29]).
+_RENAMED = {"layers": "memory_layers"}
+
+
+def layer_range(text: str) -> list[int]:
+    """"10-29" -> [10, ..., 29]; "3" -> [3]."""
+    first, _, last = text.partition("-")
+    try:
+        return list(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise ExtendedMindError(f"layers look like FIRST-LAST, e.g. 10-29; got {text!r}") from None
+
+
+def emt_options(settings: dict, allowed: tuple[str, ...] | None = None) -> dict:
+    """The keyword arguments for ExtendedMind from a method's settings (stride is for memorizing, not asking)."""
+    out = {}
+    for key, value in settings.items():
+        if key in EMT_SETTINGS and key != "stride" and (allowed is None or key in allowed):
+            out[_RENAMED.get(key, key)] = layer_range(value) if key == "layers" else value
+    return out
 RAG_SETTINGS = {"chunk_tokens": int, "top": int}
 ALLOWED = {
     "emt": EMT_SETTINGS, "rag": RAG_SETTINGS, "emt+rag": {**EMT_SETTINGS, **RAG_SETTINGS}, "context": {},
@@ -82,6 +102,7 @@ class Harness:
         self.mind = mind
         self._memories: dict[tuple[str, int | None], Memory] = {}
         self._retriever: Retriever | None = None
+        self._context_answer: tuple[str, dict] = ("", {})  # yarn on a document that fits is `context`: reused
 
     def memory(self, document: str, stride: int | None) -> tuple[Memory, float]:
         """(memory of `document`, seconds spent memorizing now: 0 when it was already built)."""
@@ -117,9 +138,11 @@ class Harness:
             pasted = "\n\n".join(chunks)
         if spec.name in ("emt", "emt+rag"):
             memory, details["memorize_seconds"] = self.memory(item.document, s.get("stride"))
-            options = {k: v for k, v in s.items() if k in EMT_SETTINGS and k != "stride"}
+            options = emt_options(s)
         if spec.name in ("context", "yarn"):
             pasted, details = self._fit_document(item, spec.name == "yarn")
+            if details.get("yarn_factor") == 1.0 and self._context_answer[0] == item.id:
+                return {**self._context_answer[1], **details, "same_as_context": True}  # it fits: yarn is off
         factor = details.get("yarn_factor", 1.0)
         with yarn_scaling(self.mind.model, factor):
             result = self.mind.generate(
@@ -129,7 +152,10 @@ class Harness:
         details["uncertainty_retrievals"] = len(result.retrievals)
         if memory is not None and result.citations:
             details["top_citation"] = result.citations[0].text[:160]
-        return {"prediction": result.text, "seconds": time.perf_counter() - start, **details}
+        answer = {"prediction": result.text, "seconds": time.perf_counter() - start, **details}
+        if spec.name == "context" and not details.get("truncated"):
+            self._context_answer = (item.id, answer)
+        return answer
 
     def _fit_document(self, item: Item, yarn: bool) -> tuple[str, dict]:
         """The document for `context` (cut to the part nearest the question when it does not fit) or `yarn` (whole,
@@ -168,8 +194,8 @@ class Harness:
             context = prefix
             details["yarn_factor"] = yarn_factor(len(head) + len(prefix) + len(local), window)
         ids = torch.tensor([head + context + local])
-        options = {k: v for k, v in spec.settings.items() if k in ("topk", "position_policy", "similarity_threshold",
-                                                                   "ranking", "search")}  # fmt: skip
+        options = emt_options(spec.settings, ("topk", "position_policy", "similarity_threshold", "ranking", "search",
+                                              "layers"))  # fmt: skip
         with yarn_scaling(self.mind.model, details.get("yarn_factor", 1.0)):
             logits = self.mind.logits(ids, memory=memory, **options)[0, -len(local) : -1].float()
         targets = torch.tensor(local[1:], device=logits.device)
