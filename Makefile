@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # torch first, pinned to the CPU build this machine serves: a bare `torch` requirement would pull the CUDA stack.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test lint bench clean browser
+.PHONY: install demo test lint bench eval clean browser
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ test: lint browser
 bench: install
 	$(BIN)/python benchmarks/memorize_throughput.py --out runs/throughput
 	$(BIN)/python benchmarks/choose_defaults.py --out runs/defaults
+
+# The evaluation harness on every task, small (under 20 minutes here); `extended-mind bench all` is the full run.
+eval: install
+	$(BIN)/extended-mind bench all --quick --threads 2 --out runs/quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -210,7 +210,7 @@ def test_method_specs():
     assert spec.label == "emt[position_policy=zero,similarity_threshold=0.25,topk=20]"
     assert parse_method("emt[uncertainty_threshold=none]").settings == {"uncertainty_threshold": None}
     assert parse_method("emt+rag[top=3]").settings == {"top": 3}
-    for bad, message in [("bm25", "unknown method"), ("rag[topk=3]", "no setting"), ("emt[topk=ten]", "needs a int")]:
+    for bad, message in [("bm25", "unknown method"), ("rag[topk=3]", "no setting"), ("emt[topk=ten]", "must be int")]:
         with pytest.raises(ExtendedMindError, match=message):
             parse_method(bad)
     assert parse_grid(["topk=5,10", "ranking=logit,cosine"]) == [
@@ -317,3 +317,13 @@ def test_perplexity_end_to_end_on_a_tiny_model(tiny_mind, tmp_path, monkeypatch)
     assert all(r["tokens"] == 63 and r["perplexity"] > 1 for r in by.values())
     assert "perplexity" in markdown_table(summary)
     assert (tmp_path / "perplexity.png").exists()
+
+
+def test_bench_cli_refuses_bad_settings_before_loading_a_model(capsys):
+    from extended_mind.cli import main
+
+    assert main(["bench", "passkey", "--methods", "emt[topk=many]"]) == 2
+    assert "topk of emt must be int" in capsys.readouterr().err
+    assert main(["tune", "--grid", "window=1,2"]) == 2
+    assert "SETTING=V1,V2" in capsys.readouterr().err
+    assert main(["bench", "wikiqa", "--n", "0"]) == 2

@@ -84,7 +84,7 @@ def parse_method(spec: str) -> MethodSpec:
         try:
             settings[key.strip()] = None if raw.lower() == "none" and kind is float else kind(raw)
         except ValueError:
-            raise ExtendedMindError(f"setting {key.strip()} of {name} needs a {kind.__name__}, got {raw!r}") from None
+            raise ExtendedMindError(f"setting {key.strip()} of {name} must be {kind.__name__}, got {raw!r}") from None
     return MethodSpec(name, settings)
 
 
