@@ -327,3 +327,21 @@ def test_bench_cli_refuses_bad_settings_before_loading_a_model(capsys):
     assert main(["tune", "--grid", "window=1,2"]) == 2
     assert "SETTING=V1,V2" in capsys.readouterr().err
     assert main(["bench", "wikiqa", "--n", "0"]) == 2
+
+
+def test_a_refused_item_is_recorded_and_the_run_goes_on(tiny_mind, tmp_path, monkeypatch):
+    original = Harness.answer
+
+    def refuse_context(self, m, item):
+        if m.name == "context":
+            raise ExtendedMindError("prompt is too long")
+        return original(self, m, item)
+
+    monkeypatch.setattr(Harness, "answer", refuse_context)
+    methods = [parse_method(m) for m in ("context", "none")]
+    summary = run_task(Harness(tiny_mind), "passkey", methods, TaskSpec(lengths=[100], depths=[0.5]), tmp_path,
+                       progress=False)  # fmt: skip
+    by = {r["method"]: r for r in summary["records"]}
+    assert by["context"]["error"] == "prompt is too long" and by["context"]["score"] == 0.0
+    assert "error" not in by["none"]
+    assert "1 run(s) refused" in (tmp_path / "table.md").read_text()

@@ -161,7 +161,8 @@ class Harness:
         """The document for `context` (cut to the part nearest the question when it does not fit) or `yarn` (whole,
         with the scaling factor that makes it fit)."""
         window = self.mind.context_window
-        frame = self.count(prompt_text(item, "x")) + item.max_new_tokens + 2  # template, question, answer, BOS
+        # template, question, answer and BOS, plus a margin: cut text can re-tokenize a few tokens longer
+        frame = self.count(prompt_text(item, "x")) + item.max_new_tokens + 16
         ids = self.mind.tokenizer(item.document, add_special_tokens=False)["input_ids"]
         if yarn:
             return item.document, {"yarn_factor": yarn_factor(len(ids) + frame, window), "truncated": False}

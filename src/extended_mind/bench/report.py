@@ -41,6 +41,9 @@ def markdown_table(summary: dict) -> str:
                 cells.append(f"{100 * mean(vals):.0f} ({len(vals)})")
         secs = [r["seconds"] for r in records if r["method"] == method]
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {f'{median(secs):.1f}' if secs else '–'} |")
+    errors = [r for r in records if r.get("error")]
+    if errors:
+        lines += ["", f"{len(errors)} run(s) refused and scored 0, e.g. {errors[0]['method']}: {errors[0]['error']}"]
     if task == "ruler":
         lines += ["", _ruler_kinds(summary)]
     return "\n".join(lines) + "\n"

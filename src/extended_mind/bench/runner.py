@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import ExtendedMindError
 from .items import Item
 from .methods import Harness, MethodSpec
 from .report import write_report
@@ -88,7 +89,11 @@ def _run_one(harness: Harness, task: str, x, method: MethodSpec) -> dict | None:
         got = harness.perplexity(method, x.prefix, x.local)
         return None if got is None else {**base, "doc_tokens": len(x.prefix) + len(x.local), **got}
     item: Item = x
-    got = harness.answer(method, item)
+    try:
+        got = harness.answer(method, item)
+    except ExtendedMindError as exc:  # one refused item (say, a prompt too long) must not end an hours-long run
+        tqdm.write(f"{task} {x.id} {method.label}: {exc}")
+        got = {"prediction": "", "seconds": 0.0, "error": str(exc)}
     return {
         **base,
         "depth": item.depth,
