@@ -118,13 +118,14 @@ def _heatmap(summary: dict, out: Path, plt) -> Path:
                     grid[i][j] = 100 * mean(vals)
         im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
         ax.set_xticks(range(len(lengths)), [_k(x) for x in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        first = ax is axes[0][0]
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths] if first else [])
         ax.set_title(method, fontsize=9)
-        ax.set_xlabel("length")
-        if ax is axes[0][0]:
+        ax.set_xlabel("length (tokens)")
+        if first:
             ax.set_ylabel("needle depth")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="score (%)")
     path = out / "niah_heatmap.png"
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
