@@ -94,7 +94,7 @@ def write_report(summary: dict, out: Path) -> list[Path]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = out / ("perplexity.png" if key == "perplexity" else "accuracy_vs_length.png")
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     written.append(path)
     if task == "niah":
