@@ -28,8 +28,9 @@ import torch
 from tqdm import tqdm
 
 from extended_mind import ExtendedMind
+from extended_mind.bench.synthetic import PASSKEY_FILLER
 
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+FILLER = PASSKEY_FILLER + " "
 # (true text, counterfactual, question, answer prefix)
 EDITS = [
     ("250,000", "80,000", "How many termites can one aardwolf eat in a single night?", "One aardwolf can eat about"),

@@ -306,7 +306,6 @@ def test_perplexity_end_to_end_on_a_tiny_model(tiny_mind, tmp_path, monkeypatch)
 
     monkeypatch.setattr(tasks, "PERPLEXITY_LOCAL", 64)
     doc = tasks.PerplexityDoc("d", 300, list(range(97, 97 + 26)) * 9, [97 + i % 26 for i in range(64)])
-    monkeypatch.setattr(tasks, "perplexity_docs", lambda spec, tok: [doc])
     from extended_mind.bench import runner
 
     monkeypatch.setattr(runner, "perplexity_docs", lambda spec, tok: [doc])

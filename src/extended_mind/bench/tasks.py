@@ -74,7 +74,7 @@ class PerplexityDoc:
 
 def perplexity_docs(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase) -> list[PerplexityDoc]:
     """Long documents (the longest Wikipedia articles, topped up with the essays when shorter) cut to each length."""
-    articles = sorted(data.wikipedia(spec.data_root), key=lambda a: -len(a.text))[: max(spec.n, 1)]
+    articles = sorted(data.wikipedia(spec.data_root), key=lambda a: -len(a.text))
     essays = " ".join(a.text for a in data.essays(spec.data_root))
     extra = tokenizer(essays, add_special_tokens=False)["input_ids"]
     docs = []
