@@ -110,44 +110,40 @@ def ruler(
     if kind == "variable_tracking":
         names = ["".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5)) for _ in range(5)]
         v = str(rng.randint(10000, 99999))
-        chain = [f"VAR {names[0]} = {v}."] + [f"VAR {b} = {a}." for a, b in zip(names, names[1:])]
-        depths = sorted(rng.uniform(0.05, 0.95) for _ in chain)
-        sentences = hay.fill(_budget(length, chain, count), start)
-        return Item(
-            task="ruler", id=f"{kind}-{length}-{start}", length=length, depth=depths[0],
-            document=place(sentences, list(zip(depths, chain))),
-            question=f"Find all variables that are assigned the value {v} in the text above.",
-            answer_prefix=f"Answer: According to the chain of variable assignments in the text above, {len(names)} "
-            f"variables are assigned the value {v}, they are:",
-            answers=names, scorer="fraction", max_new_tokens=40, meta={"kind": kind},
-        )  # fmt: skip
-    keys = [key() for _ in range(4)]
-    while len(set(keys)) < 4:
+        needles = [f"VAR {names[0]} = {v}."] + [f"VAR {b} = {a}." for a, b in zip(names, names[1:])]
+        depths = sorted(rng.uniform(0.05, 0.95) for _ in needles)
+        question = f"Find all variables that are assigned the value {v} in the text above."
+        prefix = (f"Answer: According to the chain of variable assignments in the text above, {len(names)} "
+                  f"variables are assigned the value {v}, they are:")  # fmt: skip
+        answers, scorer, max_new = names, "fraction", 40
+    else:
         keys = [key() for _ in range(4)]
-    if kind == "niah_single":
-        pairs = [(keys[0], value())]
-        asked, answers = [keys[0]], [pairs[0][1]]
-    elif kind == "niah_multikey":
-        pairs = [(k, value()) for k in keys]
-        asked, answers = [keys[0]], [pairs[0][1]]
-    elif kind == "niah_multivalue":
-        pairs = [(keys[0], value()) for _ in range(4)]
-        asked, answers = [keys[0]], [v for _, v in pairs]
-    else:  # niah_multiquery
-        pairs = [(k, value()) for k in keys]
-        asked, answers = keys, [v for _, v in pairs]
-    needles = [needle(k, v) for k, v in pairs]
-    depths = [rng.uniform(0.05, 0.95) for _ in needles]
+        while len(set(keys)) < 4:
+            keys = [key() for _ in range(4)]
+        if kind == "niah_single":
+            pairs = [(keys[0], value())]
+            asked, answers = [keys[0]], [pairs[0][1]]
+        elif kind == "niah_multikey":
+            pairs = [(k, value()) for k in keys]
+            asked, answers = [keys[0]], [pairs[0][1]]
+        elif kind == "niah_multivalue":
+            pairs = [(keys[0], value()) for _ in range(4)]
+            asked, answers = [keys[0]], [v for _, v in pairs]
+        else:  # niah_multiquery
+            pairs = [(k, value()) for k in keys]
+            asked, answers = keys, [v for _, v in pairs]
+        needles = [needle(k, v) for k, v in pairs]
+        depths = [rng.uniform(0.05, 0.95) for _ in needles]
+        many = len(answers) > 1
+        what = "all the special magic numbers" if many else "the special magic number"
+        for_ = ", ".join(asked[:-1]) + f" and {asked[-1]}" if len(asked) > 1 else asked[0]
+        question = f"What {'are' if many else 'is'} {what} for {for_} mentioned in the provided text?"
+        prefix = (f"The special magic number{'s' if many else ''} for {for_} mentioned in the provided text "
+                  f"{'are' if many else 'is'}")  # fmt: skip
+        scorer, max_new = ("fraction" if many else "any"), 16 * len(answers)
     sentences = hay.fill(_budget(length, needles, count), start)
-    many = len(answers) > 1
-    what = "all the special magic numbers" if many else "the special magic number"
-    for_ = ", ".join(asked[:-1]) + f" and {asked[-1]}" if len(asked) > 1 else asked[0]
     return Item(
         task="ruler", id=f"{kind}-{length}-{start}", length=length, depth=depths[0],
-        document=place(sentences, list(zip(depths, needles))),
-        question=f"What {'are' if many else 'is'} {what} for {for_} mentioned in the provided text?",
-        answer_prefix=f"The special magic number{'s' if many else ''} for {for_} mentioned in the provided text "
-        f"{'are' if many else 'is'}",
-        answers=answers, scorer="fraction" if many else "any", max_new_tokens=16 * len(answers),
-        meta={"kind": kind},
+        document=place(sentences, list(zip(depths, needles))), question=question, answer_prefix=prefix,
+        answers=answers, scorer=scorer, max_new_tokens=max_new, meta={"kind": kind},
     )  # fmt: skip
