@@ -210,6 +210,9 @@ def test_method_specs():
     assert spec.label == "emt[position_policy=zero,similarity_threshold=0.25,topk=20]"
     assert parse_method("emt[uncertainty_threshold=none]").settings == {"uncertainty_threshold": None}
     assert parse_method("emt+rag[top=3]").settings == {"top": 3}
+    assert parse_method("emt[layers=10-29]").settings == {"layers": "10-29"}
+    with pytest.raises(ExtendedMindError, match="layers look like FIRST-LAST"):
+        parse_method("emt[layers=ten-29]")
     for bad, message in [("bm25", "unknown method"), ("rag[topk=3]", "no setting"), ("emt[topk=ten]", "must be int")]:
         with pytest.raises(ExtendedMindError, match=message):
             parse_method(bad)

@@ -29,6 +29,12 @@ EMT_SETTINGS = {
 }  # fmt: skip
 # Settings with another name in ExtendedMind.generate/logits (layers "10-29" -> memory_layers [10, ..., 29]).
 _RENAMED = {"layers": "memory_layers"}
+RAG_SETTINGS = {"chunk_tokens": int, "top": int}
+ALLOWED = {
+    "emt": EMT_SETTINGS, "rag": RAG_SETTINGS, "emt+rag": {**EMT_SETTINGS, **RAG_SETTINGS}, "context": {},
+    "yarn": {}, "none": {},
+}  # fmt: skip
+_SPEC = re.compile(r"^([a-z+]+)(?:\[(.*)\])?$")
 
 
 def layer_range(text: str) -> list[int]:
@@ -47,12 +53,6 @@ def emt_options(settings: dict, allowed: tuple[str, ...] | None = None) -> dict:
         if key in EMT_SETTINGS and key != "stride" and (allowed is None or key in allowed):
             out[_RENAMED.get(key, key)] = layer_range(value) if key == "layers" else value
     return out
-RAG_SETTINGS = {"chunk_tokens": int, "top": int}
-ALLOWED = {
-    "emt": EMT_SETTINGS, "rag": RAG_SETTINGS, "emt+rag": {**EMT_SETTINGS, **RAG_SETTINGS}, "context": {},
-    "yarn": {}, "none": {},
-}  # fmt: skip
-_SPEC = re.compile(r"^([a-z+]+)(?:\[(.*)\])?$")
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,8 @@ def parse_method(spec: str) -> MethodSpec:
             settings[key.strip()] = None if raw.lower() == "none" and kind is float else kind(raw)
         except ValueError:
             raise ExtendedMindError(f"setting {key.strip()} of {name} must be {kind.__name__}, got {raw!r}") from None
+        if key.strip() == "layers":
+            layer_range(raw)  # a malformed range fails here, not on every item of a long run
     return MethodSpec(name, settings)
 
 
