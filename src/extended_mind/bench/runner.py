@@ -49,9 +49,12 @@ def run_task(
         work = [(item, m) for item in make_items(task, spec, tokenizer) for m in methods]
     todo = [(x, m) for x, m in work if (x.id, m.label) not in done]
     bar = tqdm(total=len(work), initial=len(work) - len(todo), desc=task, disable=not progress, unit="run")
+    doc_tokens: dict[str, int] = {}  # tokenized once per item, not once per method
     with log.open("a") as f:
         for x, method in todo:
-            rec = _run_one(harness, task, x, method)
+            if task != "perplexity" and x.id not in doc_tokens:
+                doc_tokens[x.id] = harness.count(x.document)
+            rec = _run_one(harness, task, x, method, doc_tokens.get(x.id))
             if rec is not None:
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
@@ -83,7 +86,7 @@ def run_task(
     return summary
 
 
-def _run_one(harness: Harness, task: str, x, method: MethodSpec) -> dict | None:
+def _run_one(harness: Harness, task: str, x, method: MethodSpec, doc_tokens: int | None) -> dict | None:
     base = {"task": task, "item_id": x.id, "method": method.label, "settings": method.settings, "length": x.length}
     if task == "perplexity":
         got = harness.perplexity(method, x.prefix, x.local)
@@ -97,7 +100,7 @@ def _run_one(harness: Harness, task: str, x, method: MethodSpec) -> dict | None:
     return {
         **base,
         "depth": item.depth,
-        "doc_tokens": harness.count(item.document),
+        "doc_tokens": doc_tokens,
         "question": item.question,
         "answers": item.answers,
         "score": item.score(got["prediction"]),
