@@ -112,8 +112,9 @@ def test_indexes_are_saved_reused_and_rebuilt_after_edits(tiny_mind: ExtendedMin
     assert len(files) == 2 + 1 + 1  # two documents, rotary tables, one index (the stale one was deleted)
 
 
-def test_bfloat16_scan_with_exact_rescoring_equals_the_float32_scan(tiny_mind: ExtendedMind, monkeypatch):
-    from extended_mind import positions
+@pytest.mark.parametrize("kind", ["int8", "bfloat16"])
+def test_low_precision_scan_with_exact_rescoring_equals_the_float32_scan(tiny_mind: ExtendedMind, monkeypatch, kind):
+    from extended_mind import positions, scan
 
     memory = tiny_mind.memorize(TEXT)
     ids = torch.tensor([tiny_mind.encode_prompt("The secret", chat=False)])
@@ -123,10 +124,11 @@ def test_bfloat16_scan_with_exact_rescoring_equals_the_float32_scan(tiny_mind: E
         plain = tiny_mind.generate("The secret", memory=memory, max_new_tokens=8, chat=False, **options)
         plain_logits = tiny_mind.logits(ids, memory=memory, **options)
         monkeypatch.setattr(positions, "LOW_PRECISION_SCAN_MIN", 0)
-        monkeypatch.setattr(positions, "fast_bfloat16", lambda device: True)
+        monkeypatch.setattr(scan, "fast_bfloat16", lambda device: True)
+        monkeypatch.setattr(scan, "int8_matmul_available", lambda: kind == "int8")
         memory._prepared.clear()
         scanned = tiny_mind.generate("The secret", memory=memory, max_new_tokens=8, chat=False, **options)
-        assert next(iter(memory._prepared.values()))[0].scan_keys.dtype == torch.bfloat16
+        assert next(iter(memory._prepared.values()))[0].scan.kind == kind
         assert [t.id for t in scanned.tokens] == [t.id for t in plain.tokens]
         torch.testing.assert_close(tiny_mind.logits(ids, memory=memory, **options), plain_logits)
         memory._prepared.clear()

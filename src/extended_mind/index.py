@@ -1,10 +1,14 @@
-"""Approximate top-k for large memories: one faiss IVF index (inner product) per layer and KV head, whose
-candidates are re-ranked by their exact logits.
+"""Approximate top-k for large memories: an IVF index per layer and KV head whose probed cells are scanned in a
+compact copy of the keys (scan.py), with the shortlist re-scored exactly.
 
 Attention keys defeat graph indexes (HNSW recall 0.05-0.79 in ../shared/DESIGN.md) but cluster well enough for
-IVF: a query probes the `nprobe` nearest of `nlist` k-means cells and scans only their keys (centred). The index returns
-`candidates` x k keys per query; those are scored exactly (q . k, in the model's dtype) and the best k kept, so
-approximation can only miss a key, never misorder or misscore the ones it returns.
+IVF. Keys are split into `nlist` k-means cells (trained with faiss on the centred keys, so that the cells split the
+keys by what differs between them rather than by their large shared part) and stored grouped by cell. A query
+ranks the cells by q . centroid and probes the best `nprobe`; the queries of one KV head in one call (the grouped
+query heads of a decoded token, or a block of prompt tokens) scan the union of their cells with one matrix
+multiply, which costs what an exact scan over that fraction of the memory costs. The scan only shortlists: the
+shortlisted keys are scored exactly (q . k, in the model's dtype), so approximation can only miss a key, never
+misorder or misscore the ones it returns. Search is plain torch, so it runs wherever the model runs (CUDA too).
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .attention import exact_scores
 from .errors import ExtendedMindError
+from .scan import KeyScan, shortlist_size
 
 try:
     import faiss
@@ -25,6 +29,11 @@ except ImportError:  # pragma: no cover - faiss-cpu is a dependency; this names 
     faiss = None
 
 DEFAULT_APPROX_THRESHOLD = 65_536  # memory tokens from which search is approximate, unless the caller says otherwise
+# A head's queries whose probed cells cover more than this share of the keys scan all of them, in place: cheaper
+# than gathering the cells' keys first.
+_FULL_SCAN_SHARE = 0.6
+# Bound on the (query rows x scanned keys) block of scores computed at once per KV head.
+_SCORE_BLOCK = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -33,7 +42,7 @@ class IndexSettings:
 
     nlist: int | None = None  # k-means cells per (layer, KV head); None: about 4 sqrt(N), at most 4096
     nprobe: int | None = None  # cells scanned per query; None: a fifth of the cells (see `probes`)
-    candidates: int = 4  # keys taken from the index per retrieved key, then re-ranked exactly
+    candidates: int = 3  # keys scored exactly per retrieved key (at least the exact scan's shortlist, scan.py)
     train_points_per_cell: int = 48  # k-means training sample size per cell (faiss needs >= 39)
     seed: int = 0
 
@@ -43,111 +52,150 @@ class IndexSettings:
 
     def probes(self, nlist: int) -> int:
         # Later SmolLM2 layers attend diffusely: their top-10 keys spread over many cells. Recall@10 on a
-        # 28k-token memory with 669 cells (a development probe): 0.79 at 16 probes, 0.87 at 32, 0.92 at 64,
-        # 0.96 at 128.
-        return self.nprobe if self.nprobe is not None else max(1, math.ceil(nlist / 5))
+        # 28k-token memory with 669 cells (a development probe, one query at a time): 0.79 at 16 probes, 0.87 at
+        # 32, 0.92 at 64, 0.96 at 128.
+        return min(nlist, self.nprobe if self.nprobe is not None else max(1, math.ceil(nlist / 5)))
+
+    def shortlist(self, k: int, n: int) -> int:
+        return min(n, max(self.candidates * k, shortlist_size(k, n)))
 
     def key(self, n: int) -> str:
-        return f"ivf-centred-fp16-{self.cells(n)}-seed{self.seed}"
+        return f"ivf-sorted-{self.cells(n)}-seed{self.seed}"
 
 
 def require_faiss() -> None:
     if faiss is None:
-        raise ExtendedMindError("approximate search needs the faiss-cpu package: pip install faiss-cpu")
+        raise ExtendedMindError("building a search index needs the faiss-cpu package: pip install faiss-cpu")
 
 
-def _numpy(x: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
-
-
+@dataclass
 class LayerIndex:
-    """IVF indexes of one layer's rotated memory keys, one per KV head."""
+    """IVF cells of one layer's keys (H KV heads, N keys, C cells, D dims), as attention sees the keys (rotated for
+    the position policy):
+      centroids (H, C, D): cell centres of the centred keys (probing ranks cells by q . centroid);
+      order (H, N): the keys grouped by cell: order[h, i] is the memory index of the i-th key in cell order;
+      offsets (H, C + 1): cell c holds order[h, offsets[h, c] : offsets[h, c + 1]]."""
 
-    def __init__(self, heads: list):
-        self.heads = heads
+    centroids: torch.Tensor
+    order: torch.Tensor
+    offsets: torch.Tensor
+
+    @property
+    def nlist(self) -> int:
+        return int(self.centroids.shape[1])
 
     @classmethod
     def build(cls, keys: torch.Tensor, settings: IndexSettings) -> LayerIndex:
-        """keys (H, N, D): the layer's memory keys as attention sees them (rotated for the position policy)."""
         require_faiss()
         faiss.omp_set_num_threads(torch.get_num_threads())
-        _, n, d = keys.shape
+        h, n, d = keys.shape
         nlist = settings.cells(n)
         rng = np.random.default_rng(settings.seed)
-        heads = []
+        centroids, orders, offsets = [], [], []
         for x in keys:
-            # centred: q . (k - mean) ranks keys as q . k does (the shift is the same for every key), and the
-            # cells then split the keys by what differs between them rather than by their large shared part
-            data = _numpy(x)
-            data = np.ascontiguousarray(data - data.mean(0, keepdims=True))
-            quantizer = faiss.IndexFlatIP(d)
-            # lists hold float16 keys: half the bytes to scan; candidates are re-scored from the exact keys anyway
-            index = faiss.IndexIVFScalarQuantizer(
-                quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
-            )
+            data = x.detach().float()
+            data = data - data.mean(0, keepdim=True)
             sample = min(n, nlist * settings.train_points_per_cell)
-            train = data[rng.choice(n, sample, replace=False)] if sample < n else data
-            index.cp.seed = settings.seed
-            index.cp.niter = 10
-            index.train(train)
-            index.add(data)
-            heads.append(_to_gpu(index, keys.device))
-        return cls(heads)
+            rows = torch.from_numpy(rng.choice(n, sample, replace=False)) if sample < n else None
+            train = data[rows] if rows is not None else data
+            kmeans = faiss.Kmeans(d, nlist, niter=10, seed=settings.seed, spherical=False, verbose=False)
+            kmeans.train(np.ascontiguousarray(train.cpu().numpy()))
+            centres = torch.from_numpy(kmeans.centroids).to(data.device)
+            cell = _assign(data, centres)  # each key to its best cell by inner product, as it will be probed
+            order = torch.argsort(cell, stable=True)
+            counts = torch.bincount(cell, minlength=nlist)
+            centroids.append(centres)
+            orders.append(order)
+            offsets.append(torch.cat([counts.new_zeros(1), counts.cumsum(0)]))
+        return cls(torch.stack(centroids), torch.stack(orders), torch.stack(offsets))
 
-    def search(self, queries: torch.Tensor, count: int, settings: IndexSettings) -> torch.Tensor:
-        """queries (H, R, D) -> candidate indices (H, R, count), -1 where a probe found fewer keys."""
-        out = []
-        for index, q in zip(self.heads, queries):
-            index.nprobe = min(settings.probes(index.nlist), index.nlist)
-            _, idx = index.search(_numpy(q), count)
-            out.append(torch.from_numpy(idx))
-        return torch.stack(out).to(queries.device)
+    def scan_of(self, keys: torch.Tensor) -> KeyScan:
+        """The compact scan copy of keys (H, N, D), in cell order."""
+        grouped = keys.gather(1, self.order.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))
+        return KeyScan.build(grouped) or KeyScan(grouped, None)
 
-    def to_bytes(self) -> list[np.ndarray]:
-        return [faiss.serialize_index(_to_cpu(h)) for h in self.heads]
+    def to(self, device: torch.device) -> LayerIndex:
+        return LayerIndex(self.centroids.to(device), self.order.to(device), self.offsets.to(device))
+
+    def to_tensors(self, layer: int) -> dict[str, torch.Tensor]:
+        parts = {"centroids": self.centroids, "order": self.order, "offsets": self.offsets}
+        return {f"{layer}.{name}": t.cpu().contiguous() for name, t in parts.items()}
 
     @classmethod
-    def from_bytes(cls, blobs: list[np.ndarray]) -> LayerIndex:
-        require_faiss()
-        return cls([faiss.deserialize_index(np.asarray(b, dtype=np.uint8)) for b in blobs])
-
-
-def _gpu_available(device: torch.device) -> bool:
-    return device.type == "cuda" and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
-_GPU_RESOURCES: dict[int, object] = {}
-
-
-def _to_gpu(index, device: torch.device):
-    """Search on the GPU when the model is there and faiss was built with GPU support (faiss-gpu); else CPU."""
-    if not _gpu_available(device):
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], layer: int, num_keys: int) -> LayerIndex:
+        """Read back one layer, checking that the cells describe `num_keys` keys (else the file is not this
+        memory's index)."""
+        index = cls(tensors[f"{layer}.centroids"].float(), tensors[f"{layer}.order"].long(),
+                    tensors[f"{layer}.offsets"].long())  # fmt: skip
+        h, c = index.centroids.shape[:2]
+        ok = (
+            index.order.shape == (h, num_keys) and index.offsets.shape == (h, c + 1)
+            and bool((index.offsets[:, -1] == num_keys).all()) and bool((index.offsets.diff(dim=1) >= 0).all())
+            and (num_keys == 0 or (int(index.order.min()) >= 0 and int(index.order.max()) < num_keys))
+        )  # fmt: skip
+        if not ok:
+            raise ValueError(f"layer {layer}: the index does not describe {num_keys} keys")
         return index
-    gpu = device.index or 0
-    resources = _GPU_RESOURCES.setdefault(gpu, faiss.StandardGpuResources())
-    return faiss.index_cpu_to_gpu(resources, gpu, index)
 
 
-def _to_cpu(index):
-    on_gpu = hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__
-    return faiss.index_gpu_to_cpu(index) if on_gpu else index
+def _assign(data: torch.Tensor, centres: torch.Tensor, block: int = 65_536) -> torch.Tensor:
+    return torch.cat([(data[i : i + block] @ centres.T).argmax(-1) for i in range(0, data.shape[0], block)])
 
 
 def approximate_candidates(
-    q: torch.Tensor, keys: torch.Tensor, index: LayerIndex, k: int, settings: IndexSettings
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    index: LayerIndex,
+    k: int,
+    settings: IndexSettings,
+    scan: KeyScan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The index's candidates for q (B, H, R, D) with their exact scores q . key: both (B, H, R, C), C = candidates
-    x k. Slots a probe could not fill hold index 0 with score -inf, so they are never selected over real keys."""
+    """Shortlisted memory keys for q (B, H, R, D) with their exact scores q . key: both (B, H, R, C), C the
+    shortlist (settings.shortlist). `scan` is `index.scan_of(keys)` (built here when not given). Slots the probed
+    cells could not fill hold index 0 with score -inf, so they are never selected over real keys."""
+    from .attention import exact_scores, fast_topk
+
+    scan = scan if scan is not None else index.scan_of(keys)
     b, h, rows, d = q.shape
-    flat = q.transpose(0, 1).reshape(h, b * rows, d)
-    count = max(k * settings.candidates, k)
-    faiss.omp_set_num_threads(torch.get_num_threads())  # as many threads as the model uses
-    cand = index.search(flat, count, settings)  # (H, B*R, C)
-    cand = cand.view(h, b, rows, -1).transpose(0, 1)
-    valid = cand >= 0
-    cand = cand.clamp_min(0)
+    n = keys.shape[1]
+    count = settings.shortlist(k, n)
+    flat = q.transpose(0, 1).reshape(h, b * rows, d)  # a head's queries: rows of every batch entry
+    nprobe = settings.probes(index.nlist)
+    cand = torch.zeros((h, b * rows, count), dtype=torch.long, device=q.device)
+    valid = torch.ones((h, b * rows, count), dtype=torch.bool, device=q.device)
+    step = max(1, _SCORE_BLOCK // n)
+    for r0 in range(0, b * rows, step):
+        qs = flat[:, r0 : r0 + step]
+        # the cells each head's queries probe, as one (H, C) mask: a cell probed by several queries is scanned once
+        probed = torch.matmul(qs.float(), index.centroids.transpose(1, 2)).topk(nprobe, dim=-1).indices
+        mask = torch.zeros(index.centroids.shape[:2], dtype=torch.bool, device=q.device)
+        mask.scatter_(1, probed.flatten(1), True)
+        head, cell = mask.nonzero(as_tuple=True)
+        starts, ends = index.offsets[head, cell], index.offsets[head, cell + 1]
+        per_head = torch.zeros(h, dtype=torch.long, device=q.device).index_add_(0, head, ends - starts).tolist()
+        positions = _ranges(starts, ends).split(per_head)
+        for j in range(h):
+            qj = qs[j]
+            if per_head[j] > _FULL_SCAN_SHARE * n:  # nearly everything is probed: scan all keys in place
+                rank, where = scan.head_scores(qj, j), None
+            else:
+                rank, where = scan.head_scores(qj, j, positions[j]), positions[j]
+            take = min(count, rank.shape[-1])
+            top = fast_topk(rank, take)  # positions in the scanned keys
+            cand[j, r0 : r0 + step, :take] = index.order[j, top if where is None else where[top]]
+            valid[j, r0 : r0 + step, take:] = False
+    cand = cand.view(h, b, rows, count).transpose(0, 1)
+    valid = valid.view(h, b, rows, count).transpose(0, 1)
     scores = exact_scores(q, keys, cand).masked_fill(~valid, float("-inf"))
     return scores, cand
+
+
+def _ranges(starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """The concatenation of arange(s, e) for each pair."""
+    lengths = ends - starts
+    total = int(lengths.sum())
+    shift = torch.repeat_interleave(starts - (lengths.cumsum(0) - lengths), lengths, output_size=total)
+    return torch.arange(total, device=starts.device) + shift
 
 
 def memory_fingerprint(segments_key: list[tuple], policy: str, settings_key: str) -> str:

@@ -14,22 +14,12 @@ from .attention import LayerMemory
 from .index import IndexSettings, LayerIndex, memory_fingerprint
 from .memory import Memory
 from .rope import apply_rope
+from .scan import KeyScan
 
 POSITION_POLICIES = ("zero", "stored")
-# From this many memory tokens, exact search in a float32 model scans a bfloat16 copy of the keys (half the bytes)
-# and scores its shortlist in float32: same results, about 2.4x faster at 16k tokens on an AVX512-BF16 CPU.
+# From this many memory tokens, exact search shortlists with a compact copy of the keys (scan.py): same results,
+# fewer bytes read per query.
 LOW_PRECISION_SCAN_MIN = 4096
-
-
-def fast_bfloat16(device: torch.device) -> bool:
-    """Whether bfloat16 matmuls are fast here: CUDA, or a CPU with AVX512-BF16 / AMX (else they are emulated)."""
-    if device.type == "cuda":
-        return True
-    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None) or getattr(torch.cpu, "_is_amx_tile_supported", None)
-    try:
-        return bool(check and check())
-    except RuntimeError:
-        return False
 
 
 def prompt_offset(memory: Memory | None, policy: str) -> int:
@@ -55,10 +45,7 @@ def prepare_layers(
     if prepared is None:
         memory._prepared.clear()  # one prepared copy at a time: memory use stays at most about twice the memory
         prepared = {}
-        scan_in_bfloat16 = (
-            index is None and memory.num_tokens >= LOW_PRECISION_SCAN_MIN and dtype == torch.float32
-            and fast_bfloat16(device)
-        )  # fmt: skip
+        scanned = index is None and memory.num_tokens >= LOW_PRECISION_SCAN_MIN
         for layer in range(memory.num_layers):
             table = memory.layer_rope[layer]
             cos, sin = memory.rope_cos[table], memory.rope_sin[table]
@@ -70,11 +57,13 @@ def prepare_layers(
                 keys=keys,
                 values=memory.layer_values(layer).to(device=device, dtype=dtype),
                 inv_norms=1.0 / keys.float().norm(dim=-1).clamp_min(1e-12).to(dtype),
-                scan_keys=keys.to(torch.bfloat16) if scan_in_bfloat16 else None,
+                scan=KeyScan.build(keys) if scanned else None,
             )
         if index is not None:
             for layer, layer_index in enumerate(memory_indexes(memory, policy, index, prepared)):
+                layer_index = layer_index.to(device)
                 prepared[layer].index, prepared[layer].index_settings = layer_index, index
+                prepared[layer].scan = layer_index.scan_of(prepared[layer].keys)
         memory._prepared[cache_key] = prepared
     if layers is None:
         return dict(prepared)
@@ -89,7 +78,7 @@ def memory_indexes(
     fingerprint = memory_fingerprint(memory.content_key(), policy, settings.key(memory.num_tokens))
     found = memory.indexes.get(fingerprint)
     if callable(found):  # saved with the memory: read (and checksum) it now
-        found = found()
+        found = found(memory.num_tokens)
     if found is None:
         layers = range(memory.num_layers)
         show = memory.num_tokens >= 65_536

@@ -81,16 +81,14 @@ class SavedIndex:
     num_layers: int
     num_heads: int
 
-    def __call__(self) -> list:
+    def __call__(self, num_keys: int) -> list:
+        """The per-layer indexes, checked to describe `num_keys` memory keys."""
         from .index import LayerIndex
 
         tensors = self.file.read()
         try:
-            return [
-                LayerIndex.from_bytes([tensors[f"{layer}.{head}"].numpy() for head in range(self.num_heads)])
-                for layer in range(self.num_layers)
-            ]
-        except (KeyError, RuntimeError) as exc:
+            return [LayerIndex.from_tensors(tensors, layer, num_keys) for layer in range(self.num_layers)]
+        except (KeyError, RuntimeError, ValueError) as exc:
             raise MemoryFileError(f"corrupt search index {self.file.path}: {exc}") from None
 
 
@@ -101,16 +99,12 @@ def _store_indexes(memory: Memory, directory: Path) -> list[tuple[str, SavedInde
             if found.file.path.parent.resolve() == directory.resolve() and found.file.path.is_file():
                 out.append((fingerprint, found))
                 continue
-            found = found()
+            found = found(memory.num_tokens)
         if not isinstance(found, list) or not found:
             continue
-        tensors = {
-            f"{layer}.{head}": torch.from_numpy(blob.copy())
-            for layer, li in enumerate(found)
-            for head, blob in enumerate(li.to_bytes())
-        }
-        stored = _put(directory, save_bytes(tensors, metadata={"format": "extended-mind-index"}))
-        out.append((fingerprint, SavedIndex(stored, len(found), len(found[0].heads))))
+        tensors = {name: t for layer, li in enumerate(found) for name, t in li.to_tensors(layer).items()}
+        stored = _put(directory, save_bytes(tensors, metadata={"format": "extended-mind-index-ivf"}))
+        out.append((fingerprint, SavedIndex(stored, len(found), int(found[0].centroids.shape[0]))))
     return out
 
 

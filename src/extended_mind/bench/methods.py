@@ -38,7 +38,7 @@ _SPEC = re.compile(r"^([a-z+]+)(?:\[(.*)\])?$")
 
 
 def layer_range(text: str) -> list[int]:
-    """"10-29" -> [10, ..., 29]; "3" -> [3]."""
+    """Parse a layer range: "10-29" -> [10, ..., 29]; "3" -> [3]."""
     first, _, last = text.partition("-")
     try:
         return list(range(int(first), int(last or first) + 1))

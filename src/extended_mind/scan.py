@@ -1,0 +1,110 @@
+"""Low-precision copies of memory keys that exact search scans to shortlist candidates.
+
+Exact search reads every memory key for every query, so its cost is the bytes read. The scan reads a compact copy
+of the keys, keeps a shortlist of the best `shortlist(k)` keys per query, and attention then scores only those with
+the full-precision keys: the logits it uses are exact, and the shortlist only has to contain the true top-k.
+
+- int8 (CPU): one int8 code per number, with one scale per (head, dimension) (symmetric absmax over the keys).
+  The scales are folded into the query (q . k = sum_i (q_i s_i) c_i), which is then quantized per row, so
+  `torch._int_mm` (int8 x int8 -> int32) gives scores that rank keys with no further pass over them: a quarter of
+  the float32 bytes. Scanning SmolLM2's 30 layers over 16k keys with 1 thread: 8.7 ms against 20.6 ms in bfloat16
+  (a development probe).
+- bfloat16 (CUDA, or a CPU without int8 matmul): half the bytes.
+
+Containment, measured on SmolLM2 with a 17k-token memory of real text (237,600 exact top-10 keys of real prompts,
+a development probe): a shortlist of 2k + 8 held all of them with int8 and with bfloat16; 16 held 99.97% (int8).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+# The shortlist: SHORTLIST_FACTOR x k + SHORTLIST_EXTRA candidates per query, scored exactly afterwards.
+SHORTLIST_FACTOR = 2
+SHORTLIST_EXTRA = 8
+
+
+def shortlist_size(k: int, n: int) -> int:
+    return min(n, SHORTLIST_FACTOR * k + SHORTLIST_EXTRA)
+
+
+@lru_cache(maxsize=1)
+def int8_matmul_available() -> bool:
+    """Whether torch._int_mm runs on the CPU (it is a private op: checked, not assumed)."""
+    try:
+        a = torch.ones(3, 16, dtype=torch.int8)
+        return bool(torch._int_mm(a, a.t())[0, 0] == 16)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def fast_bfloat16(device: torch.device) -> bool:
+    """Whether bfloat16 matmuls are fast here: CUDA, or a CPU with AVX512-BF16 / AMX (else they are emulated)."""
+    if device.type == "cuda":
+        return True
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None) or getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(check and check())
+    except RuntimeError:
+        return False
+
+
+def quantize_int8(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric absmax int8 over dimension `dim`: (codes, scales), x ~ codes * scales (scales keep `dim`, size 1)."""
+    xf = x.float()
+    scales = xf.abs().amax(dim=dim, keepdim=True).clamp_min(1e-30) / 127.0
+    return torch.round(xf / scales).clamp_(-127, 127).to(torch.int8), scales
+
+
+@dataclass
+class KeyScan:
+    """A compact copy of one layer's keys (H, N, D) for shortlisting: int8 codes with per-dimension scales, or
+    bfloat16."""
+
+    codes: torch.Tensor  # (H, N, D) int8 or bfloat16
+    scales: torch.Tensor | None  # (H, 1, D) float32 for int8
+
+    @classmethod
+    def build(cls, keys: torch.Tensor) -> KeyScan | None:
+        """The fastest scan for keys (H, N, D) on their device, or None when scanning the keys themselves is as
+        fast (half-precision keys on a GPU, or no fast low-precision matmul)."""
+        if keys.device.type == "cpu" and int8_matmul_available():
+            codes, scales = quantize_int8(keys, dim=1)
+            return cls(codes.contiguous(), scales)
+        if keys.dtype == torch.float32 and fast_bfloat16(keys.device):
+            return cls(keys.to(torch.bfloat16).contiguous(), None)
+        return None
+
+    @property
+    def kind(self) -> str:
+        return "int8" if self.scales is not None else "bfloat16"
+
+    def scores(self, q: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Ranking scores of every key for queries q (B, H, R, D): (B, H, R, N), equal to q . key up to a positive
+        factor per query row (and the scan's rounding); int32 from an int8 scan, else float32. With `weights`
+        (H, N) the scores are multiplied by them (float32)."""
+        if self.scales is None:
+            scores = torch.matmul(q.to(self.codes.dtype), self.codes.transpose(1, 2)).float()
+        else:
+            b, h, rows, _ = q.shape
+            scores = torch.empty((b, h, rows, self.codes.shape[1]), dtype=torch.int32, device=q.device)
+            for i in range(b):
+                for j in range(h):
+                    self.head_scores(q[i, j], j, out=scores[i, j])
+        return scores if weights is None else scores * weights[None, :, None, :]
+
+    def head_scores(
+        self, q: torch.Tensor, head: int, rows: torch.Tensor | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Ranking scores (as `scores`) of queries q (R, D) against the keys of one KV head: all of them, or the
+        keys at `rows` (M,) only: (R, N or M)."""
+        codes = self.codes[head] if rows is None else self.codes[head].index_select(0, rows)
+        if self.scales is None:
+            return torch.matmul(q.to(codes.dtype), codes.T).float()
+        # the query's own scale is one positive factor per row: it cannot change a ranking, so it is dropped
+        q_codes, _ = quantize_int8(q * self.scales[head])
+        # (N, D) codes read through a transposed view: the layout _int_mm scans fastest
+        return torch._int_mm(q_codes, codes.t()) if out is None else torch._int_mm(q_codes, codes.t(), out=out)
