@@ -1,6 +1,7 @@
-"""Approximate search (faiss IVF + exact re-ranking) against exact search: planted neighbours are found, probing
-every cell reproduces exact search, generation through an index equals exact generation when the index is
-exhaustive, and indexes are saved with the memory, reused after loading and rebuilt after edits."""
+"""Approximate search (IVF over an int8 scan + exact re-ranking) against exact search: planted neighbours are
+found, probing every cell reproduces exact search, generation through an index equals exact generation when the
+index is exhaustive, and indexes are saved with the memory, reused after loading and rebuilt after edits; the
+low-precision scans shortlist the exact top-k."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def test_planted_neighbours_are_found():
 def test_probing_every_cell_equals_exact_search():
     torch.manual_seed(1)
     keys, queries = torch.randn(3, 4000, 16), torch.randn(2, 3, 7, 16)
-    # every cell probed; the lists hold float16 keys, so 2k candidates leave room for rounding at the k-th place
+    # every cell probed: the int8 scan's shortlist (2k + 8) leaves room for rounding at the k-th place
     settings = IndexSettings(nlist=32, nprobe=32, candidates=2)
     scores, cand = approximate_candidates(queries, keys, LayerIndex.build(keys, settings), 10, settings)
     exact = torch.matmul(queries, keys.transpose(1, 2)).topk(10, dim=-1)
@@ -146,3 +147,36 @@ def test_fast_topk_finds_the_largest_values(n):
     planted = torch.full((1, 1, 1, n), -1.0)
     planted[..., -1] = 5.0  # in the partial last block
     assert fast_topk(planted, 3)[0, 0, 0, 0] == n - 1
+
+
+@pytest.mark.parametrize("kind", ["int8", "bfloat16"])
+def test_scan_shortlist_holds_the_exact_top_k(kind, monkeypatch):
+    from extended_mind import scan
+    from extended_mind.attention import fast_topk
+
+    monkeypatch.setattr(scan, "int8_matmul_available", lambda: kind == "int8")
+    monkeypatch.setattr(scan, "fast_bfloat16", lambda device: True)
+    torch.manual_seed(3)
+    # keys of very different norms and a few large dimensions, as attention keys have
+    keys = torch.randn(2, 9000, 64) * torch.rand(2, 9000, 1) * 3
+    keys[..., :4] *= 8
+    queries = torch.randn(1, 2, 6, 64)
+    key_scan = scan.KeyScan.build(keys)
+    assert key_scan.kind == kind
+    for k in (1, 10, 32):
+        shortlist = fast_topk(key_scan.scores(queries), scan.shortlist_size(k, 9000))
+        exact = torch.matmul(queries, keys.transpose(1, 2)).topk(k, dim=-1).indices
+        assert (exact.unsqueeze(-1) == shortlist.unsqueeze(-2)).any(-1).all()
+
+
+def test_an_index_that_does_not_fit_the_memory_is_refused():
+    torch.manual_seed(4)
+    keys = torch.randn(2, 1000, 16)
+    index = LayerIndex.build(keys, IndexSettings(nlist=8))
+    tensors = index.to_tensors(0)
+    LayerIndex.from_tensors(tensors, 0, 1000)  # fits
+    with pytest.raises(ValueError, match="does not describe 1001 keys"):
+        LayerIndex.from_tensors(tensors, 0, 1001)
+    tensors["0.order"] = tensors["0.order"] + 5  # points past the last key
+    with pytest.raises(ValueError):
+        LayerIndex.from_tensors(tensors, 0, 1000)

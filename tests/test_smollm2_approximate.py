@@ -1,4 +1,4 @@
-"""SmolLM2 with approximate search (faiss IVF, re-ranked exactly): the counterfactual article and a passkey are
+"""SmolLM2 with approximate search (IVF over int8 keys, re-ranked exactly): the counterfactual article and a passkey are
 answered and cited as with exact search, including after the index was saved with the memory and loaded."""
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ Attention keys defeat graph indexes (HNSW recall 0.05-0.79 in ../shared/DESIGN.m
 IVF. Keys are split into `nlist` k-means cells (trained with faiss on the centred keys, so that the cells split the
 keys by what differs between them rather than by their large shared part) and stored grouped by cell. A query
 ranks the cells by q . centroid and probes the best `nprobe`; the queries of one KV head in one call (the grouped
-query heads of a decoded token, or a block of prompt tokens) scan the union of their cells with one matrix
-multiply, which costs what an exact scan over that fraction of the memory costs. The scan only shortlists: the
+query heads of a decoded token, or a block of prompt tokens) gather the keys of the union of their cells from the
+compact copy and scan them with one matrix multiply. The scan only shortlists: the
 shortlisted keys are scored exactly (q . k, in the model's dtype), so approximation can only miss a key, never
 misorder or misscore the ones it returns. Search is plain torch, so it runs wherever the model runs (CUDA too).
 """
@@ -28,7 +28,9 @@ try:
 except ImportError:  # pragma: no cover - faiss-cpu is a dependency; this names the problem if it is missing
     faiss = None
 
-DEFAULT_APPROX_THRESHOLD = 65_536  # memory tokens from which search is approximate, unless the caller says otherwise
+# Memory tokens from which "auto" search is approximate. On the CPU measured (docs/speed.md) the int8 exact scan beat
+# the IVF path at every size up to 262,144 tokens, so auto stays exact well past that.
+DEFAULT_APPROX_THRESHOLD = 1_048_576
 # A head's queries whose probed cells cover more than this share of the keys scan all of them, in place: cheaper
 # than gathering the cells' keys first.
 _FULL_SCAN_SHARE = 0.6
@@ -173,11 +175,12 @@ def approximate_candidates(
         head, cell = mask.nonzero(as_tuple=True)
         starts, ends = index.offsets[head, cell], index.offsets[head, cell + 1]
         per_head = torch.zeros(h, dtype=torch.long, device=q.device).index_add_(0, head, ends - starts).tolist()
-        positions = _ranges(starts, ends).split(per_head)
+        positions = _ranges(starts, ends).split(per_head)  # each head's probed keys, in cell order
+        prepared = scan.query(qs)
         for j in range(h):
-            qj = qs[j]
-            if per_head[j] > _FULL_SCAN_SHARE * n:  # nearly everything is probed: scan all keys in place
-                rank, where = scan.head_scores(qj, j), None
+            qj = prepared[j]
+            if per_head[j] > _FULL_SCAN_SHARE * n:
+                rank, where = scan.head_scores(qj, j), None  # nearly everything is probed: scan it all in place
             else:
                 rank, where = scan.head_scores(qj, j, positions[j]), positions[j]
             take = min(count, rank.shape[-1])

@@ -14,7 +14,7 @@ from .documents import Document, load_documents
 from .errors import ExtendedMindError, PromptTooLongError
 from .generation import DecodeSettings, GenerationResult, TokenStream
 from .identity import ModelIdentity
-from .index import DEFAULT_APPROX_THRESHOLD, IndexSettings, require_faiss
+from .index import DEFAULT_APPROX_THRESHOLD, IndexSettings
 from .loading import load_model
 from .memorize import encode_documents, memorize_encoded
 from .memory import Memory
@@ -166,8 +166,6 @@ class ExtendedMind:
         if mem is None:
             return None, 0, {}
         approximate = search == "approximate" or (search == "auto" and mem.num_tokens >= approx_threshold)
-        if approximate:
-            require_faiss()
         settings = (index or IndexSettings()) if approximate and topk > 0 and mem.num_tokens else None
         layers = prepare_layers(mem, position_policy, self.device, self.model.dtype, memory_layers, settings)
         return mem, prompt_offset(mem, position_policy), layers
@@ -284,7 +282,7 @@ class ExtendedMind:
         similarity_threshold (None), position_policy ("stored"), memory_layers (None: all), uncertainty_threshold
         (None: off), topk_step (2), temperature (0: greedy), seed (None), stop (None: strings that end the answer),
         citation_weighting ("attention_value": attention probability x value norm; "attention": probability alone),
-        search ("auto": approximate from approx_threshold memory tokens (65,536) on, else exact; "exact";
+        search ("auto": approximate from approx_threshold memory tokens (1,048,576) on, else exact; "exact";
         "approximate"), index (IndexSettings: IVF cells, nprobe, candidates re-ranked per retrieved key).
         """
         stream = self.stream(prompt, memory=memory, **options)

@@ -80,31 +80,38 @@ class KeyScan:
 
     @property
     def kind(self) -> str:
-        return "int8" if self.scales is not None else "bfloat16"
+        return "int8" if self.scales is not None else str(self.codes.dtype).removeprefix("torch.")
+
+    def query(self, q: torch.Tensor) -> torch.Tensor:
+        """Queries (..., H, R, D) in the form the scan multiplies: int8 codes of q times the per-dimension scales
+        (quantized per row: the row's own scale is one positive factor, which cannot change a ranking, so it is
+        dropped), or bfloat16."""
+        if self.scales is None:
+            return q.to(self.codes.dtype)
+        return quantize_int8(q * self.scales)[0]
 
     def scores(self, q: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """Ranking scores of every key for queries q (B, H, R, D): (B, H, R, N), equal to q . key up to a positive
         factor per query row (and the scan's rounding); int32 from an int8 scan, else float32. With `weights`
         (H, N) the scores are multiplied by them (float32)."""
+        qp = self.query(q)
         if self.scales is None:
-            scores = torch.matmul(q.to(self.codes.dtype), self.codes.transpose(1, 2)).float()
+            scores = torch.matmul(qp, self.codes.transpose(1, 2)).float()
         else:
             b, h, rows, _ = q.shape
             scores = torch.empty((b, h, rows, self.codes.shape[1]), dtype=torch.int32, device=q.device)
             for i in range(b):
                 for j in range(h):
-                    self.head_scores(q[i, j], j, out=scores[i, j])
+                    # (N, D) codes read through a transposed view: the layout _int_mm scans fastest
+                    torch._int_mm(qp[i, j], self.codes[j].t(), out=scores[i, j])
         return scores if weights is None else scores * weights[None, :, None, :]
 
-    def head_scores(
-        self, q: torch.Tensor, head: int, rows: torch.Tensor | None = None, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Ranking scores (as `scores`) of queries q (R, D) against the keys of one KV head: all of them, or the
-        keys at `rows` (M,) only: (R, N or M)."""
-        codes = self.codes[head] if rows is None else self.codes[head].index_select(0, rows)
+    def _head_matmul(self, qp: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         if self.scales is None:
-            return torch.matmul(q.to(codes.dtype), codes.T).float()
-        # the query's own scale is one positive factor per row: it cannot change a ranking, so it is dropped
-        q_codes, _ = quantize_int8(q * self.scales[head])
-        # (N, D) codes read through a transposed view: the layout _int_mm scans fastest
-        return torch._int_mm(q_codes, codes.t()) if out is None else torch._int_mm(q_codes, codes.t(), out=out)
+            return torch.matmul(qp, codes.T).float()
+        return torch._int_mm(qp, codes.t())
+
+    def head_scores(self, qp: torch.Tensor, head: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Ranking scores (as `scores`) of prepared queries qp (R, D) against the keys of one KV head: all of
+        them, or the keys at `rows` (M,) only: (R, N or M)."""
+        return self._head_matmul(qp, self.codes[head] if rows is None else self.codes[head].index_select(0, rows))

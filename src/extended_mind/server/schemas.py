@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..index import DEFAULT_APPROX_THRESHOLD
+
 MEMORY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 MemoryName = Annotated[str, Field(pattern=MEMORY_NAME_PATTERN, description="letters, digits, '_', '.', '-'")]
 
@@ -27,7 +29,8 @@ class MemoryOptions(BaseModel):
     position_policy: Literal["zero", "stored"] | None = None
     ranking: Literal["logit", "cosine"] | None = None
     search: Literal["auto", "exact", "approximate"] | None = Field(
-        default=None, description="top-k search: approximate (IVF index) from 65,536 memory tokens on when auto"
+        default=None,
+        description=f"top-k search: approximate (IVF index) from {DEFAULT_APPROX_THRESHOLD:,} memory tokens when auto",
     )
 
 
