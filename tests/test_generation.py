@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import bisect
+
+import pytest
 import torch
 
+from extended_mind.citations import cite
 from extended_mind.generation import entropy
 
 DOC = "The pass key is 71234. Remember it. " * 3 + "Grass is green and the sky is blue. " * 6
@@ -95,3 +99,46 @@ def test_a_tiny_temperature_samples_the_greedy_token(tiny_mind):
     greedy = tiny_mind.generate("abc", max_new_tokens=5, chat=False)
     tiny = tiny_mind.generate("abc", max_new_tokens=5, chat=False, temperature=5e-324, seed=1)  # found by fuzzing
     assert [t.id for t in tiny.tokens] == [t.id for t in greedy.tokens]
+
+
+def _cite_by_loop(memory, indices, weights, max_spans, min_share=0.1):
+    """Sentence groups of weighted tokens, one token at a time (the previous implementation): the oracle for the
+    vectorized `cite`. Returns (doc, start, end, weight) per span."""
+    from extended_mind.citations import _CONTEXT_CHARS, _MAX_SPAN_CHARS, _sentences
+
+    groups: dict[tuple[int, int], list] = {}
+    for t, w in zip(indices.tolist(), weights.tolist()):
+        d = int(memory.token_doc[t])
+        s, e = memory.token_spans[t].tolist()
+        starts, _ = _sentences(memory.documents[d].text)
+        i = max(0, bisect.bisect_right(starts, s) - 1)
+        g = groups.setdefault((d, i), [0.0, s, e])
+        g[0] += w
+        g[1], g[2] = min(g[1], s), max(g[2], e)
+    ranked = sorted(groups.items(), key=lambda kv: (-kv[1][0], kv[0]))[:max_spans]
+    out = []
+    for (d, i), (w, s, e) in ranked:
+        if w < min_share * ranked[0][1][0]:
+            break
+        starts, ends = _sentences(memory.documents[d].text)
+        lo, hi = starts[i], ends[i]
+        if hi - lo > _MAX_SPAN_CHARS:
+            lo, hi = max(lo, s - _CONTEXT_CHARS), min(hi, e + _CONTEXT_CHARS)
+        out.append((memory.documents[d].id, lo, hi, w))
+    return out
+
+
+def test_vectorized_citations_match_token_by_token_grouping(tiny_mind):
+    long_sentence = "word " * 120 + "end."  # a run-on sentence: cut around the cited tokens
+    memory = tiny_mind.memorize([DOC, "Rivers. Lakes! Seas?\nOceans", long_sentence], ids=["a", "b", "c"])
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        indices = torch.randint(0, memory.num_tokens, (40,), generator=gen).unique()
+        weights = torch.rand(len(indices), generator=gen)
+        got = cite(memory, indices, weights, max_spans=5)
+        expected = _cite_by_loop(memory, indices, weights, max_spans=5)
+        assert [(c.doc, c.start, c.end) for c in got] == [x[:3] for x in expected], trial
+        assert [c.weight for c in got] == pytest.approx([x[3] for x in expected], abs=1e-5)
+        for c in got:
+            text = {"a": DOC, "b": "Rivers. Lakes! Seas?\nOceans", "c": long_sentence}[c.doc]
+            assert c.text == text[c.start : c.end].strip() and c.end - c.start <= 400 + 2 * 120

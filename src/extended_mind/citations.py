@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import bisect
 import re
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -54,34 +53,57 @@ def sparse_sum(indices: list[torch.Tensor], weights: list[torch.Tensor]) -> tupl
     return uniq, torch.zeros(len(uniq), device=w.device).scatter_add_(0, inverse, w)
 
 
+def token_sentences(memory: Memory) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sentence of every memory token: (token_sentence (N,) global sentence ids, sentence_doc (S,) document index,
+    doc_first (D,) global id of each document's first sentence). Built once per memory content (a flat view)."""
+
+    def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        spans, token_doc = memory.token_spans, memory.token_doc.long()
+        token_sentence = torch.empty(len(token_doc), dtype=torch.long)
+        sentence_doc, doc_first, first = [], [], 0
+        for d, doc in enumerate(memory.documents):
+            starts = _sentences(doc.text)[0]
+            mine = (token_doc == d).nonzero().squeeze(1)
+            local = torch.searchsorted(torch.tensor(starts, dtype=torch.long), spans[mine, 0].long(), right=True)
+            token_sentence[mine] = first + (local - 1).clamp_min(0)
+            doc_first.append(first)
+            sentence_doc += [d] * max(1, len(starts))
+            first += max(1, len(starts))
+        return token_sentence, torch.tensor(sentence_doc, dtype=torch.long), torch.tensor(doc_first, dtype=torch.long)
+
+    return memory._cat("sentences", build)
+
+
 def cite(
     memory: Memory, indices: torch.Tensor, weights: torch.Tensor, max_spans: int = 5, min_share: float = 0.1
 ) -> list[Citation]:
     """Group weighted memory tokens into sentence spans, strongest first.
 
-    A span keeps the sum of its tokens' weights; spans under `min_share` of the strongest are dropped.
+    A span keeps the sum of its tokens' weights; spans under `min_share` of the strongest are dropped. Vectorized:
+    it runs for every generated token, over the few thousand memory tokens all layers and heads retrieved.
     """
     if len(indices) == 0:
         return []
-    indices, weights = indices.cpu(), weights.cpu().float()
-    docs = memory.token_doc[indices].tolist()
-    spans = memory.token_spans[indices].tolist()
-    groups: dict[tuple[int, int], list] = {}
-    for d, (s, e), w in zip(docs, spans, weights.tolist()):
-        starts, ends = _sentences(memory.documents[d].text)
-        i = max(0, bisect.bisect_right(starts, s) - 1)
-        g = groups.setdefault((d, i), [0.0, s, e])
-        g[0] += w
-        g[1], g[2] = min(g[1], s), max(g[2], e)
-    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])
-    top = ranked[0][1][0]
+    indices, weights = indices.cpu().long(), weights.cpu().float()
+    token_sentence, sentence_doc, doc_first = token_sentences(memory)
+    sentence, group = torch.unique(token_sentence[indices], return_inverse=True)
+    total = torch.zeros(len(sentence)).scatter_add_(0, group, weights)
+    spans = memory.token_spans[indices].long()
+    lo_tok = torch.full((len(sentence),), torch.iinfo(torch.long).max).scatter_reduce_(0, group, spans[:, 0], "amin")
+    hi_tok = torch.zeros(len(sentence), dtype=torch.long).scatter_reduce_(0, group, spans[:, 1], "amax")
+    order = torch.argsort(total, descending=True, stable=True)[:max_spans].tolist()
+    top = float(total[order[0]])
     out = []
-    for (d, i), (w, s, e) in ranked[:max_spans]:
+    for g in order:
+        w = float(total[g])
         if w < min_share * top:
             break
+        d = int(sentence_doc[sentence[g]])
+        i = int(sentence[g] - doc_first[d])
+        s, e = int(lo_tok[g]), int(hi_tok[g])
         text = memory.documents[d].text
         starts, ends = _sentences(text)
-        lo, hi = starts[i], ends[i]
+        lo, hi = (starts[i], ends[i]) if starts else (0, len(text))
         if hi - lo > _MAX_SPAN_CHARS:  # a run-on "sentence": keep the cited tokens with some context
             lo, hi = max(lo, s - _CONTEXT_CHARS), min(hi, e + _CONTEXT_CHARS)
         out.append(Citation(doc=memory.documents[d].id, start=lo, end=hi, text=text[lo:hi].strip(), weight=round(w, 6)))

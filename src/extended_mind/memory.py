@@ -206,7 +206,7 @@ class Memory:
 
     # ---- flat views over all documents, as the attention layers read them ----
 
-    def _cat(self, name: str, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def _cat(self, name: str, build: Callable[[], Any]) -> Any:
         if name not in self._flat:
             self._flat[name] = build()
         return self._flat[name]
