@@ -30,6 +30,7 @@ import torch
 from extended_mind import ExtendedMind, Memory
 from extended_mind import attention as attention_module
 from extended_mind.documents import Document
+from extended_mind.native import scan_kernel
 
 PROMPTS = [
     "Explain what the yield statement does in a function.",
@@ -227,7 +228,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     mind = ExtendedMind.from_pretrained()
     docs = real_documents(mind.tokenizer, args.real_tokens)
-    results: dict = {"threads": args.threads, "topk": args.topk, "storage": args.storage, "rows": []}
+    # how exact search scans keys here: the compiled AVX512-VNNI kernel, or torch._int_mm without it
+    exact_scan = "int8 VNNI kernel" if scan_kernel() is not None else "int8 torch._int_mm"
+    results: dict = {"threads": args.threads, "topk": args.topk, "storage": args.storage, "exact_scan": exact_scan}
+    results["rows"] = []
     if not args.skip_memorize:
         print("memorization throughput ...", flush=True)
         results["memorize"] = memorize_ratio(mind, docs, args.repeats)
@@ -300,7 +304,8 @@ def write_table(results: dict, out: Path) -> None:
     nm = results["no_memory"]
     lines = [
         f"No memory: {nm['decode_ms']:.1f} ms/token, 500-token prefill {nm['prefill_500_ms']:.0f} ms "
-        f"({results['threads']} thread(s), top-k {results['topk']}, {results['storage']} memory).",
+        f"({results['threads']} thread(s), top-k {results['topk']}, {results['storage']} memory, exact scan: "
+        f"{results.get('exact_scan', 'int8 torch._int_mm')}).",
         "",
         "| memory tokens | exact ms/token (x) | approx ms/token (x) | reference copy (x) | recall@k all / decode | "
         "prefill 500 exact / approx (x) | index build s | peak RSS exact / approx MB |",

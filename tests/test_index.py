@@ -113,9 +113,24 @@ def test_indexes_are_saved_reused_and_rebuilt_after_edits(tiny_mind: ExtendedMin
     assert len(files) == 2 + 1 + 1  # two documents, rotary tables, one index (the stale one was deleted)
 
 
-@pytest.mark.parametrize("kind", ["int8", "bfloat16"])
+SCAN_KINDS = ["int8", "int8-vnni", "bfloat16"]
+
+
+def _use_scan(kind: str, monkeypatch) -> None:
+    """Make KeyScan.build choose `kind` (int8-vnni: the compiled kernel, skipped where it cannot be built)."""
+    from extended_mind import native, scan
+
+    if kind == "int8-vnni" and native.scan_kernel() is None:
+        pytest.skip("the int8 scan kernel cannot be built or used on this machine")
+    monkeypatch.setattr(scan, "fast_bfloat16", lambda device: True)
+    monkeypatch.setattr(scan, "int8_matmul_available", lambda: kind != "bfloat16")
+    if kind == "int8":
+        monkeypatch.setattr(scan, "scan_kernel", lambda: None)
+
+
+@pytest.mark.parametrize("kind", SCAN_KINDS)
 def test_low_precision_scan_with_exact_rescoring_equals_the_float32_scan(tiny_mind: ExtendedMind, monkeypatch, kind):
-    from extended_mind import positions, scan
+    from extended_mind import positions
 
     memory = tiny_mind.memorize(TEXT)
     ids = torch.tensor([tiny_mind.encode_prompt("The secret", chat=False)])
@@ -125,8 +140,7 @@ def test_low_precision_scan_with_exact_rescoring_equals_the_float32_scan(tiny_mi
         plain = tiny_mind.generate("The secret", memory=memory, max_new_tokens=8, chat=False, **options)
         plain_logits = tiny_mind.logits(ids, memory=memory, **options)
         monkeypatch.setattr(positions, "LOW_PRECISION_SCAN_MIN", 0)
-        monkeypatch.setattr(scan, "fast_bfloat16", lambda device: True)
-        monkeypatch.setattr(scan, "int8_matmul_available", lambda: kind == "int8")
+        _use_scan(kind, monkeypatch)
         memory._prepared.clear()
         scanned = tiny_mind.generate("The secret", memory=memory, max_new_tokens=8, chat=False, **options)
         assert next(iter(memory._prepared.values()))[0].scan.kind == kind
@@ -149,24 +163,53 @@ def test_fast_topk_finds_the_largest_values(n):
     assert fast_topk(planted, 3)[0, 0, 0, 0] == n - 1
 
 
-@pytest.mark.parametrize("kind", ["int8", "bfloat16"])
+@pytest.mark.parametrize("kind", SCAN_KINDS)
 def test_scan_shortlist_holds_the_exact_top_k(kind, monkeypatch):
     from extended_mind import scan
     from extended_mind.attention import fast_topk
 
-    monkeypatch.setattr(scan, "int8_matmul_available", lambda: kind == "int8")
-    monkeypatch.setattr(scan, "fast_bfloat16", lambda device: True)
+    _use_scan(kind, monkeypatch)
     torch.manual_seed(3)
-    # keys of very different norms and a few large dimensions, as attention keys have
-    keys = torch.randn(2, 9000, 64) * torch.rand(2, 9000, 1) * 3
+    # keys of very different norms and a few large dimensions, as attention keys have; 9001: a partial last block
+    n = 9001
+    keys = torch.randn(2, n, 64) * torch.rand(2, n, 1) * 3
     keys[..., :4] *= 8
-    queries = torch.randn(1, 2, 6, 64)
+    queries = torch.randn(2, 2, 6, 64)
     key_scan = scan.KeyScan.build(keys)
     assert key_scan.kind == kind
+    scores = key_scan.scores(queries)
+    assert scores.shape == (2, 2, 6, n)
     for k in (1, 10, 32):
-        shortlist = fast_topk(key_scan.scores(queries), scan.shortlist_size(k, 9000))
+        size = scan.shortlist_size(k, n)
+        shortlist = key_scan.shortlist(queries, size)
+        assert shortlist.shape == (2, 2, 6, size) and int(shortlist.max()) < n
+        assert (shortlist.sort(-1).values.diff(dim=-1) > 0).all()  # no key twice
+        # the scan's own best `size` keys (up to ties at the last place) ...
+        assert torch.equal(
+            scores.gather(-1, shortlist).sort(-1).values, scores.gather(-1, fast_topk(scores, size)).sort(-1).values
+        )
+        # ... hold the exact top-k
         exact = torch.matmul(queries, keys.transpose(1, 2)).topk(k, dim=-1).indices
         assert (exact.unsqueeze(-1) == shortlist.unsqueeze(-2)).any(-1).all()
+
+
+def test_int8_kernel_scores_equal_int_mm():
+    from extended_mind import native
+
+    kernel = native.scan_kernel()
+    if kernel is None:
+        pytest.skip("the int8 scan kernel cannot be built or used on this machine")
+    torch.manual_seed(5)
+    for n, rows in ((1, 1), (15, 3), (16, 4), (33, 5), (5000, 9)):
+        codes = torch.randint(-127, 128, (3, n, 64), dtype=torch.int8)
+        q = torch.randint(-127, 128, (3, rows, 64), dtype=torch.int8)
+        packed, colsums = native.pack_keys(codes)
+        expected = torch.stack([q[h].int() @ codes[h].int().t() for h in range(3)])
+        assert torch.equal(kernel.scan_int8(q, packed, colsums)[..., :n], expected)
+        best = kernel.scan_int8_topk(q, packed, colsums, n, min(n, 7))
+        assert torch.equal(expected.gather(-1, best).sort(-1).values, expected.topk(min(n, 7)).values.sort(-1).values)
+    with pytest.raises(RuntimeError, match="size <= keys"):
+        kernel.scan_int8_topk(q, packed, colsums, n, n + 1)
 
 
 def test_an_index_that_does_not_fit_the_memory_is_refused():

@@ -114,7 +114,7 @@ class LayerIndex:
     def scan_of(self, keys: torch.Tensor) -> KeyScan:
         """The compact scan copy of keys (H, N, D), in cell order."""
         grouped = keys.gather(1, self.order.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))
-        return KeyScan.build(grouped) or KeyScan(grouped, None)
+        return KeyScan.build(grouped, packed=False) or KeyScan(grouped, None, num_keys=grouped.shape[1])
 
     def to(self, device: torch.device) -> LayerIndex:
         return LayerIndex(self.centroids.to(device), self.order.to(device), self.offsets.to(device))

@@ -22,6 +22,8 @@ from functools import lru_cache
 
 import torch
 
+from .native import pack_keys, scan_kernel
+
 # The shortlist: SHORTLIST_FACTOR x k + SHORTLIST_EXTRA candidates per query, scored exactly afterwards.
 SHORTLIST_FACTOR = 2
 SHORTLIST_EXTRA = 8
@@ -61,25 +63,34 @@ def quantize_int8(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.T
 
 @dataclass
 class KeyScan:
-    """A compact copy of one layer's keys (H, N, D) for shortlisting: int8 codes with per-dimension scales, or
-    bfloat16."""
+    """A compact copy of one layer's keys (H, N, D) for shortlisting: int8 codes with per-dimension scales (packed
+    for the compiled kernel when it is available, native.py), or bfloat16."""
 
-    codes: torch.Tensor  # (H, N, D) int8 or bfloat16
+    codes: torch.Tensor | None  # (H, N, D) int8 or bfloat16; None when packed
     scales: torch.Tensor | None  # (H, 1, D) float32 for int8
+    packed: torch.Tensor | None = None  # (H, B, D * 16) int8 in the kernel's layout (native.pack_keys)
+    colsums: torch.Tensor | None = None  # (H, B * 16) int32
+    num_keys: int = 0
 
     @classmethod
-    def build(cls, keys: torch.Tensor) -> KeyScan | None:
+    def build(cls, keys: torch.Tensor, packed: bool = True) -> KeyScan | None:
         """The fastest scan for keys (H, N, D) on their device, or None when scanning the keys themselves is as
-        fast (half-precision keys on a GPU, or no fast low-precision matmul)."""
+        fast (half-precision keys on a GPU, or no fast low-precision matmul). `packed=False` keeps the codes in
+        rows, for scans of selected keys (`head_scores`)."""
+        n = keys.shape[1]
         if keys.device.type == "cpu" and int8_matmul_available():
             codes, scales = quantize_int8(keys, dim=1)
-            return cls(codes.contiguous(), scales)
+            if packed and keys.shape[-1] % 4 == 0 and scan_kernel() is not None:
+                return cls(None, scales, *pack_keys(codes), num_keys=n)
+            return cls(codes.contiguous(), scales, num_keys=n)
         if keys.dtype == torch.float32 and fast_bfloat16(keys.device):
-            return cls(keys.to(torch.bfloat16).contiguous(), None)
+            return cls(keys.to(torch.bfloat16).contiguous(), None, num_keys=n)
         return None
 
     @property
     def kind(self) -> str:
+        if self.packed is not None:
+            return "int8-vnni"
         return "int8" if self.scales is not None else str(self.codes.dtype).removeprefix("torch.")
 
     def query(self, q: torch.Tensor) -> torch.Tensor:
@@ -95,7 +106,11 @@ class KeyScan:
         factor per query row (and the scan's rounding); int32 from an int8 scan, else float32. With `weights`
         (H, N) the scores are multiplied by them (float32)."""
         qp = self.query(q)
-        if self.scales is None:
+        if self.packed is not None:
+            kernel = scan_kernel()
+            n = self.num_keys
+            scores = torch.stack([kernel.scan_int8(qp[i], self.packed, self.colsums)[..., :n] for i in range(len(q))])
+        elif self.scales is None:
             scores = torch.matmul(qp, self.codes.transpose(1, 2)).float()
         else:
             b, h, rows, _ = q.shape
@@ -106,6 +121,18 @@ class KeyScan:
                     torch._int_mm(qp[i, j], self.codes[j].t(), out=scores[i, j])
         return scores if weights is None else scores * weights[None, :, None, :]
 
+    def shortlist(self, q: torch.Tensor, size: int) -> torch.Tensor:
+        """Indices (B, H, R, size) of the keys with the best ranking scores (as `scores`) for queries q (B, H, R, D),
+        in no particular order. The kernel keeps them while it scans; otherwise the scores are ranked."""
+        if self.packed is None:
+            from .attention import fast_topk
+
+            return fast_topk(self.scores(q), size)
+        kernel, qp = scan_kernel(), self.query(q)
+        return torch.stack(
+            [kernel.scan_int8_topk(qp[i], self.packed, self.colsums, self.num_keys, size) for i in range(len(q))]
+        )
+
     def _head_matmul(self, qp: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         if self.scales is None:
             return torch.matmul(qp, codes.T).float()
@@ -113,5 +140,7 @@ class KeyScan:
 
     def head_scores(self, qp: torch.Tensor, head: int, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Ranking scores (as `scores`) of prepared queries qp (R, D) against the keys of one KV head: all of
-        them, or the keys at `rows` (M,) only: (R, N or M)."""
+        them, or the keys at `rows` (M,) only: (R, N or M). Needs the codes in rows (`build(packed=False)`)."""
+        if self.codes is None:
+            raise ValueError("head_scores needs a scan built with packed=False")
         return self._head_matmul(qp, self.codes[head] if rows is None else self.codes[head].index_select(0, rows))

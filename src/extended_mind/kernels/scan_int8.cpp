@@ -1,0 +1,178 @@
+// int8 scan of memory keys with AVX512-VNNI, for decode-sized query batches.
+//
+// Keys are packed per head in blocks of 16 keys: block b holds, for each group of 4 dimensions g, the 4 int8 codes
+// of its 16 keys (64 bytes), so one vpdpbusd multiplies 4 dimensions of one query row with 16 keys at once. vpdpbusd
+// takes unsigned x signed bytes: the query is shifted to unsigned (q + 128) and 128 * (sum of the key's codes) is
+// subtracted afterwards. `scan_int8_topk` keeps only the best `size` keys per query row while it scans, so neither
+// the (rows x keys) score matrix nor a top-k pass over it is ever materialized.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+namespace {
+
+// Per query row: the query's 4-byte groups as unsigned bytes, broadcast by vpdpbusd.
+std::vector<uint32_t> unsigned_groups(const int8_t* q, int64_t rows, int64_t dim) {
+  const int64_t groups = dim / 4;
+  std::vector<uint32_t> out(rows * groups);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      uint8_t b[4];
+      for (int t = 0; t < 4; ++t) b[t] = static_cast<uint8_t>(static_cast<int>(q[r * dim + 4 * g + t]) + 128);
+      std::memcpy(&out[r * groups + g], b, 4);
+    }
+  return out;
+}
+
+// Scores of NR query rows against key block `block`: acc[r] holds the 16 keys' q . k.
+template <int NR>
+inline void block_scores(const uint32_t* qu, int64_t groups, const int8_t* block, const int32_t* colsum,
+                         __m512i* acc) {
+  for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_si512();
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512i k = _mm512_loadu_si512(static_cast<const void*>(block + g * 64));
+    for (int r = 0; r < NR; ++r) acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_set1_epi32(static_cast<int>(qu[r * groups + g])), k);
+  }
+  const __m512i shift = _mm512_slli_epi32(_mm512_loadu_si512(static_cast<const void*>(colsum)), 7);
+  for (int r = 0; r < NR; ++r) acc[r] = _mm512_sub_epi32(acc[r], shift);
+}
+
+template <int NR>
+void scores_rows(const uint32_t* qu, int64_t groups, const int8_t* packed, const int32_t* colsum, int64_t blocks,
+                 int32_t* out, int64_t ld) {
+  __m512i acc[NR];
+  for (int64_t b = 0; b < blocks; ++b) {
+    block_scores<NR>(qu, groups, packed + b * groups * 64, colsum + b * 16, acc);
+    for (int r = 0; r < NR; ++r) _mm512_storeu_si512(static_cast<void*>(out + r * ld + b * 16), acc[r]);
+  }
+}
+
+// The best `size` (score, key) pairs of one row, kept in a buffer that is cut back to `size` when it fills up;
+// `floor` is then the size-th best score, and a block is only looked at when it has a key above it.
+struct RowBest {
+  std::vector<std::pair<int32_t, int64_t>> items;
+  int32_t floor = INT32_MIN;
+
+  void cut(int64_t size) {
+    std::nth_element(items.begin(), items.begin() + (size - 1), items.end(),
+                     [](const auto& a, const auto& b) { return a.first > b.first; });
+    items.resize(size);
+    floor = items[size - 1].first;
+  }
+};
+
+// Rare path, kept out of the scan loop (a call there would force the accumulators through memory): add the keys
+// of block `b` that beat their row's floor.
+template <int NR>
+__attribute__((noinline)) void add_above(const int32_t (*lane)[16], const __mmask16* above, int64_t b, int64_t valid,
+                                         int64_t size, RowBest* best) {
+  const int64_t capacity = 4 * size + 16;
+  for (int r = 0; r < NR; ++r) {
+    for (__mmask16 m = above[r]; m; m &= m - 1) {
+      const int bit = __builtin_ctz(m);
+      const int64_t key = b * 16 + bit;
+      if (key < valid) best[r].items.emplace_back(lane[r][bit], key);
+    }
+    if (static_cast<int64_t>(best[r].items.size()) >= capacity) best[r].cut(size);
+  }
+}
+
+template <int NR>
+void topk_rows(const uint32_t* qu, int64_t groups, const int8_t* packed, const int32_t* colsum, int64_t blocks,
+               int64_t valid, int64_t size, RowBest* best) {
+  __m512i acc[NR];
+  alignas(64) int32_t lane[NR][16];
+  __mmask16 above[NR];
+  for (int64_t b = 0; b < blocks; ++b) {
+    block_scores<NR>(qu, groups, packed + b * groups * 64, colsum + b * 16, acc);
+    __mmask16 any = 0;
+    for (int r = 0; r < NR; ++r) {
+      above[r] = _mm512_cmpgt_epi32_mask(acc[r], _mm512_set1_epi32(best[r].floor));
+      any |= above[r];
+    }
+    if (__builtin_expect(any != 0, 0)) {
+      for (int r = 0; r < NR; ++r) _mm512_store_si512(static_cast<void*>(lane[r]), acc[r]);
+      add_above<NR>(lane, above, b, valid, size, best);
+    }
+  }
+}
+
+template <typename F>
+void for_row_tiles(int64_t rows, F&& f) {
+  int64_t r0 = 0;
+  for (; r0 + 4 <= rows; r0 += 4) f(std::integral_constant<int, 4>{}, r0);
+  switch (rows - r0) {
+    case 3: f(std::integral_constant<int, 3>{}, r0); break;
+    case 2: f(std::integral_constant<int, 2>{}, r0); break;
+    case 1: f(std::integral_constant<int, 1>{}, r0); break;
+    default: break;
+  }
+}
+
+void check(const torch::Tensor& q, const torch::Tensor& packed, const torch::Tensor& colsum) {
+  TORCH_CHECK(q.dtype() == torch::kInt8 && packed.dtype() == torch::kInt8 && colsum.dtype() == torch::kInt32,
+              "scan_int8: int8 queries and keys, int32 column sums");
+  TORCH_CHECK(q.dim() == 3 && packed.dim() == 3 && colsum.dim() == 2, "scan_int8: (H, R, D), (H, B, D*16), (H, B*16)");
+  TORCH_CHECK(q.size(2) % 4 == 0 && packed.size(2) == q.size(2) * 16, "scan_int8: dimension must be a multiple of 4");
+  TORCH_CHECK(packed.size(0) == q.size(0) && colsum.size(0) == q.size(0) && colsum.size(1) == packed.size(1) * 16,
+              "scan_int8: shapes do not match");
+  TORCH_CHECK(packed.is_contiguous() && colsum.is_contiguous(), "scan_int8: packed keys must be contiguous");
+}
+
+}  // namespace
+
+// Scores of every key: q (H, R, D) int8, packed (H, B, D*16) int8, colsum (H, B*16) int32 -> (H, R, B*16) int32.
+torch::Tensor scan_int8(torch::Tensor q, torch::Tensor packed, torch::Tensor colsum) {
+  check(q, packed, colsum);
+  q = q.contiguous();
+  const int64_t heads = q.size(0), rows = q.size(1), dim = q.size(2), blocks = packed.size(1), groups = dim / 4;
+  auto out = torch::empty({heads, rows, blocks * 16}, torch::kInt32);
+  at::parallel_for(0, heads, 1, [&](int64_t h0, int64_t h1) {
+    for (int64_t h = h0; h < h1; ++h) {
+      const auto qu = unsigned_groups(q.data_ptr<int8_t>() + h * rows * dim, rows, dim);
+      const int8_t* p = packed.data_ptr<int8_t>() + h * blocks * groups * 64;
+      const int32_t* cs = colsum.data_ptr<int32_t>() + h * blocks * 16;
+      int32_t* o = out.data_ptr<int32_t>() + h * rows * blocks * 16;
+      for_row_tiles(rows, [&](auto nr, int64_t r0) {
+        scores_rows<decltype(nr)::value>(qu.data() + r0 * groups, groups, p, cs, blocks, o + r0 * blocks * 16,
+                                         blocks * 16);
+      });
+    }
+  });
+  return out;
+}
+
+// Indices (H, R, size) int64 of the `size` best of the first `valid` keys per query row (unordered).
+torch::Tensor scan_int8_topk(torch::Tensor q, torch::Tensor packed, torch::Tensor colsum, int64_t valid,
+                             int64_t size) {
+  check(q, packed, colsum);
+  TORCH_CHECK(size >= 1 && size <= valid && valid <= packed.size(1) * 16, "scan_int8_topk: need 1 <= size <= keys");
+  q = q.contiguous();
+  const int64_t heads = q.size(0), rows = q.size(1), dim = q.size(2), blocks = packed.size(1), groups = dim / 4;
+  auto out = torch::empty({heads, rows, size}, torch::kInt64);
+  at::parallel_for(0, heads, 1, [&](int64_t h0, int64_t h1) {
+    for (int64_t h = h0; h < h1; ++h) {
+      const auto qu = unsigned_groups(q.data_ptr<int8_t>() + h * rows * dim, rows, dim);
+      const int8_t* p = packed.data_ptr<int8_t>() + h * blocks * groups * 64;
+      const int32_t* cs = colsum.data_ptr<int32_t>() + h * blocks * 16;
+      int64_t* o = out.data_ptr<int64_t>() + h * rows * size;
+      for_row_tiles(rows, [&](auto nr, int64_t r0) {
+        constexpr int NR = decltype(nr)::value;
+        RowBest best[NR];
+        for (int r = 0; r < NR; ++r) best[r].items.reserve(4 * size + 32);
+        topk_rows<NR>(qu.data() + r0 * groups, groups, p, cs, blocks, valid, size, best);
+        for (int r = 0; r < NR; ++r) {
+          best[r].cut(size);
+          for (int64_t i = 0; i < size; ++i) o[(r0 + r) * size + i] = best[r].items[i].second;
+        }
+      });
+    }
+  });
+  return out;
+}

@@ -1,0 +1,76 @@
+"""The optional compiled int8 scan (kernels/scan_int8.cpp): AVX512-VNNI, built on first use.
+
+`torch._int_mm` reads int8 keys at about half the memory bandwidth when a query batch has a few rows (decode), and
+exact search then has to rank the (rows x keys) scores it wrote. The kernel scans packed keys at close to the
+bandwidth and keeps each row's shortlist while it scans. It is compiled once per machine with the compiler torch
+uses (into the extended-mind cache) and is optional: without a compiler, ninja or VNNI, search uses `_int_mm`.
+Set EXTENDED_MIND_NATIVE=0 to turn it off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from functools import lru_cache
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+NATIVE_ENV = "EXTENDED_MIND_NATIVE"
+_SOURCE = Path(__file__).parent / "kernels" / "scan_int8.cpp"
+# Keys per packed block: one 512-bit register holds 4 dimensions of 16 keys.
+BLOCK = 16
+
+
+def _cpu_has_vnni() -> bool:
+    check = getattr(torch.cpu, "_is_vnni_supported", None)
+    avx512 = getattr(torch.cpu, "_is_avx512_supported", None)
+    try:
+        return bool(check and avx512 and check() and avx512())
+    except RuntimeError:
+        return False
+
+
+@lru_cache(maxsize=1)
+def scan_kernel() -> ModuleType | None:
+    """The compiled kernel module, or None where it cannot be used here (reason logged)."""
+    if os.environ.get(NATIVE_ENV, "1") == "0":
+        return None
+    if not _cpu_has_vnni():
+        log.info("int8 scan kernel not used: this CPU has no AVX512-VNNI")
+        return None
+    from .loading import cache_dir
+
+    source = _SOURCE.read_text()
+    build = cache_dir() / "kernels" / f"torch-{torch.__version__}"
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        build.mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return load_inline(
+                "extended_mind_scan_int8",
+                cpp_sources=source,
+                functions=["scan_int8", "scan_int8_topk"],
+                extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni"],
+                build_directory=str(build),
+                verbose=False,
+            )
+    except Exception as exc:  # no compiler, no ninja, a failed build: the _int_mm path is as correct
+        log.warning("int8 scan kernel not built (%s): using torch._int_mm", str(exc).splitlines()[0][:200])
+        return None
+
+
+def pack_keys(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes (H, N, D), D a multiple of 4, -> packed (H, B, D*16) and column sums (H, B*16) int32, with
+    B = ceil(N / 16) blocks (missing keys in the last block are zeros, which the kernel never returns)."""
+    h, n, d = codes.shape
+    blocks = -(-n // BLOCK)
+    padded = torch.zeros(h, blocks * BLOCK, d, dtype=torch.int8, device=codes.device)
+    padded[:, :n] = codes
+    packed = padded.view(h, blocks, BLOCK, d // 4, 4).permute(0, 1, 3, 2, 4).reshape(h, blocks, d * BLOCK)
+    return packed.contiguous(), padded.sum(-1, dtype=torch.int32).contiguous()
