@@ -17,7 +17,19 @@ TEXT = " ".join(f"Line {i}: the {w} of {c} weighs {i * 37 % 101} grams." for i, 
 )) + " The secret number is 4417."  # fmt: skip
 
 
-def test_planted_neighbours_are_found():
+@pytest.fixture(params=["kernel", "int_mm"])
+def scan_path(request, monkeypatch):
+    """Run an approximate-search test with the compiled int8 kernel and with torch._int_mm."""
+    from extended_mind import native, scan
+
+    if request.param == "kernel" and native.scan_kernel() is None:
+        pytest.skip("the int8 scan kernel cannot be built or used on this machine")
+    if request.param == "int_mm":
+        monkeypatch.setattr(scan, "scan_kernel", lambda: None)
+    return request.param
+
+
+def test_planted_neighbours_are_found(scan_path):
     torch.manual_seed(0)
     h, n, d = 2, 6000, 32
     keys = torch.randn(h, n, d)
@@ -32,7 +44,7 @@ def test_planted_neighbours_are_found():
     assert torch.equal(best[0], planted)
 
 
-def test_probing_every_cell_equals_exact_search():
+def test_probing_every_cell_equals_exact_search(scan_path):
     torch.manual_seed(1)
     keys, queries = torch.randn(3, 4000, 16), torch.randn(2, 3, 7, 16)
     # every cell probed: the int8 scan's shortlist (2k + 8) leaves room for rounding at the k-th place
@@ -44,13 +56,15 @@ def test_probing_every_cell_equals_exact_search():
     torch.testing.assert_close(best.values, exact.values)
 
 
-def test_recall_of_the_default_settings_on_clustered_keys():
+def test_recall_of_the_default_settings_on_clustered_keys(scan_path):
     torch.manual_seed(2)
     centers = torch.randn(64, 32) * 3
     keys = (centers[torch.randint(0, 64, (20000,))] + torch.randn(20000, 32))[None]
     queries = (centers[torch.randint(0, 64, (200,))] + torch.randn(200, 32))[None, None]
     settings = IndexSettings()
     scores, cand = approximate_candidates(queries, keys, LayerIndex.build(keys, settings), 10, settings)
+    found = cand.masked_fill(scores == float("-inf"), -1).sort(-1).values
+    assert ((found.diff(dim=-1) > 0) | (found[..., 1:] < 0)).all()  # no key shortlisted twice
     top = cand.gather(-1, scores.topk(10, dim=-1).indices)
     exact = torch.matmul(queries, keys.transpose(1, 2)).topk(10, dim=-1).indices
     recall = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(top[0, 0], exact[0, 0])) / exact.numel()

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .errors import ExtendedMindError
+from .native import scan_kernel
 from .scan import KeyScan, shortlist_size
 
 try:
@@ -112,9 +113,9 @@ class LayerIndex:
         return cls(torch.stack(centroids), torch.stack(orders), torch.stack(offsets))
 
     def scan_of(self, keys: torch.Tensor) -> KeyScan:
-        """The compact scan copy of keys (H, N, D), in cell order."""
+        """The compact scan copy of keys (H, N, D), in cell order: a probed cell is a contiguous range of it."""
         grouped = keys.gather(1, self.order.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))
-        return KeyScan.build(grouped, packed=False) or KeyScan(grouped, None, num_keys=grouped.shape[1])
+        return KeyScan.build(grouped) or KeyScan(grouped, None, num_keys=grouped.shape[1])
 
     def to(self, device: torch.device) -> LayerIndex:
         return LayerIndex(self.centroids.to(device), self.order.to(device), self.offsets.to(device))
@@ -168,10 +169,19 @@ def approximate_candidates(
     step = max(1, _SCORE_BLOCK // n)
     for r0 in range(0, b * rows, step):
         qs = flat[:, r0 : r0 + step]
-        # the cells each head's queries probe, as one (H, C) mask: a cell probed by several queries is scanned once
-        probed = torch.matmul(qs.float(), index.centroids.transpose(1, 2)).topk(nprobe, dim=-1).indices
-        mask = torch.zeros(index.centroids.shape[:2], dtype=torch.bool, device=q.device)
-        mask.scatter_(1, probed.flatten(1), True)
+        # the cells each head's queries probe, as one (H, C) mask: a cell probed by several queries is scanned once.
+        # Each query's nprobe best cells are those at or above its nprobe-th best score (kthvalue: much cheaper
+        # than topk for a large nprobe; a tie can add a cell).
+        cell_scores = torch.matmul(qs.float(), index.centroids.transpose(1, 2))  # (H, r, C)
+        nth = cell_scores.kthvalue(index.nlist - nprobe + 1, dim=-1, keepdim=True).values
+        mask = (cell_scores >= nth).any(1)
+        if scan.packed is not None:  # the compiled kernel scans the probed cells' key blocks and keeps a shortlist
+            top = scan_kernel().scan_int8_topk_cells(
+                scan.query(qs), scan.packed, scan.colsums, n, count, mask, index.offsets, _FULL_SCAN_SHARE
+            )
+            cand[:, r0 : r0 + step] = index.order.gather(1, top.clamp_min(0).flatten(1)).view_as(top)
+            valid[:, r0 : r0 + step] = top >= 0
+            continue
         head, cell = mask.nonzero(as_tuple=True)
         starts, ends = index.offsets[head, cell], index.offsets[head, cell + 1]
         per_head = torch.zeros(h, dtype=torch.long, device=q.device).index_add_(0, head, ends - starts).tolist()

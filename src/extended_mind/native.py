@@ -55,7 +55,7 @@ def scan_kernel() -> ModuleType | None:
             return load_inline(
                 "extended_mind_scan_int8",
                 cpp_sources=source,
-                functions=["scan_int8", "scan_int8_topk"],
+                functions=["scan_int8", "scan_int8_topk", "scan_int8_topk_cells"],
                 extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni"],
                 build_directory=str(build),
                 verbose=False,

@@ -60,6 +60,7 @@ struct RowBest {
   int32_t floor = INT32_MIN;
 
   void cut(int64_t size) {
+    if (static_cast<int64_t>(items.size()) <= size) return;
     std::nth_element(items.begin(), items.begin() + (size - 1), items.end(),
                      [](const auto& a, const auto& b) { return a.first > b.first; });
     items.resize(size);
@@ -84,12 +85,12 @@ __attribute__((noinline)) void add_above(const int32_t (*lane)[16], const __mmas
 }
 
 template <int NR>
-void topk_rows(const uint32_t* qu, int64_t groups, const int8_t* packed, const int32_t* colsum, int64_t blocks,
-               int64_t valid, int64_t size, RowBest* best) {
+void topk_rows(const uint32_t* qu, int64_t groups, const int8_t* packed, const int32_t* colsum, int64_t first,
+               int64_t last, int64_t valid, int64_t size, RowBest* best) {
   __m512i acc[NR];
   alignas(64) int32_t lane[NR][16];
   __mmask16 above[NR];
-  for (int64_t b = 0; b < blocks; ++b) {
+  for (int64_t b = first; b < last; ++b) {
     block_scores<NR>(qu, groups, packed + b * groups * 64, colsum + b * 16, acc);
     __mmask16 any = 0;
     for (int r = 0; r < NR; ++r) {
@@ -148,14 +149,15 @@ torch::Tensor scan_int8(torch::Tensor q, torch::Tensor packed, torch::Tensor col
   return out;
 }
 
-// Indices (H, R, size) int64 of the `size` best of the first `valid` keys per query row (unordered).
-torch::Tensor scan_int8_topk(torch::Tensor q, torch::Tensor packed, torch::Tensor colsum, int64_t valid,
-                             int64_t size) {
+// The `size` best keys per query row among the key blocks ranges[h] (in order, not overlapping) of each head h:
+// (H, R, size) int64 key positions, -1 where the ranges hold fewer than `size` keys.
+torch::Tensor topk_in_ranges(torch::Tensor q, const torch::Tensor& packed, const torch::Tensor& colsum, int64_t valid,
+                             int64_t size, const std::vector<std::vector<std::pair<int64_t, int64_t>>>& ranges) {
   check(q, packed, colsum);
-  TORCH_CHECK(size >= 1 && size <= valid && valid <= packed.size(1) * 16, "scan_int8_topk: need 1 <= size <= keys");
+  TORCH_CHECK(size >= 1 && valid <= packed.size(1) * 16, "scan_int8_topk: need size >= 1 and valid <= keys");
   q = q.contiguous();
   const int64_t heads = q.size(0), rows = q.size(1), dim = q.size(2), blocks = packed.size(1), groups = dim / 4;
-  auto out = torch::empty({heads, rows, size}, torch::kInt64);
+  auto out = torch::full({heads, rows, size}, -1, torch::kInt64);
   at::parallel_for(0, heads, 1, [&](int64_t h0, int64_t h1) {
     for (int64_t h = h0; h < h1; ++h) {
       const auto qu = unsigned_groups(q.data_ptr<int8_t>() + h * rows * dim, rows, dim);
@@ -166,13 +168,59 @@ torch::Tensor scan_int8_topk(torch::Tensor q, torch::Tensor packed, torch::Tenso
         constexpr int NR = decltype(nr)::value;
         RowBest best[NR];
         for (int r = 0; r < NR; ++r) best[r].items.reserve(4 * size + 32);
-        topk_rows<NR>(qu.data() + r0 * groups, groups, p, cs, blocks, valid, size, best);
+        for (const auto& range : ranges[h])
+          topk_rows<NR>(qu.data() + r0 * groups, groups, p, cs, range.first, range.second, valid, size, best);
         for (int r = 0; r < NR; ++r) {
           best[r].cut(size);
-          for (int64_t i = 0; i < size; ++i) o[(r0 + r) * size + i] = best[r].items[i].second;
+          for (size_t i = 0; i < best[r].items.size(); ++i) o[(r0 + r) * size + i] = best[r].items[i].second;
         }
       });
     }
   });
   return out;
+}
+
+// Indices (H, R, size) int64 of the `size` best of the first `valid` keys per query row (unordered).
+torch::Tensor scan_int8_topk(torch::Tensor q, torch::Tensor packed, torch::Tensor colsum, int64_t valid,
+                             int64_t size) {
+  TORCH_CHECK(size >= 1 && size <= valid, "scan_int8_topk: need 1 <= size <= keys");
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> ranges(q.size(0), {{0, packed.size(1)}});
+  return topk_in_ranges(q, packed, colsum, valid, size, ranges);
+}
+
+// As scan_int8_topk, over the probed cells of an IVF index only: keys stored in cell order, cell c of head h holds
+// positions [offsets[h, c], offsets[h, c + 1]), probed (H, C) bool. Cells are widened to whole blocks (edge keys
+// of neighbouring cells are scored too) and merged where they touch; a head whose probed blocks cover more than
+// `max_share` of the keys scans all of them.
+torch::Tensor scan_int8_topk_cells(torch::Tensor q, torch::Tensor packed, torch::Tensor colsum, int64_t valid,
+                                   int64_t size, torch::Tensor probed, torch::Tensor offsets, double max_share) {
+  const int64_t heads = q.size(0), blocks = packed.size(1);
+  TORCH_CHECK(probed.dtype() == torch::kBool && offsets.dtype() == torch::kInt64 && probed.dim() == 2 &&
+                  probed.size(0) == heads && offsets.dim() == 2 && offsets.size(0) == heads &&
+                  offsets.size(1) == probed.size(1) + 1,
+              "scan_int8_topk_cells: probed (H, C) bool and offsets (H, C + 1) int64");
+  const auto pr = probed.contiguous();
+  const auto of = offsets.contiguous();
+  const int64_t cells = pr.size(1);
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> ranges(heads);
+  for (int64_t h = 0; h < heads; ++h) {
+    const bool* mine = pr.data_ptr<bool>() + h * cells;
+    const int64_t* off = of.data_ptr<int64_t>() + h * (cells + 1);
+    auto& list = ranges[h];
+    int64_t covered = 0;
+    for (int64_t c = 0; c < cells; ++c) {
+      if (!mine[c] || off[c] >= off[c + 1]) continue;
+      TORCH_CHECK(0 <= off[c] && off[c + 1] <= valid, "scan_int8_topk_cells: cell offsets out of range");
+      const int64_t first = off[c] / 16, last = (off[c + 1] + 15) / 16;
+      if (!list.empty() && first <= list.back().second) {
+        covered += last - list.back().second;
+        list.back().second = std::max(list.back().second, last);
+      } else {
+        covered += last - first;
+        list.emplace_back(first, last);
+      }
+    }
+    if (covered * 16 > max_share * valid) list.assign(1, {0, blocks});
+  }
+  return topk_in_ranges(q, packed, colsum, valid, size, ranges);
 }
