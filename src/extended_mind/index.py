@@ -5,10 +5,11 @@ Attention keys defeat graph indexes (HNSW recall 0.05-0.79 in ../shared/DESIGN.m
 IVF. Keys are split into `nlist` k-means cells (trained with faiss on the centred keys, so that the cells split the
 keys by what differs between them rather than by their large shared part) and stored grouped by cell. A query
 ranks the cells by q . centroid and probes the best `nprobe`; the queries of one KV head in one call (the grouped
-query heads of a decoded token, or a block of prompt tokens) gather the keys of the union of their cells from the
-compact copy and scan them with one matrix multiply. The scan only shortlists: the
-shortlisted keys are scored exactly (q . k, in the model's dtype), so approximation can only miss a key, never
-misorder or misscore the ones it returns. Search is plain torch, so it runs wherever the model runs (CUDA too).
+query heads of a decoded token, or a block of prompt tokens) scan the union of their cells in the compact copy:
+the compiled int8 kernel (native.py) scans the cells' contiguous ranges in place; otherwise their keys are gathered
+and scanned with one matrix multiply (plain torch, so it runs wherever the model runs, CUDA too). The scan only
+shortlists: the shortlisted keys are scored exactly (q . k, in the model's dtype), so approximation can only miss a
+key, never misorder or misscore the ones it returns.
 """
 
 from __future__ import annotations
