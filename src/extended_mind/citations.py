@@ -58,14 +58,15 @@ def token_sentences(memory: Memory) -> tuple[torch.Tensor, torch.Tensor, torch.T
     doc_first (D,) global id of each document's first sentence). Built once per memory content (a flat view)."""
 
     def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        spans, token_doc = memory.token_spans, memory.token_doc.long()
-        token_sentence = torch.empty(len(token_doc), dtype=torch.long)
-        sentence_doc, doc_first, first = [], [], 0
-        for d, doc in enumerate(memory.documents):
-            starts = _sentences(doc.text)[0]
-            mine = (token_doc == d).nonzero().squeeze(1)
-            local = torch.searchsorted(torch.tensor(starts, dtype=torch.long), spans[mine, 0].long(), right=True)
-            token_sentence[mine] = first + (local - 1).clamp_min(0)
+        spans = memory.token_spans
+        token_sentence = torch.empty(len(spans), dtype=torch.long)
+        sentence_doc, doc_first, first, t0 = [], [], 0, 0
+        for d, segment in enumerate(memory.segments):  # a document's tokens are contiguous, in segment order
+            starts = _sentences(segment.document.text)[0]
+            t1 = t0 + segment.num_tokens
+            local = torch.searchsorted(torch.tensor(starts, dtype=torch.long), spans[t0:t1, 0].long(), right=True)
+            token_sentence[t0:t1] = first + (local - 1).clamp_min(0)
+            t0 = t1
             doc_first.append(first)
             sentence_doc += [d] * max(1, len(starts))
             first += max(1, len(starts))
