@@ -165,7 +165,7 @@ def test_low_precision_scan_with_exact_rescoring_equals_the_float32_scan(tiny_mi
 
 @pytest.mark.parametrize("n", [8192, 9000, 70_001])
 def test_fast_topk_finds_the_largest_values(n):
-    from extended_mind.attention import fast_topk
+    from extended_mind.scan import fast_topk
 
     torch.manual_seed(n)
     for scores in (torch.randn(2, 3, 4, n), torch.randint(0, 50, (2, 3, 4, n)).float()):  # the second: many ties
@@ -180,7 +180,7 @@ def test_fast_topk_finds_the_largest_values(n):
 @pytest.mark.parametrize("kind", SCAN_KINDS)
 def test_scan_shortlist_holds_the_exact_top_k(kind, monkeypatch):
     from extended_mind import scan
-    from extended_mind.attention import fast_topk
+    from extended_mind.scan import fast_topk
 
     _use_scan(kind, monkeypatch)
     torch.manual_seed(3)

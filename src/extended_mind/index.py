@@ -23,7 +23,7 @@ import torch
 
 from .errors import ExtendedMindError
 from .native import scan_kernel
-from .scan import KeyScan, shortlist_size
+from .scan import KeyScan, fast_topk, shortlist_size
 
 try:
     import faiss
@@ -157,7 +157,7 @@ def approximate_candidates(
     """Shortlisted memory keys for q (B, H, R, D) with their exact scores q . key: both (B, H, R, C), C the
     shortlist (settings.shortlist). `scan` is `index.scan_of(keys)` (built here when not given). Slots the probed
     cells could not fill hold index 0 with score -inf, so they are never selected over real keys."""
-    from .attention import exact_scores, fast_topk
+    from .attention import exact_scores
 
     scan = scan if scan is not None else index.scan_of(keys)
     b, h, rows, d = q.shape
