@@ -31,3 +31,25 @@ def invert_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     pre = (xr * cos32 - rotate_half(xr) * sin32) / (cos32 * cos32 + sin32 * sin32)
     pre = pre.to(x.dtype)
     return pre if rd == x.shape[-1] else torch.cat((pre, x[..., rd:]), dim=-1)
+
+
+def extend_table(cos: torch.Tensor, sin: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary tables (P, R) extended to `length` positions. Every column of a rotary table is a * cos(p * theta)
+    (sin likewise) with one frequency theta and magnitude a per column, whatever the scaling scheme (linear, YaRN,
+    llama3), so the tables extrapolate exactly: theta is estimated at position 1 and refined at the last position
+    (the phase there pins it down P - 1 times more precisely)."""
+    p = cos.shape[0]
+    if length <= p:
+        return cos[:length], sin[:length]
+    if p < 2:
+        raise ValueError("a rotary table needs at least 2 positions to be extended")
+    c, s = cos.double(), sin.double()
+    amp = torch.sqrt(c[0] ** 2 + s[0] ** 2)
+    rough = torch.atan2(s[1], c[1])
+    last = torch.atan2(s[p - 1], c[p - 1])
+    turns = torch.round((rough * (p - 1) - last) / (2 * torch.pi))
+    theta = (last + 2 * torch.pi * turns) / (p - 1)
+    angles = torch.arange(p, length, dtype=torch.float64)[:, None] * theta
+    ext_cos = torch.cat([c, amp * torch.cos(angles)])
+    ext_sin = torch.cat([s, amp * torch.sin(angles)])
+    return ext_cos.to(cos.dtype), ext_sin.to(sin.dtype)
