@@ -14,13 +14,16 @@ SHIPS = "Ships sail at dawn. The captain of the Meridian is Ada Vance. She has s
 PROMPTS = ["Where did the cat sit?", "Who is the captain?", "Hello", "A much longer prompt than the others, to pad it."]
 
 
-@pytest.mark.parametrize("policy", ["stored", "zero"])
+@pytest.mark.parametrize("policy", ["stored", "zero", "blocks"])
 def test_batch_equals_one_by_one(tiny_pair, policy):
     mind, _ = tiny_pair
     cats = mind.memorize(CATS, ids=["cats"])
     ships = mind.memorize(SHIPS, ids=["ships"])
     memories = [cats, ships, None, [cats, ships]]
-    options = dict(max_new_tokens=8, chat=False, topk=3, position_policy=policy)
+    if policy == "blocks":  # block memory: each prompt's own selection pass, slots and positions
+        options = dict(max_new_tokens=8, chat=False, topk=3, blocks=2, block_size=16)
+    else:
+        options = dict(max_new_tokens=8, chat=False, topk=3, retrieval="tokens", position_policy=policy)
     alone = [mind.generate(p, memory=m, **options) for p, m in zip(PROMPTS, memories)]
     batch = mind.generate_batch(PROMPTS, memories, **options)
     for a, b in zip(alone, batch):
@@ -73,7 +76,7 @@ def test_decode_step_memory_does_not_grow_with_the_prompt(tiny_mind: ExtendedMin
     largest = {}
     for n in (8, 200):
         prompt = list(range(40, 40 + n))
-        stream = tiny_mind.stream(prompt, memory=memory, max_new_tokens=3, search="exact")
+        stream = tiny_mind.stream(prompt, memory=memory, max_new_tokens=3, search="exact", retrieval="tokens")
         next(stream)  # prefill and first token
         monkeypatch.setattr(attention_module.torch, "matmul", recording)
         shapes.clear()

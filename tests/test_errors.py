@@ -70,8 +70,13 @@ def test_question_longer_than_the_window(tiny_mind):
         tiny_mind.generate("x" * 600)
     memory = tiny_mind.memorize("y" * 300, window=256)
     with pytest.raises(PromptTooLongError, match="after the memory's positions"):
-        tiny_mind.generate("x" * 300, memory=memory)
-    tiny_mind.generate("x" * 300, memory=memory, position_policy="zero", max_new_tokens=2)  # fits at position 0
+        tiny_mind.generate("x" * 300, memory=memory, retrieval="tokens")
+    tiny_mind.generate("x" * 300, memory=memory, retrieval="tokens", position_policy="zero", max_new_tokens=2)
+    # block memory reads as many blocks as the window leaves room for: 512 - 301 - 2 leaves 3 of 64 tokens
+    result = tiny_mind.generate("x" * 300, memory=memory, max_new_tokens=2, blocks=8, block_size=64)
+    assert result.citations and {c.doc for c in result.citations} == {"doc0"}
+    with pytest.raises(PromptTooLongError, match="leave no room for a memory block of 300 tokens"):
+        tiny_mind.generate("x" * 300, memory=memory, max_new_tokens=2, blocks=1, block_size=300)
 
 
 def test_unknown_model():

@@ -47,33 +47,40 @@ def test_stop_string_ends_the_answer(tiny_mind):
 
 
 def test_uncertainty_threshold_off_changes_nothing(tiny_mind):
+    """A threshold no step reaches changes nothing (token retrieval; block memory keeps room for the extra blocks,
+    so its prompt positions shift)."""
     memory = tiny_mind.memorize(DOC)
-    base = tiny_mind.generate("Question?", memory=memory, topk=3, max_new_tokens=8)
-    huge = tiny_mind.generate("Question?", memory=memory, topk=3, max_new_tokens=8, uncertainty_threshold=1e9)
+    options = dict(memory=memory, topk=3, max_new_tokens=8, retrieval="tokens")
+    base = tiny_mind.generate("Question?", **options)
+    huge = tiny_mind.generate("Question?", **options, uncertainty_threshold=1e9)
     assert base.retrievals == [] and huge.retrievals == []
     assert [t.id for t in base.tokens] == [t.id for t in huge.tokens]
 
 
-def test_uncertainty_raises_k_on_high_entropy_steps(tiny_mind):
+@pytest.mark.parametrize("retrieval", ["tokens", "blocks"])
+def test_uncertainty_raises_k_on_high_entropy_steps(tiny_mind, retrieval):
+    """k is top-k for token retrieval and the number of blocks read for block memory."""
     memory = tiny_mind.memorize(DOC)
     k, step = 2, 5
+
+    def options(k: int) -> dict:
+        if retrieval == "tokens":
+            return dict(memory=memory, retrieval="tokens", topk=k, max_new_tokens=6)
+        return dict(memory=memory, topk=4, blocks=k, block_size=8, max_new_tokens=6)
+
     # Threshold 0: every step is re-retrieved with k + step, so the whole run (cache included) must equal a plain
     # run with k + step: a strong check that cropping and recomputing leaves no trace of the first attempt.
-    always = tiny_mind.generate(
-        "Question?", memory=memory, topk=k, topk_step=step, max_new_tokens=6, uncertainty_threshold=0.0
-    )
-    wider = tiny_mind.generate("Question?", memory=memory, topk=k + step, max_new_tokens=6)
+    always = tiny_mind.generate("Question?", **options(k), topk_step=step, uncertainty_threshold=0.0)
+    wider = tiny_mind.generate("Question?", **options(k + step))
     assert [t.id for t in always.tokens] == [t.id for t in wider.tokens]
     assert [r.step for r in always.retrievals] == list(range(6))
     assert all(r.topk == k and r.new_topk == k + step for r in always.retrievals)
     assert all(t.topk == k + step for t in always.tokens)
     # A threshold between the steps' entropies re-retrieves exactly the steps above it.
     entropies = [r.entropy for r in always.retrievals]
-    plain = tiny_mind.generate("Question?", memory=memory, topk=k, max_new_tokens=6)
+    plain = tiny_mind.generate("Question?", **options(k), topk_step=step, uncertainty_threshold=1e9)
     cut = sorted(t.entropy for t in plain.tokens)[3]
-    some = tiny_mind.generate(
-        "Question?", memory=memory, topk=k, topk_step=step, max_new_tokens=6, uncertainty_threshold=cut
-    )
+    some = tiny_mind.generate("Question?", **options(k), topk_step=step, uncertainty_threshold=cut)
     assert some.retrievals, entropies
     first = some.retrievals[0]
     assert first.entropy > cut and first.new_topk == k + step

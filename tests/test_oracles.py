@@ -1,8 +1,10 @@
 """Correctness oracles on tiny random models of every supported family.
 
-- top-k 0 (or no memory) is the unmodified model: same logits, same greedy tokens;
-- retrieving every memory, with memories at their document positions and the prompt right after them, equals
-  attention over the full context (document + prompt) in one pass;
+- top-k 0, zero blocks (or no memory) is the unmodified model: same logits, same greedy tokens;
+- token retrieval of every memory, with memories at their document positions and the prompt right after them,
+  equals attention over the full context (document + prompt) in one pass in which the prompt's first token, the
+  attention sink, reads only itself;
+- block memory reading every block equals the full context (sink, document, prompt), chunked scoring included;
 - chunked memorization (context rebuilt from stored keys) equals recomputing each window from scratch.
 """
 
@@ -45,13 +47,15 @@ def test_topk_zero_is_the_unmodified_model(tiny_pair):
     prompt = torch.randint(0, 256, (1, 24))
     with torch.inference_mode():
         expected = reference(prompt).logits
+    unmodified = [dict(topk=0, retrieval="tokens", position_policy="zero"), dict(topk=0), dict(blocks=0)]
     for mem in (None, memory):
-        got = mind.logits(prompt, memory=mem, topk=0, position_policy="zero")
-        assert torch.equal(got, expected)
+        for options in unmodified:
+            assert torch.equal(mind.logits(prompt, memory=mem, **options), expected)
     with torch.inference_mode():
         greedy = reference.generate(prompt, max_new_tokens=8, do_sample=False, min_new_tokens=8)[0, 24:].tolist()
-    result = mind.generate(prompt[0].tolist(), memory=memory, topk=0, position_policy="zero", max_new_tokens=8)
-    assert [t.id for t in result.tokens] == greedy
+    for options in unmodified:
+        result = mind.generate(prompt[0].tolist(), memory=memory, max_new_tokens=8, **options)
+        assert [t.id for t in result.tokens] == greedy
 
 
 def test_all_memories_at_document_positions_equal_full_context(tiny_pair):
@@ -61,12 +65,34 @@ def test_all_memories_at_document_positions_equal_full_context(tiny_pair):
     prompt = torch.randint(0, 256, (1, 20))
     memory = memorize_ids(mind, [doc], window=64)  # one window: memories keep positions 0..47
     assert memory.positions.tolist() == list(range(48))
+    full = torch.cat([doc[None], prompt], dim=1)
+    mask = torch.ones(68, 68, dtype=torch.bool).tril()
+    mask[48, :48] = False  # the prompt's first token is the sink: it reads no memory
+    additive = torch.zeros(68, 68).masked_fill(~mask, torch.finfo(torch.float32).min)  # eager (Gemma 2) takes this
     with torch.inference_mode():
-        expected = reference(torch.cat([doc[None], prompt], dim=1)).logits[:, 48:]
-    got = mind.logits(prompt, memory=memory, topk=48, position_policy="stored")
+        expected = reference(full, attention_mask=additive[None, None]).logits[:, 48:]
+    options = dict(retrieval="tokens", position_policy="stored")
+    got = mind.logits(prompt, memory=memory, topk=48, **options)
     assert (got - expected).abs().max().item() < FULL_CONTEXT_ATOL
     # and fewer memories really do change the result (the oracle is not vacuous)
-    fewer = mind.logits(prompt, memory=memory, topk=2, position_policy="stored")
+    fewer = mind.logits(prompt, memory=memory, topk=2, **options)
+    assert (fewer - expected).abs().max().item() > 1e-3
+
+
+def test_block_memory_reading_every_block_equals_full_context(tiny_pair):
+    mind, reference = tiny_pair
+    torch.manual_seed(4)
+    sink = torch.tensor([256])  # <s>: memorized documents and the prompt both start with it
+    doc = torch.randint(0, 256, (48,))
+    prompt = torch.cat([sink, torch.randint(0, 256, (20,))])[None]
+    memory = memorize_ids(mind, [torch.cat([sink, doc])], window=64, sink=True)  # doc tokens at positions 1..48
+    with torch.inference_mode():
+        full = reference(torch.cat([sink, doc, prompt[0, 1:]])[None]).logits
+    expected = torch.cat([full[:, :1], full[:, 49:]], dim=1)  # the sink's row, then the prompt's rows
+    for chunk in (64, 6):  # one chunk, and chunks that each choose (all) blocks anew
+        got = mind.logits(prompt, memory=memory, topk=48, blocks=3, block_size=16, block_gate=0.0, chunk=chunk)
+        assert (got - expected).abs().max().item() < FULL_CONTEXT_ATOL
+    fewer = mind.logits(prompt, memory=memory, topk=48, blocks=2, block_size=16, block_gate=0.0)
     assert (fewer - expected).abs().max().item() > 1e-3
 
 

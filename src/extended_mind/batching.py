@@ -14,6 +14,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .attention import LayerMemory, RetrievalSettings, Session
+from .blocks import BlockPlan, select_blocks
 from .citations import cite, sparse_sum
 from .generation import (
     DecodeSettings,
@@ -33,6 +34,12 @@ class BatchRow:
     memory: Memory | None
     layers: dict[int, LayerMemory]
     offset: int  # first position of the prompt (after the memory's positions under the "stored" policy)
+    plan: BlockPlan | None = None  # block memory: slots chosen by a pass over the prompt without memory
+
+    def positions(self) -> list[int]:
+        if self.plan is not None:
+            return self.plan.positions(len(self.prompt_ids))
+        return list(range(self.offset, self.offset + len(self.prompt_ids)))
 
 
 def generate_batch(
@@ -49,18 +56,24 @@ def generate_batch(
         m = len(r.prompt_ids)
         ids[i, width - m :] = torch.tensor(r.prompt_ids)
         mask[i, width - m :] = 1
-        positions[i, width - m :] = torch.arange(r.offset, r.offset + m)
+        positions[i, width - m :] = torch.tensor(r.positions())
+    row_layers = [r.layers for r in rows]
+    if any(r.plan is not None for r in rows):
+        prompts, plans = [r.prompt_ids for r in rows], [r.plan for r in rows]
+        masses = select_blocks(model, prompts, [r.positions() for r in rows], plans)
+        row_layers = [r.plan.slots(r.plan.choose(m)) if r.plan is not None else r.layers for r, m in zip(rows, masses)]
     session = Session(
         settings=RetrievalSettings(s.topk, s.ranking, s.similarity_threshold),
-        record_citations=any(r.layers for r in rows),
+        record_citations=any(row_layers),
         citation_weighting=s.citation_weighting,
-        rows=[r.layers for r in rows],
+        rows=row_layers,
     )
     n_heads = model.config.num_attention_heads
     cache = DynamicCache(config=model.config)
 
     def forward(input_ids: torch.Tensor, pos: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         session.row_citations = [[] for _ in rows]
+        session.row_positions = pos.to(device)
         with session.active(), torch.inference_mode():
             out = model(
                 input_ids=input_ids.to(device),

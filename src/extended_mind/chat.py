@@ -11,25 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from transformers import PreTrainedTokenizerBase
-
 from .errors import ExtendedMindError
 from .generation import GeneratedToken, GenerationResult
 from .memory import Memory, is_saved_memory
-from .positions import prompt_offset
+from .prompting import DEFAULT_MEMORY_AT, EncodedPrompt, encode_messages
 
 if TYPE_CHECKING:
     from .mind import ExtendedMind, MemoryLike
 
 
-def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of `messages` ({"role", "content"} dicts) ready for the assistant's answer: the tokenizer's chat
-    template, or "Role: content" lines when it has none."""
-    if not getattr(tokenizer, "chat_template", None):
-        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
-        return tokenizer(text + "Assistant:", add_special_tokens=True)["input_ids"]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 class ChatSession:
@@ -72,8 +62,9 @@ class ChatSession:
             out += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
         return [*out, {"role": "user", "content": message}]
 
-    def _prompt_ids(self, message: str) -> list[int]:
-        return chat_prompt_ids(self.mind.tokenizer, self._messages(message))
+    def _prompt(self, message: str) -> EncodedPrompt:
+        memory_at = self.options.get("memory_at", DEFAULT_MEMORY_AT)
+        return encode_messages(self.mind.tokenizer, self._messages(message), memory_at)
 
     def _memories(self) -> list[Memory]:
         return [m for m in (self.documents, self.history) if m is not None]
@@ -81,7 +72,7 @@ class ChatSession:
     def _fits(self, n_prompt: int) -> bool:
         need = n_prompt + self.options["max_new_tokens"]
         merged = Memory.merge(self._memories()) if self._memories() else None
-        offset = prompt_offset(merged, self.options.get("position_policy", "stored"))
+        offset = self.mind.memory_positions(merged, **self.options)
         return need <= self.max_context_tokens and offset + need <= self.mind.context_window
 
     def _memorize_oldest_turn(self) -> None:
@@ -100,12 +91,12 @@ class ChatSession:
         """Answer `message`, yielding tokens as they come; the full result is in `.last` afterwards."""
         if not isinstance(message, str) or not message.strip():
             raise ExtendedMindError("message is empty")
-        ids = self._prompt_ids(message)
-        while not self._fits(len(ids)) and self.turns:
+        prompt = self._prompt(message)
+        while not self._fits(len(prompt.ids)) and self.turns:
             self._memorize_oldest_turn()
-            ids = self._prompt_ids(message)
+            prompt = self._prompt(message)
         memories = self._memories()
-        stream = self.mind.stream(ids, memory=memories or None, **self.options)
+        stream = self.mind.stream(prompt, memory=memories or None, **self.options)
         yield from stream
         self.last = stream.result
         self.turns.append((message, stream.result.text))

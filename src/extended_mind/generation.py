@@ -10,6 +10,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .attention import LayerMemory, RetrievalSettings, Session
+from .blocks import BlockPlan, select_blocks
 from .citations import Citation, cite, sparse_sum
 from .memory import Memory
 
@@ -119,9 +120,11 @@ class TokenStream:
         layers: dict[int, LayerMemory],
         offset: int,
         settings: DecodeSettings,
+        plan: BlockPlan | None = None,
     ):
         self.model, self.tokenizer, self.memory = model, tokenizer, memory
         self.prompt_ids, self.layers, self.offset, self.settings = prompt_ids, layers, offset, settings
+        self.plan = plan  # block memory: the slots are chosen when the stream starts
         self.result: GenerationResult | None = None
         self._iter = self._run()
 
@@ -142,7 +145,28 @@ class TokenStream:
         )
         n_heads = self.model.config.num_attention_heads
         generator = torch.Generator(device="cpu").manual_seed(s.seed) if s.seed is not None else None
-        use_memory = bool(self.layers) and s.topk > 0
+        plan = self.plan
+        if plan is not None:  # block memory: one pass over the prompt without memory chooses what is read
+            prompt_positions = plan.positions(len(self.prompt_ids))
+            mass = select_blocks(self.model, [self.prompt_ids], [prompt_positions], [plan])[0]
+            slot_sets = {plan.blocks: plan.slots(plan.choose(mass))}
+
+            def layers_for(k: int) -> dict[int, LayerMemory]:  # k: blocks read
+                if k not in slot_sets:
+                    slot_sets[k] = plan.slots(plan.choose(mass, k))
+                return slot_sets[k]
+
+            base_k, step_k = plan.blocks, s.topk_step
+            session.layers = layers_for(base_k)
+            session.record_citations = True
+        else:
+            prompt_positions = list(range(self.offset, self.offset + len(self.prompt_ids)))
+            base_k, step_k = s.topk, s.topk_step
+
+            def layers_for(k: int) -> dict[int, LayerMemory]:
+                return self.layers
+
+        use_memory = plan is not None or (bool(self.layers) and s.topk > 0)
 
         def new_cache() -> DynamicCache:
             cache = DynamicCache(config=self.model.config)
@@ -150,11 +174,15 @@ class TokenStream:
                 cache.activate_past_recording()  # sliding-window layers can only be cropped when recording
             return cache
 
-        def forward(ids: list[int], start: int, k: int, cache: DynamicCache):
-            session.settings.topk = k
+        def forward(ids: list[int], pos: list[int], k: int, cache: DynamicCache):
+            if plan is None:
+                session.settings.topk = k
+            else:
+                session.layers = layers_for(k)
             session.citation_records = []
             input_ids = torch.tensor([ids], device=device)
-            positions = torch.arange(start, start + len(ids), device=device)[None]
+            positions = torch.tensor([pos], device=device)
+            session.row_positions = positions
             with session.active(), torch.inference_mode():
                 out = self.model(
                     input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1
@@ -166,26 +194,26 @@ class TokenStream:
 
         stop_ids = stop_token_ids(self.model, self.tokenizer)
         cache = new_cache()
-        logits, idx, w = forward(self.prompt_ids, self.offset, s.topk, cache)
-        position = self.offset + len(self.prompt_ids)
+        logits, idx, w = forward(self.prompt_ids, prompt_positions, base_k, cache)
+        position = prompt_positions[-1] + 1
         generated: list[int] = []
         tokens: list[GeneratedToken] = []
         retrievals: list[Retrieval] = []
         text = ""
         finish_reason = "length"
-        last_input = self.prompt_ids
+        last_input, last_positions = self.prompt_ids, prompt_positions
         for step in range(s.max_new_tokens):
-            k = s.topk
+            k = base_k
             h = entropy(logits)
-            if use_memory and s.uncertainty_threshold is not None and h > s.uncertainty_threshold and s.topk_step > 0:
-                k = s.topk + s.topk_step
+            if use_memory and s.uncertainty_threshold is not None and h > s.uncertainty_threshold and step_k > 0:
+                k = base_k + step_k
                 if step == 0:
                     cache = new_cache()
                 else:
                     cache.crop(-1)
-                logits, idx, w = forward(last_input, position - len(last_input), k, cache)
+                logits, idx, w = forward(last_input, last_positions, k, cache)
                 h2 = entropy(logits)
-                retrievals.append(Retrieval(step=step, entropy=h, topk=s.topk, new_topk=k, new_entropy=h2))
+                retrievals.append(Retrieval(step=step, entropy=h, topk=base_k, new_topk=k, new_entropy=h2))
                 h = h2
             token = next_token(logits, s.temperature, generator)
             if token in stop_ids:
@@ -204,8 +232,8 @@ class TokenStream:
                 break
             if step + 1 == s.max_new_tokens:
                 break
-            last_input = [token]
-            logits, idx, w = forward(last_input, position, s.topk, cache)
+            last_input, last_positions = [token], [position]
+            logits, idx, w = forward(last_input, last_positions, base_k, cache)
             position += 1
 
         citations: list[Citation] = []

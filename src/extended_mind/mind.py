@@ -3,26 +3,38 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .attention import LayerMemory, RetrievalSettings, Session, patch_model
 from .batching import BatchRow, generate_batch
+from .blocks import NEUTRAL_PROMPTS, BlockLayout, BlockPlan, block_prior, select_blocks, slot_positions
 from .documents import Document, load_documents
 from .errors import ExtendedMindError, PromptTooLongError
 from .generation import DecodeSettings, GenerationResult, TokenStream
+from .heads import head_scores, retrieval_heads
 from .identity import ModelIdentity
 from .index import DEFAULT_APPROX_THRESHOLD, IndexSettings
 from .loading import load_model
-from .memorize import encode_documents, memorize_encoded
+from .memorize import encode_documents, memorize_encoded, sink_token_id
 from .memory import Memory
 from .positions import POSITION_POLICIES, prepare_layers, prompt_offset
+from .prompting import DEFAULT_MEMORY_AT, MEMORY_AT, EncodedPrompt, encode, leading_special
 
 DEFAULT_TOPK = 10
 DEFAULT_RANKING = "logit"
 DEFAULT_POSITION_POLICY = "stored"
+RETRIEVAL_MODES = ("blocks", "tokens")
+DEFAULT_RETRIEVAL = "blocks"
+DEFAULT_BLOCKS = 8
+DEFAULT_BLOCK_SIZE = 64
+DEFAULT_BLOCK_GATE = 0.5
+MEMORY_HEADS = ("retrieval", "all")
+# Rows of `logits` input scored per chunk in block mode: each chunk reads the blocks its own rows chose.
+DEFAULT_SCORING_CHUNK = 64
 DEFAULT_STRIDE = 512
 DEFAULT_WINDOW = 2048
 DEFAULT_TOPK_STEP = 2
@@ -41,6 +53,7 @@ class ExtendedMind:
         self.tokenizer = tokenizer
         self.source = source
         self.identity = ModelIdentity.of(model, tokenizer, source)
+        self._head_scores: torch.Tensor | None = None
         patch_model(model)
 
     @classmethod
@@ -57,6 +70,14 @@ class ExtendedMind:
     @property
     def context_window(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    @property
+    def head_scores(self) -> torch.Tensor:
+        """Copy scores (layers, query heads) of the model's attention heads (heads.py), calibrated once per model
+        and cached on disk."""
+        if self._head_scores is None:
+            self._head_scores = head_scores(self.model, self.tokenizer, self.identity)
+        return self._head_scores
 
     # ---- memory ----
 
@@ -145,8 +166,15 @@ class ExtendedMind:
         search: str = DEFAULT_SEARCH,
         approx_threshold: int = DEFAULT_APPROX_THRESHOLD,
         index: IndexSettings | None = None,
+        retrieval: str = "tokens",
+        memory_heads: str | None = None,
     ) -> tuple[Memory | None, int, dict[int, LayerMemory]]:
-        """Validate the retrieval options; return (memory, first prompt position, prepared memory layers)."""
+        """Validate the retrieval options; return (memory, first prompt position, prepared memory layers). Block
+        memory prepares every layer with unrotated keys (the "zero" policy: slots are rotated when chosen)."""
+        if retrieval not in RETRIEVAL_MODES:
+            raise ExtendedMindError(f"unknown retrieval {retrieval!r}; choose one of {RETRIEVAL_MODES}")
+        if memory_heads is not None and memory_heads not in MEMORY_HEADS:
+            raise ExtendedMindError(f"unknown memory_heads {memory_heads!r}; choose one of {MEMORY_HEADS}")
         if search not in SEARCH_MODES:
             raise ExtendedMindError(f"unknown search {search!r}; choose one of {SEARCH_MODES}")
         _check_int("approx_threshold", approx_threshold, 0)
@@ -167,8 +195,62 @@ class ExtendedMind:
             return None, 0, {}
         approximate = search == "approximate" or (search == "auto" and mem.num_tokens >= approx_threshold)
         settings = (index or IndexSettings()) if approximate and topk > 0 and mem.num_tokens else None
+        if retrieval == "blocks":
+            return mem, 0, prepare_layers(mem, "zero", self.device, self.model.dtype, None, settings)
         layers = prepare_layers(mem, position_policy, self.device, self.model.dtype, memory_layers, settings)
+        if memory_heads == "retrieval":  # only the retrieval heads read memory; layers without any, none
+            heads = retrieval_heads(self.head_scores)
+            layers = {i: replace(m, heads=heads[i]) for i, m in layers.items() if i in heads}
         return mem, prompt_offset(mem, position_policy), layers
+
+    def memory_positions(self, memory: Memory | None, **options) -> int:
+        """Positions a memory takes in front of (or inside) a prompt under generation `options`: the slots kept
+        for block memory, or the prompt offset of the token retrieval's position policy."""
+        if memory is None or memory.num_tokens == 0 or options.get("topk", DEFAULT_TOPK) == 0:
+            return 0
+        if options.get("retrieval", DEFAULT_RETRIEVAL) == "blocks":
+            blocks = options.get("blocks", DEFAULT_BLOCKS)
+            if options.get("uncertainty_threshold") is not None:
+                blocks += options.get("topk_step", DEFAULT_TOPK_STEP)
+            return slot_positions(blocks, options.get("block_size", DEFAULT_BLOCK_SIZE))
+        return prompt_offset(memory, options.get("position_policy", DEFAULT_POSITION_POLICY))
+
+    def _block_plan(
+        self,
+        memory: Memory,
+        layers: dict[int, LayerMemory],
+        insert: int,
+        topk: int,
+        ranking: str,
+        similarity_threshold: float | None,
+        memory_layers: list[int] | None,
+        blocks: int,
+        block_size: int,
+        block_gate: float,
+        memory_heads: str | None,
+        extra_blocks: int = 0,
+    ) -> BlockPlan:
+        if memory_heads == "all":
+            heads = {i: torch.ones(self.model.config.num_attention_heads, dtype=torch.bool) for i in layers}
+        else:
+            heads = retrieval_heads(self.head_scores)
+        plan = BlockPlan(
+            memory=memory,
+            layers=layers,
+            read_layers=sorted(layers) if memory_layers is None else list(memory_layers),
+            heads=heads,
+            layout=BlockLayout.of(memory, block_size),
+            blocks=blocks,
+            gate=block_gate,
+            settings=RetrievalSettings(topk, ranking, similarity_threshold),
+            insert=insert,
+            reserve=slot_positions(blocks + extra_blocks, block_size),
+        )
+        # the prior is the memory's own (not the prompt's): computed once per memory and setting, and kept with it
+        key = f"prior-{block_size}-{topk}-{ranking}-{similarity_threshold}-{memory_heads}"
+        neutral = [self._with_sink(encode(self.tokenizer, p, False, "", "question")) for p in NEUTRAL_PROMPTS]
+        plan.prior = memory._cat(key, lambda: block_prior(self.model, plan, neutral))
+        return plan
 
     # ---- generation ----
 
@@ -176,23 +258,21 @@ class ExtendedMind:
         """Token ids of `prompt`, in the chat template when `chat`, followed by `answer_prefix` (the start of the
         answer, which small models need to answer in the document's own words). A list of ints is taken as
         already tokenized and used as it is."""
-        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
-            return list(prompt)
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ExtendedMindError("prompt is empty")
-        if chat and getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
-            return self.tokenizer(text + answer_prefix, add_special_tokens=False)["input_ids"]
-        sep = " " if answer_prefix and not prompt.endswith((" ", "\n")) else ""
-        return self.tokenizer(prompt + sep + answer_prefix if answer_prefix else prompt, add_special_tokens=True)[
-            "input_ids"
-        ]
+        return encode(self.tokenizer, prompt, chat, answer_prefix, DEFAULT_MEMORY_AT).ids
+
+    def _with_sink(self, prompt: EncodedPrompt) -> EncodedPrompt:
+        """Block memory needs a token before its slots that holds the attention sink: a prompt whose memory would
+        come first gets the one memorization starts documents with (BOS, else EOS)."""
+        if prompt.memory_at > 0:
+            return prompt
+        sink = sink_token_id(self.tokenizer)
+        if sink is None:
+            return replace(prompt, memory_at=min(1, len(prompt.ids)), asks_from=min(1, len(prompt.ids)))
+        return EncodedPrompt([sink, *prompt.ids], 1, prompt.asks_from + 1)
 
     def stream(
         self,
-        prompt: str | list[int],
+        prompt: str | list[int] | EncodedPrompt,
         memory: MemoryLike | list[MemoryLike] | None = None,
         topk: int = DEFAULT_TOPK,
         max_new_tokens: int = 128,
@@ -211,10 +291,19 @@ class ExtendedMind:
         search: str = DEFAULT_SEARCH,
         approx_threshold: int = DEFAULT_APPROX_THRESHOLD,
         index: IndexSettings | None = None,
+        retrieval: str = DEFAULT_RETRIEVAL,
+        blocks: int = DEFAULT_BLOCKS,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        block_gate: float = DEFAULT_BLOCK_GATE,
+        memory_heads: str | None = None,
+        memory_at: str = DEFAULT_MEMORY_AT,
     ) -> TokenStream:
         """Like `generate`, but returns an iterator of tokens as they are produced (`.result` once exhausted)."""
         _check_int("max_new_tokens", max_new_tokens, 1)
         _check_int("topk_step", topk_step, 0)
+        _check_int("blocks", blocks, 0)
+        _check_int("block_size", block_size, 1)
+        _check_gate(block_gate)
         if citation_weighting not in CITATION_WEIGHTINGS:
             raise ExtendedMindError(
                 f"unknown citation weighting {citation_weighting!r}; choose one of {CITATION_WEIGHTINGS}"
@@ -222,9 +311,34 @@ class ExtendedMind:
         if temperature < 0:
             raise ExtendedMindError(f"temperature must be >= 0, got {temperature}")
         mem, offset, layers = self._retrieval(
-            memory, topk, ranking, position_policy, memory_layers, search, approx_threshold, index
-        )
-        ids = self.encode_prompt(prompt, chat, answer_prefix)
+            memory, topk, ranking, position_policy, memory_layers, search, approx_threshold, index, retrieval,
+            memory_heads,
+        )  # fmt: skip
+        if memory_at not in MEMORY_AT:
+            raise ExtendedMindError(f"unknown memory_at {memory_at!r}; choose one of {MEMORY_AT}")
+        encoded = prompt if isinstance(prompt, EncodedPrompt) else encode(self.tokenizer, prompt, chat, answer_prefix,
+                                                                            memory_at)  # fmt: skip
+        ids = encoded.ids
+        plan = None
+        if retrieval == "blocks" and mem is not None and topk > 0 and blocks > 0 and mem.num_tokens:
+            encoded = self._with_sink(encoded)
+            ids = encoded.ids
+            extra = topk_step if uncertainty_threshold is not None else 0
+            # as many blocks as the window leaves room for (the prompt and the answer come first)
+            room = (self.context_window - len(ids) - max_new_tokens) // block_size - extra
+            if room < 1 and len(ids) <= self.context_window:
+                raise PromptTooLongError(
+                    f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) leave no room for a memory block "
+                    f"of {block_size} tokens (+{extra} for uncertainty retrieval) in the model's window of "
+                    f"{self.context_window} tokens; shorten the prompt, lower max_new_tokens or block_size"
+                )
+            blocks = min(blocks, room)
+            plan = self._block_plan(mem, layers, encoded.memory_at, topk, ranking, similarity_threshold, memory_layers,
+                                    blocks, block_size, block_gate, memory_heads, extra)  # fmt: skip
+            plan.select_from = encoded.asks_from
+            offset = plan.reserve
+        if retrieval == "blocks" and plan is None:
+            layers = {}
         window = self.context_window
         if len(ids) > window:
             raise PromptTooLongError(f"prompt is {len(ids)} tokens, longer than the model's window of {window} tokens")
@@ -246,7 +360,7 @@ class ExtendedMind:
             stop=tuple(x for x in (stop or []) if x),
             citation_weighting=citation_weighting,
         )
-        return TokenStream(self.model, self.tokenizer, ids, mem, layers, offset, settings)
+        return TokenStream(self.model, self.tokenizer, ids, mem, layers, offset, settings, plan)
 
     def logits(
         self,
@@ -260,20 +374,65 @@ class ExtendedMind:
         search: str = DEFAULT_SEARCH,
         approx_threshold: int = DEFAULT_APPROX_THRESHOLD,
         index: IndexSettings | None = None,
+        retrieval: str = DEFAULT_RETRIEVAL,
+        blocks: int = DEFAULT_BLOCKS,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        block_gate: float = DEFAULT_BLOCK_GATE,
+        memory_heads: str | None = None,
+        chunk: int = DEFAULT_SCORING_CHUNK,
     ) -> torch.Tensor:
         """Next-token logits (B, S, V) for every position of `input_ids` (B, S) with memory attention; for scoring
-        (perplexity, answer log-probabilities). Positions start after the memory as in `generate`."""
-        _, offset, layers = self._retrieval(
-            memory, topk, ranking, position_policy, memory_layers, search, approx_threshold, index
-        )
-        session = Session(layers=layers, settings=RetrievalSettings(topk, ranking, similarity_threshold))
+        (perplexity, answer log-probabilities). Positions start after the memory as in `generate`. Block memory
+        reads its slots between the leading special tokens (at least the first token) and the rest, and takes
+        the rows in chunks of `chunk`, each reading the blocks its own rows chose."""
+        _check_int("blocks", blocks, 0)
+        _check_int("block_size", block_size, 1)
+        _check_gate(block_gate)
+        _check_int("chunk", chunk, 1)
+        mem, offset, layers = self._retrieval(
+            memory, topk, ranking, position_policy, memory_layers, search, approx_threshold, index, retrieval,
+            memory_heads,
+        )  # fmt: skip
         input_ids = input_ids.to(self.device)
+        if retrieval == "blocks":
+            if mem is None or topk == 0 or blocks == 0 or not mem.num_tokens:
+                layers = {}
+            else:
+                head = max(1, min(leading_special(self.tokenizer, row.tolist()) for row in input_ids))
+                plan = self._block_plan(mem, layers, head, topk, ranking, similarity_threshold, memory_layers,
+                                        blocks, block_size, block_gate, memory_heads)  # fmt: skip
+                return self._block_logits(input_ids, plan, chunk)
+        session = Session(layers=layers, settings=RetrievalSettings(topk, ranking, similarity_threshold))
         positions = torch.arange(offset, offset + input_ids.shape[1], device=self.device)[None].expand_as(input_ids)
         with session.active(), torch.inference_mode():
             return self.model(input_ids=input_ids, position_ids=positions, use_cache=False).logits
 
+    def _block_logits(self, input_ids: torch.Tensor, plan: BlockPlan, chunk: int) -> torch.Tensor:
+        """`logits` with block memory: a pass without memory chooses blocks per chunk of rows, then the head and
+        every chunk go through the model in turn (a KV cache carries the text), each chunk reading its blocks."""
+        b, n = input_ids.shape
+        positions = torch.tensor(plan.positions(n), device=self.device)[None].expand(b, n)
+        group = torch.full((n,), -1, dtype=torch.long)
+        group[plan.insert :] = torch.arange(n - plan.insert) // chunk
+        rows = [r.tolist() for r in input_ids]
+        masses = select_blocks(self.model, rows, [positions[0].tolist()] * b, [plan] * b, [group] * b)
+        cache = DynamicCache(config=self.model.config)
+        session = Session(settings=plan.settings, rows=[{} for _ in range(b)], row_citations=[[] for _ in range(b)])
+        out = []
+        starts = [0, *range(plan.insert, n, chunk)]
+        for c, start in enumerate(starts):
+            end = plan.insert if c == 0 else min(start + chunk, n)
+            if c > 0:
+                session.rows = [plan.slots(plan.choose(m[c - 1])) for m in masses]
+            session.row_positions = positions[:, start:end]
+            with session.active(), torch.inference_mode():
+                step = self.model(input_ids=input_ids[:, start:end], position_ids=positions[:, start:end],
+                                  past_key_values=cache, use_cache=True)  # fmt: skip
+            out.append(step.logits)
+        return torch.cat(out, dim=1)
+
     def generate(
-        self, prompt: str | list[int], memory: MemoryLike | list[MemoryLike] | None = None, **options
+        self, prompt: str | list[int] | EncodedPrompt, memory: MemoryLike | list[MemoryLike] | None = None, **options
     ) -> GenerationResult:
         """Answer `prompt` with memory attention over `memory`; returns text, tokens, citations and retrievals.
 
@@ -307,8 +466,13 @@ class ExtendedMind:
         if options.get("uncertainty_threshold") is not None:
             raise ExtendedMindError("uncertainty-triggered retrieval is not batched: call generate per prompt")
         streams = [self.stream(p, memory=m, **options) for p, m in zip(prompts, memories)]  # validates, prepares
-        rows = [BatchRow(t.prompt_ids, t.memory, t.layers, t.offset) for t in streams]
+        rows = [BatchRow(t.prompt_ids, t.memory, t.layers, t.offset, t.plan) for t in streams]
         return generate_batch(self.model, self.tokenizer, rows, streams[0].settings)
+
+
+def _check_gate(gate: object) -> None:
+    if isinstance(gate, bool) or not isinstance(gate, (int, float)) or not 0 <= gate <= 1:
+        raise ExtendedMindError(f"block_gate must be a number from 0 to 1, got {gate!r}")
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:

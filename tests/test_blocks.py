@@ -1,0 +1,137 @@
+"""Block memory and retrieval heads on tiny models: layout, selection, slot positions, the prior, calibration and
+its cache, the sink rule and retrieval-head-only token retrieval."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from extended_mind import heads as heads_module
+from extended_mind.blocks import BlockLayout, select_blocks
+from extended_mind.heads import calibration_sequences, head_scores, retrieval_heads
+
+DOCS = ["The cat sat on the mat. " * 5, "Ships sail at dawn.", "A third document, of medium length here."]
+
+
+def test_blocks_never_cross_documents(tiny_mind):
+    memory = tiny_mind.memorize(DOCS, ids=["a", "b", "c"])
+    layout = BlockLayout.of(memory, 16)
+    sizes = [s.num_tokens for s in memory.segments]
+    assert int(layout.lengths.sum()) == memory.num_tokens
+    assert layout.block_of.tolist() == sorted(layout.block_of.tolist())
+    per_doc = [-(-n // 16) for n in sizes]
+    assert layout.num_blocks == sum(per_doc)
+    doc_of_block = memory.token_doc[layout.starts]
+    for b in range(layout.num_blocks):  # every token of a block lies in the block's document
+        tokens = layout.tokens(torch.tensor([b]))
+        assert (memory.token_doc[tokens] == doc_of_block[b]).all()
+    assert layout.tokens(torch.tensor([2, 0])).tolist()[:16] == list(range(32, 48))  # in the order given
+    assert BlockLayout.of(memory, 16) is layout  # cached with the memory, dropped on edits
+    memory.remove("b")
+    assert BlockLayout.of(memory, 16) is not layout
+
+
+def _plan(mind, memory, insert=1, **kw):
+    mem, _, layers = mind._retrieval(memory, kw.get("topk", 8), "logit", "stored", None, retrieval="blocks")
+    return mind._block_plan(mem, layers, insert, kw.get("topk", 8), "logit", None, None, kw.get("blocks", 2),
+                            kw.get("block_size", 8), kw.get("gate", 0.0), None)  # fmt: skip
+
+
+def test_choose_discounts_the_prior_and_keeps_document_order(tiny_mind):
+    memory = tiny_mind.memorize(DOCS)
+    plan = _plan(tiny_mind, memory, blocks=3)
+    n = plan.layout.num_blocks
+    plan.prior = torch.zeros(n)
+    mass = torch.zeros(n)
+    mass[[1, 4, 6]] = torch.tensor([1.0, 3.0, 2.0])
+    assert plan.choose(mass).tolist() == [1, 4, 6]  # the best three, in document order
+    assert plan.choose(mass, 2).tolist() == [4, 6]
+    plan.prior[4] = 0.6  # block 4 draws 60% of the mass for any question: 3 - 0.6 * 6 < 2 - 0
+    assert plan.choose(mass, 2).tolist() == [1, 6]
+    assert plan.choose(mass).tolist() == [1, 4, 6]  # still read when there is room: it got mass
+    assert plan.choose(torch.zeros(n)).tolist() == []  # nothing got mass: nothing is read
+    plan.prior[4] = 0.0
+    plan.gate = 0.5  # only blocks with at least half the best block's score: 3 (block 4) and 2 (block 6)
+    assert plan.choose(mass).tolist() == [4, 6]
+    plan.gate = 1.0
+    assert plan.choose(mass).tolist() == [4]
+
+
+def test_slots_sit_right_before_the_rest_of_the_prompt(tiny_mind):
+    memory = tiny_mind.memorize(DOCS)
+    plan = _plan(tiny_mind, memory, insert=3, blocks=2, block_size=8)
+    assert plan.positions(6) == [0, 1, 2, 19, 20, 21]  # head, a gap of blocks x block size, the rest
+    slots = plan.slots(torch.tensor([0, 5]))
+    layer = slots[0]
+    assert layer.slot_tokens.tolist() == list(range(0, 8)) + list(range(40, 48))
+    assert layer.slot_end == 19 and layer.keys.shape[1] == 16
+    assert plan.slots(torch.zeros(0, dtype=torch.long)) == {}
+
+
+def test_selection_masses_by_row_group(tiny_mind):
+    memory = tiny_mind.memorize(DOCS)
+    plan = _plan(tiny_mind, memory, insert=1)
+    ids = list(range(40, 52))
+    whole = select_blocks(tiny_mind.model, [ids], [plan.positions(12)], [plan])[0]
+    groups = torch.tensor([-1] + [0] * 5 + [1] * 6)
+    split = select_blocks(tiny_mind.model, [ids], [plan.positions(12)], [plan], [groups])[0]
+    assert split.shape == (2, plan.layout.num_blocks)
+    assert torch.allclose(split.sum(0), whole, atol=1e-4)  # the groups partition the rows after the head
+    # every row and retrieval head spreads a mass of one over its top-k tokens
+    heads = sum(int(m.sum()) for m in plan.heads.values())
+    assert float(whole.sum()) == pytest.approx(11 * heads, rel=1e-4)
+
+
+def test_calibration_sequences_repeat_the_words():
+    from tests.conftest import byte_tokenizer
+
+    tok = byte_tokenizer()
+    for ids, queries, targets in calibration_sequences(tok, trials=2):
+        ids = torch.tensor(ids)
+        assert torch.equal(ids[queries + 1], ids[targets])  # the token after each query is the one to copy
+        assert bool((targets < queries).all())
+
+
+def test_head_scores_are_cached_per_model(tiny_mind, tmp_path, monkeypatch):
+    monkeypatch.setenv("EXTENDED_MIND_CACHE", str(tmp_path))
+    scores = head_scores(tiny_mind.model, tiny_mind.tokenizer, tiny_mind.identity)
+    assert scores.shape == (2, 4) and bool(((scores >= 0) & (scores <= 1)).all())
+    monkeypatch.setattr(heads_module, "calibrate", lambda *a, **k: pytest.fail("calibrated twice"))
+    assert torch.equal(head_scores(tiny_mind.model, tiny_mind.tokenizer, tiny_mind.identity), scores)
+    assert len(list((tmp_path / "heads").glob("*.json"))) == 1
+
+
+def test_retrieval_heads_threshold_and_floor():
+    scores = torch.tensor([[0.0, 0.5, 0.05], [0.2, 0.01, 0.0]])
+    chosen = retrieval_heads(scores, 0.1)
+    assert {k: v.tolist() for k, v in chosen.items()} == {0: [False, True, False], 1: [True, False, False]}
+    weak = retrieval_heads(scores * 0.1, 0.1)  # none reaches the threshold: the best MIN_HEADS still retrieve
+    assert sum(int(v.sum()) for v in weak.values()) == 2
+
+
+def test_token_retrieval_first_token_reads_no_memory(tiny_pair):
+    """The sink rule: the prompt's first token (it sees only itself) reads no memory; the others do."""
+    mind, reference = tiny_pair
+    memory = mind.memorize("Some memory text to retrieve from. " * 3)
+    prompt = torch.randint(0, 256, (1, 12))
+    with torch.inference_mode():
+        expected = reference(prompt).logits
+    got = mind.logits(prompt, memory=memory, topk=4, retrieval="tokens", position_policy="zero")
+    assert torch.allclose(got[:, 0], expected[:, 0], atol=1e-5)
+    assert (got[:, 1:] - expected[:, 1:]).abs().max() > 1e-3
+
+
+def test_retrieval_heads_only_token_retrieval(tiny_mind, monkeypatch):
+    """memory_heads="retrieval": only calibrated heads read memory. With every head of layer 1 (and none of layer
+    0) a retrieval head, that is exactly memory in layer 1 only."""
+    memory = tiny_mind.memorize(DOCS)
+    scores = torch.zeros(2, 4)
+    scores[1] = 0.9
+    monkeypatch.setattr(tiny_mind, "_head_scores", scores)
+    prompt = torch.randint(0, 256, (1, 10))
+    options = dict(memory=memory, topk=3, retrieval="tokens")
+    only_heads = tiny_mind.logits(prompt, memory_heads="retrieval", **options)
+    assert torch.equal(only_heads, tiny_mind.logits(prompt, memory_layers=[1], **options))
+    scores[1, :2] = 0.0  # two heads of layer 1 only: something in between
+    partial = tiny_mind.logits(prompt, memory_heads="retrieval", **options)
+    assert not torch.equal(partial, only_heads)
