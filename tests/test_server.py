@@ -87,10 +87,12 @@ def test_openai_client_chat_and_completions_with_citations(mind, tmp_path):
             assert c["text"] == texts[(c["memory"], c["document"])][c["start"] : c["end"]].strip()
 
         # the same request through the Python API gives the same tokens and citations
-        from extended_mind.chat import chat_prompt_ids
+        from extended_mind.prompting import DEFAULT_MEMORY_AT, encode_messages
 
-        ids = chat_prompt_ids(
-            mind.tokenizer, [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Where?"}]
+        ids = encode_messages(
+            mind.tokenizer,
+            [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Where?"}],
+            DEFAULT_MEMORY_AT,
         )
         view = app.state.library.view(["cats", "ships"])
         direct = mind.generate(ids, memory=view, topk=4, max_new_tokens=6)

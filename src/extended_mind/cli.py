@@ -14,18 +14,25 @@ from .errors import ExtendedMindError
 from .index import DEFAULT_APPROX_THRESHOLD
 from .memory import Memory, is_saved_memory
 from .mind import (
+    DEFAULT_BLOCK_GATE,
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_BLOCKS,
     DEFAULT_POSITION_POLICY,
     DEFAULT_RANKING,
+    DEFAULT_RETRIEVAL,
     DEFAULT_SEARCH,
     DEFAULT_STRIDE,
     DEFAULT_TOPK,
     DEFAULT_TOPK_STEP,
     DEFAULT_WINDOW,
+    MEMORY_HEADS,
     RANKINGS,
+    RETRIEVAL_MODES,
     SEARCH_MODES,
     ExtendedMind,
 )
 from .positions import POSITION_POLICIES
+from .prompting import DEFAULT_MEMORY_AT, MEMORY_AT
 from .storage import STORAGE_DTYPES
 
 DEMO_QUESTION = (
@@ -60,7 +67,39 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--topk", type=int, default=DEFAULT_TOPK, help=f"memories retrieved per query head and token ({DEFAULT_TOPK})"
+        "--retrieval",
+        choices=RETRIEVAL_MODES,
+        default=DEFAULT_RETRIEVAL,
+        help=f"blocks: the retrieval heads choose memory blocks that every head reads as context; tokens: every "
+        f"head retrieves its own top-k memory tokens ({DEFAULT_RETRIEVAL})",
+    )
+    p.add_argument("--blocks", type=int, default=DEFAULT_BLOCKS, help=f"memory blocks read ({DEFAULT_BLOCKS})")
+    p.add_argument(
+        "--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help=f"tokens per memory block ({DEFAULT_BLOCK_SIZE})"
+    )
+    p.add_argument(
+        "--block-gate",
+        type=float,
+        default=DEFAULT_BLOCK_GATE,
+        help=f"read a block only if its score is this fraction of the best block's ({DEFAULT_BLOCK_GATE})",
+    )
+    p.add_argument(
+        "--memory-at",
+        choices=MEMORY_AT,
+        default=DEFAULT_MEMORY_AT,
+        help=f"where block memory is read: before the question or before the answer ({DEFAULT_MEMORY_AT})",
+    )
+    p.add_argument(
+        "--memory-heads",
+        choices=MEMORY_HEADS,
+        default=None,
+        help="heads that retrieve from memory: the calibrated retrieval heads or all (blocks: retrieval; tokens: all)",
+    )
+    p.add_argument(
+        "--topk",
+        type=int,
+        default=DEFAULT_TOPK,
+        help=f"memory tokens ranked per query head and token; 0: no memory ({DEFAULT_TOPK})",
     )
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (64)")
     p.add_argument("--no-chat", action="store_true", help="send the question as raw text, without the chat template")
@@ -73,7 +112,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
         "--position-policy",
         choices=POSITION_POLICIES,
         default=DEFAULT_POSITION_POLICY,
-        help=f"rotary positions of retrieved memories ({DEFAULT_POSITION_POLICY})",
+        help=f"token retrieval: rotary positions of retrieved memories ({DEFAULT_POSITION_POLICY})",
     )
     p.add_argument(
         "--uncertainty-threshold",
@@ -272,6 +311,12 @@ def _memory_command(args: argparse.Namespace) -> None:
 def _generation_options(args: argparse.Namespace) -> dict:
     """The options of `_add_generation_args` that `ExtendedMind.stream` and `ChatSession` share."""
     return dict(
+        retrieval=args.retrieval,
+        blocks=args.blocks,
+        block_size=args.block_size,
+        block_gate=args.block_gate,
+        memory_at=args.memory_at,
+        memory_heads=args.memory_heads,
         topk=args.topk,
         max_new_tokens=args.max_new_tokens,
         ranking=args.ranking,

@@ -11,11 +11,11 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
-from ..chat import chat_prompt_ids
 from ..citations import Citation
 from ..generation import GeneratedToken, GenerationResult
 from ..memory import Memory
 from ..mind import ExtendedMind
+from ..prompting import DEFAULT_MEMORY_AT, EncodedPrompt, encode, encode_messages
 from .config import ServerConfig
 from .errors import APIError
 from .library import MemoryLibrary, check_name, split_document_id
@@ -65,6 +65,11 @@ def add_completion_routes(
             "seed": req.seed,
         }
         for name in (
+            "retrieval",
+            "blocks",
+            "block_size",
+            "block_gate",
+            "memory_heads",
             "topk",
             "uncertainty_threshold",
             "topk_step",
@@ -103,20 +108,23 @@ def add_completion_routes(
             raise APIError(400, "no user message with text", "invalid_value", "messages")
         return out
 
-    def prompt_ids(req: ChatCompletionRequest | CompletionRequest) -> list[int]:
+    def prompt_of(req: ChatCompletionRequest | CompletionRequest) -> EncodedPrompt:
+        memory_at = req.memory_at or DEFAULT_MEMORY_AT
         if isinstance(req, ChatCompletionRequest):
-            return chat_prompt_ids(mind.tokenizer, chat_messages(req))
+            return encode_messages(mind.tokenizer, chat_messages(req), memory_at)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if len(prompts) != 1:
             raise APIError(400, "send exactly one prompt per request", "invalid_value", "prompt")
-        return mind.encode_prompt(prompts[0], chat=False)
+        if not isinstance(prompts[0], str) or not prompts[0].strip():
+            raise APIError(400, "prompt is empty", "invalid_value", "prompt")
+        return encode(mind.tokenizer, prompts[0], False, "", memory_at)
 
     def start(req: ChatCompletionRequest | CompletionRequest, names: list[str]):
         """On the model thread: the token stream for a request."""
         memory: Memory | None = library.view(names) if names else None
         if memory is not None and memory.num_tokens == 0:  # every document was removed
             memory = None
-        return mind.stream(prompt_ids(req), memory=memory, **generation_options(req))
+        return mind.stream(prompt_of(req), memory=memory, **generation_options(req))
 
     def usage(result: GenerationResult) -> dict:
         n = len(result.tokens)

@@ -20,7 +20,19 @@ class MemoryOptions(BaseModel):
     memory: MemoryName | list[MemoryName] | None = Field(
         default=None, description="name(s) of stored memories to attend to"
     )
-    topk: int | None = Field(default=None, ge=0, le=1024, description="memories retrieved per query head and token")
+    retrieval: Literal["blocks", "tokens"] | None = Field(
+        default=None, description="blocks: retrieval heads choose memory blocks read as context; tokens: per-head top-k"
+    )
+    blocks: int | None = Field(default=None, ge=0, le=256, description="memory blocks read")
+    block_size: int | None = Field(default=None, ge=1, le=1024, description="tokens per memory block")
+    block_gate: float | None = Field(
+        default=None, ge=0, le=1, description="read a block only if its score is this fraction of the best block's"
+    )
+    memory_heads: Literal["retrieval", "all"] | None = None
+    memory_at: Literal["question", "answer"] | None = Field(
+        default=None, description="where block memory is read: before the question or between question and answer"
+    )
+    topk: int | None = Field(default=None, ge=0, le=1024, description="memory tokens ranked per query head and token")
     uncertainty_threshold: float | None = Field(
         default=None, ge=0, le=100, description="entropy (nats) above which a step is redone with more memories"
     )
