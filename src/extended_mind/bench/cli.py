@@ -45,6 +45,9 @@ def add_commands(sub) -> None:
 
 def _common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--out", type=Path, default=Path(out))
+    p.add_argument(
+        "--chat", action="store_true", help="ask in the model's chat template (the answer prefix starts the reply)"
+    )
     p.add_argument("--model", default=None, help="local model directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (fix it for comparable timings)")
     p.add_argument("--no-progress", action="store_true")
@@ -61,11 +64,11 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "tune":
         methods = [parse_method(m) for m in parse_grid(args.grid)]  # bad settings fail before the model loads
         _ensure_data()
-        return _tune(Harness(ExtendedMind.from_pretrained(args.model)), methods, args)
+        return _tune(Harness(ExtendedMind.from_pretrained(args.model), chat=args.chat), methods, args)
     tasks = list(TASKS) if args.task == "all" else [args.task]
     plans = {t: _task_plan(t, args) for t in tasks}  # every setting checked before hours of work start
     _ensure_data()
-    return _bench(Harness(ExtendedMind.from_pretrained(args.model)), plans, args)
+    return _bench(Harness(ExtendedMind.from_pretrained(args.model), chat=args.chat), plans, args)
 
 
 def _ensure_data() -> None:
@@ -86,8 +89,12 @@ def _task_plan(task: str, args: argparse.Namespace) -> tuple[list[MethodSpec], T
         seed=args.seed,
         depths=args.depths or preset.get("depths"),
     )
-    if spec.n < 1 or any(x < 16 for x in spec.lengths):
-        raise ExtendedMindError("--n must be >= 1 and every length >= 16 tokens")
+    if spec.n < 1:
+        raise ExtendedMindError("--n must be >= 1")
+    if task == "pair" and any(not 2 <= x <= 10 for x in spec.lengths):
+        raise ExtendedMindError("pair: --lengths are documents per memory, 2 to 10")
+    if task != "pair" and any(x < 16 for x in spec.lengths):
+        raise ExtendedMindError("every length must be >= 16 tokens")
     return methods, spec
 
 

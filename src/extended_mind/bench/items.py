@@ -23,6 +23,8 @@ class Item:
     meta: dict = field(default_factory=dict)
 
     def score(self, prediction: str) -> float:
+        if self.scorer == "unmixed":  # the asked document's fact, and no other document's
+            return score_unmixed(prediction, self.answers, self.meta["others"])
         return SCORERS[self.scorer](prediction, self.answers)
 
     def record(self) -> dict:
@@ -67,6 +69,14 @@ def score_any(prediction: str, answers: list[str]) -> float:
 
 def score_fraction(prediction: str, answers: list[str]) -> float:
     return sum(mentions(prediction, a) for a in answers) / len(answers) if answers else 0.0
+
+
+def score_unmixed(prediction: str, answers: list[str], others: list[str]) -> float:
+    return float(score_any(prediction, answers) == 1.0 and not any(mentions(prediction, o) for o in others))
+
+
+def mixes(prediction: str, others: list[str]) -> bool:
+    return any(mentions(prediction, o) for o in others)
 
 
 SCORERS = {"first_integer": score_first_integer, "any": score_any, "fraction": score_fraction}

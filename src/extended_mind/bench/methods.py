@@ -25,7 +25,8 @@ from .yarn import yarn_factor, yarn_scaling
 METHODS = ("emt", "rag", "context", "yarn", "emt+rag", "none")
 EMT_SETTINGS = {
     "topk": int, "stride": int, "position_policy": str, "similarity_threshold": float, "ranking": str,
-    "uncertainty_threshold": float, "topk_step": int, "search": str, "layers": str,
+    "uncertainty_threshold": float, "topk_step": int, "search": str, "layers": str, "retrieval": str, "blocks": int,
+    "block_size": int, "block_gate": float, "memory_heads": str, "memory_at": str, "chunk": int,
 }  # fmt: skip
 # Settings with another name in ExtendedMind.generate/logits (layers "10-29" -> memory_layers [10, ..., 29]).
 _RENAMED = {"layers": "memory_layers"}
@@ -47,10 +48,12 @@ def layer_range(text: str) -> list[int]:
 
 
 def emt_options(settings: dict, allowed: tuple[str, ...] | None = None) -> dict:
-    """The keyword arguments for ExtendedMind from a method's settings (stride is for memorizing, not asking)."""
+    """The keyword arguments for ExtendedMind from a method's settings (stride is for memorizing, not asking; chunk
+    for scoring, passed only when `allowed` names it)."""
     out = {}
+    skip = {"stride"} if allowed is not None else {"stride", "chunk"}  # chunk: scoring (logits) only
     for key, value in settings.items():
-        if key in EMT_SETTINGS and key != "stride" and (allowed is None or key in allowed):
+        if key in EMT_SETTINGS and key not in skip and (allowed is None or key in allowed):
             out[_RENAMED.get(key, key)] = layer_range(value) if key == "layers" else value
     return out
 
@@ -100,19 +103,22 @@ class Harness:
     """One model, the embedding model when RAG is used, and the memory of the document being asked about (built
     once per document and stride, shared by every memory method)."""
 
-    def __init__(self, mind: ExtendedMind):
+    def __init__(self, mind: ExtendedMind, chat: bool = False):
         self.mind = mind
+        self.chat = chat  # questions in the chat template, the answer prefix starting the reply
         self._memories: dict[tuple[str, int | None], Memory] = {}
         self._retriever: Retriever | None = None
         self._context_answer: tuple[str, dict] = ("", {})  # yarn on a document that fits is `context`: reused
 
-    def memory(self, document: str, stride: int | None) -> tuple[Memory, float]:
-        """(memory of `document`, seconds spent memorizing now: 0 when it was already built)."""
-        key = (hashlib.sha1(document.encode()).hexdigest(), stride)
+    def memory(self, document: str | list[str], stride: int | None) -> tuple[Memory, float]:
+        """(memory of `document` (one text, or several memorized as separate documents), seconds spent memorizing
+        now: 0 when it was already built)."""
+        texts = [document] if isinstance(document, str) else list(document)
+        key = (hashlib.sha1("\x00".join(texts).encode()).hexdigest(), stride)
         if key not in self._memories:
             self._memories = {k: v for k, v in self._memories.items() if k[0] == key[0]}  # one document at a time
             start = time.perf_counter()
-            self._memories[key] = self.mind.memorize(document, stride=stride, progress=False)
+            self._memories[key] = self.mind.memorize(texts, stride=stride, progress=False)
             return self._memories[key], time.perf_counter() - start
         return self._memories[key], 0.0
 
@@ -138,18 +144,22 @@ class Harness:
                 item.document, f"{item.question} {item.answer_prefix}", s.get("chunk_tokens", 500), s.get("top", 5)
             )
             pasted = "\n\n".join(chunks)
-        if spec.name in ("emt", "emt+rag"):
-            memory, details["memorize_seconds"] = self.memory(item.document, s.get("stride"))
+        if spec.name in ("emt", "emt+rag"):  # separate documents (the pair task) stay separate in memory
+            texts = item.meta.get("documents", item.document)
+            memory, details["memorize_seconds"] = self.memory(texts, s.get("stride"))
             options = emt_options(s)
         if spec.name in ("context", "yarn"):
             pasted, details = self._fit_document(item, spec.name == "yarn")
             if details.get("yarn_factor") == 1.0 and self._context_answer[0] == item.id:
                 return {**self._context_answer[1], **details, "same_as_context": True}  # it fits: yarn is off
         factor = details.get("yarn_factor", 1.0)
+        if self.chat:
+            question = f"{pasted.strip()}\n\n{item.question}".strip()
+            prompt = {"prompt": question, "chat": True, "answer_prefix": item.answer_prefix}
+        else:
+            prompt = {"prompt": prompt_text(item, pasted), "chat": False}
         with yarn_scaling(self.mind.model, factor):
-            result = self.mind.generate(
-                prompt_text(item, pasted), memory=memory, chat=False, max_new_tokens=item.max_new_tokens, **options
-            )
+            result = self.mind.generate(memory=memory, max_new_tokens=item.max_new_tokens, **prompt, **options)
         details["prompt_tokens"] = result.prompt_tokens
         details["uncertainty_retrievals"] = len(result.retrievals)
         if memory is not None and result.citations:
@@ -164,7 +174,7 @@ class Harness:
         with the scaling factor that makes it fit)."""
         window = self.mind.context_window
         # template, question, answer and BOS, plus a margin: cut text can re-tokenize a few tokens longer
-        frame = self.count(prompt_text(item, "x")) + item.max_new_tokens + 16
+        frame = self.count(prompt_text(item, "x")) + item.max_new_tokens + 16 + (64 if self.chat else 0)
         ids = self.mind.tokenizer(item.document, add_special_tokens=False)["input_ids"]
         if yarn:
             return item.document, {"yarn_factor": yarn_factor(len(ids) + frame, window), "truncated": False}
@@ -198,7 +208,8 @@ class Harness:
             details["yarn_factor"] = yarn_factor(len(head) + len(prefix) + len(local), window)
         ids = torch.tensor([head + context + local])
         options = emt_options(spec.settings, ("topk", "position_policy", "similarity_threshold", "ranking", "search",
-                                              "layers"))  # fmt: skip
+                                              "layers", "retrieval", "blocks", "block_size", "block_gate",
+                                              "memory_heads", "chunk"))  # fmt: skip
         with yarn_scaling(self.mind.model, details.get("yarn_factor", 1.0)):
             logits = self.mind.logits(ids, memory=memory, **options)[0, -len(local) : -1].float()
         targets = torch.tensor(local[1:], device=logits.device)

@@ -9,6 +9,9 @@ from __future__ import annotations
 PRESETS: dict[str, dict[str, dict]] = {
     "quick": {
         "passkey": {"lengths": [4096, 16384], "depths": [0.5], "n": 1, "methods": ["emt", "rag", "context", "none"]},
+        "passkey-prose": {"lengths": [8192], "depths": [0.5], "n": 1, "methods": ["emt", "rag", "context"]},
+        "general": {"lengths": [15000], "n": 10, "methods": ["emt", "none"]},  # n: questions
+        "pair": {"lengths": [2], "n": 4, "methods": ["emt", "context"]},
         "niah": {"lengths": [2048, 8192], "depths": [0.5], "n": 1, "methods": ["emt", "rag", "context"]},
         "ruler": {"lengths": [2048], "n": 1, "methods": ["emt", "rag", "context"]},
         "wikiqa": {"lengths": [2048, 8192], "n": 2, "methods": ["emt", "rag", "context", "emt+rag"]},
@@ -17,6 +20,10 @@ PRESETS: dict[str, dict[str, dict]] = {
     "full": {
         "passkey": {"lengths": [8192, 16384, 32768, 65536], "depths": [0.5], "n": 1,
                     "methods": ["emt", "rag", "context"]},
+        "passkey-prose": {"lengths": [8192, 16384, 32768], "depths": [0.1, 0.5, 0.9], "n": 1,
+                          "methods": ["emt", "rag", "context"]},
+        "general": {"lengths": [15000], "n": 40, "methods": ["emt", "emt[retrieval=tokens]", "none"]},
+        "pair": {"lengths": [2, 10], "n": 10, "methods": ["emt", "rag", "context"]},
         "niah": {"lengths": [2048, 4096, 8192], "depths": [0.1, 0.5, 0.9], "n": 1,
                  "methods": ["emt", "rag", "context"]},
         "ruler": {"lengths": [4096], "n": 1, "methods": ["emt", "rag", "context"]},

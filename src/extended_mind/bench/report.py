@@ -46,7 +46,35 @@ def markdown_table(summary: dict) -> str:
         lines += ["", f"{len(errors)} run(s) refused and scored 0, e.g. {errors[0]['method']}: {errors[0]['error']}"]
     if task == "ruler":
         lines += ["", _ruler_kinds(summary)]
+    if task == "general":
+        lines += ["", _retention(summary)]
+    if task == "pair":
+        lines += ["", _mixing(summary)]
     return "\n".join(lines) + "\n"
+
+
+def _retention(summary: dict) -> str:
+    """Of the questions answered right without memory (`none`), how many each method still answers right."""
+    records = summary["records"]
+    known = {r["item_id"] for r in records if r["method"] == "none" and r["score"] == 1.0}
+    if "none" not in summary["methods"] or not known:
+        return "(retention needs the `none` method: the questions answered right without memory)"
+    out = [f"Questions answered right without memory: {len(known)}. Kept right with each method:", ""]
+    for method in summary["methods"]:
+        kept = sum(1 for r in records if r["method"] == method and r["item_id"] in known and r["score"] == 1.0)
+        out.append(f"- {method}: {kept}/{len(known)} ({100 * kept / len(known):.0f}%)")
+    return "\n".join(out)
+
+
+def _mixing(summary: dict) -> str:
+    """How often an answer names a fact of another document than the one asked about."""
+    records = summary["records"]
+    out = ["| method | answers naming another document's fact |", "|---|---|"]
+    for method in summary["methods"]:
+        rows = [r for r in records if r["method"] == method and "mixed" in r]
+        if rows:
+            out.append(f"| {method} | {sum(r['mixed'] for r in rows)}/{len(rows)} |")
+    return "\n".join(out)
 
 
 def _ruler_kinds(summary: dict) -> str:

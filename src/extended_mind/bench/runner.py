@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ExtendedMindError
-from .items import Item
+from .items import Item, mixes
 from .methods import Harness, MethodSpec
 from .report import write_report
 from .tasks import TaskSpec, make_items, perplexity_docs
@@ -104,6 +104,7 @@ def _run_one(harness: Harness, task: str, x, method: MethodSpec, doc_tokens: int
         "question": item.question,
         "answers": item.answers,
         "score": item.score(got["prediction"]),
+        **({"mixed": mixes(got["prediction"], item.meta["others"])} if "others" in item.meta else {}),
         **got,
         "meta": item.meta,
     }

@@ -69,6 +69,21 @@ def passkey(length: int, depth: float, rng: random.Random, count: CountTokens) -
     )  # fmt: skip
 
 
+def prose_passkey(length: int, depth: float, rng: random.Random, count: CountTokens, prose: str) -> Item:
+    """The passkey sentence in real prose (Wikipedia articles) instead of repeated filler: the key must be found
+    among tokens that all look like text worth reading."""
+    key = rng.randint(10000, 99999)
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+    hay = Haystack(prose, count)
+    start = rng.randrange(len(hay.sentences))
+    sentences = hay.fill(_budget(length, [needle], count), start)
+    return Item(
+        task="passkey-prose", id=f"passkey-prose-{length}-{depth:.2f}-{key}", length=length, depth=depth,
+        document=place(sentences, [(depth, needle)]), question="What is the pass key?",
+        answer_prefix="The pass key is", answers=[str(key)], scorer="first_integer", max_new_tokens=8,
+    )  # fmt: skip
+
+
 def niah(length: int, depth: float, rng: random.Random, count: CountTokens, essays: str) -> Item:
     """Needle in a haystack of Paul Graham's essays (the original test's needle and question)."""
     hay = Haystack(essays, count)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from . import data, synthetic, wikiqa
+from . import data, general, synthetic, wikiqa
 from .items import Item
 
-TASKS = ("passkey", "niah", "ruler", "wikiqa", "perplexity")
+TASKS = ("passkey", "passkey-prose", "niah", "ruler", "wikiqa", "perplexity", "general", "pair")
 PERPLEXITY_LOCAL = 2048  # tokens kept in the window; the rest of the document goes to memory
 
 
@@ -39,6 +39,18 @@ def make_items(task: str, spec: TaskSpec, tokenizer: PreTrainedTokenizerBase) ->
             for d in depths:
                 items += [synthetic.passkey(length, d, _rng(spec.seed, task, length, d, i), count)
                           for i in range(spec.n)]  # fmt: skip
+    elif task == "passkey-prose":
+        prose = wiki_prose(spec.data_root)
+        for length in spec.lengths:
+            for d in depths:
+                items += [synthetic.prose_passkey(length, d, _rng(spec.seed, task, length, d, i), count, prose)
+                          for i in range(spec.n)]  # fmt: skip
+    elif task == "general":
+        for length in spec.lengths:
+            items += general.general_items(length, spec.n, wiki_prose(spec.data_root), count)
+    elif task == "pair":  # lengths: documents per memory
+        for documents in spec.lengths:
+            items += general.pair_items(documents, spec.n, _rng(spec.seed, task, documents))
     elif task == "niah":
         essays = " ".join(a.text for a in data.essays(spec.data_root))
         for length in spec.lengths:
@@ -62,6 +74,12 @@ def make_items(task: str, spec: TaskSpec, tokenizer: PreTrainedTokenizerBase) ->
     else:
         raise ValueError(f"make_items does not make {task!r} items")
     return items
+
+
+def wiki_prose(data_root: Path | None) -> str:
+    """The longest Wikipedia articles, joined: a haystack of real prose."""
+    articles = sorted(data.wikipedia(data_root), key=lambda a: -len(a.text))
+    return " ".join(a.text for a in articles[:12])
 
 
 @dataclass
