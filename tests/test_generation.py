@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import warnings
 
 import pytest
 import torch
@@ -149,3 +150,14 @@ def test_vectorized_citations_match_token_by_token_grouping(tiny_mind):
         for c in got:
             text = {"a": DOC, "b": "Rivers. Lakes! Seas?\nOceans", "c": long_sentence}[c.doc]
             assert c.text == text[c.start : c.end].strip() and c.end - c.start <= 400 + 2 * 120
+
+
+def test_generation_raises_no_deprecation_warning_from_our_calls(tiny_mind):
+    """Our calls into transformers use its current argument names (no FutureWarning in users' output)."""
+    memory = tiny_mind.memorize(DOC)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        tiny_mind.generate("What is the pass key?", memory=memory, max_new_tokens=3)
+        tiny_mind.generate_batch(["a", "b"], [memory, None], max_new_tokens=2)
+        tiny_mind.logits(torch.tensor([[1, 2, 3]]), memory=memory)
+        tiny_mind.memorize("Some more text to memorize, long enough for two chunks. " * 4)

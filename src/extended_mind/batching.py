@@ -16,6 +16,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from .attention import LayerMemory, RetrievalSettings, Session
 from .blocks import BlockPlan, select_blocks
 from .citations import cite, sparse_sum
+from .compat import with_cache
 from .generation import (
     DecodeSettings,
     GeneratedToken,
@@ -79,7 +80,7 @@ def generate_batch(
                 input_ids=input_ids.to(device),
                 position_ids=pos.to(device),
                 attention_mask=attn.to(device),
-                past_key_values=cache,
+                **with_cache(model, cache),
                 use_cache=True,
                 logits_to_keep=1,
             )

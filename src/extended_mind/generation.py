@@ -12,6 +12,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from .attention import LayerMemory, RetrievalSettings, Session
 from .blocks import BlockPlan, select_blocks
 from .citations import Citation, cite, sparse_sum
+from .compat import with_cache
 from .memory import Memory
 
 
@@ -184,9 +185,8 @@ class TokenStream:
             positions = torch.tensor([pos], device=device)
             session.row_positions = positions
             with session.active(), torch.inference_mode():
-                out = self.model(
-                    input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1
-                )
+                out = self.model(input_ids=input_ids, position_ids=positions, use_cache=True, logits_to_keep=1,
+                                 **with_cache(self.model, cache))  # fmt: skip
             idx, w = sparse_sum([r[0] for r in session.citation_records], [r[1] for r in session.citation_records])
             if len(session.citation_records):
                 w = w / (len(session.citation_records) * n_heads)

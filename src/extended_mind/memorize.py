@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .attention import Session, attention_modules
+from .compat import with_cache
 from .documents import Document
 from .errors import DocumentError, ExtendedMindError
 from .identity import ModelIdentity
@@ -81,7 +82,8 @@ class _DocumentPass:
         positions = torch.arange(context, context + s, device=ids.device)[None]
         session = Session(capture=self._capture)
         with session.active():
-            self.model.base_model(input_ids=ids[None], position_ids=positions, past_key_values=cache, use_cache=True)
+            self.model.base_model(input_ids=ids[None], position_ids=positions, use_cache=True,
+                                  **with_cache(self.model.base_model, cache))  # fmt: skip
 
 
 @dataclass

@@ -12,6 +12,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from .attention import LayerMemory, RetrievalSettings, Session, patch_model
 from .batching import BatchRow, generate_batch
 from .blocks import NEUTRAL_PROMPTS, BlockLayout, BlockPlan, block_prior, select_blocks, slot_positions
+from .compat import with_cache
 from .documents import Document, load_documents
 from .errors import ExtendedMindError, PromptTooLongError
 from .generation import DecodeSettings, GenerationResult, TokenStream
@@ -427,7 +428,7 @@ class ExtendedMind:
             session.row_positions = positions[:, start:end]
             with session.active(), torch.inference_mode():
                 step = self.model(input_ids=input_ids[:, start:end], position_ids=positions[:, start:end],
-                                  past_key_values=cache, use_cache=True)  # fmt: skip
+                                  use_cache=True, **with_cache(self.model, cache))  # fmt: skip
             out.append(step.logits)
         return torch.cat(out, dim=1)
 
