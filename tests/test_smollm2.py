@@ -29,28 +29,52 @@ def test_smollm2_topk_zero_is_the_unmodified_model(smol, reference):
     with torch.inference_mode():
         expected = reference(prompt).logits
         greedy = reference.generate(prompt, max_new_tokens=8, do_sample=False)[0, prompt.shape[1] :].tolist()
-    assert torch.equal(smol.logits(prompt, memory=memory, topk=0, position_policy="zero"), expected)
-    result = smol.generate(prompt[0].tolist(), memory=memory, topk=0, position_policy="zero", max_new_tokens=8)
-    assert [t.id for t in result.tokens] == greedy[: len(result.tokens)]
+    for options in (dict(topk=0, retrieval="tokens", position_policy="zero"), dict(topk=0), dict(blocks=0)):
+        assert torch.equal(smol.logits(prompt, memory=memory, **options), expected)
+        result = smol.generate(prompt[0].tolist(), memory=memory, max_new_tokens=8, **options)
+        assert [t.id for t in result.tokens] == greedy[: len(result.tokens)]
+
+
+def _one_window_memory(smol, ids: torch.Tensor, sink: bool):
+    """`ids` memorized in one window (keys as in a full-context pass); with `sink` the first token is not stored."""
+    n = len(ids)
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[0] = not sink
+    enc = EncodedDocument(ids, torch.zeros(n, 2, dtype=torch.int32), keep)
+    return memorize_encoded(smol.model, [Document("d", "x")], [enc], stride=256, window=1024, identity=smol.identity,
+                            progress=False)  # fmt: skip
+
+
+MUSEUM = "The museum opens at nine and closes at five. " * 12
 
 
 def test_smollm2_all_memories_equal_full_context(smol, reference):
-    doc = smol.tokenizer("The museum opens at nine and closes at five. " * 12, return_tensors="pt")["input_ids"][0]
+    """Token retrieval of every memory at its document position equals the full context in which the prompt's
+    first token (the sink) reads only itself."""
+    doc = smol.tokenizer(MUSEUM, return_tensors="pt")["input_ids"][0]
     prompt = smol.tokenizer(" When does the museum open?", return_tensors="pt")["input_ids"]
-    n = len(doc)
-    enc = EncodedDocument(doc, torch.zeros(n, 2, dtype=torch.int32), torch.ones(n, dtype=torch.bool))
-    memory = memorize_encoded(
-        smol.model,
-        [Document("d", "x")],
-        [enc],
-        stride=256,
-        window=1024,
-        identity=smol.identity,
-        progress=False,
-    )
+    n, m = len(doc), prompt.shape[1]
+    memory = _one_window_memory(smol, doc, sink=False)
+    mask = torch.zeros(n + m, n + m).masked_fill(~torch.ones(n + m, n + m, dtype=torch.bool).tril(), float("-inf"))
+    mask[n, :n] = float("-inf")
     with torch.inference_mode():
-        expected = reference(torch.cat([doc[None], prompt], dim=1)).logits[:, n:]
-    got = smol.logits(prompt, memory=memory, topk=n, position_policy="stored")
+        expected = reference(torch.cat([doc[None], prompt], dim=1), attention_mask=mask[None, None]).logits[:, n:]
+    got = smol.logits(prompt, memory=memory, topk=n, retrieval="tokens", position_policy="stored")
+    assert (got - expected).abs().max().item() < FULL_CONTEXT_ATOL
+
+
+def test_smollm2_block_memory_of_every_block_equals_full_context(smol, reference):
+    bos = torch.tensor([smol.tokenizer.bos_token_id])
+    doc = smol.tokenizer(MUSEUM, return_tensors="pt")["input_ids"][0]
+    question = smol.tokenizer(" When does the museum open?", return_tensors="pt")["input_ids"][0]
+    memory = _one_window_memory(smol, torch.cat([bos, doc]), sink=True)
+    n = len(doc)
+    blocks = next(d for d in range(2, n + 1) if n % d == 0)  # blocks that fill the slots exactly: positions 1..n
+    with torch.inference_mode():
+        full = reference(torch.cat([bos, doc, question])[None]).logits
+    expected = torch.cat([full[:, :1], full[:, 1 + n :]], dim=1)
+    options = dict(topk=n, blocks=blocks, block_size=n // blocks, block_gate=0.0)  # every block
+    got = smol.logits(torch.cat([bos, question])[None], memory=memory, **options)
     assert (got - expected).abs().max().item() < FULL_CONTEXT_ATOL
 
 
@@ -64,7 +88,8 @@ def test_smollm2_finds_a_passkey_in_a_memory_beyond_its_window(smol):
     blocks.insert(int(depth * n_filler), needle)
     memory = smol.memorize("".join(blocks))
     assert memory.num_tokens >= 12_000 > smol.context_window
-    result = smol.generate("What is the pass key?", memory=memory, max_new_tokens=12)
+    # completion style: in chat form SmolLM2 answers "The pass key is a magical number ..." from block memory
+    result = smol.generate("What is the pass key?", memory=memory, chat=False, max_new_tokens=12)
     assert str(key) in result.text, (key, depth, result.text)
     top = result.citations[0]
     text = memory.documents[0].text

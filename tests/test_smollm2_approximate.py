@@ -7,7 +7,7 @@ from importlib.resources import files
 
 from extended_mind.index import LayerIndex
 
-from .test_smollm2_memory import FILLER, PASSKEY, TERMITES
+from .test_smollm2_memory import FILLER, PASSKEY, TERMITES, passkey
 
 
 def test_smollm2_approximate_search_answers_like_exact_search(smol, tmp_path, monkeypatch):
@@ -19,8 +19,7 @@ def test_smollm2_approximate_search_answers_like_exact_search(smol, tmp_path, mo
     answers = {}
     for search in ("exact", "approximate"):
         fact = smol.generate(TERMITES, memory=loaded, chat=False, max_new_tokens=12, stop=["\n"], search=search)
-        key = smol.generate("What is the pass key?", memory=loaded, answer_prefix="The pass key is",
-                            max_new_tokens=8, search=search)  # fmt: skip
+        key = passkey(smol, loaded, search=search)
         answers[search] = (fact.text, key.text)
         assert "80,000" in fact.text and "80,000" in fact.citations[0].text, (search, fact.text)
         assert "61734" in key.text and key.citations[0].doc == "passkey", (search, key.text)

@@ -16,8 +16,10 @@ def termites(smol, memory):
     return smol.generate(TERMITES, memory=memory, chat=False, max_new_tokens=12, stop=["\n"])
 
 
-def passkey(smol, memory):
-    return smol.generate("What is the pass key?", memory=memory, answer_prefix="The pass key is", max_new_tokens=8)
+def passkey(smol, memory, **options):
+    # completion style, no answer prefix: in chat form, or after "The pass key is", block memory lets SmolLM2 answer
+    # "a magical number ..." or read another document's block (README, "Limits")
+    return smol.generate("What is the pass key?", memory=memory, chat=False, max_new_tokens=12, **options)
 
 
 @pytest.fixture(scope="module")

@@ -31,12 +31,10 @@ from .memory import Memory
 from .prompting import EncodedPrompt
 from .rope import apply_rope, extend_table, invert_rope
 
-MIN_RESERVE = 0
-
 
 def slot_positions(blocks: int, block_size: int) -> int:
     """Positions kept between the prompt's head and its question for the slots of `blocks` blocks."""
-    return max(blocks * block_size, MIN_RESERVE)
+    return blocks * block_size
 
 
 @dataclass(frozen=True)

@@ -134,12 +134,15 @@ class ExtendedMind:
         index: IndexSettings | None = None,
         only_above_threshold: bool = False,
         approx_threshold: int = DEFAULT_APPROX_THRESHOLD,
+        retrieval: str = DEFAULT_RETRIEVAL,
     ) -> Memory:
-        """Build the approximate-search indexes of `memory` now (for `position_policy`), so that the first question
-        does not wait for them and `memory.save()` stores them. With `only_above_threshold`, only when the memory
-        is large enough for `search="auto"` to use them. Returns the memory."""
+        """Build the approximate-search indexes of `memory` now (for `retrieval`; token retrieval's for
+        `position_policy`), so that the first question does not wait for them and `memory.save()` stores them.
+        With `only_above_threshold`, only when the memory is large enough for `search="auto"` to use them. Returns
+        the memory."""
         if not only_above_threshold or memory.num_tokens >= approx_threshold:
-            self._retrieval(memory, DEFAULT_TOPK, DEFAULT_RANKING, position_policy, None, "approximate", 0, index)
+            self._retrieval(memory, DEFAULT_TOPK, DEFAULT_RANKING, position_policy, None, "approximate", 0, index,
+                            retrieval=retrieval)  # fmt: skip
         return memory
 
     def _as_memory(self, memory: MemoryLike | list[MemoryLike] | None) -> Memory | None:
