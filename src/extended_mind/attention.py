@@ -343,6 +343,13 @@ def _attend(
     no_memory = _rows_without_memory(mem, attention_mask, positions, b, sq, skv)
     if no_memory is not None:
         mem_logits = mem_logits.view(b, h, g, sq, k).masked_fill(no_memory, float("-inf")).view(b, h, g * sq, k)
+    window = getattr(module, "sliding_window", None)
+    if slots and window and positions is not None:
+        # A sliding-window layer sees a slot only within its window, as it would see a pasted passage: without
+        # this, rows far past the slots read them at distances the layer never saw (Gemma 3 perplexity 378 vs 19)
+        slot_pos = torch.arange(mem.slot_end - k, mem.slot_end, device=mem_logits.device)
+        far = (positions.to(mem_logits.device).view(b, 1, 1, sq, 1) - slot_pos.view(1, 1, 1, 1, k)) >= window
+        mem_logits = mem_logits.view(b, h, g, sq, k).masked_fill(far, float("-inf")).view(b, h, g * sq, k)
     if softcap is not None:
         local_logits = torch.tanh(local_logits / softcap) * softcap
         mem_logits = torch.tanh(mem_logits / softcap) * softcap
