@@ -252,8 +252,7 @@ class ExtendedMind:
         )
         # the prior is the memory's own (not the prompt's): computed once per memory and setting, and kept with it
         key = f"prior-{block_size}-{topk}-{ranking}-{similarity_threshold}-{memory_heads}"
-        neutral = [self._with_sink(encode(self.tokenizer, p, False, "", "question")) for p in NEUTRAL_PROMPTS]
-        plan.prior = memory._cat(key, lambda: block_prior(self.model, plan, neutral))
+        plan.prior = memory._cat(key, lambda: block_prior(self.model, plan, self._neutral_prompts()))
         return plan
 
     # ---- generation ----
@@ -263,6 +262,9 @@ class ExtendedMind:
         answer, which small models need to answer in the document's own words). A list of ints is taken as
         already tokenized and used as it is."""
         return encode(self.tokenizer, prompt, chat, answer_prefix, DEFAULT_MEMORY_AT).ids
+
+    def _neutral_prompts(self) -> list[EncodedPrompt]:
+        return [self._with_sink(encode(self.tokenizer, p, False, "", "question")) for p in NEUTRAL_PROMPTS]
 
     def _with_sink(self, prompt: EncodedPrompt) -> EncodedPrompt:
         """Block memory needs a token before its slots that holds the attention sink: a prompt whose memory would
@@ -305,9 +307,7 @@ class ExtendedMind:
         """Like `generate`, but returns an iterator of tokens as they are produced (`.result` once exhausted)."""
         _check_int("max_new_tokens", max_new_tokens, 1)
         _check_int("topk_step", topk_step, 0)
-        _check_int("blocks", blocks, 0)
-        _check_int("block_size", block_size, 1)
-        _check_gate(block_gate)
+        _check_block_options(blocks, block_size, block_gate)
         if citation_weighting not in CITATION_WEIGHTINGS:
             raise ExtendedMindError(
                 f"unknown citation weighting {citation_weighting!r}; choose one of {CITATION_WEIGHTINGS}"
@@ -389,9 +389,7 @@ class ExtendedMind:
         (perplexity, answer log-probabilities). Positions start after the memory as in `generate`. Block memory
         reads its slots between the leading special tokens (at least the first token) and the rest, and takes
         the rows in chunks of `chunk`, each reading the blocks its own rows chose."""
-        _check_int("blocks", blocks, 0)
-        _check_int("block_size", block_size, 1)
-        _check_gate(block_gate)
+        _check_block_options(blocks, block_size, block_gate)
         _check_int("chunk", chunk, 1)
         mem, offset, layers = self._retrieval(
             memory, topk, ranking, position_policy, memory_layers, search, approx_threshold, index, retrieval,
@@ -474,7 +472,9 @@ class ExtendedMind:
         return generate_batch(self.model, self.tokenizer, rows, streams[0].settings)
 
 
-def _check_gate(gate: object) -> None:
+def _check_block_options(blocks: object, block_size: object, gate: object) -> None:
+    _check_int("blocks", blocks, 0)
+    _check_int("block_size", block_size, 1)
     if isinstance(gate, bool) or not isinstance(gate, (int, float)) or not 0 <= gate <= 1:
         raise ExtendedMindError(f"block_gate must be a number from 0 to 1, got {gate!r}")
 
