@@ -11,8 +11,10 @@ from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
     Gemma3TextConfig,
+    GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
+    MptConfig,
     Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -33,6 +35,8 @@ COMMON = dict(
     head_dim=16,
 )
 
+NEOX = {k: v for k, v in COMMON.items() if k not in ("num_key_value_heads", "head_dim")}  # multi-head only
+
 FAMILIES = {
     "llama": lambda: LlamaConfig(**COMMON),
     "qwen2": lambda: Qwen2Config(**COMMON),
@@ -41,6 +45,9 @@ FAMILIES = {
     "gemma2": lambda: Gemma2Config(**COMMON, sliding_window=512, attn_logit_softcapping=50.0),  # softcap
     "gemma3": lambda: Gemma3TextConfig(**COMMON, sliding_window=512),  # two RoPE kinds, sliding layers
     "phi3": lambda: Phi3Config(**COMMON, partial_rotary_factor=0.5, pad_token_id=0),  # fused qkv, partial rotary
+    "gpt_neox": lambda: GPTNeoXConfig(**NEOX, rotary_pct=0.25),  # partial rotary, parallel residual
+    # ALiBi, attention computed inline (the adapter in alibi.py)
+    "mpt": lambda: MptConfig(vocab_size=VOCAB, d_model=64, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=512),
 }
 
 

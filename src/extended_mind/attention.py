@@ -59,6 +59,7 @@ class LayerMemory:
     slot_tokens: torch.Tensor | None = None
     slot_end: int = 0
     heads: torch.Tensor | None = None  # (query heads,) bool: token retrieval only in these heads (None: all)
+    positions: torch.Tensor | None = None  # (N,) long: each memory's position, for ALiBi biases (alibi.py)
 
 
 @dataclass
@@ -153,6 +154,11 @@ def _base_attention(module: torch.nn.Module) -> Callable:
 
 
 def _call_base(module, query, key, value, attention_mask, **kwargs):
+    plain = getattr(module, "_extended_mind_plain_attention", None)  # families with an adapter (alibi.py)
+    if plain is not None:
+        return plain(module, query, key, value, attention_mask, **kwargs)
+    kwargs.pop("local_bias", None)
+    kwargs.pop("alibi", None)
     base = _base_attention(module)
     if attention_mask is not None and attention_mask.dtype == torch.bool and base.__name__ == "eager_attention_forward":
         zero = torch.zeros((), dtype=query.dtype, device=query.device)
@@ -276,13 +282,23 @@ def memory_attention(
             mask = attention_mask[r : r + 1] if attention_mask is not None else None
             pos = session.row_positions[r : r + 1] if session.row_positions is not None else None
             out, _ = _attend(module, query[r : r + 1], key[r : r + 1], value[r : r + 1], mask, row_layers.get(layer),
-                             session, session.row_citations[r], scaling, dropout, pos, **kwargs)  # fmt: skip
+                             session, session.row_citations[r], scaling, dropout, pos,
+                             **_row_kwargs(kwargs, r))  # fmt: skip
             outs.append(out)
         return torch.cat(outs, dim=0), None
     mem = session.layers.get(layer) if session is not None else None
     records = session.citation_records if session is not None else None
     pos = session.row_positions if session is not None else None
     return _attend(module, query, key, value, attention_mask, mem, session, records, scaling, dropout, pos, **kwargs)
+
+
+def _row_kwargs(kwargs: dict, r: int) -> dict:
+    """The per-row part of an adapter's extras (alibi.py) for batch row r."""
+    if "alibi" not in kwargs:
+        return kwargs
+    slopes, last = kwargs["alibi"]
+    bias = kwargs["local_bias"]
+    return {**kwargs, "alibi": (slopes, last[r : r + 1]), "local_bias": bias[r : r + 1] if bias.shape[0] > 1 else bias}
 
 
 def _add_to_selection(module: torch.nn.Module, query: torch.Tensor, session: Session, scaling: float | None) -> None:
@@ -350,10 +366,22 @@ def _attend(
         slot_pos = torch.arange(mem.slot_end - k, mem.slot_end, device=mem_logits.device)
         far = (positions.to(mem_logits.device).view(b, 1, 1, sq, 1) - slot_pos.view(1, 1, 1, 1, k)) >= window
         mem_logits = mem_logits.view(b, h, g, sq, k).masked_fill(far, float("-inf")).view(b, h, g * sq, k)
+    alibi = kwargs.get("alibi")
+    if alibi is not None:  # ALiBi (alibi.py): a memory at position p is biased as a local key at p would be
+        slopes, last = alibi
+        if slots:
+            mem_pos = torch.arange(mem.slot_end - k, mem.slot_end, device=mem_logits.device).view(1, 1, 1, 1, k)
+        else:
+            mem_pos = mem.positions.to(mem_idx.device)[mem_idx].view(b, h, g, sq, k)
+        bias = (mem_pos - last.to(mem_logits.device).view(-1, 1, 1, 1, 1)).float() * slopes.view(1, h, g, 1, 1)
+        mem_logits = (mem_logits.view(b, h, g, sq, k) + bias).view(b, h, g * sq, k)
     if softcap is not None:
         local_logits = torch.tanh(local_logits / softcap) * softcap
         mem_logits = torch.tanh(mem_logits / softcap) * softcap
     local_logits = local_logits.view(b, h, g, sq, skv)
+    local_bias = kwargs.get("local_bias")
+    if local_bias is not None:  # (B or 1, Hq, 1 or Sq, Skv)
+        local_logits = local_logits + local_bias.float().view(local_bias.shape[0], h, g, -1, skv)
     if attention_mask is not None:
         mask = attention_mask[:, :, -sq:, -skv:].unsqueeze(1)  # (B, 1, 1, Sq, Skv)
         if mask.dtype == torch.bool:
@@ -436,12 +464,57 @@ AttentionMaskInterface.register(ATTENTION_NAME, _memory_mask)
 
 
 def patch_model(model: PreTrainedModel) -> None:
-    """Route the model's attention through `memory_attention`; unchanged behaviour while no session is active."""
+    """Route the model's attention through `memory_attention`; unchanged behaviour while no session is active.
+    Families that compute attention inline get their adapter (alibi.py); any other family that cannot carry memory
+    attention is refused here, with the reason, rather than failing later inside a forward pass."""
+    from .alibi import is_alibi_module, patch_alibi_model
+
+    family = type(model).__name__
+    modules = attention_modules(model)
+    if not modules:
+        raise ExtendedMindError(f"{family}: no self-attention layers with a layer index; this family is not supported")
+    if all(is_alibi_module(m) for m in modules):
+        patch_alibi_model(modules)
+        return
     if model.config._attn_implementation == ATTENTION_NAME:
         return
+    if not all(hasattr(m, "config") for m in modules) or not model._can_set_attn_implementation():
+        raise ExtendedMindError(_inline_attention_error(family, len(modules), len(modules)))
     base = model.config._attn_implementation or "sdpa"
-    for config in {id(c): c for c in [model.config, *(m.config for m in attention_modules(model))]}.values():
+    for config in {id(c): c for c in [model.config, *(m.config for m in modules)]}.values():
         setattr(config, _BASE_ATTR, base)
     model.set_attn_implementation(ATTENTION_NAME)
-    for m in attention_modules(model):
-        m.register_forward_pre_hook(_capture_position_embeddings, with_kwargs=True)
+    hooks = [m.register_forward_pre_hook(_capture_position_embeddings, with_kwargs=True) for m in modules]
+    try:
+        _check_family(model, len(modules))
+    except ExtendedMindError:
+        for hook in hooks:  # leave a refused model as it was
+            hook.remove()
+        model.set_attn_implementation(base)
+        raise
+
+
+def _inline_attention_error(family: str, inline: int, n_layers: int) -> str:
+    return (
+        f"{family}: {inline} of {n_layers} attention layers compute attention inline instead of through "
+        "transformers' attention interface, and no adapter exists for them (supported: RoPE families that use the "
+        "interface, and MPT); this family is not supported"
+    )
+
+
+def _check_family(model: PreTrainedModel, n_layers: int) -> None:
+    """Two tokens through the model: every layer must reach `memory_attention` with rotary position embeddings."""
+    family = type(model).__name__
+    reached: set[int] = set()
+    session = Session(capture=lambda layer, *_: reached.add(layer))
+    device = next(model.parameters()).device
+    try:
+        with session.active(), torch.inference_mode():
+            model.base_model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device), use_cache=False)
+    except ExtendedMindError as e:
+        raise ExtendedMindError(
+            f"{family}: its attention gets no rotary position embeddings (memory attention supports rotary (RoPE) "
+            "families and ALiBi through an adapter: MPT); this family is not supported"
+        ) from e
+    if len(reached) < n_layers:
+        raise ExtendedMindError(_inline_attention_error(family, n_layers - len(reached), n_layers))

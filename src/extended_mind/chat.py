@@ -20,8 +20,6 @@ if TYPE_CHECKING:
     from .mind import ExtendedMind, MemoryLike
 
 
-
-
 class ChatSession:
     """A multi-turn chat with an optional document memory. `send` answers one message; `stream` yields its tokens.
 

@@ -70,7 +70,8 @@ class ExtendedMind:
 
     @property
     def context_window(self) -> int:
-        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+        config = self.model.config
+        return int(getattr(config, "max_position_embeddings", None) or getattr(config, "max_seq_len", 2048))
 
     @property
     def head_scores(self) -> torch.Tensor:
@@ -406,6 +407,7 @@ class ExtendedMind:
                 return self._block_logits(input_ids, plan, chunk)
         session = Session(layers=layers, settings=RetrievalSettings(topk, ranking, similarity_threshold))
         positions = torch.arange(offset, offset + input_ids.shape[1], device=self.device)[None].expand_as(input_ids)
+        session.row_positions = positions
         with session.active(), torch.inference_mode():
             return self.model(input_ids=input_ids, position_ids=positions, use_cache=False).logits
 

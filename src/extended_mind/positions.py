@@ -58,6 +58,9 @@ def prepare_layers(
                 values=memory.layer_values(layer).to(device=device, dtype=dtype),
                 inv_norms=1.0 / keys.float().norm(dim=-1).clamp_min(1e-12).to(dtype),
                 scan=KeyScan.build(keys) if scanned else None,
+                # ALiBi (alibi.py) biases a memory by its position: under "zero", one before the prompt (the
+                # reference's ALiBi rule); under "stored", the position it rotates to here
+                positions=torch.full_like(pos, -1) if policy == "zero" else pos,
             )
         if index is not None:
             for layer, layer_index in enumerate(memory_indexes(memory, policy, index, prepared)):
