@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from extended_mind.bench import data, synthetic, wikiqa
+from extended_mind.bench import data, icl, synthetic, wikiqa
 from extended_mind.bench.cli import parse_grid
 from extended_mind.bench.items import Item, first_integer, mentions, normalize, score_fraction
 from extended_mind.bench.methods import Harness, parse_method, prompt_text
@@ -347,3 +347,62 @@ def test_a_refused_item_is_recorded_and_the_run_goes_on(tiny_mind, tmp_path, mon
     assert by["context"]["error"] == "prompt is too long" and by["context"]["score"] == 0.0
     assert "error" not in by["none"]
     assert "1 run(s) refused" in (tmp_path / "table.md").read_text()
+
+
+# ---- many-shot in-context learning ----
+
+
+def _topic_articles(k: int = 8, sentences: int = 100) -> tuple[data.Article, ...]:
+    return tuple(
+        data.Article(f"Topic {c}", " ".join(f"Sentence {i} is about topic {c} and nothing else at all." for i in
+                                            range(sentences)))
+        for c in range(k)
+    )  # fmt: skip
+
+
+GROUPS = {f"class {g}": (f"Topic {2 * g}", f"Topic {2 * g + 1}") for g in range(4)}
+
+
+def _one_token_per_word(text: str) -> list[int]:  # every word a token: codes are one token each
+    return [hash(w) % 1000 for w in text.split()]
+
+
+def test_icl_items_are_balanced_nested_and_never_show_a_question():
+    nouns = [f"code{chr(97 + i)}word" for i in range(26)] + ["lantern", "harbor", "velvet"]
+    make = lambda counts, n: icl.icl_items(counts, n, _topic_articles(), nouns, 0, _one_token_per_word, GROUPS)  # noqa: E731
+    items = make([8, 64, 320], 20)
+    assert [sum(1 for i in items if i.length == n) for n in (8, 64, 320)] == [20, 20, 20]
+    questions = [i.question for i in items if i.length == 8]
+    assert questions == [i.question for i in items if i.length == 320]  # the same questions for every N
+    by_n = {i.length: i.document.split(icl.UNIT_SEPARATOR) for i in items}
+    assert {n: len(d) for n, d in by_n.items()} == {8: 8, 64: 64, 320: 320}
+    assert set(by_n[8]) <= set(by_n[64]) <= set(by_n[320])  # nested demonstration sets
+    assert not any(q.removeprefix("Text: ") in by_n[320][j] for q in questions for j in range(320))
+    codes = items[0].meta["codes"]
+    assert len(set(codes)) == 4 and len(set(items[0].meta["choices"])) == 4
+    shown = [sum(d.endswith(f"Topic: {c}") for d in by_n[64]) for c in codes]
+    assert shown == [16] * 4  # balanced over the classes
+    first = items[0]
+    assert first.score(f" {first.answers[0]}\nText:") == 1.0 and first.score(f"maybe {first.answers[0]}") == 0.0
+    with pytest.raises(ValueError, match="at most"):
+        make([10_000], 4)
+    with pytest.raises(ValueError, match="missing"):
+        icl.icl_items([8], 4, _topic_articles(), nouns, 0, _one_token_per_word, {"x": ("Nope",)})
+
+
+def test_logit_bias_restricts_the_choice(tiny_mind):
+    free = tiny_mind.generate("abc", max_new_tokens=3, chat=False)
+    allowed = {t: 100.0 for t in (65, 66)}  # "A" or "B" (the byte tokenizer's ids)
+    forced = tiny_mind.generate("abc", max_new_tokens=3, chat=False, logit_bias=allowed)
+    assert all(t.id in allowed for t in forced.tokens)
+    assert [t.id for t in free.tokens] != [t.id for t in forced.tokens] or all(t.id in allowed for t in free.tokens)
+    for bad in ({10**6: 1.0}, {65: 101.0}, {"x": 1.0}, [65]):
+        with pytest.raises(ExtendedMindError, match="logit_bias"):
+            tiny_mind.generate("abc", max_new_tokens=1, logit_bias=bad)
+
+
+def test_rag_retrieves_whole_demonstrations(tiny_mind):
+    retriever = Retriever(WordEmbedder(), tiny_mind.tokenizer)
+    demos = [f"Text: filler number {i:03d}.\nTopic: x" for i in range(30)] + ["Text: zebra quagga okapi.\nTopic: y"]
+    chosen = retriever.retrieve("\n\n".join(demos), "Text: zebra quagga okapi?", top=2, separator="\n\n")
+    assert demos[-1] in chosen and all(c in demos for c in chosen)

@@ -21,6 +21,7 @@ from .generation import (
     DecodeSettings,
     GeneratedToken,
     GenerationResult,
+    biased,
     entropy,
     next_piece,
     next_token,
@@ -106,7 +107,7 @@ def generate_batch(
         for i, r in enumerate(rows):
             if done[i]:
                 continue
-            token = next_token(logits[i], s.temperature, generators[i])
+            token = next_token(biased(logits[i], s.logit_bias), s.temperature, generators[i])
             if token in stop_ids:
                 done[i], finish[i] = True, "stop"
                 continue

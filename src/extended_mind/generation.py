@@ -70,6 +70,15 @@ class DecodeSettings:
     seed: int | None
     stop: tuple[str, ...] = ()
     citation_weighting: str = "attention_value"
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added before choosing (OpenAI's logit_bias)
+
+
+def biased(logits: torch.Tensor, bias: tuple[tuple[int, float], ...]) -> torch.Tensor:
+    """`logits` (V,) with OpenAI-style biases added: +100 or -100 in effect allow or ban tokens."""
+    if not bias:
+        return logits
+    ids = torch.tensor([t for t, _ in bias], device=logits.device)
+    return logits.index_add(0, ids, torch.tensor([b for _, b in bias], dtype=logits.dtype, device=logits.device))
 
 
 def entropy(logits: torch.Tensor) -> float:
@@ -215,7 +224,7 @@ class TokenStream:
                 h2 = entropy(logits)
                 retrievals.append(Retrieval(step=step, entropy=h, topk=base_k, new_topk=k, new_entropy=h2))
                 h = h2
-            token = next_token(logits, s.temperature, generator)
+            token = next_token(biased(logits, s.logit_bias), s.temperature, generator)
             if token in stop_ids:
                 finish_reason = "stop"
                 break

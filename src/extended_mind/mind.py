@@ -304,6 +304,7 @@ class ExtendedMind:
         block_gate: float = DEFAULT_BLOCK_GATE,
         memory_heads: str | None = None,
         memory_at: str = DEFAULT_MEMORY_AT,
+        logit_bias: dict[int, float] | None = None,
     ) -> TokenStream:
         """Like `generate`, but returns an iterator of tokens as they are produced (`.result` once exhausted)."""
         _check_int("max_new_tokens", max_new_tokens, 1)
@@ -315,6 +316,7 @@ class ExtendedMind:
             )
         if temperature < 0:
             raise ExtendedMindError(f"temperature must be >= 0, got {temperature}")
+        bias = self._check_logit_bias(logit_bias)
         mem, offset, layers = self._retrieval(
             memory, topk, ranking, position_policy, memory_layers, search, approx_threshold, index, retrieval,
             memory_heads,
@@ -364,8 +366,30 @@ class ExtendedMind:
             seed=seed,
             stop=tuple(x for x in (stop or []) if x),
             citation_weighting=citation_weighting,
+            logit_bias=bias,
         )
         return TokenStream(self.model, self.tokenizer, ids, mem, layers, offset, settings, plan)
+
+    def _check_logit_bias(self, logit_bias: dict[int, float] | None) -> tuple[tuple[int, float], ...]:
+        """OpenAI's rules: token ids of this vocabulary (ints, or their strings as JSON sends them), biases in
+        [-100, 100]."""
+        if not logit_bias:
+            return ()
+        if not isinstance(logit_bias, dict):
+            raise ExtendedMindError(f"logit_bias must map token ids to biases, got {type(logit_bias).__name__}")
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        out = []
+        for token, value in logit_bias.items():
+            try:
+                tid, bias = int(token), float(value)
+            except (TypeError, ValueError):
+                raise ExtendedMindError(f"logit_bias entries are token id: number, got {token!r}: {value!r}") from None
+            if not 0 <= tid < vocab:
+                raise ExtendedMindError(f"logit_bias token id {tid} is outside the vocabulary (0..{vocab - 1})")
+            if not -100 <= bias <= 100:
+                raise ExtendedMindError(f"logit_bias values must be in [-100, 100], got {bias} for token {tid}")
+            out.append((tid, bias))
+        return tuple(out)
 
     def logits(
         self,
@@ -446,7 +470,8 @@ class ExtendedMind:
         (None: off), topk_step (2), temperature (0: greedy), seed (None), stop (None: strings that end the answer),
         citation_weighting ("attention_value": attention probability x value norm; "attention": probability alone),
         search ("auto": approximate from approx_threshold memory tokens (1,048,576) on, else exact; "exact";
-        "approximate"), index (IndexSettings: IVF cells, nprobe, candidates re-ranked per retrieved key).
+        "approximate"), index (IndexSettings: IVF cells, nprobe, candidates re-ranked per retrieved key), logit_bias
+        (None: token id -> bias in [-100, 100] added to the logits before each choice, as in OpenAI's API).
         """
         stream = self.stream(prompt, memory=memory, **options)
         for _ in stream:

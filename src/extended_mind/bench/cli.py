@@ -21,7 +21,8 @@ def add_commands(sub) -> None:
     p = sub.add_parser("bench", help="compare EMT with RAG, full context, truncation and YaRN on a task")
     p.add_argument("task", choices=(*TASKS, "all"))
     p.add_argument("--methods", nargs="+", default=None, help="e.g. emt rag context yarn emt+rag none 'emt[topk=20]'")
-    p.add_argument("--lengths", nargs="+", type=int, default=None, help="document lengths in tokens")
+    p.add_argument("--lengths", nargs="+", type=int, default=None,
+                   help="document lengths in tokens (pair: documents per memory; icl: demonstrations)")  # fmt: skip
     p.add_argument("--depths", nargs="+", type=float, default=None, help="needle depths (passkey, niah)")
     p.add_argument("--n", type=int, default=None, help="items per length (and depth or kind)")
     p.add_argument("--seed", type=int, default=0)
@@ -93,7 +94,9 @@ def _task_plan(task: str, args: argparse.Namespace) -> tuple[list[MethodSpec], T
         raise ExtendedMindError("--n must be >= 1")
     if task == "pair" and any(not 2 <= x <= 10 for x in spec.lengths):
         raise ExtendedMindError("pair: --lengths are documents per memory, 2 to 10")
-    if task != "pair" and any(x < 16 for x in spec.lengths):
+    if task == "icl" and any(x < 1 for x in spec.lengths):
+        raise ExtendedMindError("icl: --lengths are demonstration counts, at least 1")
+    if task not in ("pair", "icl") and any(x < 16 for x in spec.lengths):
         raise ExtendedMindError("every length must be >= 16 tokens")
     return methods, spec
 

@@ -71,6 +71,12 @@ def score_fraction(prediction: str, answers: list[str]) -> float:
     return sum(mentions(prediction, a) for a in answers) / len(answers) if answers else 0.0
 
 
+def score_first_word(prediction: str, answers: list[str]) -> float:
+    """The answer is the prediction's first word (a label, not a mention somewhere in a ramble)."""
+    words = normalize(prediction).split()
+    return float(bool(words) and any(words[0] == normalize(a) for a in answers))
+
+
 def score_unmixed(prediction: str, answers: list[str], others: list[str]) -> float:
     return float(score_any(prediction, answers) == 1.0 and not any(mentions(prediction, o) for o in others))
 
@@ -79,4 +85,9 @@ def mixes(prediction: str, others: list[str]) -> bool:
     return any(mentions(prediction, o) for o in others)
 
 
-SCORERS = {"first_integer": score_first_integer, "any": score_any, "fraction": score_fraction}
+SCORERS = {
+    "first_integer": score_first_integer,
+    "any": score_any,
+    "fraction": score_fraction,
+    "first_word": score_first_word,
+}

@@ -140,10 +140,11 @@ class Harness:
         s = spec.settings
         pasted, memory, options = "", None, {}
         if spec.name in ("rag", "emt+rag"):
-            chunks = self.retriever.retrieve(
-                item.document, f"{item.question} {item.answer_prefix}", s.get("chunk_tokens", 500), s.get("top", 5)
-            )
-            pasted = "\n\n".join(chunks)
+            separator = item.meta.get("rag_units")  # units such as demonstrations are retrieved whole
+            query = item.question if separator else f"{item.question} {item.answer_prefix}"
+            chunks = self.retriever.retrieve(item.document, query, s.get("chunk_tokens", 500), s.get("top", 5),
+                                             separator)  # fmt: skip
+            pasted = (separator or "\n\n").join(chunks)
         if spec.name in ("emt", "emt+rag"):  # separate documents (the pair task) stay separate in memory
             texts = item.meta.get("documents", item.document)
             memory, details["memorize_seconds"] = self.memory(texts, s.get("stride"))
@@ -158,6 +159,8 @@ class Harness:
             prompt = {"prompt": question, "chat": True, "answer_prefix": item.answer_prefix}
         else:
             prompt = {"prompt": prompt_text(item, pasted), "chat": False}
+        if "choices" in item.meta:  # a classification: the answer is one of these tokens
+            options["logit_bias"] = {t: 100.0 for t in item.meta["choices"]}
         with yarn_scaling(self.mind.model, factor):
             result = self.mind.generate(memory=memory, max_new_tokens=item.max_new_tokens, **prompt, **options)
         details["prompt_tokens"] = result.prompt_tokens

@@ -8,6 +8,7 @@ several minutes per answer, so it is not in the presets (`--methods yarn` runs i
 from __future__ import annotations
 
 TOKENS = "emt[retrieval=tokens]"  # the paper's token-level retrieval, beside block memory
+RAG_DEMOS = "rag[top=32]"  # icl: the 32 demonstrations nearest the question (about 1,200 tokens)
 
 PRESETS: dict[str, dict[str, dict]] = {
     "quick": {
@@ -19,6 +20,7 @@ PRESETS: dict[str, dict[str, dict]] = {
         "ruler": {"lengths": [2048], "n": 1, "methods": ["emt", "rag", "context"]},
         "wikiqa": {"lengths": [2048, 8192], "n": 2, "methods": ["emt", "rag", "context", "emt+rag"]},
         "perplexity": {"lengths": [4096], "n": 1, "methods": ["emt", "context", "none"]},
+        "icl": {"lengths": [8, 64], "n": 16, "methods": ["emt", RAG_DEMOS, "context"]},  # lengths: demonstrations
     },
     "full": {
         "general": {"lengths": [15000], "n": 40, "methods": ["emt", TOKENS, "none"]},
@@ -32,5 +34,7 @@ PRESETS: dict[str, dict[str, dict]] = {
         "wikiqa": {"lengths": [2048, 16384], "n": 6, "methods": ["emt", TOKENS, "rag", "context", "emt+rag", "none"]},
         "passkey": {"lengths": [8192, 16384, 32768, 65536], "depths": [0.5], "n": 1,
                     "methods": ["emt", TOKENS, "context"]},
+        "icl": {"lengths": [8, 64, 512, 4096], "n": 32,
+                "methods": ["emt", TOKENS, RAG_DEMOS, "context", "emt+" + RAG_DEMOS, "none"]},
     },
 }  # fmt: skip

@@ -48,22 +48,30 @@ class Retriever:
     def __init__(self, embedder: Embedder, tokenizer: PreTrainedTokenizerBase):
         self.embedder = embedder
         self.tokenizer = tokenizer
-        self._cached: tuple[tuple[str, int], list[str], torch.Tensor, list[int]] | None = None
+        self._cached: tuple[tuple, list[str], torch.Tensor, list[int]] | None = None
 
-    def chunks(self, document: str, chunk_tokens: int) -> tuple[list[str], torch.Tensor, list[int]]:
-        key = (document, chunk_tokens)
+    def chunks(self, document: str, chunk_tokens: int | None, separator: str | None = None):
+        """(texts, piece vectors, owner of each piece): the document cut every `chunk_tokens` tokens, or at every
+        `separator` (whole units, such as demonstrations); embedded once per document."""
+        key = (document, chunk_tokens, separator)
         if self._cached is None or self._cached[0] != key:
-            ids = self.tokenizer(document, add_special_tokens=False)["input_ids"]
-            texts = [self.tokenizer.decode(ids[i : i + chunk_tokens]) for i in range(0, len(ids), chunk_tokens)]
+            if separator is not None:
+                texts = [t for t in document.split(separator) if t.strip()]
+            else:
+                ids = self.tokenizer(document, add_special_tokens=False)["input_ids"]
+                texts = [self.tokenizer.decode(ids[i : i + chunk_tokens]) for i in range(0, len(ids), chunk_tokens)]
             vectors, owner = self.embedder.embed(texts)
             self._cached = (key, texts, vectors, owner)
         return self._cached[1], self._cached[2], self._cached[3]
 
-    def retrieve(self, document: str, query: str, chunk_tokens: int = 500, top: int = 5) -> list[str]:
-        """The `top` chunks most similar to `query` (a chunk scores its best piece), in document order."""
+    def retrieve(
+        self, document: str, query: str, chunk_tokens: int = 500, top: int = 5, separator: str | None = None
+    ) -> list[str]:
+        """The `top` chunks (or `separator`-delimited units) most similar to `query` (a chunk scores its best
+        piece), in document order."""
         if chunk_tokens < 1 or top < 1:
             raise ExtendedMindError(f"RAG needs chunk_tokens >= 1 and top >= 1, got {chunk_tokens} and {top}")
-        texts, vectors, owner = self.chunks(document, chunk_tokens)
+        texts, vectors, owner = self.chunks(document, chunk_tokens, separator)
         q, _ = self.embedder.embed([query])
         sims = (vectors @ q[0]).tolist()
         best = [-2.0] * len(texts)

@@ -113,7 +113,7 @@ def write_report(summary: dict, out: Path) -> list[Path]:
     ax.set_xscale("log", base=2)
     lengths = sorted({r["length"] for r in summary["records"]})
     ax.set_xticks(lengths, [_k(x) for x in lengths])
-    ax.set_xlabel("document length (tokens)")
+    ax.set_xlabel({"pair": "documents per memory", "icl": "demonstrations"}.get(task, "document length (tokens)"))
     ax.set_ylabel("perplexity" if key == "perplexity" else "score (%)")
     if key == "score":
         ax.set_ylim(-3, 103)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from . import data, general, synthetic, wikiqa
+from . import data, general, icl, synthetic, wikiqa
 from .items import Item
 
-TASKS = ("passkey", "passkey-prose", "niah", "ruler", "wikiqa", "perplexity", "general", "pair")
+TASKS = ("passkey", "passkey-prose", "niah", "ruler", "wikiqa", "perplexity", "general", "pair", "icl")
 PERPLEXITY_LOCAL = 2048  # tokens kept in the window; the rest of the document goes to memory
 
 
@@ -51,6 +51,10 @@ def make_items(task: str, spec: TaskSpec, tokenizer: PreTrainedTokenizerBase) ->
     elif task == "pair":  # lengths: documents per memory
         for documents in spec.lengths:
             items += general.pair_items(documents, spec.n, _rng(spec.seed, task, documents))
+    elif task == "icl":  # lengths: demonstrations per prompt or memory
+        encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        items += icl.icl_items(spec.lengths, spec.n, data.wikipedia(spec.data_root),
+                               data.words("noun", spec.data_root), spec.seed, encode)  # fmt: skip
     elif task == "niah":
         essays = " ".join(a.text for a in data.essays(spec.data_root))
         for length in spec.lengths:
