@@ -125,7 +125,7 @@ def main() -> None:
         if memory is None:
             memory = mind.memorize(text, ids=[p["id"]], storage=args.storage, progress=False)
         else:
-            memory.add(text, ids=[p["id"]])
+            mind.add(memory, text, ids=[p["id"]])
         add_seconds.append(time.perf_counter() - t0)
         if i + 1 in checkpoints:
             for q in people[: i + 1]:
@@ -139,7 +139,7 @@ def main() -> None:
     for p in tqdm(edited, desc="replacing documents"):
         p["city"] = rng.choice([c for c in CITIES if c != p["city"]])
         p["locker"] = rng.choice([n for n in range(100, 9999) if n != p["locker"]])
-        memory.replace(p["id"], profile_text(p, rng))
+        mind.replace(memory, p["id"], profile_text(p, rng))
         rows += ask(mind, memory, p, args.docs, "after_replace", args.topk)
 
     def acc(sel: list[dict], key: str = "correct") -> float:

@@ -120,7 +120,7 @@ def test_indexes_are_saved_reused_and_rebuilt_after_edits(tiny_mind: ExtendedMin
     assert [t.id for t in again.tokens] == [t.id for t in first.tokens]
 
     monkeypatch.undo()
-    loaded.add("Another document about owls.")  # the keys changed: the old index no longer applies
+    tiny_mind.add(loaded, "Another document about owls.")  # the keys changed: the old index no longer applies
     tiny_mind.generate("The secret", memory=loaded, search="approximate", index=settings, max_new_tokens=2)
     loaded.save()
     files = list((tmp_path / "m" / "tensors").iterdir())

@@ -32,10 +32,10 @@ def assert_same_memory(a: Memory, b: Memory) -> None:
 def test_adding_one_at_a_time_equals_adding_together(tiny_mind, tmp_path):
     together = tiny_mind.memorize(list(DOCS.values()), ids=list(DOCS))
     one_by_one = tiny_mind.memorize(DOCS["alpha"], ids=["alpha"])
-    one_by_one.add(DOCS["beta"], ids=["beta"]).save(tmp_path / "m")
+    tiny_mind.add(one_by_one, DOCS["beta"], ids=["beta"]).save(tmp_path / "m")
     reopened = tiny_mind.load_memory(tmp_path / "m")
-    reopened.add(DOCS["gamma"], ids=["gamma"])
-    for memory in (one_by_one.add(DOCS["gamma"], ids=["gamma"]), reopened):
+    tiny_mind.add(reopened, DOCS["gamma"], ids=["gamma"])
+    for memory in (tiny_mind.add(one_by_one, DOCS["gamma"], ids=["gamma"]), reopened):
         assert_same_memory(together, memory)
         a = tiny_mind.generate("Question", memory=together, max_new_tokens=5)
         b = tiny_mind.generate("Question", memory=memory, max_new_tokens=5)
@@ -62,7 +62,7 @@ def test_remove_drops_every_token_of_the_document_and_keeps_the_rest(tiny_mind, 
 def test_replace_changes_only_that_document(tiny_mind):
     memory = tiny_mind.memorize(list(DOCS.values()), ids=list(DOCS))
     others = {s.document.id: s.tensors for s in memory.segments if s.document.id != "beta"}
-    memory.replace("beta", "Beta notes, corrected: the number is 7777.")
+    tiny_mind.replace(memory, "beta", "Beta notes, corrected: the number is 7777.")
     assert [d.id for d in memory.documents] == list(DOCS)  # same place
     assert memory.documents[1].text == "Beta notes, corrected: the number is 7777."
     for s in memory.segments:
@@ -78,7 +78,7 @@ def test_incremental_save_writes_only_new_documents(tiny_mind, tmp_path):
     memory = tiny_mind.memorize([DOCS["alpha"], DOCS["beta"]], ids=["alpha", "beta"])
     path = memory.save(tmp_path / "m")
     files = {p.name: p.stat().st_mtime_ns for p in (path / "tensors").iterdir()}
-    memory.add(DOCS["gamma"], ids=["gamma"]).save()  # saves back where it was saved
+    tiny_mind.add(memory, DOCS["gamma"], ids=["gamma"]).save()  # saves back where it was saved
     after = {p.name: p.stat().st_mtime_ns for p in (path / "tensors").iterdir()}
     assert len(after) == len(files) + 1
     assert all(after[name] == mtime for name, mtime in files.items())  # old files untouched
@@ -90,17 +90,20 @@ def test_incremental_save_writes_only_new_documents(tiny_mind, tmp_path):
 def test_editing_errors_name_the_problem(tiny_mind, tmp_path):
     memory = tiny_mind.memorize(DOCS["alpha"], ids=["alpha"])
     with pytest.raises(DocumentError, match="'alpha'.*already in the memory"):
-        memory.add("more", ids=["alpha"])
+        tiny_mind.add(memory, "more", ids=["alpha"])
+    with pytest.raises(DocumentError, match="'alpha'.*already in the memory"):
+        memory.add(tiny_mind.memorize("more", ids=["alpha"]))
     with pytest.raises(DocumentError, match="no document 'nope' in the memory.*'alpha'"):
         memory.remove("nope")
     with pytest.raises(DocumentError, match="no document 'nope'"):
-        memory.replace("nope", "text")
-    memory.add("unnamed text")  # default ids skip the ones in use
+        tiny_mind.replace(memory, "nope", "text")
+    tiny_mind.add(memory, "unnamed text")  # default ids skip the ones in use
     assert [d.id for d in memory.documents] == ["alpha", "doc0"]
     memory.save(tmp_path / "m")
-    with pytest.raises(ExtendedMindError, match="needs the model"):
+    with pytest.raises(ExtendedMindError, match=r"does not hold the model.*ExtendedMind.add\(memory, documents\)"):
         Memory.load(tmp_path / "m").add("more")
-    Memory.load(tmp_path / "m").add("more", mind=tiny_mind)
+    with pytest.raises(ExtendedMindError, match="one document"):
+        memory.replace("alpha", "text")
     with pytest.raises(ExtendedMindError, match="unknown memory storage 'int4'"):
         tiny_mind.memorize("x", storage="int4")
     with pytest.raises(ExtendedMindError, match="never been saved"):

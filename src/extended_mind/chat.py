@@ -80,7 +80,7 @@ class ChatSession:
         if self.history is None:
             self.history = self.mind.memorize(text, ids=[turn_id], storage=self.storage, progress=False)
         else:
-            self.history.add(text, ids=[turn_id], mind=self.mind)
+            self.mind.add(self.history, text, ids=[turn_id])
         self.memorized_turns += 1
         if self.history_path is not None:
             self.history.save(self.history_path)

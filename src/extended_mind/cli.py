@@ -272,13 +272,11 @@ def _memory_command(args: argparse.Namespace) -> None:
         if args.stride is not None or args.window is not None or args.storage is not None:
             raise ExtendedMindError("stride, window and storage are set when the memory is created")
         mind = _load_mind(args, [memory])
-        memory.check_model(mind.identity)
-        memory.mind = mind
         if args.op == "add":
-            memory.add(args.files, ids=args.ids)
+            mind.add(memory, args.files, ids=args.ids)
             done = f"added {len(args.files)} document(s)"
         else:
-            memory.replace(args.doc_id, args.file)
+            mind.replace(memory, args.doc_id, args.file)
             done = f"replaced {args.doc_id!r}"
         mind.build_index(memory, only_above_threshold=True)
         memory.save()

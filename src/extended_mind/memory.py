@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -22,9 +22,6 @@ from .documents import Document
 from .errors import DocumentError, ExtendedMindError, MemoryMismatchError
 from .identity import ModelIdentity
 from .storage import check_storage, decode, encode
-
-if TYPE_CHECKING:
-    from .mind import ExtendedMind
 
 
 @dataclass
@@ -135,7 +132,6 @@ class Memory:
         self.window = window
         self.storage = check_storage(storage)
         self.path = path  # where it was last saved or loaded from: `save()` with no path writes there
-        self.mind: ExtendedMind | None = None  # the model that memorizes added documents (set by ExtendedMind)
         self._flat: dict[str, Any] = {}
         self._prepared: dict = {}
         # approximate-search indexes by fingerprint (index.memory_fingerprint): per layer LayerIndex, or a loader
@@ -295,60 +291,29 @@ class Memory:
             first.window,
             first.storage,
         )
-        merged.mind = first.mind
         return merged
 
     # ---- editing: each operation touches only the documents it names ----
 
-    def _memorize(
-        self,
-        documents: Any,
-        ids: list[str] | None,
-        mind: ExtendedMind | None,
-        taken: set[str],
-        on_progress: Callable[[int, int], None] | None = None,
-    ) -> Memory:
-        mind = mind or self.mind
-        if mind is None:
+    def add(self, documents: Memory) -> Memory:
+        """Append the documents of `documents`, a memory of the same model and settings (memorize texts with
+        `ExtendedMind.add`, which calls this). Ids must be new (use `replace` to change a document). Returns self."""
+        if not isinstance(documents, Memory):
             raise ExtendedMindError(
-                "adding documents needs the model that built this memory: pass mind=..., or load the memory with "
-                "ExtendedMind.load_memory"
+                f"Memory.add takes a Memory, got {type(documents).__name__}: a memory is data and does not hold the "
+                "model; memorize texts or files with ExtendedMind.add(memory, documents)"
             )
-        self.check_model(mind.identity)
-        return mind.memorize(
-            documents,
-            ids=ids,
-            stride=self.stride,
-            window=self.window,
-            storage=self.storage,
-            taken=taken,
-            on_progress=on_progress,
-        )
-
-    def add(
-        self,
-        documents: Any,
-        ids: list[str] | None = None,
-        mind: ExtendedMind | None = None,
-        on_progress: Callable[[int, int], None] | None = None,
-    ) -> Memory:
-        """Memorize `documents` (texts, text-file paths, `Document`s, or a Memory of the same model) and append
-        them. Ids must be new (use `replace` to change a document). Returns self."""
-        taken = {d.id for d in self.documents}
-        if isinstance(documents, Memory):
-            new = documents
-            self._check_compatible(new)
-            dup = sorted(taken & {d.id for d in new.documents})
-            if dup:
-                raise DocumentError(f"document ids {dup} are already in the memory (use replace to change them)")
-        else:
-            new = self._memorize(documents, ids, mind, taken, on_progress)
-        self.segments = self.segments + [s.astype(self.storage, self.num_layers) for s in new.segments]
-        self.rope = longest_rope([self.rope, new.rope])
+        self._check_compatible(documents)
+        dup = sorted({d.id for d in self.documents} & {d.id for d in documents.documents})
+        if dup:
+            raise DocumentError(f"document ids {dup} are already in the memory (use replace to change them)")
+        self.segments = self.segments + [s.astype(self.storage, self.num_layers) for s in documents.segments]
+        self.rope = longest_rope([self.rope, documents.rope])
         self._changed()
         return self
 
-    def _index(self, doc_id: str) -> int:
+    def index_of(self, doc_id: str) -> int:
+        """The position of document `doc_id` (a clear error naming the documents when there is none)."""
         for i, s in enumerate(self.segments):
             if s.document.id == doc_id:
                 return i
@@ -358,21 +323,27 @@ class Memory:
     def remove(self, doc_ids: str | list[str]) -> Memory:
         """Drop the named documents and every token memorized from them. Returns self."""
         names = [doc_ids] if isinstance(doc_ids, str) else list(doc_ids)
-        drop = {self._index(d) for d in names}
+        drop = {self.index_of(d) for d in names}
         self.segments = [s for i, s in enumerate(self.segments) if i not in drop]
         self._changed()
         return self
 
-    def replace(self, doc_id: str, text: str | Path, mind: ExtendedMind | None = None) -> Memory:
-        """Memorize a new version of document `doc_id` in its place (same id and position). Returns self."""
-        i = self._index(doc_id)
-        new = self._memorize(text, [doc_id], mind, set())
-        segment = new.segments[0].astype(self.storage, self.num_layers)
+    def replace(self, doc_id: str, document: Memory) -> Memory:
+        """Put the one document of `document` (a memory of the same model) in the place of document `doc_id`, under
+        that id (memorize the new text with `ExtendedMind.replace`, which calls this). Returns self."""
+        i = self.index_of(doc_id)
+        if not isinstance(document, Memory) or len(document.segments) != 1:
+            raise ExtendedMindError(
+                "Memory.replace takes a Memory of one document; memorize the new text with "
+                "ExtendedMind.replace(memory, doc_id, text)"
+            )
+        self._check_compatible(document)
+        segment = document.segments[0].astype(self.storage, self.num_layers)
         old = self.segments[i].document
-        if segment.document.name is None and old.name is not None:
-            segment.document = Document(doc_id, segment.document.text, old.name)
+        name = segment.document.name if segment.document.name is not None else old.name
+        segment.document = Document(doc_id, segment.document.text, name)
         self.segments = [*self.segments[:i], segment, *self.segments[i + 1 :]]
-        self.rope = longest_rope([self.rope, new.rope])
+        self.rope = longest_rope([self.rope, document.rope])
         self._changed()
         return self
 
@@ -387,7 +358,6 @@ class Memory:
             self.window,
             storage,
         )
-        copy.mind = self.mind
         return copy
 
     # ---- persistence (see store.py) ----

@@ -118,14 +118,34 @@ class ExtendedMind:
             progress=progress,
             on_progress=on_progress,
         )
-        memory.mind = self
         return memory
+
+    def add(
+        self,
+        memory: Memory,
+        documents: str | Path | Document | list[str | Path | Document],
+        ids: list[str] | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> Memory:
+        """Memorize `documents` with the settings `memory` was built with (stride, window, storage) and append them
+        to it: an online knowledge update, no retraining. Ids must be new; default ids skip the ones in use.
+        Returns `memory`."""
+        memory.check_model(self.identity)
+        new = self.memorize(documents, ids=ids, stride=memory.stride, window=memory.window, storage=memory.storage,
+                            taken={d.id for d in memory.documents}, on_progress=on_progress)  # fmt: skip
+        return memory.add(new)
+
+    def replace(self, memory: Memory, doc_id: str, document: str | Path | Document) -> Memory:
+        """Memorize a new version of document `doc_id` and put it in its place in `memory`. Returns `memory`."""
+        memory.check_model(self.identity)
+        memory.index_of(doc_id)  # an unknown id fails here, before memorizing, naming the documents there are
+        new = self.memorize(document, ids=[doc_id], stride=memory.stride, window=memory.window, storage=memory.storage)
+        return memory.replace(doc_id, new)
 
     def load_memory(self, path: str | Path) -> Memory:
         """Open a saved memory for this model (refused when another model or tokenizer built it)."""
         memory = Memory.load(path)
         memory.check_model(self.identity)
-        memory.mind = self
         return memory
 
     def build_index(

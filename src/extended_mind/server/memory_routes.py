@@ -209,7 +209,7 @@ def add_memory_routes(
         def job(progress: Callable[[int, int], None]) -> dict:
             current = library.get(name)
             check_memory_size(docs, current.num_tokens)
-            current.add(docs, mind=mind, on_progress=progress)
+            mind.add(current, docs, on_progress=progress)
             mind.build_index(current, only_above_threshold=True)
             library.saved(name)
             return memory_json(name, current, documents=True)
