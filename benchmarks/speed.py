@@ -30,7 +30,7 @@ import torch
 from extended_mind import ExtendedMind, Memory
 from extended_mind import attention as attention_module
 from extended_mind.documents import Document
-from extended_mind.native import scan_kernel
+from extended_mind.scan_select import scan_report
 
 PROMPTS = [
     "Explain what the yield statement does in a function.",
@@ -88,9 +88,7 @@ def tiled(memory: Memory, size: int) -> Memory:
             segments.append(dataclasses.replace(s, document=doc))
             n += s.num_tokens
         copy += 1
-    out = Memory(memory.identity, segments, memory.rope, memory.stride, memory.window, memory.storage)
-    out.mind = memory.mind
-    return out
+    return Memory(memory.identity, segments, memory.rope, memory.stride, memory.window, memory.storage)
 
 
 def decode_ms(mind: ExtendedMind, memory, tokens: int, repeats: int, **options) -> tuple[float, float]:
@@ -228,9 +226,12 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     mind = ExtendedMind.from_pretrained()
     docs = real_documents(mind.tokenizer, args.real_tokens)
-    # how exact search scans keys here: the compiled AVX512-VNNI kernel, or torch._int_mm without it
-    exact_scan = "int8 VNNI kernel" if scan_kernel() is not None else "int8 torch._int_mm"
-    results: dict = {"threads": args.threads, "topk": args.topk, "storage": args.storage, "exact_scan": exact_scan}
+    # how exact search scans keys here: chosen by measuring every path this CPU offers (scan_select.py)
+    scan = scan_report()
+    print(f"CPU {scan['machine']['model']} ({', '.join(scan['machine']['flags'])}); exact scan: {scan['choice']} "
+          f"(ms per decode-step shortlist over 16k keys: {scan['ms']})", flush=True)  # fmt: skip
+    results: dict = {"threads": args.threads, "topk": args.topk, "storage": args.storage, "exact_scan": scan["choice"],
+                     "scan_ms": scan["ms"], "cpu": scan["machine"]}  # fmt: skip
     results["rows"] = []
     if not args.skip_memorize:
         print("memorization throughput ...", flush=True)
@@ -295,17 +296,19 @@ def _prefix(memory: Memory, size: int) -> Memory:
             break
         segments.append(s)
         n += s.num_tokens
-    out = Memory(memory.identity, segments, memory.rope, memory.stride, memory.window, memory.storage)
-    out.mind = memory.mind
-    return out
+    return Memory(memory.identity, segments, memory.rope, memory.stride, memory.window, memory.storage)
 
 
 def write_table(results: dict, out: Path) -> None:
     nm = results["no_memory"]
+    cpu = results.get("cpu", {})
     lines = [
+        f"CPU: {cpu.get('model', '?')}, flags {', '.join(cpu.get('flags', [])) or 'none of AVX2/AVX512/VNNI'}; "
+        f"scan chosen by measuring (ms per decode-step shortlist over 16k keys): {results.get('scan_ms', '?')}.",
+        "",
         f"No memory: {nm['decode_ms']:.1f} ms/token, 500-token prefill {nm['prefill_500_ms']:.0f} ms "
         f"({results['threads']} thread(s), top-k {results['topk']}, {results['storage']} memory, exact scan: "
-        f"{results.get('exact_scan', 'int8 torch._int_mm')}).",
+        f"{results.get('exact_scan', '?')}).",
         "",
         "| memory tokens | exact ms/token (x) | approx ms/token (x) | reference copy (x) | recall@k all / decode | "
         "prefill 500 exact / approx (x) | index build s | peak RSS exact / approx MB |",

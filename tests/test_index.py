@@ -20,12 +20,11 @@ TEXT = " ".join(f"Line {i}: the {w} of {c} weighs {i * 37 % 101} grams." for i, 
 @pytest.fixture(params=["kernel", "int_mm"])
 def scan_path(request, monkeypatch):
     """Run an approximate-search test with the compiled int8 kernel and with torch._int_mm."""
-    from extended_mind import native, scan
+    from extended_mind import native, scan_select
 
     if request.param == "kernel" and native.scan_kernel() is None:
         pytest.skip("the int8 scan kernel cannot be built or used on this machine")
-    if request.param == "int_mm":
-        monkeypatch.setattr(scan, "scan_kernel", lambda: None)
+    monkeypatch.setattr(scan_select, "scan_path", lambda: "int8-vnni" if request.param == "kernel" else "int8")
     return request.param
 
 
@@ -132,14 +131,11 @@ SCAN_KINDS = ["int8", "int8-vnni", "bfloat16"]
 
 def _use_scan(kind: str, monkeypatch) -> None:
     """Make KeyScan.build choose `kind` (int8-vnni: the compiled kernel, skipped where it cannot be built)."""
-    from extended_mind import native, scan
+    from extended_mind import native, scan_select
 
     if kind == "int8-vnni" and native.scan_kernel() is None:
         pytest.skip("the int8 scan kernel cannot be built or used on this machine")
-    monkeypatch.setattr(scan, "fast_bfloat16", lambda device: True)
-    monkeypatch.setattr(scan, "int8_matmul_available", lambda: kind != "bfloat16")
-    if kind == "int8":
-        monkeypatch.setattr(scan, "scan_kernel", lambda: None)
+    monkeypatch.setattr(scan_select, "scan_path", lambda: kind)
 
 
 @pytest.mark.parametrize("kind", SCAN_KINDS)

@@ -11,7 +11,9 @@ the full-precision keys: the logits it uses are exact, and the shortlist only ha
   (a development probe). Where the compiled AVX512-VNNI kernel is available (native.py) the codes are packed for
   it instead, and it keeps each query's shortlist while it scans (about 1.6x faster than `_int_mm` for a decode
   step's 3 query rows, with no score matrix to rank).
-- bfloat16 (CUDA, or a CPU without int8 matmul): half the bytes.
+- bfloat16 (CUDA; on a CPU where it measures fastest): half the bytes.
+
+Which one a CPU uses is measured, not assumed (scan_select.py): on some CPUs the plain float32 scan is fastest.
 
 Containment, measured on SmolLM2 with a 17k-token memory of real text (237,600 exact top-10 keys of real prompts,
 a development probe): a shortlist of 2k + 8 held all of them with int8 and with bfloat16; 16 held 99.97% (int8).
@@ -96,16 +98,30 @@ class KeyScan:
     @classmethod
     def build(cls, keys: torch.Tensor) -> KeyScan | None:
         """The fastest scan for keys (H, N, D) on their device, or None when scanning the keys themselves is as
-        fast (half-precision keys on a GPU, or no fast low-precision matmul)."""
-        n = keys.shape[1]
-        if keys.device.type == "cpu" and int8_matmul_available():
-            codes, scales = quantize_int8(keys, dim=1)
-            if keys.shape[-1] % 4 == 0 and scan_kernel() is not None:
-                return cls(None, scales, *pack_keys(codes), num_keys=n)
-            return cls(codes.contiguous(), scales, num_keys=n)
+        fast: on a CPU the path measured fastest here (scan_select.py), on a GPU bfloat16 for float32 keys."""
+        if keys.device.type == "cpu":
+            from .scan_select import PLAIN, scan_path
+
+            kind = scan_path()
+            return None if kind == PLAIN else cls.of_kind(keys, kind)
         if keys.dtype == torch.float32 and fast_bfloat16(keys.device):
-            return cls(keys.to(torch.bfloat16).contiguous(), None, num_keys=n)
+            return cls.of_kind(keys, "bfloat16")
         return None
+
+    @classmethod
+    def of_kind(cls, keys: torch.Tensor, kind: str) -> KeyScan:
+        """The scan of keys (H, N, D) of one kind: "int8-vnni" (packed for the kernel), "int8" or "bfloat16"."""
+        n = keys.shape[1]
+        if kind == "bfloat16":
+            return cls(keys.to(torch.bfloat16).contiguous(), None, num_keys=n)
+        codes, scales = quantize_int8(keys, dim=1)
+        if kind == "int8-vnni":
+            if keys.shape[-1] % 4 or scan_kernel() is None:
+                raise ValueError("the int8 VNNI scan needs the compiled kernel and a head size divisible by 4")
+            return cls(None, scales, *pack_keys(codes), num_keys=n)
+        if kind == "int8":
+            return cls(codes.contiguous(), scales, num_keys=n)
+        raise ValueError(f"unknown scan kind {kind!r}")
 
     @property
     def kind(self) -> str:

@@ -1,0 +1,146 @@
+"""Which exact-search scan this machine runs, chosen by measuring, never by assumption.
+
+The scans (scan.py) differ by machine by an order of magnitude: on an AVX2-only AMD EPYC, `torch._int_mm` took
+52.9 ms where the float32 matmul of the same keys took 3.3 ms, while on an AVX512-VNNI Xeon int8 is the fastest.
+So on first use each candidate (the VNNI kernel, `_int_mm`, bfloat16, and the plain float32 scan of the keys
+themselves) shortlists a decode step's queries over 16k random keys, and the fastest is used from then on; the
+plain float32 scan is always a candidate, so the choice is never slower than it as measured. The figures are cached
+per machine (CPU model and flags, torch version, thread count) next to the built kernel, logged at debug level, and
+shown by `benchmarks/speed.py`. EXTENDED_MIND_SCAN=int8-vnni|int8|bfloat16|float32 overrides the choice (a path
+this machine cannot run falls back to measuring, with a warning)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from .native import scan_kernel
+from .scan import KeyScan, fast_topk, int8_matmul_available, shortlist_size
+
+log = logging.getLogger(__name__)
+SCAN_ENV = "EXTENDED_MIND_SCAN"
+SCAN_PATHS = ("int8-vnni", "int8", "bfloat16", "float32")
+PLAIN = "float32"  # no compact copy: the keys themselves are scanned
+# The measured shape: one decode step of SmolLM2 (3 KV heads x 3 query rows, head dim 64) over 16k keys, top-10.
+PROBE = {"heads": 3, "rows": 3, "keys": 16384, "dim": 64, "k": 10, "repeats": 15}
+_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "asimd", "sve")
+
+
+def cpu_info() -> dict:
+    """The CPU model and the instruction-set flags that decide the scan's speed (from /proc/cpuinfo on Linux)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "Model") and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            elif key in ("flags", "Features"):
+                flags.update(value.split())
+    except OSError:
+        pass
+    return {"model": model, "flags": [f for f in _FLAGS if f in flags]}
+
+
+def available_paths() -> list[str]:
+    """The scans this machine can run, fastest-in-theory first (the order only breaks exact ties)."""
+    paths = []
+    if scan_kernel() is not None:
+        paths.append("int8-vnni")
+    if int8_matmul_available():
+        paths.append("int8")
+    return [*paths, "bfloat16", PLAIN]
+
+
+def measure(paths: list[str], probe: dict = PROBE) -> dict[str, float]:
+    """Median ms of one shortlist + exact re-scoring (or, for float32, the plain top-k over all keys) per path.
+    The paths take turns in every repeat, so a burst of load from elsewhere slows them alike."""
+    from .attention import exact_scores
+
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(probe["heads"], probe["keys"], probe["dim"], generator=g)
+    q = torch.randn(1, probe["heads"], probe["rows"], probe["dim"], generator=g)
+    k, size = probe["k"], shortlist_size(probe["k"], probe["keys"])
+    calls = {}
+    for path in paths:
+        if path == PLAIN:
+            calls[path] = lambda: fast_topk(torch.matmul(q, keys.transpose(1, 2)), k)
+        else:
+            key_scan = KeyScan.of_kind(keys, path)
+            calls[path] = lambda s=key_scan: exact_scores(q, keys, s.shortlist(q, size))
+        calls[path]()  # warm up: first calls allocate, and the kernel's first call may load
+    times: dict[str, list[float]] = {p: [] for p in paths}
+    for _ in range(probe["repeats"]):
+        for path, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[path].append((time.perf_counter() - start) * 1000)
+    return {p: statistics.median(t) for p, t in times.items()}
+
+
+def choose(timings: dict[str, float]) -> str:
+    """The fastest measured path (the plain scan must be among them: nothing is chosen that is slower than it)."""
+    if PLAIN not in timings:
+        raise ValueError("the plain float32 scan must be measured: it is the bound every choice is held to")
+    return min(timings, key=lambda p: (timings[p], SCAN_PATHS.index(p)))
+
+
+def _cache_file() -> Path:
+    from .loading import cache_dir
+
+    return cache_dir() / "kernels" / f"torch-{torch.__version__}" / "scan-choice.json"
+
+
+def _machine_key() -> str:
+    info = cpu_info()
+    return f"{info['model']}|{','.join(info['flags'])}|threads={torch.get_num_threads()}"
+
+
+@lru_cache(maxsize=1)
+def scan_path() -> str:
+    """The scan exact search uses on this CPU (see the module docstring)."""
+    paths = available_paths()
+    forced = os.environ.get(SCAN_ENV, "").strip()
+    if forced and forced != "auto":
+        if forced in paths:
+            log.debug("scan path %s (set by %s)", forced, SCAN_ENV)
+            return forced
+        log.warning("%s=%s cannot run here (available: %s); measuring instead", SCAN_ENV, forced, ", ".join(paths))
+    report = scan_report()
+    return report["choice"]
+
+
+def scan_report() -> dict:
+    """{"choice", "ms" (per path), "machine", "cached"}: measured on first use on this machine, then read back."""
+    path, key = _cache_file(), _machine_key()
+    try:
+        cached = json.loads(path.read_text()).get(key)
+    except (OSError, ValueError):
+        cached = None
+    paths = available_paths()
+    if cached and set(cached.get("ms", {})) == set(paths) and cached.get("choice") in paths:
+        return {**cached, "machine": cpu_info(), "cached": True}
+    timings = measure(paths)
+    report = {"choice": choose(timings), "ms": {p: round(t, 4) for p, t in timings.items()}}
+    log.debug("scan path %s; measured ms per decode-step shortlist: %s", report["choice"], report["ms"])
+    try:  # a read-only cache only costs a new measurement next time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            table = json.loads(path.read_text())
+        except (OSError, ValueError):
+            table = {}
+        table[key] = report
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=1))
+        tmp.replace(path)
+    except OSError as exc:
+        log.debug("scan choice not cached: %s", exc)
+    return {**report, "machine": cpu_info(), "cached": False}

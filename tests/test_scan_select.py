@@ -1,0 +1,74 @@
+"""The exact-search scan is chosen per machine by measuring: a path that measures slower than the plain float32
+scan is never chosen, the choice is cached per machine, and an override is honoured (or refused with a warning)."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+import torch
+
+from extended_mind import scan_select
+from extended_mind.scan import KeyScan
+
+# Measured on an AVX2-only AMD EPYC (no VNNI), 1 thread: the int8 and bfloat16 scans lose to float32 there.
+AVX2_EPYC_MS = {"int8": 52.9, "bfloat16": 29.1, "float32": 3.3}
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """An empty cache and no remembered choice."""
+    monkeypatch.setenv("EXTENDED_MIND_CACHE", str(tmp_path))
+    monkeypatch.delenv(scan_select.SCAN_ENV, raising=False)
+    scan_select.scan_path.cache_clear()
+    yield tmp_path
+    scan_select.scan_path.cache_clear()
+
+
+def test_the_choice_is_never_slower_than_the_plain_scan():
+    rng = random.Random(0)
+    for _ in range(200):
+        timings = {p: rng.uniform(0.1, 50) for p in rng.sample(scan_select.SCAN_PATHS[:3], rng.randint(0, 3))}
+        timings["float32"] = rng.uniform(0.1, 50)
+        choice = scan_select.choose(timings)
+        assert timings[choice] <= timings["float32"] and timings[choice] == min(timings.values())
+    assert scan_select.choose(AVX2_EPYC_MS) == "float32"
+    with pytest.raises(ValueError, match="plain float32"):
+        scan_select.choose({"int8": 1.0})
+
+
+def test_a_machine_where_int8_is_slow_scans_float32_keys(fresh, monkeypatch, caplog):
+    monkeypatch.setattr(scan_select, "available_paths", lambda: ["int8", "bfloat16", "float32"])
+    monkeypatch.setattr(scan_select, "measure", lambda paths: {p: AVX2_EPYC_MS[p] for p in paths})
+    with caplog.at_level(logging.DEBUG, logger="extended_mind.scan_select"):
+        assert scan_select.scan_path() == "float32"
+    assert "scan path float32" in caplog.text and "52.9" in caplog.text  # the figures behind the choice
+    assert KeyScan.build(torch.randn(2, 100, 16)) is None  # exact search reads the keys themselves
+
+    # cached per machine: the next process reads the figures back instead of measuring again
+    scan_select.scan_path.cache_clear()
+    monkeypatch.setattr(scan_select, "measure", lambda paths: pytest.fail("measured again"))
+    report = scan_select.scan_report()
+    assert report["cached"] and report["choice"] == "float32" and report["ms"]["int8"] == 52.9
+    assert list(fresh.rglob("scan-choice.json"))
+
+
+def test_the_override_is_honoured_or_refused_with_a_warning(fresh, monkeypatch, caplog):
+    monkeypatch.setattr(scan_select, "available_paths", lambda: ["int8", "bfloat16", "float32"])
+    monkeypatch.setattr(scan_select, "measure", lambda paths: {p: AVX2_EPYC_MS[p] for p in paths})
+    monkeypatch.setenv(scan_select.SCAN_ENV, "bfloat16")
+    assert scan_select.scan_path() == "bfloat16"
+    assert KeyScan.build(torch.randn(2, 100, 16)).kind == "bfloat16"
+    scan_select.scan_path.cache_clear()
+    monkeypatch.setenv(scan_select.SCAN_ENV, "int8-vnni")  # not available on this (pretended) machine
+    with caplog.at_level(logging.WARNING, logger="extended_mind.scan_select"):
+        assert scan_select.scan_path() == "float32"
+    assert "cannot run here" in caplog.text
+
+
+def test_every_path_this_machine_offers_is_measured_and_the_fastest_chosen(fresh):
+    report = scan_select.scan_report()
+    assert set(report["ms"]) == set(scan_select.available_paths()) and "float32" in report["ms"]
+    assert report["ms"][report["choice"]] == min(report["ms"].values())
+    assert report["machine"]["model"]
