@@ -208,7 +208,6 @@ def _serve(args: argparse.Namespace) -> None:
 
     from .server import create_app
 
-    mind = _load_mind(args, [])
     config = ServerConfig(
         memory_dir=args.memory_dir,
         api_key=key,
@@ -216,11 +215,11 @@ def _serve(args: argparse.Namespace) -> None:
         default_max_tokens=min(256, args.max_tokens),
         **limits,
     )
-    app = create_app(mind, config)
+    app = create_app(lambda: _load_mind(args, []), config)  # loads in the background; /health says 503 until ready
     where = f"http://{args.host if ':' not in args.host else f'[{args.host}]'}:{args.port}"
     print(
-        f"serving {app.state.model_id} at {where}/ (web page) and {where}/v1 (OpenAI API); memories in "
-        f"{args.memory_dir.resolve()}",
+        f"serving {args.model or 'the default model'} at {where}/ (web page) and {where}/v1 (OpenAI API), "
+        f"{where}/health and {where}/metrics; memories in {args.memory_dir.resolve()}",
         file=sys.stderr,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from importlib.resources import files
 
@@ -16,19 +19,25 @@ from .errors import APIError, install_error_handlers
 from .guard import GuardMiddleware
 from .library import MemoryLibrary
 from .memory_routes import add_memory_routes
+from .ops import MetricsMiddleware, ServerMetrics, add_ops_routes, add_token_routes
 from .worker import ModelWorker
 
+log = logging.getLogger(__name__)
 STATIC = files("extended_mind.server") / "static"
 ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
 
 
-def create_app(mind: ExtendedMind, config: ServerConfig) -> FastAPI:
-    """The server for one loaded model; memories live in `config.memory_dir`."""
-    library = MemoryLibrary(config.memory_dir, mind)
+def create_app(mind: ExtendedMind | Callable[[], ExtendedMind], config: ServerConfig) -> FastAPI:
+    """The server for one model; memories live in `config.memory_dir`. `mind` may be a function that loads the
+    model: the server then answers at once, `/health` says 503 until the model is loaded, and other routes 503."""
     worker = ModelWorker(config.max_queue)
+    metrics = ServerMetrics(worker)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        if not app.state.ready and not app.state.loading:
+            app.state.loading = True
+            threading.Thread(target=load, name="extended-mind-load", daemon=True).start()
         yield
         worker.shutdown()
 
@@ -40,9 +49,28 @@ def create_app(mind: ExtendedMind, config: ServerConfig) -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(GuardMiddleware, config=config)
-    app.state.library, app.state.worker, app.state.model_id = library, worker, served_model_id(mind)
-    add_completion_routes(app, mind, library, worker, config)
-    add_memory_routes(app, mind, library, worker, config)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, state=app.state)  # outermost: counts refusals too
+    app.state.ready, app.state.loading, app.state.load_error, app.state.metrics = False, False, None, metrics
+    add_ops_routes(app, metrics)
+
+    def install(loaded: ExtendedMind) -> None:
+        library = MemoryLibrary(config.memory_dir, loaded)
+        app.state.library, app.state.worker, app.state.model_id = library, worker, served_model_id(loaded)
+        metrics.library = library
+        add_completion_routes(app, loaded, library, worker, config, metrics)
+        add_memory_routes(app, loaded, library, worker, config)
+        add_token_routes(app, loaded)
+        app.state.ready = True
+
+    def load() -> None:
+        try:
+            install(mind())
+        except Exception as exc:  # reported by /health and every route's 503, not a dead server
+            app.state.load_error = f"{type(exc).__name__}: {exc}"
+            log.error("the model failed to load: %s", app.state.load_error)
+
+    if isinstance(mind, ExtendedMind):
+        install(mind)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:

@@ -19,6 +19,7 @@ from ..prompting import DEFAULT_MEMORY_AT, EncodedPrompt, encode, encode_message
 from .config import ServerConfig
 from .errors import APIError
 from .library import MemoryLibrary, check_name, split_document_id
+from .ops import ServerMetrics
 from .schemas import ChatCompletionRequest, CompletionRequest, MemoryOptions
 from .streaming import SSE_HEADERS, event_stream
 from .worker import ModelWorker
@@ -35,7 +36,12 @@ def citation_json(c: Citation) -> dict:
 
 
 def add_completion_routes(
-    app: FastAPI, mind: ExtendedMind, library: MemoryLibrary, worker: ModelWorker, config: ServerConfig
+    app: FastAPI,
+    mind: ExtendedMind,
+    library: MemoryLibrary,
+    worker: ModelWorker,
+    config: ServerConfig,
+    metrics: ServerMetrics,
 ) -> None:
     model_id = served_model_id(mind)
     created = int(time.time())
@@ -141,12 +147,12 @@ def add_completion_routes(
         names = memory_names(req)
         generation_options(req)  # validate before queueing
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        now = int(time.time())
+        now, arrived = int(time.time()), time.perf_counter()
         if not req.stream:
 
             def job() -> GenerationResult:
                 stream = start(req, names)
-                for _ in stream:
+                for _ in metrics.timed(stream, arrived):
                     pass
                 return stream.result
 
@@ -172,17 +178,17 @@ def add_completion_routes(
                 **extras(result),
             }
         return StreamingResponse(
-            event_stream(stream_generation(req, names, kind, rid, now)),
+            event_stream(stream_generation(req, names, kind, rid, now, arrived)),
             media_type="text/event-stream",
             headers=SSE_HEADERS,
         )
 
     async def stream_generation(
-        req: ChatCompletionRequest | CompletionRequest, names: list[str], kind: str, rid: str, now: int
+        req: ChatCompletionRequest | CompletionRequest, names: list[str], kind: str, rid: str, now: int, arrived: float
     ) -> AsyncIterator[dict]:
         def job(emit: Callable[[Any], None], cancelled: Callable[[], bool]) -> None:
             stream = start(req, names)
-            for token in stream:
+            for token in metrics.timed(stream, arrived):
                 emit(token)
                 if cancelled():
                     return

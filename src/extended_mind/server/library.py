@@ -69,6 +69,11 @@ class MemoryLibrary:
             self._versions.setdefault(name, 0)
             return memory
 
+    def open_memories(self) -> dict[str, Memory]:
+        """The memories loaded so far, by name (for metrics: nothing is loaded to answer)."""
+        with self._lock:
+            return dict(self._loaded)
+
     def put(self, name: str, memory: Memory) -> None:
         """Save `memory` under `name` (atomic: readers see the old or the new memory) and use it from now on."""
         with self._lock:

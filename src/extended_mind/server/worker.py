@@ -39,6 +39,11 @@ class ModelWorker:
                 )
             self._pending += 1
 
+    @property
+    def pending(self) -> int:
+        """Requests admitted and not finished (waiting for the model or running on it)."""
+        return self._pending
+
     def _done(self) -> None:
         with self._lock:
             self._pending -= 1
