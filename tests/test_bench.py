@@ -392,7 +392,7 @@ def test_icl_items_are_balanced_nested_and_never_show_a_question():
 
 def test_logit_bias_restricts_the_choice(tiny_mind):
     free = tiny_mind.generate("abc", max_new_tokens=3, chat=False)
-    allowed = {t: 100.0 for t in (65, 66)}  # "A" or "B" (the byte tokenizer's ids)
+    allowed = {t: 100.0 for t in (65, 66)}
     forced = tiny_mind.generate("abc", max_new_tokens=3, chat=False, logit_bias=allowed)
     assert all(t.id in allowed for t in forced.tokens)
     assert [t.id for t in free.tokens] != [t.id for t in forced.tokens] or all(t.id in allowed for t in free.tokens)

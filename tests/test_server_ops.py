@@ -106,3 +106,43 @@ def test_tokenize_and_detokenize_round_trip(mind, tmp_path):
     assert client.post("/tokenize", json={}).status_code == 400
     bad = client.post("/detokenize", json={"tokens": [1, 10**9]})
     assert bad.status_code == 400 and "outside the vocabulary" in bad.json()["error"]["message"]
+
+
+def test_logprobs_in_openai_shapes_with_the_official_client(mind, tmp_path):
+    import math
+
+    import openai
+
+    app = create_app(mind, ServerConfig(memory_dir=tmp_path / "mem", max_tokens=8))
+    with BackgroundServer(app) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+        messages = [{"role": "user", "content": "Where is the key?"}]
+        chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, logprobs=True,
+                                              top_logprobs=3)  # fmt: skip
+        content = chat.choices[0].logprobs.content
+        # a random model's tokens split UTF-8 characters: their bytes, joined, are the answer's bytes
+        assert len(content) == 4
+        answer = bytes(b for c in content for b in c.bytes).decode("utf-8", errors="replace")
+        assert answer == chat.choices[0].message.content
+        for c in content:  # greedy: the chosen token is the most likely one
+            assert len(c.top_logprobs) == 3 and c.logprob <= 0
+            assert math.isclose(c.logprob, c.top_logprobs[0].logprob, abs_tol=1e-6)
+        plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4)
+        assert plain.choices[0].logprobs is None
+
+        text = client.completions.create(model=MODEL, prompt="The key is", max_tokens=4, logprobs=2)
+        lp = text.choices[0].logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+        assert all(len(alt) <= 2 for alt in lp.top_logprobs) and lp.text_offset[0] == 0
+
+        streamed = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, logprobs=True,
+                                                  top_logprobs=2, stream=True)  # fmt: skip
+        tokens = [c.choices[0].logprobs.content[0] for c in streamed if c.choices and c.choices[0].logprobs]
+        assert [t.logprob for t in tokens] == [c.logprob for c in content]
+
+        with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+            client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, top_logprobs=2)
+        # logit_bias, OpenAI's way to restrict the answer to chosen tokens
+        allowed = {"65": 100, "66": 100}
+        forced = client.completions.create(model=MODEL, prompt="x", max_tokens=3, logit_bias=allowed)
+        assert set(forced.choices[0].text) <= {mind.tokenizer.decode([65]), mind.tokenizer.decode([66])}

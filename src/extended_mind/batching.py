@@ -26,6 +26,7 @@ from .generation import (
     next_piece,
     next_token,
     stop_token_ids,
+    token_logprobs,
 )
 from .memory import Memory
 
@@ -116,7 +117,9 @@ def generate_batch(
             idx, w = row_citations(i)
             citations = cite(r.memory, idx, w, max_spans=3) if r.memory is not None and len(idx) else []
             h = entropy(logits[i])
-            tokens[i].append(GeneratedToken(token, piece, h, s.topk, citations, memory_indices=idx, memory_weights=w))
+            logprob, top = token_logprobs(logits[i], token, s.top_logprobs)
+            tokens[i].append(GeneratedToken(token, piece, h, s.topk, citations, memory_indices=idx, memory_weights=w,
+                                            logprob=logprob, top_logprobs=top))  # fmt: skip
             if hit >= 0:
                 done[i], finish[i] = True, "stop"
             next_ids[i, 0] = token

@@ -39,6 +39,8 @@ class GeneratedToken:
     citations: list[Citation]
     memory_indices: torch.Tensor = field(repr=False)
     memory_weights: torch.Tensor = field(repr=False)
+    logprob: float = 0.0  # log-probability of this token under the model (before temperature and logit_bias)
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)  # the most likely tokens at this step
 
 
 @dataclass
@@ -71,6 +73,16 @@ class DecodeSettings:
     stop: tuple[str, ...] = ()
     citation_weighting: str = "attention_value"
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added before choosing (OpenAI's logit_bias)
+    top_logprobs: int = 0  # alternatives reported with each token's log-probability
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of `token` under logits (V,) and the `top` most likely (token, log-probability)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    if top <= 0:
+        return float(logp[token]), []
+    values, ids = logp.topk(top)
+    return float(logp[token]), list(zip(ids.tolist(), values.tolist()))
 
 
 def biased(logits: torch.Tensor, bias: tuple[tuple[int, float], ...]) -> torch.Tensor:
@@ -231,9 +243,11 @@ class TokenStream:
             generated.append(token)
             piece, text, hit = next_piece(self.tokenizer, generated, text, s.stop, step + 1 == s.max_new_tokens)
             citations = cite(self.memory, idx, w, max_spans=3) if self.memory is not None and len(idx) else []
+            logprob, top = token_logprobs(logits, token, s.top_logprobs)
             tok = GeneratedToken(
-                id=token, text=piece, entropy=h, topk=k, citations=citations, memory_indices=idx, memory_weights=w
-            )
+                id=token, text=piece, entropy=h, topk=k, citations=citations, memory_indices=idx, memory_weights=w,
+                logprob=logprob, top_logprobs=top,
+            )  # fmt: skip
             tokens.append(tok)
             yield tok
             if hit >= 0:

@@ -325,6 +325,7 @@ class ExtendedMind:
         memory_heads: str | None = None,
         memory_at: str = DEFAULT_MEMORY_AT,
         logit_bias: dict[int, float] | None = None,
+        top_logprobs: int = 0,
     ) -> TokenStream:
         """Like `generate`, but returns an iterator of tokens as they are produced (`.result` once exhausted)."""
         _check_int("max_new_tokens", max_new_tokens, 1)
@@ -337,6 +338,7 @@ class ExtendedMind:
         if temperature < 0:
             raise ExtendedMindError(f"temperature must be >= 0, got {temperature}")
         bias = self._check_logit_bias(logit_bias)
+        _check_int("top_logprobs", top_logprobs, 0)
         mem, offset, layers = self._retrieval(
             memory, topk, ranking, position_policy, memory_layers, search, approx_threshold, index, retrieval,
             memory_heads,
@@ -387,6 +389,7 @@ class ExtendedMind:
             stop=tuple(x for x in (stop or []) if x),
             citation_weighting=citation_weighting,
             logit_bias=bias,
+            top_logprobs=top_logprobs,
         )
         return TokenStream(self.model, self.tokenizer, ids, mem, layers, offset, settings, plan)
 
@@ -491,7 +494,8 @@ class ExtendedMind:
         citation_weighting ("attention_value": attention probability x value norm; "attention": probability alone),
         search ("auto": approximate from approx_threshold memory tokens (1,048,576) on, else exact; "exact";
         "approximate"), index (IndexSettings: IVF cells, nprobe, candidates re-ranked per retrieved key), logit_bias
-        (None: token id -> bias in [-100, 100] added to the logits before each choice, as in OpenAI's API).
+        (None: token id -> bias in [-100, 100] added to the logits before each choice, as in OpenAI's API),
+        top_logprobs (0: the most likely alternatives reported with each token's log-probability).
         """
         stream = self.stream(prompt, memory=memory, **options)
         for _ in stream:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from functools import lru_cache
 from typing import Any
 
 from fastapi import FastAPI
@@ -28,6 +29,34 @@ from .worker import ModelWorker
 def served_model_id(mind: ExtendedMind) -> str:
     """The name clients pass as `model`: the last part of the model's source path or hub id."""
     return str(mind.source).rstrip("/").split("/")[-1] or "model"
+
+
+@lru_cache(maxsize=1)
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet (printable stand-ins for the 256 bytes) -> byte value."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    stand_ins, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            stand_ins[chr(b)] = b
+        else:
+            stand_ins[chr(256 + extra)] = b
+            extra += 1
+    return stand_ins
+
+
+def token_bytes(tokenizer, token: int) -> bytes:
+    """The raw bytes of one token (OpenAI's `bytes`): a token can hold part of a UTF-8 character, which its
+    decoded text shows as U+FFFD. Byte-level BPE (GPT-2, Llama 3, SmolLM2) and SentencePiece byte tokens are read
+    exactly; other tokens fall back to their text."""
+    piece = tokenizer.convert_ids_to_tokens(token)
+    if isinstance(piece, str):
+        alphabet = _byte_level_alphabet()
+        if piece and all(ch in alphabet for ch in piece):
+            return bytes(alphabet[ch] for ch in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+    return tokenizer.decode([token]).encode("utf-8")
 
 
 def citation_json(c: Citation) -> dict:
@@ -69,6 +98,8 @@ def add_completion_routes(
             "temperature": req.temperature or 0.0,
             "stop": stop,
             "seed": req.seed,
+            "logit_bias": req.logit_bias,
+            "top_logprobs": alternatives(req) or 0,
         }
         for name in (
             "retrieval",
@@ -88,6 +119,42 @@ def add_completion_routes(
             if value is not None:
                 opts[name] = value
         return opts
+
+    def alternatives(req: ChatCompletionRequest | CompletionRequest) -> int | None:
+        """How many alternatives each token's log-probability comes with; None: no log-probabilities."""
+        if isinstance(req, CompletionRequest):
+            return req.logprobs
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "invalid_value", "top_logprobs")
+        return (req.top_logprobs or 0) if req.logprobs else None
+
+    def token_text(token: int) -> str:
+        return mind.tokenizer.decode([token])
+
+    def chat_logprobs(tokens: list[GeneratedToken]) -> dict:
+        def entry(token: int, logprob: float) -> dict:
+            return {"token": token_text(token), "logprob": logprob, "bytes": list(token_bytes(mind.tokenizer, token))}
+
+        content = [{**entry(t.id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top_logprobs]}
+                   for t in tokens]  # fmt: skip
+        return {"content": content, "refusal": None}
+
+    def text_logprobs(tokens: list[GeneratedToken], offset: int = 0) -> dict:
+        offsets = []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t.text)
+        return {
+            "tokens": [token_text(t.id) for t in tokens],
+            "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{token_text(i): lp for i, lp in t.top_logprobs} for t in tokens],
+            "text_offset": offsets,
+        }
+
+    def logprobs_json(req, kind: str, tokens: list[GeneratedToken], offset: int = 0) -> dict | None:
+        if alternatives(req) is None:
+            return None
+        return chat_logprobs(tokens) if kind == "chat" else text_logprobs(tokens, offset)
 
     def memory_names(req: MemoryOptions) -> list[str]:
         names = [req.memory] if isinstance(req.memory, str) else list(req.memory or [])
@@ -162,11 +229,12 @@ def add_completion_routes(
                     "index": 0,
                     "message": {"role": "assistant", "content": result.text},
                     "finish_reason": result.finish_reason,
-                    "logprobs": None,
+                    "logprobs": logprobs_json(req, kind, result.tokens),
                 }
                 obj = "chat.completion"
             else:
-                choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}
+                choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason,
+                          "logprobs": logprobs_json(req, kind, result.tokens)}  # fmt: skip
                 obj = "text_completion"
             return {
                 "id": rid,
@@ -196,21 +264,22 @@ def add_completion_routes(
 
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
-        def chunk(piece: str | None, finish: str | None, extra: dict | None = None) -> dict:
+        def chunk(piece: str | None, finish: str | None, extra: dict | None = None, token=None) -> dict:
+            logprobs = logprobs_json(req, kind, [token], offset) if token is not None else None
             if kind == "chat":
                 delta = {} if piece is None else {"content": piece}
                 if piece is not None and first:
                     delta = {"role": "assistant", **delta}
-                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
             else:
-                choice = {"index": 0, "text": piece or "", "finish_reason": finish, "logprobs": None}
+                choice = {"index": 0, "text": piece or "", "finish_reason": finish, "logprobs": logprobs}
             return {"id": rid, "object": obj, "created": now, "model": model_id, "choices": [choice], **(extra or {})}
 
-        first = True
+        first, offset = True, 0
         async for item in worker.stream(job):
             if isinstance(item, GeneratedToken):
-                yield chunk(item.text, None, {"token_citations": [citation_json(c) for c in item.citations]})
-                first = False
+                yield chunk(item.text, None, {"token_citations": [citation_json(c) for c in item.citations]}, item)
+                first, offset = False, offset + len(item.text)
             else:
                 result: GenerationResult = item
                 extra = extras(result)

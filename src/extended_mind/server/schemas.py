@@ -54,6 +54,9 @@ class SamplingOptions(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = None
     n: int | None = Field(default=None, ge=1, le=1)
+    logit_bias: dict[str, float] | None = Field(
+        default=None, max_length=1024, description="token id -> bias in [-100, 100] added before each choice"
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -78,12 +81,15 @@ class ChatCompletionRequest(SamplingOptions, MemoryOptions):
     model_config = ConfigDict(extra="ignore")
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+    logprobs: bool | None = Field(default=None, description="return each token's log-probability")
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, description="alternatives per token (needs logprobs)")
 
 
 class CompletionRequest(SamplingOptions, MemoryOptions):
     model_config = ConfigDict(extra="ignore")
 
     prompt: str | list[str]
+    logprobs: int | None = Field(default=None, ge=0, le=5, description="log-probabilities with this many alternatives")
 
 
 class DocumentIn(BaseModel):
