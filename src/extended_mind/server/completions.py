@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from functools import lru_cache
 from typing import Any
 
@@ -21,6 +21,7 @@ from .config import ServerConfig
 from .errors import APIError
 from .library import MemoryLibrary, check_name, split_document_id
 from .ops import ServerMetrics
+from .scheduler import BatchScheduler
 from .schemas import ChatCompletionRequest, CompletionRequest, MemoryOptions
 from .streaming import SSE_HEADERS, event_stream
 from .worker import ModelWorker
@@ -72,6 +73,7 @@ def add_completion_routes(
     config: ServerConfig,
     metrics: ServerMetrics,
 ) -> None:
+    scheduler = BatchScheduler(worker, mind.model, mind.tokenizer, config.max_batch, metrics.batch.set)
     model_id = served_model_id(mind)
     created = int(time.time())
 
@@ -217,13 +219,10 @@ def add_completion_routes(
         now, arrived = int(time.time()), time.perf_counter()
         if not req.stream:
 
-            def job() -> GenerationResult:
-                stream = start(req, names)
-                for _ in metrics.timed(stream, arrived):
-                    pass
-                return stream.result
-
-            result = await worker.run(job)
+            result = None
+            async for item in metrics.timed(scheduler.stream(lambda: start(req, names)), arrived):
+                result = item
+            assert isinstance(result, GenerationResult)
             if kind == "chat":
                 choice = {
                     "index": 0,
@@ -254,14 +253,6 @@ def add_completion_routes(
     async def stream_generation(
         req: ChatCompletionRequest | CompletionRequest, names: list[str], kind: str, rid: str, now: int, arrived: float
     ) -> AsyncIterator[dict]:
-        def job(emit: Callable[[Any], None], cancelled: Callable[[], bool]) -> None:
-            stream = start(req, names)
-            for token in metrics.timed(stream, arrived):
-                emit(token)
-                if cancelled():
-                    return
-            emit(stream.result)
-
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
         def chunk(piece: str | None, finish: str | None, extra: dict | None = None, token=None) -> dict:
@@ -276,7 +267,7 @@ def add_completion_routes(
             return {"id": rid, "object": obj, "created": now, "model": model_id, "choices": [choice], **(extra or {})}
 
         first, offset = True, 0
-        async for item in worker.stream(job):
+        async for item in metrics.timed(scheduler.stream(lambda: start(req, names)), arrived):
             if isinstance(item, GeneratedToken):
                 yield chunk(item.text, None, {"token_citations": [citation_json(c) for c in item.citations]}, item)
                 first, offset = False, offset + len(item.text)

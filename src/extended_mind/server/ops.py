@@ -5,7 +5,7 @@ while it loads or after it failed to load), Prometheus `/metrics` (prometheus_cl
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Response
@@ -18,7 +18,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .errors import APIError, error_response
 
 if TYPE_CHECKING:
-    from ..generation import GeneratedToken
     from ..mind import ExtendedMind
     from .library import MemoryLibrary
     from .worker import ModelWorker
@@ -46,12 +45,13 @@ class ServerMetrics:
         self.library: MemoryLibrary | None = None
         r.register(_MemoryCollector(self))
 
-    def timed(self, tokens: Iterator[GeneratedToken], arrived: float) -> Iterator[GeneratedToken]:
-        """Pass `tokens` through, observing time to first token (from `arrived`), gaps and counts."""
+    async def timed(self, items: AsyncIterator, arrived: float) -> AsyncIterator:
+        """Pass a request's items through, observing time to first token (from `arrived`), gaps and counts."""
+        from ..generation import GeneratedToken
+
         last = None
-        self.batch.inc()
-        try:
-            for token in tokens:
+        async for item in items:
+            if isinstance(item, GeneratedToken):
                 now = time.perf_counter()
                 if last is None:
                     self.ttft.observe(now - arrived)
@@ -59,9 +59,7 @@ class ServerMetrics:
                     self.per_token.observe(now - last)
                 last = now
                 self.tokens.inc()
-                yield token
-        finally:
-            self.batch.dec()
+            yield item
 
 
 class _MemoryCollector:

@@ -21,13 +21,36 @@ class ModelWorker:
         self.max_queue = max_queue
         self._executor: ThreadPoolExecutor | None = None
         self._pending = 0
+        self._queued = 0  # jobs submitted and not started
         self._lock = threading.Lock()
 
     def _submit(self, fn: Callable[[], Any]):
+        def started() -> Any:
+            with self._lock:
+                self._queued -= 1
+            return fn()
+
         with self._lock:
             if self._executor is None:  # started on first use, again after a shutdown (app lifespans can repeat)
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="extended-mind-model")
-            return self._executor.submit(fn)
+            self._queued += 1
+            return self._executor.submit(started)
+
+    def submit(self, fn: Callable[[], Any]) -> None:
+        """Queue `fn` on the model thread (the batch scheduler's loop)."""
+        self._submit(fn)
+
+    def others_waiting(self) -> bool:
+        """Whether jobs are queued behind the one running (the batch loop then lets them run)."""
+        with self._lock:
+            return self._queued > 0
+
+    def admit(self) -> None:
+        """Count a request in (429 when the queue is full); `finished` counts it out."""
+        self._admit()
+
+    def finished(self) -> None:
+        self._done()
 
     def _admit(self) -> None:
         with self._lock:

@@ -1,0 +1,231 @@
+"""Continuous batching: rows join a running batch at any decode step and leave it when they finish.
+
+A joining row's prompt is prefilled alone (its own block selection, its own memory), then its KV cache is merged
+into the batch's: both are left-padded to the same length and the padding is masked, so every row keeps its own
+positions and reads only its own memory (`Session.rows`). Each decode step then runs the dense layers once for all
+rows. A row that finishes (stop token, stop string, its token budget) or whose consumer is gone (`cancelled()`)
+leaves at the next step. Each row has its own decoding options (temperature, seed, stop strings, logit bias, token
+budget); rows share the retrieval settings (top-k, ranking, threshold, citation weighting): `compatible` tells
+whether a stream can join. Greedy rows give the tokens they give alone, up to float rounding differences between
+batched and unbatched matmuls, as in `generate_batch`.
+
+Models with sliding-window layers or the ALiBi adapter keep per-row state in their caches that a merge would break:
+there, `can_merge` is false and rows run one at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from .attention import LayerMemory, RetrievalSettings, Session
+from .batching import BatchRow
+from .blocks import select_blocks
+from .citations import cite, sparse_sum
+from .compat import with_cache
+from .generation import (
+    DecodeSettings,
+    GeneratedToken,
+    GenerationResult,
+    biased,
+    entropy,
+    next_piece,
+    next_token,
+    stop_token_ids,
+    token_logprobs,
+)
+
+Sink = Callable[[GeneratedToken | GenerationResult], None]
+
+
+def retrieval_key(s: DecodeSettings) -> tuple:
+    """What rows of one batch must share (retrieval runs inside attention with one set of settings)."""
+    return (s.topk, s.ranking, s.similarity_threshold, s.citation_weighting)
+
+
+def can_merge(model: PreTrainedModel) -> bool:
+    """Whether rows can share a KV cache: no sliding-window layers, no ALiBi adapter (alibi.py keeps key
+    positions on the cache)."""
+    from .alibi import is_alibi_module
+    from .attention import attention_modules
+
+    config = model.config
+    sliding = getattr(config, "sliding_window", None) or getattr(config, "layer_types", None) and any(
+        t != "full_attention" for t in config.layer_types
+    )
+    return not sliding and not any(is_alibi_module(m) for m in attention_modules(model))
+
+
+@dataclass
+class _Row:
+    row: BatchRow
+    s: DecodeSettings
+    layers: dict[int, LayerMemory]
+    sink: Sink
+    cancelled: Callable[[], bool]
+    generator: torch.Generator | None
+    position: int  # position id of the row's next input token
+    logits: torch.Tensor | None = None  # (V,) next-token logits
+    idx: torch.Tensor | None = None  # citations of the last forward pass
+    w: torch.Tensor | None = None
+    generated: list[int] = field(default_factory=list)
+    tokens: list[GeneratedToken] = field(default_factory=list)
+    text: str = ""
+    finish: str = "length"
+    done: bool = False
+
+
+class DecodeBatch:
+    """A running batch (see the module docstring). Not thread-safe: one thread (the model's) calls it."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_batch: int = 8):
+        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.device = next(model.parameters()).device
+        self.merge = can_merge(model)
+        self.rows: list[_Row] = []
+        self.key: tuple | None = None
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # (B, L) long: 1 for real keys, 0 for padding
+        self.stop_ids = stop_token_ids(model, tokenizer)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.n_heads = model.config.num_attention_heads
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def compatible(self, s: DecodeSettings) -> bool:
+        """Whether a stream with settings `s` can join now."""
+        if s.uncertainty_threshold is not None:  # recomputes single steps: runs alone
+            return not self.rows
+        if not self.rows:
+            return True
+        return self.merge and len(self.rows) < self.max_batch and retrieval_key(s) == self.key
+
+    def join(self, row: BatchRow, s: DecodeSettings, sink: Sink, cancelled: Callable[[], bool]) -> None:
+        """Prefill `row`'s prompt alone and add it to the batch (the caller checked `compatible`)."""
+        layers = row.layers
+        if row.plan is not None:
+            mass = select_blocks(self.model, [row.prompt_ids], [row.positions()], [row.plan])[0]
+            layers = row.plan.slots(row.plan.choose(mass))
+        generator = torch.Generator().manual_seed(s.seed) if s.seed is not None else None
+        positions = row.positions()
+        live = _Row(row, s, layers, sink, cancelled, generator, positions[-1] + 1)
+        cache = DynamicCache(config=self.model.config)
+        ids = torch.tensor([row.prompt_ids])
+        mask = torch.ones_like(ids)
+        logits, cites = self._forward([live], ids, torch.tensor([positions]), mask, cache)
+        live.logits, (live.idx, live.w) = logits[0], cites[0]
+        if not self.rows:
+            self.cache, self.mask, self.key = cache, mask, retrieval_key(s)
+        else:
+            self.cache, self.mask = _merge(self.cache, self.mask, cache, mask, self.model.config)
+        self.rows.append(live)
+
+    def step(self) -> None:
+        """Give every row its next token (rows that finish leave), then run one forward pass for the rest."""
+        next_ids = []
+        for r in self.rows:
+            token = self._advance(r)
+            next_ids.append(token if token is not None else self.pad)
+        keep = [i for i, r in enumerate(self.rows) if not r.done]
+        for r in self.rows:
+            if r.done:
+                r.sink(self._result(r))
+        if len(keep) < len(self.rows):
+            self.rows = [self.rows[i] for i in keep]
+            if not self.rows:
+                self.cache, self.mask, self.key = None, None, None
+                return
+            index = torch.tensor(keep, device=self.device)
+            self.cache.batch_select_indices(index)
+            self.mask = self.mask[keep]
+            self._trim()
+        ids = torch.tensor([[next_ids[i]] for i in keep])
+        positions = torch.tensor([[r.position] for r in self.rows])
+        self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long)], dim=1)
+        logits, cites = self._forward(self.rows, ids, positions, self.mask, self.cache)
+        for i, r in enumerate(self.rows):
+            r.logits, (r.idx, r.w) = logits[i], cites[i]
+            r.position += 1
+
+    def _advance(self, r: _Row) -> int | None:
+        """Choose and hand over row r's next token; marks the row done when it finishes. None: no token."""
+        s = r.s
+        if r.cancelled():
+            r.done, r.finish = True, "cancelled"
+            return None
+        token = next_token(biased(r.logits, s.logit_bias), s.temperature, r.generator)
+        if token in self.stop_ids:
+            r.done, r.finish = True, "stop"
+            return None
+        r.generated.append(token)
+        last = len(r.generated) == s.max_new_tokens
+        piece, r.text, hit = next_piece(self.tokenizer, r.generated, r.text, s.stop, last)
+        memory = r.row.memory
+        citations = cite(memory, r.idx, r.w, max_spans=3) if memory is not None and len(r.idx) else []
+        logprob, top = token_logprobs(r.logits, token, s.top_logprobs)
+        tok = GeneratedToken(token, piece, entropy(r.logits), s.topk, citations, memory_indices=r.idx,
+                             memory_weights=r.w, logprob=logprob, top_logprobs=top)  # fmt: skip
+        r.tokens.append(tok)
+        r.sink(tok)
+        if hit >= 0:
+            r.done, r.finish = True, "stop"
+        elif last:
+            r.done = True
+        return token
+
+    def _result(self, r: _Row) -> GenerationResult:
+        citations = []
+        if r.row.memory is not None and r.tokens:
+            idx, w = sparse_sum([t.memory_indices for t in r.tokens], [t.memory_weights for t in r.tokens])
+            citations = cite(r.row.memory, idx, w / len(r.tokens))
+        finish = "stop" if r.finish == "cancelled" else r.finish
+        return GenerationResult(r.text, r.tokens, citations, [], len(r.row.prompt_ids), finish)
+
+    def _forward(self, rows: list[_Row], ids, positions, mask, cache) -> tuple[torch.Tensor, list]:
+        layers = [r.layers for r in rows]
+        s = rows[0].s
+        session = Session(
+            settings=RetrievalSettings(s.topk, s.ranking, s.similarity_threshold),
+            record_citations=any(layers),
+            citation_weighting=s.citation_weighting,
+            rows=layers,
+            row_citations=[[] for _ in rows],
+            row_positions=positions.to(self.device),
+        )
+        with session.active(), torch.inference_mode():
+            out = self.model(input_ids=ids.to(self.device), position_ids=positions.to(self.device),
+                             attention_mask=mask.to(self.device), use_cache=True, logits_to_keep=1,
+                             **with_cache(self.model, cache))  # fmt: skip
+        cites = []
+        for records in session.row_citations:
+            idx, w = sparse_sum([x[0] for x in records], [x[1] for x in records])
+            cites.append((idx.cpu(), (w / (len(records) * self.n_heads)).cpu() if records else w.cpu()))
+        return out.logits[:, -1].float(), cites
+
+    def _trim(self) -> None:
+        """Drop leading key columns that are padding in every row (left by rows that left)."""
+        real = self.mask.any(dim=0).nonzero()
+        start = int(real[0]) if len(real) else 0
+        if start > 0:
+            self.mask = self.mask[:, start:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+
+
+def _merge(a: DynamicCache, mask_a: torch.Tensor, b: DynamicCache, mask_b: torch.Tensor, config):
+    """One cache holding the rows of `a` then those of `b`, the shorter left-padded (masked) to the longer."""
+    length = max(mask_a.shape[1], mask_b.shape[1])
+
+    def pad(x: torch.Tensor, n: int) -> torch.Tensor:  # (B, H, L, D) -> left-padded to n
+        return torch.nn.functional.pad(x, (0, 0, n - x.shape[2], 0))
+
+    merged = DynamicCache(config=config)
+    for i, (la, lb) in enumerate(zip(a.layers, b.layers)):
+        keys = torch.cat([pad(la.keys, length), pad(lb.keys, length)])
+        values = torch.cat([pad(la.values, length), pad(lb.values, length)])
+        merged.update(keys, values, i)
+    masks = [torch.nn.functional.pad(m, (length - m.shape[1], 0)) for m in (mask_a, mask_b)]
+    return merged, torch.cat(masks)

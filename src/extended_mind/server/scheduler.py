@@ -1,0 +1,146 @@
+"""Continuous batching for the server: generation requests join the running batch (continuous.py) at the next
+decode step and leave it when they finish or their client goes away.
+
+The batch loop runs as a job on the model thread (worker.py), so it never overlaps memory operations: when one is
+queued, the loop stops admitting rows, lets the running ones finish, and returns; the waiting requests start a new
+loop after it. A request whose retrieval settings differ from the running batch's waits until the batch drains (in
+arrival order); one with uncertainty-triggered retrieval (single steps recomputed) runs alone."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..batching import BatchRow
+from ..continuous import DecodeBatch
+from ..generation import GenerationResult, TokenStream
+from .worker import ModelWorker
+
+_END = object()
+
+
+@dataclass
+class _Request:
+    make_stream: Callable[[], TokenStream]  # runs on the model thread: validation errors surface there
+    emit: Callable[[Any], None]
+    stop: threading.Event = field(default_factory=threading.Event)
+    stream: TokenStream | None = None
+
+
+class BatchScheduler:
+    def __init__(self, worker: ModelWorker, model, tokenizer, max_batch: int, on_batch: Callable[[int], None]):
+        self.worker, self.model, self.tokenizer, self.max_batch = worker, model, tokenizer, max_batch
+        self.on_batch = on_batch  # told the batch size after every step (metrics)
+        self._waiting: deque[_Request] = deque()
+        self._lock = threading.Lock()
+        self._looping = False
+
+    async def stream(self, make_stream: Callable[[], TokenStream]) -> AsyncIterator[Any]:
+        """Tokens (GeneratedToken) as they come, then the GenerationResult. Leaving early cancels the request."""
+        self.worker.admit()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        request: _Request
+
+        def emit(item: Any) -> None:
+            if item is _END or isinstance(item, BaseException):
+                self.worker.finished()
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is gone: nobody is listening
+                request.stop.set()
+
+        request = _Request(make_stream, emit)
+        with self._lock:
+            self._waiting.append(request)
+            start = not self._looping
+            self._looping = True
+        if start:
+            self.worker.submit(self._loop)
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            request.stop.set()
+
+    def _next_waiting(self, batch: DecodeBatch) -> tuple[_Request, TokenStream] | None:
+        """The first waiting request, with its stream, if it can start now (None: it must wait, or none waits)."""
+        with self._lock:
+            if not self._waiting:
+                return None
+            request = self._waiting[0]
+        if request.stop.is_set():  # gone before it started
+            self._pop()
+            request.emit(_END)
+            return self._next_waiting(batch)
+        if request.stream is None:
+            try:
+                request.stream = request.make_stream()
+            except Exception as exc:  # a refused request (prompt too long, bad option): its error, nobody else's
+                self._pop()
+                request.emit(exc)
+                return self._next_waiting(batch)
+        return (request, request.stream) if batch.compatible(request.stream.settings) else None
+
+    def _pop(self) -> None:
+        with self._lock:
+            self._waiting.popleft()
+
+    def _loop(self) -> None:
+        batch = DecodeBatch(self.model, self.tokenizer, self.max_batch)
+        while True:
+            admitting = not self.worker.others_waiting()
+            while admitting and (ready := self._next_waiting(batch)) is not None:
+                request, stream = ready
+                self._pop()
+                try:
+                    if stream.settings.uncertainty_threshold is not None:  # recomputes steps: alone, its own loop
+                        self._run_alone(request, stream)
+                        continue
+                    row = BatchRow(stream.prompt_ids, stream.memory, stream.layers, stream.offset, stream.plan)
+                    batch.join(row, stream.settings, self._sink(request), request.stop.is_set)
+                except Exception as exc:
+                    request.emit(exc)
+            if len(batch):
+                self.on_batch(len(batch))
+                try:
+                    batch.step()
+                except Exception as exc:  # every running request gets the error; the loop goes on
+                    for row in batch.rows:
+                        row.sink(exc)
+                    batch = DecodeBatch(self.model, self.tokenizer, self.max_batch)
+                continue
+            self.on_batch(0)
+            with self._lock:
+                if not self._waiting or self.worker.others_waiting():
+                    self._looping = bool(self._waiting)
+                    if self._looping:  # memory operations first, then a new loop for the waiting requests
+                        self.worker.submit(self._loop)
+                    return
+
+    @staticmethod
+    def _sink(request: _Request) -> Callable[[Any], None]:
+        def sink(item: Any) -> None:
+            request.emit(item)  # an exception also ends the request
+            if isinstance(item, GenerationResult):
+                request.emit(_END)
+
+        return sink
+
+    def _run_alone(self, request: _Request, stream: TokenStream) -> None:
+        for token in stream:
+            request.emit(token)
+            if request.stop.is_set():
+                break
+        else:
+            request.emit(stream.result)
+        request.emit(_END)

@@ -1,0 +1,82 @@
+"""Continuous batching: rows that join a running batch at different steps, with their own memories and options,
+get the tokens and citations they get alone; finished and cancelled rows leave."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from extended_mind import ExtendedMind
+from extended_mind.batching import BatchRow
+from extended_mind.continuous import DecodeBatch, can_merge
+
+from .conftest import byte_tokenizer, tiny_model
+
+REQUESTS = [
+    ("The cat sat on the", "cats", dict(max_new_tokens=7)),
+    ("A much longer prompt about ships and the sea, to pad the others", None, dict(max_new_tokens=3)),
+    ("Rain fell for", "rain", dict(max_new_tokens=9, retrieval="tokens", topk=4)),
+    ("Rain", "rain", dict(max_new_tokens=5, temperature=0.8, seed=7, retrieval="tokens", topk=4)),
+]
+
+
+def _row(stream) -> BatchRow:
+    return BatchRow(stream.prompt_ids, stream.memory, stream.layers, stream.offset, stream.plan)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3"])
+def test_rows_joining_a_running_batch_answer_as_alone(family):
+    mind = ExtendedMind(tiny_model(family), byte_tokenizer(), f"tiny-{family}")
+    memories = {
+        "cats": mind.memorize(["The cat sat on the mat. It was a red mat.", "Cats sleep sixteen hours a day."]),
+        "rain": mind.memorize(["Rain fell for nine days in the valley of Oru."]),
+    }
+    alone = [mind.generate(p, memory=memories.get(m), chat=False, **o) for p, m, o in REQUESTS]
+    batch = DecodeBatch(mind.model, mind.tokenizer, max_batch=4)
+    got: dict[int, list] = {i: [] for i in range(len(REQUESTS))}
+    for i, (p, m, o) in enumerate(REQUESTS):
+        stream = mind.stream(p, memory=memories.get(m), chat=False, **o)
+        assert batch.compatible(stream.settings) == (i != 2)  # another top-k: waits for a batch of its own
+        if i == 2:
+            while len(batch):  # it waits for the batch to drain, then starts one
+                batch.step()
+        batch.join(_row(stream), stream.settings, got[i].append, lambda: False)
+        batch.step()  # one step before the next request arrives
+    while len(batch):
+        batch.step()
+    for i, expected in enumerate(alone):
+        tokens, result = got[i][:-1], got[i][-1]
+        assert [t.id for t in tokens] == [t.id for t in expected.tokens], REQUESTS[i]
+        assert result.text == expected.text and result.finish_reason == expected.finish_reason
+        assert [c.text for c in result.citations] == [c.text for c in expected.citations]
+        for a, b in zip(tokens, expected.tokens):
+            assert abs(a.logprob - b.logprob) < 1e-4
+
+
+def test_a_cancelled_row_leaves_and_the_others_go_on(tiny_mind):
+    batch = DecodeBatch(tiny_mind.model, tiny_mind.tokenizer)
+    gone = {"flag": False}
+    out: dict[str, list] = {"a": [], "b": []}
+    for name, cancelled in (("a", lambda: gone["flag"]), ("b", lambda: False)):
+        stream = tiny_mind.stream(f"prompt {name}", chat=False, max_new_tokens=6)
+        batch.join(_row(stream), stream.settings, out[name].append, cancelled)
+    batch.step()
+    gone["flag"] = True
+    batch.step()
+    assert len(batch) == 1 and batch.cache.layers[0].keys.shape[0] == 1
+    while len(batch):
+        batch.step()
+    assert len(out["a"]) == 2 and len(out["b"]) == 7  # a: one token and its result; b: six tokens and its result
+    expected = tiny_mind.generate("prompt b", chat=False, max_new_tokens=6)
+    assert [t.id for t in out["b"][:-1]] == [t.id for t in expected.tokens]
+
+
+def test_sliding_window_and_alibi_models_run_rows_one_at_a_time():
+    assert can_merge(tiny_model("llama"))
+    assert not can_merge(tiny_model("gemma3")) and not can_merge(tiny_model("mpt"))
+    mind = ExtendedMind(tiny_model("gemma3"), byte_tokenizer(), "tiny-gemma3")
+    batch = DecodeBatch(mind.model, mind.tokenizer)
+    stream = mind.stream("one", chat=False, max_new_tokens=2)
+    batch.join(_row(stream), stream.settings, lambda x: None, lambda: False)
+    assert not batch.compatible(mind.stream("two", chat=False, max_new_tokens=2).settings)
+    torch.manual_seed(0)
