@@ -17,14 +17,10 @@ TEXT = " ".join(f"Line {i}: the {w} of {c} weighs {i * 37 % 101} grams." for i, 
 )) + " The secret number is 4417."  # fmt: skip
 
 
-@pytest.fixture(params=["kernel", "int_mm"])
+@pytest.fixture(params=["int8-vnni", "int8-avx2", "int8"])
 def scan_path(request, monkeypatch):
-    """Run an approximate-search test with the compiled int8 kernel and with torch._int_mm."""
-    from extended_mind import native, scan_select
-
-    if request.param == "kernel" and native.scan_kernel() is None:
-        pytest.skip("the int8 scan kernel cannot be built or used on this machine")
-    monkeypatch.setattr(scan_select, "scan_path", lambda: "int8-vnni" if request.param == "kernel" else "int8")
+    """Run an approximate-search test with each compiled int8 kernel and with torch._int_mm."""
+    _use_scan(request.param, monkeypatch)
     return request.param
 
 
@@ -126,15 +122,16 @@ def test_indexes_are_saved_reused_and_rebuilt_after_edits(tiny_mind: ExtendedMin
     assert len(files) == 2 + 1 + 1  # two documents, rotary tables, one index (the stale one was deleted)
 
 
-SCAN_KINDS = ["int8", "int8-vnni", "bfloat16"]
+SCAN_KINDS = ["int8", "int8-vnni", "int8-avx2", "bfloat16"]
 
 
 def _use_scan(kind: str, monkeypatch) -> None:
     """Make KeyScan.build choose `kind` (int8-vnni: the compiled kernel, skipped where it cannot be built)."""
     from extended_mind import native, scan_select
 
-    if kind == "int8-vnni" and native.scan_kernel() is None:
-        pytest.skip("the int8 scan kernel cannot be built or used on this machine")
+    kernels = {"int8-vnni": native.scan_kernel, "int8-avx2": native.scan_kernel_avx2}
+    if kind in kernels and kernels[kind]() is None:
+        pytest.skip(f"the {kind} scan kernel cannot be built or used on this machine")
     monkeypatch.setattr(scan_select, "scan_path", lambda: kind)
 
 
@@ -203,18 +200,20 @@ def test_scan_shortlist_holds_the_exact_top_k(kind, monkeypatch):
         assert (exact.unsqueeze(-1) == shortlist.unsqueeze(-2)).any(-1).all()
 
 
-def test_int8_kernel_scores_equal_int_mm():
+@pytest.mark.parametrize("isa", ["vnni", "avx2"])
+def test_int8_kernel_scores_equal_int_mm(isa):
     from extended_mind import native
 
-    kernel = native.scan_kernel()
+    kernel = native.scan_kernel() if isa == "vnni" else native.scan_kernel_avx2()
     if kernel is None:
-        pytest.skip("the int8 scan kernel cannot be built or used on this machine")
+        pytest.skip(f"the int8 {isa} scan kernel cannot be built or used on this machine")
+    shift = 1 if isa == "avx2" else 0  # the AVX2 kernel scores 7-bit queries, q >> 1 (see the kernel source)
     torch.manual_seed(5)
     for n, rows in ((1, 1), (15, 3), (16, 4), (33, 5), (5000, 9)):
         codes = torch.randint(-127, 128, (3, n, 64), dtype=torch.int8)
         q = torch.randint(-127, 128, (3, rows, 64), dtype=torch.int8)
         packed, colsums = native.pack_keys(codes)
-        expected = torch.stack([q[h].int() @ codes[h].int().t() for h in range(3)])
+        expected = torch.stack([(q[h].int() >> shift) @ codes[h].int().t() for h in range(3)])
         assert torch.equal(kernel.scan_int8(q, packed, colsums)[..., :n], expected)
         best = kernel.scan_int8_topk(q, packed, colsums, n, min(n, 7))
         assert torch.equal(expected.gather(-1, best).sort(-1).values, expected.topk(min(n, 7)).values.sort(-1).values)

@@ -1,10 +1,10 @@
-"""The optional compiled int8 scan (kernels/scan_int8.cpp): AVX512-VNNI, built on first use.
+"""The optional compiled int8 scans (kernels/scan_int8.cpp): AVX512-VNNI and AVX2 builds, each on first use.
 
 `torch._int_mm` reads int8 keys at about half the memory bandwidth when a query batch has a few rows (decode), and
 exact search then has to rank the (rows x keys) scores it wrote. The kernel scans packed keys at close to the
 bandwidth and keeps each row's shortlist while it scans. It is compiled once per machine with the compiler torch
-uses (into the extended-mind cache) and is optional: without a compiler, ninja or VNNI, search uses `_int_mm`.
-Set EXTENDED_MIND_NATIVE=0 to turn it off.
+uses (into the extended-mind cache) and is optional: without a compiler, ninja or the instructions, search uses
+another scan. Which scan runs is measured per machine (scan_select.py). Set EXTENDED_MIND_NATIVE=0 to turn both off.
 """
 
 from __future__ import annotations
@@ -34,18 +34,19 @@ def _cpu_has_vnni() -> bool:
         return False
 
 
-@lru_cache(maxsize=1)
-def scan_kernel() -> ModuleType | None:
-    """The compiled kernel module, or None where it cannot be used here (reason logged)."""
-    if os.environ.get(NATIVE_ENV, "1") == "0":
-        return None
-    if not _cpu_has_vnni():
-        log.info("int8 scan kernel not used: this CPU has no AVX512-VNNI")
-        return None
+def _cpu_has_avx2() -> bool:
+    check = getattr(torch.cpu, "_is_avx2_supported", None)
+    try:
+        return bool(check and check())
+    except RuntimeError:
+        return False
+
+
+def _build(name: str, flags: list[str]) -> ModuleType | None:
+    """Compile the kernel source with `flags` into the extended-mind cache (once per machine and torch)."""
     from .loading import cache_dir
 
-    source = _SOURCE.read_text()
-    build = cache_dir() / "kernels" / f"torch-{torch.__version__}"
+    build = cache_dir() / "kernels" / f"torch-{torch.__version__}" / name
     try:
         from torch.utils.cpp_extension import load_inline
 
@@ -53,16 +54,38 @@ def scan_kernel() -> ModuleType | None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return load_inline(
-                "extended_mind_scan_int8",
-                cpp_sources=source,
+                name,
+                cpp_sources=_SOURCE.read_text(),
                 functions=["scan_int8", "scan_int8_topk", "scan_int8_topk_cells"],
-                extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni"],
+                extra_cflags=["-O3", *flags],
                 build_directory=str(build),
                 verbose=False,
             )
-    except Exception as exc:  # no compiler, no ninja, a failed build: the _int_mm path is as correct
-        log.warning("int8 scan kernel not built (%s): using torch._int_mm", str(exc).splitlines()[0][:200])
+    except Exception as exc:  # no compiler, no ninja, a failed build: the other scans are as correct
+        log.warning("int8 scan kernel %s not built (%s)", name, str(exc).splitlines()[0][:200])
         return None
+
+
+@lru_cache(maxsize=1)
+def scan_kernel() -> ModuleType | None:
+    """The compiled AVX512-VNNI kernel module, or None where it cannot be used here (reason logged)."""
+    if os.environ.get(NATIVE_ENV, "1") == "0":
+        return None
+    if not _cpu_has_vnni():
+        log.info("int8 VNNI scan kernel not used: this CPU has no AVX512-VNNI")
+        return None
+    return _build("extended_mind_scan_int8", ["-mavx512f", "-mavx512bw", "-mavx512vnni"])
+
+
+@lru_cache(maxsize=1)
+def scan_kernel_avx2() -> ModuleType | None:
+    """The same kernel for AVX2 (vpmaddubsw/vpmaddwd, 7-bit queries), or None where it cannot be used here."""
+    if os.environ.get(NATIVE_ENV, "1") == "0":
+        return None
+    if not _cpu_has_avx2():
+        log.info("int8 AVX2 scan kernel not used: this CPU has no AVX2")
+        return None
+    return _build("extended_mind_scan_int8_avx2", ["-mavx2", "-mfma", "-DEM_AVX2"])
 
 
 def pack_keys(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

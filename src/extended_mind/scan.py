@@ -26,7 +26,9 @@ from functools import lru_cache
 
 import torch
 
-from .native import pack_keys, scan_kernel
+from .native import pack_keys, scan_kernel, scan_kernel_avx2
+
+PACKED_KINDS = {"int8-vnni": scan_kernel, "int8-avx2": scan_kernel_avx2}  # compiled kernels over packed keys
 
 # The shortlist: SHORTLIST_FACTOR x k + SHORTLIST_EXTRA candidates per query, scored exactly afterwards.
 SHORTLIST_FACTOR = 2
@@ -94,6 +96,11 @@ class KeyScan:
     packed: torch.Tensor | None = None  # (H, B, D * 16) int8 in the kernel's layout (native.pack_keys)
     colsums: torch.Tensor | None = None  # (H, B * 16) int32
     num_keys: int = 0
+    packed_kind: str = "int8-vnni"  # which compiled kernel reads `packed` (PACKED_KINDS)
+
+    def kernel(self):
+        """The compiled kernel module that scans `packed`."""
+        return PACKED_KINDS[self.packed_kind]()
 
     @classmethod
     def build(cls, keys: torch.Tensor) -> KeyScan | None:
@@ -110,15 +117,16 @@ class KeyScan:
 
     @classmethod
     def of_kind(cls, keys: torch.Tensor, kind: str) -> KeyScan:
-        """The scan of keys (H, N, D) of one kind: "int8-vnni" (packed for the kernel), "int8" or "bfloat16"."""
+        """The scan of keys (H, N, D) of one kind: "int8-vnni" / "int8-avx2" (packed for a compiled kernel), "int8"
+        (torch._int_mm) or "bfloat16"."""
         n = keys.shape[1]
         if kind == "bfloat16":
             return cls(keys.to(torch.bfloat16).contiguous(), None, num_keys=n)
         codes, scales = quantize_int8(keys, dim=1)
-        if kind == "int8-vnni":
-            if keys.shape[-1] % 4 or scan_kernel() is None:
-                raise ValueError("the int8 VNNI scan needs the compiled kernel and a head size divisible by 4")
-            return cls(None, scales, *pack_keys(codes), num_keys=n)
+        if kind in PACKED_KINDS:
+            if keys.shape[-1] % 4 or PACKED_KINDS[kind]() is None:
+                raise ValueError(f"the {kind} scan needs its compiled kernel and a head size divisible by 4")
+            return cls(None, scales, *pack_keys(codes), num_keys=n, packed_kind=kind)
         if kind == "int8":
             return cls(codes.contiguous(), scales, num_keys=n)
         raise ValueError(f"unknown scan kind {kind!r}")
@@ -126,7 +134,7 @@ class KeyScan:
     @property
     def kind(self) -> str:
         if self.packed is not None:
-            return "int8-vnni"
+            return self.packed_kind
         return "int8" if self.scales is not None else str(self.codes.dtype).removeprefix("torch.")
 
     def query(self, q: torch.Tensor) -> torch.Tensor:
@@ -143,7 +151,7 @@ class KeyScan:
         (H, N) the scores are multiplied by them (float32)."""
         qp = self.query(q)
         if self.packed is not None:
-            kernel = scan_kernel()
+            kernel = self.kernel()
             n = self.num_keys
             scores = torch.stack([kernel.scan_int8(qp[i], self.packed, self.colsums)[..., :n] for i in range(len(q))])
         elif self.scales is None:
@@ -162,7 +170,7 @@ class KeyScan:
         in no particular order. The kernel keeps them while it scans; otherwise the scores are ranked."""
         if self.packed is None:
             return fast_topk(self.scores(q), size)
-        kernel, qp = scan_kernel(), self.query(q)
+        kernel, qp = self.kernel(), self.query(q)
         return torch.stack(
             [kernel.scan_int8_topk(qp[i], self.packed, self.colsums, self.num_keys, size) for i in range(len(q))]
         )

@@ -2,12 +2,12 @@
 
 The scans (scan.py) differ by machine by an order of magnitude: on an AVX2-only AMD EPYC, `torch._int_mm` took
 52.9 ms where the float32 matmul of the same keys took 3.3 ms, while on an AVX512-VNNI Xeon int8 is the fastest.
-So on first use each candidate (the VNNI kernel, `_int_mm`, bfloat16, and the plain float32 scan of the keys
-themselves) shortlists a decode step's queries over 16k random keys, and the fastest is used from then on; the
+So on first use each candidate (the VNNI and AVX2 kernels, `_int_mm`, bfloat16, and the plain float32 scan of the
+keys themselves) shortlists a decode step's queries over 16k random keys, and the fastest is used from then on; the
 plain float32 scan is always a candidate, so the choice is never slower than it as measured. The figures are cached
 per machine (CPU model and flags, torch version, thread count) next to the built kernel, logged at debug level, and
-shown by `benchmarks/speed.py`. EXTENDED_MIND_SCAN=int8-vnni|int8|bfloat16|float32 overrides the choice (a path
-this machine cannot run falls back to measuring, with a warning)."""
+shown by `benchmarks/speed.py`. EXTENDED_MIND_SCAN=int8-vnni|int8-avx2|int8|bfloat16|float32 overrides the choice
+(a path this machine cannot run falls back to measuring, with a warning)."""
 
 from __future__ import annotations
 
@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from .native import scan_kernel
+from .native import scan_kernel, scan_kernel_avx2
 from .scan import KeyScan, fast_topk, int8_matmul_available, shortlist_size
 
 log = logging.getLogger(__name__)
 SCAN_ENV = "EXTENDED_MIND_SCAN"
-SCAN_PATHS = ("int8-vnni", "int8", "bfloat16", "float32")
+SCAN_PATHS = ("int8-vnni", "int8-avx2", "int8", "bfloat16", "float32")
 PLAIN = "float32"  # no compact copy: the keys themselves are scanned
 # The measured shape: one decode step of SmolLM2 (3 KV heads x 3 query rows, head dim 64) over 16k keys, top-10.
 PROBE = {"heads": 3, "rows": 3, "keys": 16384, "dim": 64, "k": 10, "repeats": 15}
@@ -55,6 +55,8 @@ def available_paths() -> list[str]:
     paths = []
     if scan_kernel() is not None:
         paths.append("int8-vnni")
+    if scan_kernel_avx2() is not None:
+        paths.append("int8-avx2")
     if int8_matmul_available():
         paths.append("int8")
     return [*paths, "bfloat16", PLAIN]

@@ -1,10 +1,13 @@
-// int8 scan of memory keys with AVX512-VNNI, for decode-sized query batches.
+// int8 scan of memory keys for decode-sized query batches: AVX512-VNNI, or AVX2 when built with -DEM_AVX2.
 //
 // Keys are packed per head in blocks of 16 keys: block b holds, for each group of 4 dimensions g, the 4 int8 codes
-// of its 16 keys (64 bytes), so one vpdpbusd multiplies 4 dimensions of one query row with 16 keys at once. vpdpbusd
-// takes unsigned x signed bytes: the query is shifted to unsigned (q + 128) and 128 * (sum of the key's codes) is
-// subtracted afterwards. `scan_int8_topk` keeps only the best `size` keys per query row while it scans, so neither
-// the (rows x keys) score matrix nor a top-k pass over it is ever materialized.
+// of its 16 keys (64 bytes). With VNNI one vpdpbusd multiplies 4 dimensions of one query row with 16 keys at once.
+// vpdpbusd takes unsigned x signed bytes: the query is shifted to unsigned (q + 128) and 128 * (sum of the key's
+// codes) is subtracted afterwards. With AVX2, vpmaddubsw + vpmaddwd do the same for 8 keys per 256-bit half; their
+// int16 pair sums would saturate with 8-bit unsigned queries (2 x 255 x 127 > 32767), so the query is first halved
+// to 7 bits (q >> 1, shifted by 64): the scores rank keys for that query, a shortlist that exact scoring then
+// checks. `scan_int8_topk` keeps only the best `size` keys per query row while it scans, so neither the
+// (rows x keys) score matrix nor a top-k pass over it is ever materialized.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -17,14 +20,26 @@
 
 namespace {
 
-// Per query row: the query's 4-byte groups as unsigned bytes, broadcast by vpdpbusd.
+#ifdef EM_AVX2
+struct Acc {  // scores of the 16 keys of a block: keys 0-7 and 8-15
+  __m256i lo, hi;
+};
+constexpr int kQueryShift = 1;  // 7-bit queries (see the top of the file)
+#else
+using Acc = __m512i;
+constexpr int kQueryShift = 0;
+#endif
+constexpr int kQueryOffset = 128 >> kQueryShift;
+
+// Per query row: the query's 4-byte groups as unsigned bytes ((q >> shift) + offset), broadcast per group.
 std::vector<uint32_t> unsigned_groups(const int8_t* q, int64_t rows, int64_t dim) {
   const int64_t groups = dim / 4;
   std::vector<uint32_t> out(rows * groups);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t g = 0; g < groups; ++g) {
       uint8_t b[4];
-      for (int t = 0; t < 4; ++t) b[t] = static_cast<uint8_t>(static_cast<int>(q[r * dim + 4 * g + t]) + 128);
+      for (int t = 0; t < 4; ++t)
+        b[t] = static_cast<uint8_t>((static_cast<int>(q[r * dim + 4 * g + t]) >> kQueryShift) + kQueryOffset);
       std::memcpy(&out[r * groups + g], b, 4);
     }
   return out;
@@ -32,8 +47,27 @@ std::vector<uint32_t> unsigned_groups(const int8_t* q, int64_t rows, int64_t dim
 
 // Scores of NR query rows against key block `block`: acc[r] holds the 16 keys' q . k.
 template <int NR>
-inline void block_scores(const uint32_t* qu, int64_t groups, const int8_t* block, const int32_t* colsum,
-                         __m512i* acc) {
+inline void block_scores(const uint32_t* qu, int64_t groups, const int8_t* block, const int32_t* colsum, Acc* acc) {
+#ifdef EM_AVX2
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int r = 0; r < NR; ++r) acc[r].lo = acc[r].hi = _mm256_setzero_si256();
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256i klo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + g * 64));
+    const __m256i khi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + g * 64 + 32));
+    for (int r = 0; r < NR; ++r) {
+      const __m256i q = _mm256_set1_epi32(static_cast<int>(qu[r * groups + g]));
+      acc[r].lo = _mm256_add_epi32(acc[r].lo, _mm256_madd_epi16(_mm256_maddubs_epi16(q, klo), ones));
+      acc[r].hi = _mm256_add_epi32(acc[r].hi, _mm256_madd_epi16(_mm256_maddubs_epi16(q, khi), ones));
+    }
+  }
+  const int shift = 7 - kQueryShift;
+  const __m256i slo = _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(colsum)), shift);
+  const __m256i shi = _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(colsum + 8)), shift);
+  for (int r = 0; r < NR; ++r) {
+    acc[r].lo = _mm256_sub_epi32(acc[r].lo, slo);
+    acc[r].hi = _mm256_sub_epi32(acc[r].hi, shi);
+  }
+#else
   for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_si512();
   for (int64_t g = 0; g < groups; ++g) {
     const __m512i k = _mm512_loadu_si512(static_cast<const void*>(block + g * 64));
@@ -41,15 +75,37 @@ inline void block_scores(const uint32_t* qu, int64_t groups, const int8_t* block
   }
   const __m512i shift = _mm512_slli_epi32(_mm512_loadu_si512(static_cast<const void*>(colsum)), 7);
   for (int r = 0; r < NR; ++r) acc[r] = _mm512_sub_epi32(acc[r], shift);
+#endif
+}
+
+inline void store16(int32_t* out, const Acc& a) {
+#ifdef EM_AVX2
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), a.lo);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8), a.hi);
+#else
+  _mm512_storeu_si512(static_cast<void*>(out), a);
+#endif
+}
+
+// Bit i set: key i of the block scores above `floor`.
+inline uint32_t above_mask(const Acc& a, int32_t floor) {
+#ifdef EM_AVX2
+  const __m256i f = _mm256_set1_epi32(floor);
+  const uint32_t lo = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(a.lo, f)));
+  const uint32_t hi = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(a.hi, f)));
+  return lo | (hi << 8);
+#else
+  return _mm512_cmpgt_epi32_mask(a, _mm512_set1_epi32(floor));
+#endif
 }
 
 template <int NR>
 void scores_rows(const uint32_t* qu, int64_t groups, const int8_t* packed, const int32_t* colsum, int64_t blocks,
                  int32_t* out, int64_t ld) {
-  __m512i acc[NR];
+  Acc acc[NR];
   for (int64_t b = 0; b < blocks; ++b) {
     block_scores<NR>(qu, groups, packed + b * groups * 64, colsum + b * 16, acc);
-    for (int r = 0; r < NR; ++r) _mm512_storeu_si512(static_cast<void*>(out + r * ld + b * 16), acc[r]);
+    for (int r = 0; r < NR; ++r) store16(out + r * ld + b * 16, acc[r]);
   }
 }
 
@@ -71,11 +127,11 @@ struct RowBest {
 // Rare path, kept out of the scan loop (a call there would force the accumulators through memory): add the keys
 // of block `b` that beat their row's floor.
 template <int NR>
-__attribute__((noinline)) void add_above(const int32_t (*lane)[16], const __mmask16* above, int64_t b, int64_t valid,
+__attribute__((noinline)) void add_above(const int32_t (*lane)[16], const uint32_t* above, int64_t b, int64_t valid,
                                          int64_t size, RowBest* best) {
   const int64_t capacity = 4 * size + 16;
   for (int r = 0; r < NR; ++r) {
-    for (__mmask16 m = above[r]; m; m &= m - 1) {
+    for (uint32_t m = above[r]; m; m &= m - 1) {
       const int bit = __builtin_ctz(m);
       const int64_t key = b * 16 + bit;
       if (key < valid) best[r].items.emplace_back(lane[r][bit], key);
@@ -87,18 +143,18 @@ __attribute__((noinline)) void add_above(const int32_t (*lane)[16], const __mmas
 template <int NR>
 void topk_rows(const uint32_t* qu, int64_t groups, const int8_t* packed, const int32_t* colsum, int64_t first,
                int64_t last, int64_t valid, int64_t size, RowBest* best) {
-  __m512i acc[NR];
+  Acc acc[NR];
   alignas(64) int32_t lane[NR][16];
-  __mmask16 above[NR];
+  uint32_t above[NR];
   for (int64_t b = first; b < last; ++b) {
     block_scores<NR>(qu, groups, packed + b * groups * 64, colsum + b * 16, acc);
-    __mmask16 any = 0;
+    uint32_t any = 0;
     for (int r = 0; r < NR; ++r) {
-      above[r] = _mm512_cmpgt_epi32_mask(acc[r], _mm512_set1_epi32(best[r].floor));
+      above[r] = above_mask(acc[r], best[r].floor);
       any |= above[r];
     }
     if (__builtin_expect(any != 0, 0)) {
-      for (int r = 0; r < NR; ++r) _mm512_store_si512(static_cast<void*>(lane[r]), acc[r]);
+      for (int r = 0; r < NR; ++r) store16(lane[r], acc[r]);
       add_above<NR>(lane, above, b, valid, size, best);
     }
   }
