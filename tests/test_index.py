@@ -207,13 +207,15 @@ def test_int8_kernel_scores_equal_int_mm(isa):
     kernel = native.scan_kernel() if isa == "vnni" else native.scan_kernel_avx2()
     if kernel is None:
         pytest.skip(f"the int8 {isa} scan kernel cannot be built or used on this machine")
-    shift = 1 if isa == "avx2" else 0  # the AVX2 kernel scores 7-bit queries, q >> 1 (see the kernel source)
     torch.manual_seed(5)
     for n, rows in ((1, 1), (15, 3), (16, 4), (33, 5), (5000, 9)):
         codes = torch.randint(-127, 128, (3, n, 64), dtype=torch.int8)
+        codes[0, :, :8] = 127  # extreme codes and queries: an int16 saturation inside a kernel would show
+        q_extreme = torch.full((rows, 64), -127, dtype=torch.int8)
         q = torch.randint(-127, 128, (3, rows, 64), dtype=torch.int8)
+        q[0] = q_extreme
         packed, colsums = native.pack_keys(codes)
-        expected = torch.stack([(q[h].int() >> shift) @ codes[h].int().t() for h in range(3)])
+        expected = torch.stack([q[h].int() @ codes[h].int().t() for h in range(3)])
         assert torch.equal(kernel.scan_int8(q, packed, colsums)[..., :n], expected)
         best = kernel.scan_int8_topk(q, packed, colsums, n, min(n, 7))
         assert torch.equal(expected.gather(-1, best).sort(-1).values, expected.topk(min(n, 7)).values.sort(-1).values)

@@ -4,9 +4,10 @@
 // of its 16 keys (64 bytes). With VNNI one vpdpbusd multiplies 4 dimensions of one query row with 16 keys at once.
 // vpdpbusd takes unsigned x signed bytes: the query is shifted to unsigned (q + 128) and 128 * (sum of the key's
 // codes) is subtracted afterwards. With AVX2, vpmaddubsw + vpmaddwd do the same for 8 keys per 256-bit half; their
-// int16 pair sums would saturate with 8-bit unsigned queries (2 x 255 x 127 > 32767), so the query is first halved
-// to 7 bits (q >> 1, shifted by 64): the scores rank keys for that query, a shortlist that exact scoring then
-// checks. `scan_int8_topk` keeps only the best `size` keys per query row while it scans, so neither the
+// int16 pair sums would saturate with 8-bit unsigned queries (2 x 255 x 127 > 32767), so the query is split as
+// q = 2 h + l with h = q >> 1 (7 bits, shifted by 64 to unsigned) and l = q & 1: h's products fit, l's (0 or 1 times
+// a code) are summed in int16 over all groups, and the score 2 (h . k) + l . k is exact, as with VNNI (a 7-bit
+// query alone lost too much: queries have outlier dimensions). `scan_int8_topk` keeps only the best `size` keys per query row while it scans, so neither the
 // (rows x keys) score matrix nor a top-k pass over it is ever materialized.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -24,23 +25,29 @@ namespace {
 struct Acc {  // scores of the 16 keys of a block: keys 0-7 and 8-15
   __m256i lo, hi;
 };
-constexpr int kQueryShift = 1;  // 7-bit queries (see the top of the file)
+constexpr int kWords = 2;  // per query group: the bytes of h + 64, then those of l (see the top of the file)
 #else
 using Acc = __m512i;
-constexpr int kQueryShift = 0;
+constexpr int kWords = 1;  // per query group: the bytes of q + 128
 #endif
-constexpr int kQueryOffset = 128 >> kQueryShift;
 
-// Per query row: the query's 4-byte groups as unsigned bytes ((q >> shift) + offset), broadcast per group.
+// Per query row and group of 4 dimensions: the query's bytes as vpdpbusd / vpmaddubsw broadcast them.
 std::vector<uint32_t> unsigned_groups(const int8_t* q, int64_t rows, int64_t dim) {
   const int64_t groups = dim / 4;
-  std::vector<uint32_t> out(rows * groups);
+  std::vector<uint32_t> out(rows * groups * kWords);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t g = 0; g < groups; ++g) {
-      uint8_t b[4];
-      for (int t = 0; t < 4; ++t)
-        b[t] = static_cast<uint8_t>((static_cast<int>(q[r * dim + 4 * g + t]) >> kQueryShift) + kQueryOffset);
-      std::memcpy(&out[r * groups + g], b, 4);
+      uint8_t b[kWords][4];
+      for (int t = 0; t < 4; ++t) {
+        const int v = q[r * dim + 4 * g + t];
+#ifdef EM_AVX2
+        b[0][t] = static_cast<uint8_t>((v >> 1) + 64);  // arithmetic shift: v = 2 (v >> 1) + (v & 1)
+        b[1][t] = static_cast<uint8_t>(v & 1);
+#else
+        b[0][t] = static_cast<uint8_t>(v + 128);
+#endif
+      }
+      std::memcpy(&out[(r * groups + g) * kWords], b, 4 * kWords);
     }
   return out;
 }
@@ -50,22 +57,27 @@ template <int NR>
 inline void block_scores(const uint32_t* qu, int64_t groups, const int8_t* block, const int32_t* colsum, Acc* acc) {
 #ifdef EM_AVX2
   const __m256i ones = _mm256_set1_epi16(1);
-  for (int r = 0; r < NR; ++r) acc[r].lo = acc[r].hi = _mm256_setzero_si256();
+  __m256i low_lo[NR], low_hi[NR];  // l . k per key pair in int16: at most 2 x 127 per group, 128 groups fit
+  for (int r = 0; r < NR; ++r) acc[r].lo = acc[r].hi = low_lo[r] = low_hi[r] = _mm256_setzero_si256();
   for (int64_t g = 0; g < groups; ++g) {
     const __m256i klo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + g * 64));
     const __m256i khi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + g * 64 + 32));
     for (int r = 0; r < NR; ++r) {
-      const __m256i q = _mm256_set1_epi32(static_cast<int>(qu[r * groups + g]));
-      acc[r].lo = _mm256_add_epi32(acc[r].lo, _mm256_madd_epi16(_mm256_maddubs_epi16(q, klo), ones));
-      acc[r].hi = _mm256_add_epi32(acc[r].hi, _mm256_madd_epi16(_mm256_maddubs_epi16(q, khi), ones));
+      const uint32_t* w = qu + (r * groups + g) * 2;
+      const __m256i h = _mm256_set1_epi32(static_cast<int>(w[0]));
+      const __m256i l = _mm256_set1_epi32(static_cast<int>(w[1]));
+      acc[r].lo = _mm256_add_epi32(acc[r].lo, _mm256_madd_epi16(_mm256_maddubs_epi16(h, klo), ones));
+      acc[r].hi = _mm256_add_epi32(acc[r].hi, _mm256_madd_epi16(_mm256_maddubs_epi16(h, khi), ones));
+      low_lo[r] = _mm256_add_epi16(low_lo[r], _mm256_maddubs_epi16(l, klo));
+      low_hi[r] = _mm256_add_epi16(low_hi[r], _mm256_maddubs_epi16(l, khi));
     }
   }
-  const int shift = 7 - kQueryShift;
-  const __m256i slo = _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(colsum)), shift);
-  const __m256i shi = _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(colsum + 8)), shift);
+  // q . k = 2 (h . k) + l . k, with h . k = (h + 64) . k - 64 colsum: 2 acc - 128 colsum + l . k
+  const __m256i slo = _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(colsum)), 7);
+  const __m256i shi = _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(colsum + 8)), 7);
   for (int r = 0; r < NR; ++r) {
-    acc[r].lo = _mm256_sub_epi32(acc[r].lo, slo);
-    acc[r].hi = _mm256_sub_epi32(acc[r].hi, shi);
+    acc[r].lo = _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(acc[r].lo, 1), slo), _mm256_madd_epi16(low_lo[r], ones));
+    acc[r].hi = _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(acc[r].hi, 1), shi), _mm256_madd_epi16(low_hi[r], ones));
   }
 #else
   for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_si512();
@@ -177,6 +189,9 @@ void check(const torch::Tensor& q, const torch::Tensor& packed, const torch::Ten
               "scan_int8: int8 queries and keys, int32 column sums");
   TORCH_CHECK(q.dim() == 3 && packed.dim() == 3 && colsum.dim() == 2, "scan_int8: (H, R, D), (H, B, D*16), (H, B*16)");
   TORCH_CHECK(q.size(2) % 4 == 0 && packed.size(2) == q.size(2) * 16, "scan_int8: dimension must be a multiple of 4");
+#ifdef EM_AVX2
+  TORCH_CHECK(q.size(2) <= 512, "scan_int8 (AVX2): head size at most 512 (int16 sums of the low query bits)");
+#endif
   TORCH_CHECK(packed.size(0) == q.size(0) && colsum.size(0) == q.size(0) && colsum.size(1) == packed.size(1) * 16,
               "scan_int8: shapes do not match");
   TORCH_CHECK(packed.is_contiguous() && colsum.is_contiguous(), "scan_int8: packed keys must be contiguous");
@@ -197,7 +212,7 @@ torch::Tensor scan_int8(torch::Tensor q, torch::Tensor packed, torch::Tensor col
       const int32_t* cs = colsum.data_ptr<int32_t>() + h * blocks * 16;
       int32_t* o = out.data_ptr<int32_t>() + h * rows * blocks * 16;
       for_row_tiles(rows, [&](auto nr, int64_t r0) {
-        scores_rows<decltype(nr)::value>(qu.data() + r0 * groups, groups, p, cs, blocks, o + r0 * blocks * 16,
+        scores_rows<decltype(nr)::value>(qu.data() + r0 * groups * kWords, groups, p, cs, blocks, o + r0 * blocks * 16,
                                          blocks * 16);
       });
     }
@@ -225,7 +240,7 @@ torch::Tensor topk_in_ranges(torch::Tensor q, const torch::Tensor& packed, const
         RowBest best[NR];
         for (int r = 0; r < NR; ++r) best[r].items.reserve(4 * size + 32);
         for (const auto& range : ranges[h])
-          topk_rows<NR>(qu.data() + r0 * groups, groups, p, cs, range.first, range.second, valid, size, best);
+          topk_rows<NR>(qu.data() + r0 * groups * kWords, groups, p, cs, range.first, range.second, valid, size, best);
         for (int r = 0; r < NR; ++r) {
           best[r].cut(size);
           for (size_t i = 0; i < best[r].items.size(); ++i) o[(r0 + r) * size + i] = best[r].items[i].second;
