@@ -1,5 +1,6 @@
-"""What `bench TASK` runs when not told otherwise: the full run (`bench all`, about an hour here; larger runs with
---n and --lengths resume where they stop) and `--quick` (all five tasks in under 20 minutes on this 2-core CPU).
+"""What `bench TASK` runs when not told otherwise: the full run (`bench all`, about two hours here, 70 minutes of it
+`icl`; larger runs with --n and --lengths resume where they stop) and `--quick` (every task in about 20 minutes on
+this 2-core CPU).
 Sized from costs measured on SmolLM2 with 2 threads: memorizing ~290 tokens/s; an 8k-token prompt ~30 s of prefill;
 a prompt of 2,500 tokens reading a 16k-token memory ~75 s (every prompt token searches the memory); YaRN at 16k
 several minutes per answer, so it is not in the presets (`--methods yarn` runs it). The full run puts block memory
