@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--max-batch", type=int, default=8, help="rows decoded together (the server's --max-batch)")
+    ap.add_argument("--max-batch", type=int, default=16, help="rows decoded together (the server's --max-batch)")
     ap.add_argument("--out", type=Path, default=Path("runs/server"))
     ap.add_argument("--screenshot", type=Path, default=None)
     args = ap.parse_args()

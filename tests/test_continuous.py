@@ -80,3 +80,18 @@ def test_sliding_window_and_alibi_models_run_rows_one_at_a_time():
     batch.join(_row(stream), stream.settings, lambda x: None, lambda: False)
     assert not batch.compatible(mind.stream("two", chat=False, max_new_tokens=2).settings)
     torch.manual_seed(0)
+
+
+def test_rows_prefilled_together_answer_as_alone(tiny_mind):
+    memory = tiny_mind.memorize(["The ship sailed at dawn. Its captain was Ada.", "Rain fell for nine days."])
+    asks = [("Who was the captain", memory, 6), ("Rain", None, 4), ("A longer question about the ship", memory, 5)]
+    alone = [tiny_mind.generate(p, memory=m, chat=False, max_new_tokens=n) for p, m, n in asks]
+    batch = DecodeBatch(tiny_mind.model, tiny_mind.tokenizer)
+    out: list[list] = [[] for _ in asks]
+    streams = [tiny_mind.stream(p, memory=m, chat=False, max_new_tokens=n) for p, m, n in asks]
+    batch.join_many([(_row(t), t.settings, out[i].append, lambda: False) for i, t in enumerate(streams)])
+    while len(batch):
+        batch.step()
+    for got, expected in zip(out, alone):
+        assert [t.id for t in got[:-1]] == [t.id for t in expected.tokens]
+        assert [c.text for c in got[-1].citations] == [c.text for c in expected.citations]

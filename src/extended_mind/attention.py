@@ -277,19 +277,35 @@ def memory_attention(
         s_new = query.shape[2]
         session.capture(layer, key[:, :, -s_new:], value[:, :, -s_new:], pe[0], pe[1])
     if session is not None and session.rows is not None:  # a batch whose prompts each have their own memory
-        outs = []
+        plain = [r for r, row_layers in enumerate(session.rows) if _reads_nothing(row_layers.get(layer), session)]
+        if len(plain) == len(session.rows):
+            return _call_base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        outs: list[torch.Tensor | None] = [None] * len(session.rows)
+        if len(plain) > 1 and "alibi" not in kwargs:  # rows reading no memory here: one call for all of them
+            rows = torch.tensor(plain, device=query.device)
+            mask = attention_mask.index_select(0, rows) if attention_mask is not None else None
+            q, k, v = (t.index_select(0, rows) for t in (query, key, value))
+            out, _ = _call_base(module, q, k, v, mask, scaling=scaling, dropout=dropout, **kwargs)
+            for i, r in enumerate(plain):
+                outs[r] = out[i : i + 1]
         for r, row_layers in enumerate(session.rows):
+            if outs[r] is not None:
+                continue
             mask = attention_mask[r : r + 1] if attention_mask is not None else None
             pos = session.row_positions[r : r + 1] if session.row_positions is not None else None
-            out, _ = _attend(module, query[r : r + 1], key[r : r + 1], value[r : r + 1], mask, row_layers.get(layer),
-                             session, session.row_citations[r], scaling, dropout, pos,
-                             **_row_kwargs(kwargs, r))  # fmt: skip
-            outs.append(out)
+            outs[r], _ = _attend(module, query[r : r + 1], key[r : r + 1], value[r : r + 1], mask,
+                                 row_layers.get(layer), session, session.row_citations[r], scaling, dropout, pos,
+                                 **_row_kwargs(kwargs, r))  # fmt: skip
         return torch.cat(outs, dim=0), None
     mem = session.layers.get(layer) if session is not None else None
     records = session.citation_records if session is not None else None
     pos = session.row_positions if session is not None else None
     return _attend(module, query, key, value, attention_mask, mem, session, records, scaling, dropout, pos, **kwargs)
+
+
+def _reads_nothing(mem: LayerMemory | None, session: Session) -> bool:
+    """Whether a layer with memory `mem` attends as the plain model (the test `_attend` starts with)."""
+    return mem is None or session.settings is None or session.settings.topk <= 0 or mem.keys.shape[1] == 0
 
 
 def _row_kwargs(kwargs: dict, r: int) -> dict:
@@ -333,7 +349,7 @@ def _attend(
 ) -> tuple[torch.Tensor, None]:
     """Attention over the local context and, when `mem` is given, its top-k memories (or its slots); citation
     records of the last query position go to `records`. `positions` (B, Sq): the query rows' positions."""
-    if mem is None or session.settings is None or session.settings.topk <= 0 or mem.keys.shape[1] == 0:
+    if _reads_nothing(mem, session):
         return _call_base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
     b, hq, sq, d = query.shape

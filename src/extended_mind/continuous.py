@@ -104,24 +104,42 @@ class DecodeBatch:
         return self.merge and len(self.rows) < self.max_batch and retrieval_key(s) == self.key
 
     def join(self, row: BatchRow, s: DecodeSettings, sink: Sink, cancelled: Callable[[], bool]) -> None:
-        """Prefill `row`'s prompt alone and add it to the batch (the caller checked `compatible`)."""
-        layers = row.layers
-        if row.plan is not None:
-            mass = select_blocks(self.model, [row.prompt_ids], [row.positions()], [row.plan])[0]
-            layers = row.plan.slots(row.plan.choose(mass))
-        generator = torch.Generator().manual_seed(s.seed) if s.seed is not None else None
-        positions = row.positions()
-        live = _Row(row, s, layers, sink, cancelled, generator, positions[-1] + 1)
+        """Prefill `row`'s prompt and add it to the batch (the caller checked `compatible`)."""
+        self.join_many([(row, s, sink, cancelled)])
+
+    def join_many(self, joining: list[tuple[BatchRow, DecodeSettings, Sink, Callable[[], bool]]]) -> None:
+        """Prefill several rows' prompts in one left-padded forward pass and add them to the batch (the caller
+        checked that each is `compatible` and that they share `retrieval_key`)."""
+        rows = [j[0] for j in joining]
+        layers = [r.layers for r in rows]
+        plans = [r.plan for r in rows]
+        if any(p is not None for p in plans):  # each row's blocks, chosen by one pass over the prompts
+            masses = select_blocks(self.model, [r.prompt_ids for r in rows], [r.positions() for r in rows], plans)
+            layers = [p.slots(p.choose(m)) if p is not None else lay for p, m, lay in zip(plans, masses, layers)]
+        width = max(len(r.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        live = []
+        for i, ((row, s, sink, cancelled), lay) in enumerate(zip(joining, layers)):
+            m, pos = len(row.prompt_ids), row.positions()
+            ids[i, width - m :], mask[i, width - m :] = torch.tensor(row.prompt_ids), 1
+            positions[i, width - m :] = torch.tensor(pos)
+            generator = torch.Generator().manual_seed(s.seed) if s.seed is not None else None
+            live.append(_Row(row, s, lay, sink, cancelled, generator, pos[-1] + 1))
         cache = DynamicCache(config=self.model.config)
-        ids = torch.tensor([row.prompt_ids])
-        mask = torch.ones_like(ids)
-        logits, cites = self._forward([live], ids, torch.tensor([positions]), mask, cache)
-        live.logits, (live.idx, live.w) = logits[0], cites[0]
+        logits, cites = self._forward(live, ids, positions, mask, cache)
+        for i, r in enumerate(live):
+            r.logits, (r.idx, r.w) = logits[i], cites[i]
         if not self.rows:
-            self.cache, self.mask, self.key = cache, mask, retrieval_key(s)
+            self.cache, self.mask, self.key = cache, mask, retrieval_key(joining[0][1])
         else:
             self.cache, self.mask = _merge(self.cache, self.mask, cache, mask, self.model.config)
-        self.rows.append(live)
+        self.rows.extend(live)
+
+    def room(self) -> int:
+        """How many more rows may join now."""
+        return self.max_batch - len(self.rows) if self.merge or not self.rows else 0
 
     def step(self) -> None:
         """Give every row its next token (rows that finish leave), then run one forward pass for the rest."""

@@ -17,7 +17,7 @@ class ServerConfig:
     max_tokens: int = 1024  # generated tokens per request
     default_max_tokens: int = 256
     max_queue: int = 128  # requests waiting for the model; more get 429
-    max_batch: int = 8  # generations decoded together (continuous batching)
+    max_batch: int = 16  # generations decoded together (continuous batching)
     max_memories_per_request: int = 8
 
 

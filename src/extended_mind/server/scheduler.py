@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..batching import BatchRow
-from ..continuous import DecodeBatch
+from ..continuous import DecodeBatch, retrieval_key
 from ..generation import GenerationResult, TokenStream
 from .worker import ModelWorker
 
@@ -98,18 +98,8 @@ class BatchScheduler:
     def _loop(self) -> None:
         batch = DecodeBatch(self.model, self.tokenizer, self.max_batch)
         while True:
-            admitting = not self.worker.others_waiting()
-            while admitting and (ready := self._next_waiting(batch)) is not None:
-                request, stream = ready
-                self._pop()
-                try:
-                    if stream.settings.uncertainty_threshold is not None:  # recomputes steps: alone, its own loop
-                        self._run_alone(request, stream)
-                        continue
-                    row = BatchRow(stream.prompt_ids, stream.memory, stream.layers, stream.offset, stream.plan)
-                    batch.join(row, stream.settings, self._sink(request), request.stop.is_set)
-                except Exception as exc:
-                    request.emit(exc)
+            if not self.worker.others_waiting():
+                self._admit(batch)
             if len(batch):
                 self.on_batch(len(batch))
                 try:
@@ -126,6 +116,33 @@ class BatchScheduler:
                     if self._looping:  # memory operations first, then a new loop for the waiting requests
                         self.worker.submit(self._loop)
                     return
+
+    def _admit(self, batch: DecodeBatch) -> None:
+        """Move the waiting requests that can start now into the batch, prefilled together (in arrival order: the
+        first that cannot join stops the admission)."""
+        joining: list[tuple[BatchRow, Any, Callable, Callable]] = []
+        key = batch.key
+        while len(joining) < batch.room() and (ready := self._next_waiting(batch)) is not None:
+            request, stream = ready
+            s = stream.settings
+            if s.uncertainty_threshold is not None:  # recomputes steps: alone, its own loop
+                if joining or len(batch):
+                    break
+                self._pop()
+                self._run_alone(request, stream)
+                continue
+            if joining and retrieval_key(s) != key:
+                break
+            self._pop()
+            key = retrieval_key(s)
+            row = BatchRow(stream.prompt_ids, stream.memory, stream.layers, stream.offset, stream.plan)
+            joining.append((row, s, self._sink(request), request.stop.is_set))
+        if joining:
+            try:
+                batch.join_many(joining)
+            except Exception as exc:
+                for _, _, sink, _ in joining:
+                    sink(exc)
 
     @staticmethod
     def _sink(request: _Request) -> Callable[[Any], None]:
