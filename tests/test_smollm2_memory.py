@@ -34,7 +34,7 @@ def test_smollm2_remove_and_replace_change_answers_and_citations(smol, article, 
     assert "80,000" in before.text and before.citations[0].doc == "aardwolf"
 
     # replace: the answer follows the new version and cites its edited sentence
-    memory.replace("aardwolf", article.replace("80,000", "30,000"))
+    smol.replace(memory, "aardwolf", article.replace("80,000", "30,000"))
     replaced = termites(smol, memory)
     assert "30,000" in replaced.text and "80,000" not in replaced.text, replaced.text
     assert replaced.citations[0].doc == "aardwolf" and "30,000" in replaced.citations[0].text
