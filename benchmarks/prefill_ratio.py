@@ -1,0 +1,48 @@
+"""Prefill and decode with memory against the no-memory model, for block memory (the default) and token retrieval.
+
+    python benchmarks/prefill_ratio.py --threads 1 --tokens 65536
+
+Memorizes `--tokens` of Python's documentation (as benchmarks/speed.py does), then times a 500-token prompt's
+prefill (median of 3) and decode (median ms per token over 2 runs of 8 tokens) with no memory, with block memory
+and with exact token retrieval, and prints the ratios with the CPU model, its flags and the exact-scan path chosen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from speed import decode_ms, prefill_ms, real_documents
+
+from extended_mind import ExtendedMind
+from extended_mind.scan_select import scan_report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tokens", type=int, default=65536)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    mind = ExtendedMind.from_pretrained()
+    start = time.perf_counter()
+    memory = mind.memorize(real_documents(mind.tokenizer, args.tokens), storage="bfloat16", progress=False)
+    scan = scan_report()
+    print(f"CPU {scan['machine']['model']} ({', '.join(scan['machine']['flags'])}), {args.threads} thread(s), exact "
+          f"scan {scan['choice']}; memory {memory.num_tokens} tokens, memorized in "
+          f"{time.perf_counter() - start:.0f} s")  # fmt: skip
+    base_prefill = prefill_ms(mind, None, 3)
+    base_decode, _ = decode_ms(mind, None, 8, 2)
+    print(f"| method | prefill 500 tokens ms (x) | decode ms/token (x) |\n| --- | --- | --- |\n"
+          f"| no memory | {base_prefill:.0f} | {base_decode:.0f} |")  # fmt: skip
+    for label, options in (("block memory (default)", {}), ("token retrieval, exact", {"retrieval": "tokens",
+                                                                                        "search": "exact"})):
+        mind.stream("x", memory=memory, max_new_tokens=1, **options)  # prepares the memory once
+        prefill = prefill_ms(mind, memory, 3, **options)
+        decode, _ = decode_ms(mind, memory, 8, 2, **options)
+        print(f"| {label} | {prefill:.0f} ({prefill / base_prefill:.2f}) | {decode:.0f} ({decode / base_decode:.2f}) |")
+
+
+if __name__ == "__main__":
+    main()
