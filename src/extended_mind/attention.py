@@ -88,13 +88,19 @@ class BlockSelection:
         heads, mem = self.heads.get(layer), self.layers.get(layer)
         if heads is None or mem is None or mem.keys.shape[1] == 0:
             return
+        counted_rows = (self.row_group >= 0).nonzero().view(-1)
+        if len(counted_rows) == 0:
+            return
+        if len(counted_rows) < q_pre.shape[2]:  # only rows that count are scored (not the prompt's head)
+            q_pre = q_pre.index_select(2, counted_rows.to(q_pre.device))
+        row_group = self.row_group[counted_rows]
         _, hq, sq, d = q_pre.shape
         h = mem.keys.shape[0]
         g = hq // h
         logits, idx = _retrieve(q_pre.reshape(1, h, g * sq, d).to(mem.keys.dtype), mem, self.settings, scaling)
         weight = torch.softmax(logits.float(), dim=-1).nan_to_num(0.0)  # (1, H, g*sq, k); rows all masked: 0
         weight = weight.view(h, g, sq, -1) * heads.view(h, g, 1, 1).to(weight)
-        group = self.row_group.to(weight.device).view(1, 1, sq, 1).expand_as(weight)
+        group = row_group.to(weight.device).view(1, 1, sq, 1).expand_as(weight)
         counted = group >= 0
         flat = group.clamp_min(0) * self.num_blocks + self.block_of.to(idx.device)[idx.view(h, g, sq, -1)]
         mass = torch.zeros(self.groups * self.num_blocks, device=weight.device)
