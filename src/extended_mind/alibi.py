@@ -42,7 +42,17 @@ def mpt_slopes(num_heads: int, device: torch.device | None = None) -> torch.Tens
     return -build_mpt_alibi_tensor(num_heads, 2, device=device)[:, 0, 0]
 
 
-def plain_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, local_bias=None, **_):
+def plain_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    local_bias: torch.Tensor | None = None,
+    **_,
+) -> tuple[torch.Tensor, None]:
     """MPT's own attention arithmetic, step for step (scores, bias, mask, float softmax), so that a layer reading no
     memory gives the unmodified model's output bit for bit. attention_mask: bool, True = may attend."""
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
