@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from extended_mind import ExtendedMind
-from extended_mind.batching import BatchRow
-from extended_mind.continuous import DecodeBatch, can_merge
+from extended_mind.batching import BatchRow, DecodeBatch, can_merge
 
 from .conftest import byte_tokenizer, tiny_model
 
@@ -69,6 +68,23 @@ def test_a_cancelled_row_leaves_and_the_others_go_on(tiny_mind):
     assert len(out["a"]) == 2 and len(out["b"]) == 7  # a: one token and its result; b: six tokens and its result
     expected = tiny_mind.generate("prompt b", chat=False, max_new_tokens=6)
     assert [t.id for t in out["b"][:-1]] == [t.id for t in expected.tokens]
+
+
+@pytest.mark.parametrize("family", ["gemma3", "mpt"])
+def test_rows_that_start_together_on_unmergeable_models_answer_as_alone(family):
+    # finished rows keep their place, fed padding, until all are done
+    mind = ExtendedMind(tiny_model(family), byte_tokenizer(), f"tiny-{family}")
+    memory = mind.memorize(["The ship sailed at dawn. Its captain was Ada."])
+    asks = [("Who was the captain", memory, 2), ("A longer question about the sea", None, 7), ("Ship", memory, 5)]
+    alone = [mind.generate(p, memory=m, chat=False, max_new_tokens=n, retrieval="tokens") for p, m, n in asks]
+    batch = DecodeBatch(mind.model, mind.tokenizer)
+    out: list[list] = [[] for _ in asks]
+    streams = [mind.stream(p, memory=m, chat=False, max_new_tokens=n, retrieval="tokens") for p, m, n in asks]
+    batch.join_many([(_row(t), t.settings, out[i].append, lambda: False) for i, t in enumerate(streams)])
+    while len(batch):
+        batch.step()
+    for got, expected in zip(out, alone):
+        assert [t.id for t in got[:-1]] == [t.id for t in expected.tokens]
 
 
 def test_sliding_window_and_alibi_models_run_rows_one_at_a_time():

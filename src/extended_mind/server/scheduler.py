@@ -1,4 +1,4 @@
-"""Continuous batching for the server: generation requests join the running batch (continuous.py) at the next
+"""Continuous batching for the server: generation requests join the running batch (batching.py) at the next
 decode step and leave it when they finish or their client goes away.
 
 The batch loop runs as a job on the model thread (worker.py), so it never overlaps memory operations: when one is
@@ -15,8 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..batching import BatchRow
-from ..continuous import DecodeBatch, retrieval_key
+from ..batching import BatchRow, DecodeBatch, retrieval_key
 from ..generation import GenerationResult, TokenStream
 from .worker import ModelWorker
 
@@ -104,9 +103,10 @@ class BatchScheduler:
                 self.on_batch(len(batch))
                 try:
                     batch.step()
-                except Exception as exc:  # every running request gets the error; the loop goes on
+                except Exception as exc:  # every request not yet answered gets the error; the loop goes on
                     for row in batch.rows:
-                        row.sink(exc)
+                        if not row.reported:
+                            row.sink(exc)
                     batch = DecodeBatch(self.model, self.tokenizer, self.max_batch)
                 continue
             self.on_batch(0)
