@@ -8,25 +8,22 @@ arrival order); one with uncertainty-triggered retrieval (single steps recompute
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..batching import BatchRow, DecodeBatch, retrieval_key
 from ..generation import GenerationResult, TokenStream
-from .worker import ModelWorker
-
-_END = object()
+from .worker import END, Channel, ModelWorker
 
 
 @dataclass
 class _Request:
     make_stream: Callable[[], TokenStream]  # runs on the model thread: validation errors surface there
     emit: Callable[[Any], None]
-    stop: threading.Event = field(default_factory=threading.Event)
+    stop: threading.Event  # set when the consumer is gone
     stream: TokenStream | None = None
 
 
@@ -41,35 +38,16 @@ class BatchScheduler:
     async def stream(self, make_stream: Callable[[], TokenStream]) -> AsyncIterator[Any]:
         """Tokens (GeneratedToken) as they come, then the GenerationResult. Leaving early cancels the request."""
         self.worker.admit()
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        request: _Request
-
-        def emit(item: Any) -> None:
-            if item is _END or isinstance(item, BaseException):
-                self.worker.finished()
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the event loop is gone: nobody is listening
-                request.stop.set()
-
-        request = _Request(make_stream, emit)
+        channel = Channel(on_end=self.worker.finished)
+        request = _Request(make_stream, channel.emit, channel.stop)
         with self._lock:
             self._waiting.append(request)
             start = not self._looping
             self._looping = True
         if start:
             self.worker.submit(self._loop)
-        try:
-            while True:
-                item = await queue.get()
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            request.stop.set()
+        async for item in channel.items():
+            yield item
 
     def _next_waiting(self, batch: DecodeBatch) -> tuple[_Request, TokenStream] | None:
         """The first waiting request, with its stream, if it can start now (None: it must wait, or none waits)."""
@@ -79,7 +57,7 @@ class BatchScheduler:
             request = self._waiting[0]
         if request.stop.is_set():  # gone before it started
             self._pop()
-            request.emit(_END)
+            request.emit(END)
             return self._next_waiting(batch)
         if request.stream is None:
             try:
@@ -149,7 +127,7 @@ class BatchScheduler:
         def sink(item: Any) -> None:
             request.emit(item)  # an exception also ends the request
             if isinstance(item, GenerationResult):
-                request.emit(_END)
+                request.emit(END)
 
         return sink
 
@@ -160,4 +138,4 @@ class BatchScheduler:
                 break
         else:
             request.emit(stream.result)
-        request.emit(_END)
+        request.emit(END)

@@ -13,7 +13,40 @@ from typing import Any, TypeVar
 from .errors import APIError
 
 T = TypeVar("T")
-_END = object()
+END = object()  # the last item of a channel
+
+
+class Channel:
+    """Items handed from the model thread to one async consumer: `emit` runs on the model thread, `items()` in the
+    event loop. `stop` is set once the consumer leaves early (client disconnected) or the event loop is gone;
+    `on_end` runs when the end or an exception is emitted."""
+
+    def __init__(self, on_end: Callable[[], None] | None = None):
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.stop = threading.Event()
+        self.on_end = on_end
+
+    def emit(self, item: Any) -> None:
+        if self.on_end is not None and (item is END or isinstance(item, BaseException)):
+            self.on_end()
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (server shutting down): nobody is listening
+            self.stop.set()
+
+    async def items(self) -> AsyncIterator[Any]:
+        """The emitted items up to the end; an emitted exception is raised here."""
+        try:
+            while True:
+                item = await self.queue.get()
+                if item is END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.stop.set()
 
 
 class ModelWorker:
@@ -87,36 +120,20 @@ class ModelWorker:
         """Run `job(emit, cancelled)` on the model thread, yielding each item it emits as it comes. When the
         consumer stops early (client disconnected), `cancelled()` turns true; the job should then return."""
         self._admit()
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        stop = threading.Event()
-
-        def emit(item: Any) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the event loop is gone (server shutting down): nobody is listening
-                stop.set()
+        channel = Channel()
 
         def run() -> None:
             try:
-                job(emit, stop.is_set)
-                emit(_END)
+                job(channel.emit, channel.stop.is_set)
+                channel.emit(END)
             except BaseException as exc:  # handed to the consumer, which raises it
-                emit(exc)
+                channel.emit(exc)
             finally:
                 self._done()
 
         self._submit(run)
-        try:
-            while True:
-                item = await queue.get()
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
+        async for item in channel.items():
+            yield item
 
     def shutdown(self) -> None:
         with self._lock:
