@@ -66,26 +66,26 @@ def _build(name: str, flags: list[str]) -> ModuleType | None:
         return None
 
 
+def _kernel(name: str, supported: bool, isa: str, flags: list[str]) -> ModuleType | None:
+    if os.environ.get(NATIVE_ENV, "1") == "0":
+        return None
+    if not supported:
+        log.info("int8 %s scan kernel not used: this CPU has no %s", isa, isa)
+        return None
+    return _build(name, flags)
+
+
 @lru_cache(maxsize=1)
 def scan_kernel() -> ModuleType | None:
     """The compiled AVX512-VNNI kernel module, or None where it cannot be used here (reason logged)."""
-    if os.environ.get(NATIVE_ENV, "1") == "0":
-        return None
-    if not _cpu_has_vnni():
-        log.info("int8 VNNI scan kernel not used: this CPU has no AVX512-VNNI")
-        return None
-    return _build("extended_mind_scan_int8", ["-mavx512f", "-mavx512bw", "-mavx512vnni"])
+    return _kernel("extended_mind_scan_int8", _cpu_has_vnni(), "AVX512-VNNI",
+                   ["-mavx512f", "-mavx512bw", "-mavx512vnni"])  # fmt: skip
 
 
 @lru_cache(maxsize=1)
 def scan_kernel_avx2() -> ModuleType | None:
-    """The same kernel for AVX2 (vpmaddubsw/vpmaddwd, 7-bit queries), or None where it cannot be used here."""
-    if os.environ.get(NATIVE_ENV, "1") == "0":
-        return None
-    if not _cpu_has_avx2():
-        log.info("int8 AVX2 scan kernel not used: this CPU has no AVX2")
-        return None
-    return _build("extended_mind_scan_int8_avx2", ["-mavx2", "-mfma", "-DEM_AVX2"])
+    """The same kernel for AVX2 (vpmaddubsw/vpmaddwd, exact scores), or None where it cannot be used here."""
+    return _kernel("extended_mind_scan_int8_avx2", _cpu_has_avx2(), "AVX2", ["-mavx2", "-mfma", "-DEM_AVX2"])
 
 
 def pack_keys(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
