@@ -139,7 +139,7 @@ class DecodeBatch:
             return not self.rows
         if not self.rows:
             return True
-        return self.merge and len(self.rows) < self.max_batch and retrieval_key(s) == self.key
+        return self.room() > 0 and retrieval_key(s) == self.key
 
     def join(self, row: BatchRow, s: DecodeSettings, sink: Sink, cancelled: Callable[[], bool]) -> None:
         """Prefill `row`'s prompt and add it to the batch (the caller checked `compatible`)."""

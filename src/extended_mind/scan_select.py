@@ -101,8 +101,7 @@ def _cache_file() -> Path:
     return cache_dir() / "kernels" / f"torch-{torch.__version__}" / "scan-choice.json"
 
 
-def _machine_key() -> str:
-    info = cpu_info()
+def _machine_key(info: dict) -> str:
     return f"{info['model']}|{','.join(info['flags'])}|threads={torch.get_num_threads()}"
 
 
@@ -122,14 +121,15 @@ def scan_path() -> str:
 
 def scan_report() -> dict:
     """{"choice", "ms" (per path), "machine", "cached"}: measured on first use on this machine, then read back."""
-    path, key = _cache_file(), _machine_key()
+    machine = cpu_info()
+    path, key = _cache_file(), _machine_key(machine)
     try:
         cached = json.loads(path.read_text()).get(key)
     except (OSError, ValueError):
         cached = None
     paths = available_paths()
     if cached and set(cached.get("ms", {})) == set(paths) and cached.get("choice") in paths:
-        return {**cached, "machine": cpu_info(), "cached": True}
+        return {**cached, "machine": machine, "cached": True}
     timings = measure(paths)
     report = {"choice": choose(timings), "ms": {p: round(t, 4) for p, t in timings.items()}}
     log.debug("scan path %s; measured ms per decode-step shortlist: %s", report["choice"], report["ms"])
@@ -145,4 +145,4 @@ def scan_report() -> dict:
         tmp.replace(path)
     except OSError as exc:
         log.debug("scan choice not cached: %s", exc)
-    return {**report, "machine": cpu_info(), "cached": False}
+    return {**report, "machine": machine, "cached": False}
