@@ -15,6 +15,7 @@ from prometheus_client.core import GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..generation import GeneratedToken
 from .errors import APIError, error_response
 
 if TYPE_CHECKING:
@@ -47,8 +48,6 @@ class ServerMetrics:
 
     async def timed(self, items: AsyncIterator, arrived: float) -> AsyncIterator:
         """Pass a request's items through, observing time to first token (from `arrived`), gaps and counts."""
-        from ..generation import GeneratedToken
-
         last = None
         async for item in items:
             if isinstance(item, GeneratedToken):
