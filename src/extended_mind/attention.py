@@ -33,6 +33,7 @@ from .rope import invert_rope
 from .scan import KeyScan, fast_topk, shortlist_size
 
 if TYPE_CHECKING:
+    from .distributed import LayerShard
     from .index import IndexSettings, LayerIndex
 
 ATTENTION_NAME = "extended_mind"
@@ -60,6 +61,14 @@ class LayerMemory:
     slot_end: int = 0
     heads: torch.Tensor | None = None  # (query heads,) bool: token retrieval only in these heads (None: all)
     positions: torch.Tensor | None = None  # (N,) long: each memory's position, for ALiBi biases (alibi.py)
+    # Sharded memory (distributed.py): keys/values/index hold this rank's tokens; retrieval merges every rank's
+    # top-k, and indices (memory indices, positions) are global
+    shard: LayerShard | None = None
+
+    @property
+    def num_keys(self) -> int:
+        """Memory tokens this layer reads from, over all ranks."""
+        return self.shard.total if self.shard is not None else int(self.keys.shape[1])
 
 
 @dataclass
@@ -86,7 +95,7 @@ class BlockSelection:
     def add(self, layer: int, q_pre: torch.Tensor, scaling: float) -> None:
         """q_pre (1, Hq, Sq, D): this layer's queries with the rotation undone (blocks are ranked by content)."""
         heads, mem = self.heads.get(layer), self.layers.get(layer)
-        if heads is None or mem is None or mem.keys.shape[1] == 0:
+        if heads is None or mem is None or mem.num_keys == 0:
             return
         counted_rows = (self.row_group >= 0).nonzero().view(-1)
         if len(counted_rows) == 0:
@@ -97,7 +106,8 @@ class BlockSelection:
         _, hq, sq, d = q_pre.shape
         h = mem.keys.shape[0]
         g = hq // h
-        logits, idx = _retrieve(q_pre.reshape(1, h, g * sq, d).to(mem.keys.dtype), mem, self.settings, scaling)
+        logits, idx, _ = retrieve(q_pre.reshape(1, h, g * sq, d).to(mem.keys.dtype), mem, self.settings, scaling,
+                                  values=False)  # fmt: skip
         weight = torch.softmax(logits.float(), dim=-1).nan_to_num(0.0)  # (1, H, g*sq, k); rows all masked: 0
         weight = weight.view(h, g, sq, -1) * heads.view(h, g, 1, 1).to(weight)
         group = row_group.to(weight.device).view(1, 1, sq, 1).expand_as(weight)
@@ -170,6 +180,59 @@ def _call_base(module, query, key, value, attention_mask, **kwargs):
         zero = torch.zeros((), dtype=query.dtype, device=query.device)
         attention_mask = torch.where(attention_mask, zero, torch.finfo(query.dtype).min)
     return base(module, query, key, value, attention_mask, **kwargs)
+
+
+def retrieve(
+    q: torch.Tensor, mem: LayerMemory, settings: RetrievalSettings, scaling: float, values: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Top-k memory logits, memory indices (both (B, H, R, k)) and, with `values`, the values of those memories
+    (B, H, R, k, Dv) for grouped queries q (B, H, R, D); over every rank's tokens when the memory is sharded."""
+    if mem.shard is not None:
+        return _retrieve_sharded(q, mem, settings, scaling, values)
+    logits, idx = _retrieve(q, mem, settings, scaling)
+    return logits, idx, gather_rows(mem.values, idx) if values else None
+
+
+def _retrieve_sharded(
+    q: torch.Tensor, mem: LayerMemory, settings: RetrievalSettings, scaling: float, values: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`retrieve` over a sharded memory: every rank takes its local top-k by the ranking (raw q.k, not yet masked
+    or scaled), the ranks exchange them in one all_gather, and each merges them with the ranking, mask and order
+    `_select` applies to the whole memory, so the result is the unsharded one."""
+    shard = mem.shard
+    b, h, r, _ = q.shape
+    k = min(settings.topk, shard.total)
+    cosine = settings.ranking == "cosine"
+    if mem.keys.shape[1]:
+        raw, idx = _retrieve(q, mem, RetrievalSettings(settings.topk, settings.ranking, None), 1.0)
+    else:
+        raw, idx = q.new_zeros(b, h, r, 0), torch.zeros(b, h, r, 0, dtype=torch.long, device=q.device)
+    inv = gather_rows(mem.inv_norms, idx).to(raw.dtype)
+    key = raw * inv if cosine else raw  # the very product _select ranks by
+    gidx = shard.local_to_global.to(idx.device)[idx]
+    vals = gather_rows(mem.values, idx) if values else None
+    pad = k - raw.shape[-1]
+    if pad > 0:  # every rank sends k per row; padding never wins a place (there are k real ones in all)
+        key = torch.nn.functional.pad(key, (0, pad), value=float("-inf"))
+        raw, inv = (torch.nn.functional.pad(x, (0, pad)) for x in (raw, inv))
+        gidx = torch.nn.functional.pad(gidx, (0, pad), value=-1)
+        if vals is not None:
+            vals = torch.nn.functional.pad(vals, (0, 0, 0, pad))
+    parts = [key, raw, inv, gidx] + ([vals] if vals is not None else [])
+    from .distributed import pack, unpack
+
+    like = [(p.shape, p.dtype) for p in parts]
+    gathered = [unpack(buf, like) for buf in shard.group.all_gather(pack(parts), "exchanging retrieved memories")]
+    key, raw, inv, gidx = (torch.cat([g[i] for g in gathered], dim=-1) for i in range(4))
+    pos = key.topk(k, dim=-1).indices  # sorted, as _select's top-k
+    raw, inv, gidx = raw.gather(-1, pos), inv.gather(-1, pos), gidx.gather(-1, pos)
+    if settings.similarity_threshold is not None:
+        cos = raw / (q.norm(dim=-1, keepdim=True) * (1.0 / inv)).clamp_min(1e-12)
+        raw = raw.masked_fill(cos <= settings.similarity_threshold, float("-inf"))
+    if vals is not None:
+        vals = torch.cat([g[4] for g in gathered], dim=-2)
+        vals = vals.gather(-2, pos.unsqueeze(-1).expand(*pos.shape, vals.shape[-1]))
+    return raw * scaling, gidx, vals
 
 
 def _retrieve(
@@ -311,7 +374,7 @@ def memory_attention(
 
 def _reads_nothing(mem: LayerMemory | None, session: Session) -> bool:
     """Whether a layer with memory `mem` attends as the plain model (the test `_attend` starts with)."""
-    return mem is None or session.settings is None or session.settings.topk <= 0 or mem.keys.shape[1] == 0
+    return mem is None or session.settings is None or session.settings.topk <= 0 or mem.num_keys == 0
 
 
 def _row_kwargs(kwargs: dict, r: int) -> dict:
@@ -371,7 +434,7 @@ def _attend(
         mem_logits = torch.matmul(qg.to(cdt), mem.keys.transpose(1, 2)) * scaling  # (B, H, g*sq, S)
         mem_idx = mem.slot_tokens.to(query.device).view(1, 1, 1, -1).expand(b, h, g * sq, -1)
     else:
-        mem_logits, mem_idx = _retrieve(qg.to(cdt), mem, session.settings, scaling)  # (B, H, g*sq, k)
+        mem_logits, mem_idx, mem_values = retrieve(qg.to(cdt), mem, session.settings, scaling)  # (B, H, g*sq, k)
         if mem.heads is not None:
             reads = mem.heads.to(query.device).view(1, h, g, 1).expand(b, h, g, sq).reshape(b, h, g * sq, 1)
             mem_logits = mem_logits.masked_fill(~reads, float("-inf"))
@@ -418,7 +481,6 @@ def _attend(
     if slots:
         out = out + torch.matmul(p_mem.reshape(b, h, g * sq, k).to(mem.values.dtype), mem.values).to(out.dtype)
     else:
-        mem_values = gather_rows(mem.values, mem_idx)  # (B, H, R, k, D)
         out = out + torch.matmul(p_mem.reshape(b, h, g * sq, 1, k).to(mem_values.dtype), mem_values).squeeze(-2).to(
             out.dtype
         )

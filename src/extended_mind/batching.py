@@ -42,6 +42,8 @@ from .generation import (
 )
 from .memory import Memory
 
+_CANCELLED = -2  # the token of a row whose client went away
+
 
 @dataclass
 class BatchRow:
@@ -88,8 +90,10 @@ def can_merge(model: PreTrainedModel) -> bool:
     from .attention import attention_modules
 
     config = model.config
-    sliding = getattr(config, "sliding_window", None) or getattr(config, "layer_types", None) and any(
-        t != "full_attention" for t in config.layer_types
+    sliding = (
+        getattr(config, "sliding_window", None)
+        or getattr(config, "layer_types", None)
+        and any(t != "full_attention" for t in config.layer_types)
     )
     return not sliding and not any(is_alibi_module(m) for m in attention_modules(model))
 
@@ -207,10 +211,13 @@ class DecodeBatch:
     def _advance(self, r: _Row) -> int | None:
         """Choose and hand over row r's next token; marks the row done when it finishes. None: no token."""
         s = r.s
-        if r.cancelled():
+        token = _CANCELLED if r.cancelled() else next_token(biased(r.logits, s.logit_bias), s.temperature, r.generator)
+        group = getattr(r.row.memory, "shard", None)
+        if group is not None:  # ranks of a sharded memory follow rank 0 (its sampling, its client's cancellation)
+            token = group.agree([token])[0]
+        if token == _CANCELLED:
             r.done, r.finish = True, "cancelled"
             return None
-        token = next_token(biased(r.logits, s.logit_bias), s.temperature, r.generator)
         if token in self.stop_ids:
             r.done, r.finish = True, "stop"
             return None

@@ -128,6 +128,7 @@ class BlockPlan:
         if tokens.numel() == 0:
             return {}
         positions = torch.arange(self.slot_end - tokens.numel(), self.slot_end)
+        fetched = self._fetch(tokens)
         out = {}
         for layer in self.read_layers:
             mem = self.layers[layer]
@@ -135,11 +136,23 @@ class BlockPlan:
             cos, sin = extend_table(self.memory.rope_cos[table], self.memory.rope_sin[table], self.slot_end)
             dev = mem.keys.device
             idx = tokens.to(dev)
-            raw = invert_rope(mem.keys[:, idx].float(), cos[:1].to(dev), sin[:1].to(dev))  # "zero" keys: undo pos 0
+            chosen_keys, chosen_values = fetched[layer] if fetched else (mem.keys[:, idx], mem.values[:, idx])
+            raw = invert_rope(chosen_keys.float(), cos[:1].to(dev), sin[:1].to(dev))  # "zero" keys: undo pos 0
             keys = apply_rope(raw, cos[positions].to(dev), sin[positions].to(dev)).to(mem.keys.dtype)
-            out[layer] = LayerMemory(keys=keys, values=mem.values[:, idx], inv_norms=mem.inv_norms[:, idx],
-                                     slot_tokens=idx, slot_end=self.slot_end)  # fmt: skip
+            inv_norms = 1.0 / chosen_keys.float().norm(dim=-1).clamp_min(1e-12).to(mem.keys.dtype)
+            out[layer] = LayerMemory(keys=keys, values=chosen_values, inv_norms=inv_norms, slot_tokens=idx,
+                                     slot_end=self.slot_end)  # fmt: skip
         return out
+
+    def _fetch(self, tokens: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values of `tokens` in every read layer from the ranks that hold them (sharded memory: one
+        exchange for all layers); empty when this process holds the whole memory."""
+        shard = self.layers[self.read_layers[0]].shard if self.read_layers else None
+        if shard is None:
+            return {}
+        tensors = [t for layer in self.read_layers for t in (self.layers[layer].keys, self.layers[layer].values)]
+        rows = shard.fetch(tensors, tokens.to(tensors[0].device))
+        return {layer: (rows[2 * i], rows[2 * i + 1]) for i, layer in enumerate(self.read_layers)}
 
 
 def select_blocks(

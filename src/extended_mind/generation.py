@@ -167,6 +167,7 @@ class TokenStream:
         )
         n_heads = self.model.config.num_attention_heads
         generator = torch.Generator(device="cpu").manual_seed(s.seed) if s.seed is not None else None
+        group = getattr(self.memory, "shard", None) if self.layers or self.plan is not None else None
         plan = self.plan
         if plan is not None:  # block memory: one pass over the prompt without memory chooses what is read
             prompt_positions = plan.positions(len(self.prompt_ids))
@@ -226,7 +227,10 @@ class TokenStream:
         for step in range(s.max_new_tokens):
             k = base_k
             h = entropy(logits)
-            if use_memory and s.uncertainty_threshold is not None and h > s.uncertainty_threshold and step_k > 0:
+            retry = use_memory and s.uncertainty_threshold is not None and h > s.uncertainty_threshold and step_k > 0
+            if group is not None and s.uncertainty_threshold is not None:
+                retry = bool(group.agree([int(retry)], "agreeing on uncertainty retrieval")[0])
+            if retry:
                 k = base_k + step_k
                 if step == 0:
                     cache = new_cache()
@@ -237,6 +241,8 @@ class TokenStream:
                 retrievals.append(Retrieval(step=step, entropy=h, topk=base_k, new_topk=k, new_entropy=h2))
                 h = h2
             token = next_token(biased(logits, s.logit_bias), s.temperature, generator)
+            if group is not None:  # ranks of a sharded memory continue with rank 0's token, whatever they sampled
+                token = group.agree([token])[0]
             if token in stop_ids:
                 finish_reason = "stop"
                 break

@@ -41,6 +41,10 @@ class Segment:
     _tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     load: Callable[[], dict[str, torch.Tensor]] | None = field(default=None, repr=False)
     file: Any = field(default=None, repr=False)  # store.StoredFile where this segment is saved, if it is
+    # Sharded memories (distributed.py): the rank that holds this document's keys and values. On the other ranks
+    # the segment is `remote`: it keeps only positions and spans (for positions and citations), never keys/values.
+    rank: int | None = None
+    remote: bool = False
 
     @classmethod
     def build(
@@ -72,12 +76,19 @@ class Segment:
 
     def layer(self, kind: str, layer: int) -> torch.Tensor:
         """Keys or values (`kind`) of one layer, (H, n, D), as float (int8 storage is dequantized)."""
+        if self.remote:
+            raise ExtendedMindError(
+                f"the keys and values of document {self.document.id!r} are held by rank {self.rank} of the sharded "
+                "memory, not by this process"
+            )
         t = self.tensors
         return decode(t[f"{kind}.{layer}"], t.get(f"{kind[:-1]}_scales.{layer}"))
 
     def astype(self, storage: str, num_layers: int) -> Segment:
         if storage == self.storage:
             return self
+        if self.remote:
+            raise ExtendedMindError(f"cannot convert document {self.document.id!r}: it is held by rank {self.rank}")
         return Segment.build(
             self.document,
             [self.layer("keys", i) for i in range(num_layers)],
@@ -137,6 +148,9 @@ class Memory:
         # approximate-search indexes by fingerprint (index.memory_fingerprint): per layer LayerIndex, or a loader
         # of them when they were saved with the memory
         self.indexes: dict[str, Any] = {}
+        # distributed.ShardGroup when this memory is sharded over processes (each holds the keys and values of
+        # the documents assigned to its rank); None: every document is held here
+        self.shard: Any = None
 
     # ---- what it holds ----
 
@@ -198,7 +212,44 @@ class Memory:
             "window": self.window,
             "bytes": self.nbytes,
             "bytes_per_token": round(self.nbytes / n, 1) if n else None,
-        }
+        } | ({"shards": self.shard_layout()} if self.shard is not None else {})
+
+    # ---- sharding (distributed.py) ----
+
+    def shard_layout(self) -> list[dict]:
+        """Per rank of a sharded memory: the documents and tokens it holds."""
+        world = self.shard.world if self.shard is not None else 1
+        rows = [{"rank": r, "documents": 0, "tokens": 0} for r in range(world)]
+        for s in self.segments:
+            row = rows[s.rank if s.rank is not None else 0]
+            row["documents"] += 1
+            row["tokens"] += s.num_tokens
+        return rows
+
+    def local_view(self) -> Memory:
+        """The documents held by this process: the whole memory unless it is sharded. Shares tensors."""
+        if self.shard is None:
+            return self
+
+        def build() -> Memory:
+            view = Memory(self.identity, [s for s in self.segments if not s.remote], self.rope, self.stride,
+                          self.window, self.storage)  # fmt: skip
+            return view
+
+        return self._cat("local-view", build)
+
+    def local_to_global(self) -> torch.Tensor:
+        """(N local,) long: the index in this memory of every token of `local_view()`."""
+
+        def build() -> torch.Tensor:
+            parts, start = [], 0
+            for s in self.segments:
+                if not s.remote:
+                    parts.append(torch.arange(start, start + s.num_tokens))
+                start += s.num_tokens
+            return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+        return self._cat("local-to-global", build)
 
     # ---- flat views over all documents, as the attention layers read them ----
 
@@ -291,6 +342,7 @@ class Memory:
             first.window,
             first.storage,
         )
+        merged.shard = next((m.shard for m in memories if m.shard is not None), None)
         return merged
 
     # ---- editing: each operation touches only the documents it names ----
@@ -371,6 +423,11 @@ class Memory:
         target = Path(path) if path is not None else self.path
         if target is None:
             raise ExtendedMindError("this memory has never been saved: give a directory to save it to")
+        if self.shard is not None:
+            from .distributed import save_sharded
+
+            self.path = save_sharded(self, target)
+            return self.path
         self.path = save_memory(self, target)
         return self.path
 

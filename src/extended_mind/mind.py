@@ -13,6 +13,7 @@ from .attention import LayerMemory, RetrievalSettings, Session, patch_model
 from .batching import BatchRow, generate_batch
 from .blocks import NEUTRAL_PROMPTS, BlockLayout, BlockPlan, block_prior, select_blocks, slot_positions
 from .compat import with_cache
+from .distributed import ShardGroup, active_group, memorize_sharded, rank_loads, shard_memory
 from .documents import Document, load_documents
 from .errors import ExtendedMindError, PromptTooLongError
 from .generation import DecodeSettings, GenerationResult, TokenStream
@@ -49,20 +50,45 @@ DEFAULT_SEARCH = "auto"
 class ExtendedMind:
     """A causal LM whose attention layers can read from a memory of documents far larger than its window."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, source: str = "custom"):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        source: str = "custom",
+        shards: bool | None = None,
+    ):
+        """`shards`: shard memories over the initialised torch.distributed process group (distributed.py): None
+        (default) when one of more than one rank is initialised, True to require it, False never."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.source = source
         self.identity = ModelIdentity.of(model, tokenizer, source)
         self._head_scores: torch.Tensor | None = None
+        if shards not in (None, True, False):
+            raise ExtendedMindError(f"shards must be None, True or False, got {shards!r}")
+        self.shards = shards
+        if shards is True and self.shard_group is None:
+            raise ExtendedMindError(
+                "shards=True needs an initialised torch.distributed process group of more than one rank (start "
+                "the program with torchrun --nproc-per-node N, or call torch.distributed.init_process_group)"
+            )
         patch_model(model)
 
     @classmethod
     def from_pretrained(
-        cls, model: str | None = None, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+        cls,
+        model: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        shards: bool | None = None,
     ) -> ExtendedMind:
         """Load `model` (None: the embedded SmolLM2-135M-Instruct; or a local model directory or hub id)."""
-        return cls(*load_model(model, device=device, dtype=dtype))
+        return cls(*load_model(model, device=device, dtype=dtype), shards=shards)
+
+    @property
+    def shard_group(self) -> ShardGroup | None:
+        """The ranks memories are sharded over, or None (one process holds every memory)."""
+        return None if self.shards is False else active_group()
 
     @property
     def device(self) -> torch.device:
@@ -107,17 +133,33 @@ class ExtendedMind:
         stride = stride if stride is not None else max(1, window // 4)
         if window > self.context_window:
             raise ExtendedMindError(f"window {window} exceeds the model's context window {self.context_window}")
-        memory = memorize_encoded(
-            self.model,
-            docs,
-            encode_documents(self.tokenizer, docs),
-            stride=stride,
-            window=window,
-            identity=self.identity,
-            storage=storage,
-            progress=progress,
-            on_progress=on_progress,
-        )
+        return self._memorize_documents(docs, stride, window, storage, progress, on_progress)
+
+    def _memorize_documents(
+        self,
+        docs: list[Document],
+        stride: int,
+        window: int,
+        storage: str | None,
+        progress: bool | None,
+        on_progress: Callable[[int, int], None] | None,
+        loads: list[int] | None = None,
+        owners: list[int] | None = None,
+    ) -> Memory:
+        """Memorize loaded documents. Under a process group the memory is sharded and each document memorized only
+        by the rank that will hold it: the least loaded (`loads`: tokens per rank so far), or `owners`."""
+
+        def memorize_here(picked: list[Document]) -> Memory:
+            return memorize_encoded(self.model, picked, encode_documents(self.tokenizer, picked), stride=stride,
+                                    window=window, identity=self.identity, storage=storage, progress=progress,
+                                    on_progress=on_progress)  # fmt: skip
+
+        group = self.shard_group
+        if group is None:
+            return memorize_here(docs)
+        segments, rope = memorize_sharded(group, docs, memorize_here, loads or [0] * group.world, owners)
+        memory = Memory(self.identity, segments, rope, stride, window, segments[0].storage)
+        memory.shard = group
         return memory
 
     def add(
@@ -131,22 +173,32 @@ class ExtendedMind:
         to it: an online knowledge update, no retraining. Ids must be new; default ids skip the ones in use.
         Returns `memory`."""
         memory.check_model(self.identity)
-        new = self.memorize(documents, ids=ids, stride=memory.stride, window=memory.window, storage=memory.storage,
-                            taken={d.id for d in memory.documents}, on_progress=on_progress)  # fmt: skip
+        self._shard(memory)
+        docs = load_documents(documents, ids, {d.id for d in memory.documents})
+        loads = rank_loads(memory, memory.shard.world) if memory.shard is not None else None
+        new = self._memorize_documents(docs, memory.stride, memory.window, memory.storage, None, on_progress, loads)
         return memory.add(new)
 
     def replace(self, memory: Memory, doc_id: str, document: str | Path | Document) -> Memory:
         """Memorize a new version of document `doc_id` and put it in its place in `memory`. Returns `memory`."""
         memory.check_model(self.identity)
-        memory.index_of(doc_id)  # an unknown id fails here, before memorizing, naming the documents there are
-        new = self.memorize(document, ids=[doc_id], stride=memory.stride, window=memory.window, storage=memory.storage)
+        i = memory.index_of(doc_id)  # an unknown id fails here, before memorizing, naming the documents there are
+        self._shard(memory)
+        owner = [memory.segments[i].rank] if memory.shard is not None else None  # its rank memorizes the new text
+        docs = load_documents(document, [doc_id])
+        new = self._memorize_documents(docs, memory.stride, memory.window, memory.storage, None, None, owners=owner)
         return memory.replace(doc_id, new)
 
     def load_memory(self, path: str | Path) -> Memory:
-        """Open a saved memory for this model (refused when another model or tokenizer built it)."""
+        """Open a saved memory for this model (refused when another model or tokenizer built it). Under a process
+        group, it is opened sharded: this rank reads only its documents' tensor files."""
         memory = Memory.load(path)
         memory.check_model(self.identity)
-        return memory
+        return self._shard(memory)
+
+    def _shard(self, memory: Memory) -> Memory:
+        group = self.shard_group
+        return shard_memory(memory, group) if group is not None else memory
 
     def build_index(
         self,
@@ -179,6 +231,7 @@ class ExtendedMind:
                     f"memory must be a Memory (from memorize or load_memory), got {type(m).__name__}"
                 )
             m.check_model(self.identity)
+            self._shard(m)
         return Memory.merge(memories)
 
     def _retrieval(

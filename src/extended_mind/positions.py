@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from tqdm.auto import tqdm
 
@@ -36,16 +38,20 @@ def prepare_layers(
     dtype: torch.dtype,
     layers: list[int] | None,
     index: IndexSettings | None = None,
+    scan_from: int | None = None,
 ) -> dict[int, LayerMemory]:
     """Rotate memory keys for `policy` (one of POSITION_POLICIES, checked by the caller), move them to the model's
     device, and with `index` attach approximate-search indexes (loaded when saved with the memory, else built);
-    cached on the memory per setting."""
+    cached on the memory per setting. A sharded memory prepares the tokens this rank holds (distributed.py).
+    `scan_from`: the memory size from which exact search scans a compact copy (default: this memory's)."""
+    if memory.shard is not None:
+        return _prepare_sharded(memory, policy, device, dtype, layers, index)
     cache_key = (policy, str(device), dtype, index)
     prepared = memory._prepared.get(cache_key)
     if prepared is None:
         memory._prepared.clear()  # one prepared copy at a time: memory use stays at most about twice the memory
         prepared = {}
-        scanned = index is None and memory.num_tokens >= LOW_PRECISION_SCAN_MIN
+        scanned = index is None and (memory.num_tokens if scan_from is None else scan_from) >= LOW_PRECISION_SCAN_MIN
         for layer in range(memory.num_layers):
             table = memory.layer_rope[layer]
             cos, sin = memory.rope_cos[table], memory.rope_sin[table]
@@ -67,6 +73,36 @@ def prepare_layers(
                 layer_index = layer_index.to(device)
                 prepared[layer].index, prepared[layer].index_settings = layer_index, index
                 prepared[layer].scan = layer_index.scan_of(prepared[layer].keys)
+        memory._prepared[cache_key] = prepared
+    if layers is None:
+        return dict(prepared)
+    return {layer: prepared[layer] for layer in layers}
+
+
+def _prepare_sharded(
+    memory: Memory,
+    policy: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    layers: list[int] | None,
+    index: IndexSettings | None,
+) -> dict[int, LayerMemory]:
+    """The local documents prepared as usual (the same search path as the whole memory would take; a rank with no
+    documents has no index), with global indices: their global token numbers and every memory's position."""
+    from .distributed import LayerShard
+
+    cache_key = ("sharded", policy, str(device), dtype, index)
+    prepared = memory._prepared.get(cache_key)
+    if prepared is None:
+        memory._prepared.clear()
+        local = memory.local_view()
+        local_index = index if local.num_tokens else None
+        scan_from = memory.num_tokens if local.num_tokens else 0  # nothing to scan here
+        local_layers = prepare_layers(local, policy, device, dtype, None, local_index, scan_from=scan_from)
+        shard = LayerShard(memory.shard, memory.local_to_global().to(device), memory.num_tokens)
+        positions = memory.positions.long()
+        positions = torch.full_like(positions, -1) if policy == "zero" else positions
+        prepared = {i: replace(m, shard=shard, positions=positions) for i, m in local_layers.items()}
         memory._prepared[cache_key] = prepared
     if layers is None:
         return dict(prepared)

@@ -165,13 +165,23 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def save_memory(memory: Memory, path: Path) -> Path:
-    from . import __version__
-
+def check_save_target(path: Path) -> None:
+    """Refuse to save into a file, or into a directory that holds something other than a memory."""
     if path.exists() and not path.is_dir():
         raise MemoryFileError(f"cannot save a memory to {path}: it is a file, not a directory")
     if path.is_dir() and not (path / MANIFEST).is_file() and any(p.name != _LOCK for p in path.iterdir()):
         raise MemoryFileError(f"cannot save a memory to {path}: the directory exists and is not a saved memory")
+    if (path / MANIFEST).is_file():
+        _read_manifest(path)  # refuses to overwrite a memory of an unknown (newer) format
+
+
+def save_memory(memory: Memory, path: Path, checked: bool = False) -> Path:
+    """Write `memory` to `path`; `checked`: the target was checked before other writers (the ranks of a sharded
+    memory) put tensor files there."""
+    from . import __version__
+
+    if not checked:
+        check_save_target(path)
     tensor_dir = path / TENSOR_DIR
     tensor_dir.mkdir(parents=True, exist_ok=True)
     with _locked(path):
