@@ -100,3 +100,56 @@ def test_corrupt_shard_is_reported_by_rank_0(saved_tiny, tmp_path):
     assert results[0]["ok"] is False and results[1]["ok"] is False
     assert "rank 1" in results[0]["error"] and "checksum" in results[0]["error"], results[0]["error"]
     assert {p.name: p.read_bytes() for p in (copy / TENSOR_DIR).iterdir()} == before  # nothing changed on disk
+
+
+def _smol_memory_dir(tmp_path):
+    """Three documents of real text, saved: the bundled article in two halves, and a short note."""
+    from importlib.resources import files
+
+    article = (files("extended_mind") / "data" / "aardwolf.txt").read_text()
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    half = len(article) // 2
+    (docs / "aardwolf1.txt").write_text(article[:half])
+    (docs / "aardwolf2.txt").write_text(article[half:])
+    (docs / "note.txt").write_text("The museum in Lisbon bought a painting of an aardwolf for 80,000 escudos in 1962.")
+    return docs
+
+
+def test_smollm2_sharded_equals_one_process(smol, tmp_path):
+    docs = _smol_memory_dir(tmp_path)
+    memory = smol.memorize(sorted(docs.iterdir()))
+    memory.save(tmp_path / "memory")
+    out = tmp_path / "out"
+    out.mkdir()
+    sharded = _ranks_ok(launch(2, "smol", out, tmp_path / "memory"))
+    torch.set_num_threads(1)
+    reference = run("smol", False, tmp_path / "memory")
+    for got in sharded:
+        assert got["blocks"] == reference["blocks"]
+        assert got["tokens"] == reference["tokens"]
+        assert [s["documents"] for s in got["info"]["shards"]] == [1, 2]
+
+
+def test_cli_ask_under_torchrun_prints_the_single_process_answer(smol, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from .distributed_launch import free_port
+
+    docs = _smol_memory_dir(tmp_path)
+    memory = smol.memorize(sorted(docs.iterdir()))
+    memory.save(tmp_path / "memory")
+    ask = ["-m", "extended_mind", "ask", "--memory", str(tmp_path / "memory"), "What is an aardwolf?", "--json",
+           "--max-new-tokens", "16"]  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, *ask], capture_output=True, text=True, env=env, timeout=300)
+    assert single.returncode == 0, single.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                str(free_port()), *ask]  # fmt: skip
+    sharded = subprocess.run(torchrun, capture_output=True, text=True, env=env, timeout=300)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    a, b = json.loads(single.stdout), json.loads(sharded.stdout)
+    assert [s["rank"] for s in b.pop("shards")] == [0, 1]
+    assert a == b and a["text"] and a["citations"]

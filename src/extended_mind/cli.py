@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from importlib.resources import files
 from pathlib import Path
 
 from .bench import cli as bench_cli
 from .chat import ChatSession
+from .distributed import ShardError, init_from_env, launched_distributed
 from .errors import ExtendedMindError
 from .index import DEFAULT_APPROX_THRESHOLD
 from .memory import Memory, is_saved_memory
@@ -403,7 +405,10 @@ def _generate(mind: ExtendedMind, question: str, memories: list[Memory], args) -
     if args.json:
         for _ in stream:
             pass
-        print(json.dumps(stream.result.to_dict(), ensure_ascii=False, indent=2))
+        out = stream.result.to_dict()
+        if mind.shard_group is not None and memories:  # where the memory lives: each rank's documents and tokens
+            out["shards"] = Memory.merge(memories).shard_layout() if len(memories) > 1 else memories[0].shard_layout()
+        print(json.dumps(out, ensure_ascii=False, indent=2))
         return
     if args.answer_prefix:
         print(args.answer_prefix, end="", flush=True)
@@ -422,9 +427,30 @@ def _generate(mind: ExtendedMind, question: str, memories: list[Memory], args) -
         )
 
 
+# Commands that run under torchrun, with their memories sharded over the ranks
+SHARDED_COMMANDS = ("ask", "memorize", "demo")
+
+
+def _join_process_group() -> int:
+    """Under torchrun: join the process group (memories are then sharded over the ranks) and leave the output to
+    rank 0. Returns this process's rank (0 when alone)."""
+    group = init_from_env()
+    if group is None or group.rank == 0:
+        return 0
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+    sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - rank 0 reports errors of every rank
+    return group.rank
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    rank = 0
     try:
+        if launched_distributed() and args.command not in SHARDED_COMMANDS:
+            raise ExtendedMindError(
+                f"'{args.command}' does not run under torchrun; sharded over ranks: {', '.join(SHARDED_COMMANDS)}"
+            )
+        rank = _join_process_group() if launched_distributed() else 0
         if args.command == "memorize":
             mind = _load_mind(args, [])
             memory = mind.memorize(args.files, stride=args.stride, window=args.window, storage=args.storage)
@@ -454,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
             _generate(mind, DEMO_QUESTION, [memory], args)
     except ExtendedMindError as exc:
         print(f"extended-mind: error: {exc}", file=sys.stderr)
+        if sys.stderr is not sys.__stderr__ and not isinstance(exc, ShardError):  # a rank's own error: say it
+            print(f"extended-mind (rank {rank}): error: {exc}", file=sys.__stderr__)
         return 2
     return 0
 
