@@ -153,3 +153,87 @@ def test_cli_ask_under_torchrun_prints_the_single_process_answer(smol, tmp_path)
     a, b = json.loads(single.stdout), json.loads(sharded.stdout)
     assert [s["rank"] for s in b.pop("shards")] == [0, 1]
     assert a == b and a["text"] and a["citations"]
+
+
+def _serve(args: list[str], port: int, env: dict):
+    import subprocess
+    import time
+    import urllib.request
+
+    proc = subprocess.Popen(args + ["--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).status == 200:
+                return proc
+        except OSError:
+            time.sleep(1)
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}")
+    raise AssertionError("server did not become healthy")
+
+
+def _stop(proc) -> None:
+    import os
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def _requests(port: int) -> list:
+    import concurrent.futures
+    import urllib.request
+
+    def post(body: dict):
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
+                                     {"content-type": "application/json"})  # fmt: skip
+        out = json.loads(urllib.request.urlopen(req, timeout=240).read())
+        return out["choices"][0]["text"], [(c["document"], c["start"], c["end"]) for c in out.get("citations", [])]
+
+    model = "SmolLM2-135M-Instruct"
+    bodies = [{"model": model, "prompt": p, "max_tokens": 10, "memory": "aard"}
+              for p in ("The aardwolf eats", "Aardwolves live in", "The painting was bought for")]  # fmt: skip
+    bodies.append({"model": model, "prompt": "Hello there,", "max_tokens": 6})  # no memory, same batch
+    bodies.append({"model": model, "prompt": "The aardwolf eats", "max_tokens": 5, "memory": "aard",
+                   "uncertainty_threshold": 0.5})  # runs alone  # fmt: skip
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:  # concurrent: batched on the server
+        return list(pool.map(post, bodies))
+
+
+def test_server_under_torchrun_answers_as_one_process(smol, tmp_path):
+    import os
+    import sys
+    import urllib.request
+
+    from .distributed_launch import free_port
+
+    docs = _smol_memory_dir(tmp_path)
+    smol.memorize(sorted(docs.iterdir())).save(tmp_path / "memories" / "aard")
+    serve = ["-m", "extended_mind", "serve", "--memory-dir", str(tmp_path / "memories")]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    port = free_port()
+    proc = _serve([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                   str(free_port()), *serve], port, env)  # fmt: skip
+    try:
+        info = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/memories/aard").read())
+        assert [s["documents"] for s in info["shards"]] == [1, 2]
+        delete = urllib.request.Request(f"http://127.0.0.1:{port}/v1/memories/aard", method="DELETE")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(delete)
+        assert refused.value.code == 409
+        sharded = _requests(port)
+    finally:
+        _stop(proc)
+    port = free_port()
+    proc = _serve([sys.executable, *serve], port, env)
+    try:
+        single = _requests(port)
+    finally:
+        _stop(proc)
+    assert sharded == single
+    assert all(text for text, _ in single) and single[0][1]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .bench import cli as bench_cli
 from .chat import ChatSession
-from .distributed import ShardError, init_from_env, launched_distributed
+from .distributed import ShardError, active_group, init_from_env, launched_distributed
 from .errors import ExtendedMindError
 from .index import DEFAULT_APPROX_THRESHOLD
 from .memory import Memory, is_saved_memory
@@ -219,6 +219,12 @@ def _serve(args: argparse.Namespace) -> None:
         default_max_tokens=min(256, args.max_tokens),
         **limits,
     )
+    group = active_group()
+    if group is not None and group.rank != 0:  # under torchrun: rank 0 serves, this rank follows it
+        from .server.sharded import follow
+
+        follow(_load_mind(args, []), config)
+        return
     app = create_app(lambda: _load_mind(args, []), config)  # loads in the background; /health says 503 until ready
     where = f"http://{args.host if ':' not in args.host else f'[{args.host}]'}:{args.port}"
     print(
@@ -428,7 +434,7 @@ def _generate(mind: ExtendedMind, question: str, memories: list[Memory], args) -
 
 
 # Commands that run under torchrun, with their memories sharded over the ranks
-SHARDED_COMMANDS = ("ask", "memorize", "demo")
+SHARDED_COMMANDS = ("ask", "memorize", "demo", "serve")
 
 
 def _join_process_group() -> int:

@@ -40,6 +40,8 @@ def create_app(mind: ExtendedMind | Callable[[], ExtendedMind], config: ServerCo
             threading.Thread(target=load, name="extended-mind-load", daemon=True).start()
         yield
         worker.shutdown()
+        if app.state.mirror is not None:  # sharded: the follower ranks stop too
+            app.state.mirror.send("stop")
 
     app = FastAPI(
         title="extended-mind",
@@ -51,13 +53,21 @@ def create_app(mind: ExtendedMind | Callable[[], ExtendedMind], config: ServerCo
     app.add_middleware(GuardMiddleware, config=config)
     app.add_middleware(MetricsMiddleware, metrics=metrics, state=app.state)  # outermost: counts refusals too
     app.state.ready, app.state.loading, app.state.load_error, app.state.metrics = False, False, None, metrics
+    app.state.mirror = None
     add_ops_routes(app, metrics)
 
     def install(loaded: ExtendedMind) -> None:
+        mirror = None
+        if loaded.shard_group is not None:  # under torchrun: the other ranks follow this one (sharded.py)
+            from .sharded import Mirror, open_memories
+
+            mirror = app.state.mirror = Mirror(loaded.shard_group)
         library = MemoryLibrary(config.memory_dir, loaded)
+        if mirror is not None:
+            open_memories(library)
         app.state.library, app.state.worker, app.state.model_id = library, worker, served_model_id(loaded)
         metrics.library = library
-        add_completion_routes(app, loaded, library, worker, config, metrics)
+        add_completion_routes(app, loaded, library, worker, config, metrics, mirror)
         add_memory_routes(app, loaded, library, worker, config)
         add_token_routes(app, loaded)
         app.state.ready = True

@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
@@ -25,6 +25,9 @@ from .scheduler import BatchScheduler
 from .schemas import ChatCompletionRequest, CompletionRequest, MemoryOptions
 from .streaming import SSE_HEADERS, event_stream
 from .worker import ModelWorker
+
+if TYPE_CHECKING:
+    from .sharded import Mirror
 
 
 def served_model_id(mind: ExtendedMind) -> str:
@@ -72,8 +75,9 @@ def add_completion_routes(
     worker: ModelWorker,
     config: ServerConfig,
     metrics: ServerMetrics,
+    mirror: Mirror | None = None,
 ) -> None:
-    scheduler = BatchScheduler(worker, mind.model, mind.tokenizer, config.max_batch, metrics.batch.set)
+    scheduler = BatchScheduler(worker, mind.model, mind.tokenizer, config.max_batch, metrics.batch.set, mirror)
     model_id = served_model_id(mind)
     created = int(time.time())
 
@@ -196,10 +200,17 @@ def add_completion_routes(
 
     def start(req: ChatCompletionRequest | CompletionRequest, names: list[str]):
         """On the model thread: the token stream for a request."""
+        prompt, options = prompt_of(req), generation_options(req)
+        rid = None
+        if mirror is not None:  # the followers open the same stream (sharded.py)
+            rid = mirror.new_id()
+            mirror.send("stream", rid, prompt, names, options)
         memory: Memory | None = library.view(names) if names else None
         if memory is not None and memory.num_tokens == 0:  # every document was removed
             memory = None
-        return mind.stream(prompt_of(req), memory=memory, **generation_options(req))
+        stream = mind.stream(prompt, memory=memory, **options)
+        stream.mirror_id = rid
+        return stream
 
     def usage(result: GenerationResult) -> dict:
         n = len(result.tokens)

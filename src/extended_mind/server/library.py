@@ -42,6 +42,8 @@ class MemoryLibrary:
         self._loaded: dict[str, Memory] = {}
         self._versions: dict[str, int] = {}
         self._views: dict[tuple, Memory] = {}  # merged, namespaced memories of recent requests
+        # sharded serving (sharded.py): the memories opened at start, not to be changed through the server
+        self.read_only = False
         self._clean_trash()
 
     def _clean_trash(self) -> None:
@@ -53,15 +55,31 @@ class MemoryLibrary:
         return self.root / check_name(name)
 
     def names(self) -> list[str]:
+        if self.read_only:
+            return sorted(self._loaded)
         return sorted(p.name for p in self.root.iterdir() if _NAME.match(p.name) and is_saved_memory(p))
 
     def exists(self, name: str) -> bool:
+        if self.read_only:
+            return check_name(name) in self._loaded
         return is_saved_memory(self.path(name))
+
+    def check_writable(self) -> None:
+        if self.read_only:
+            raise APIError(
+                409,
+                "memories cannot be changed through a sharded server (started with torchrun): change them with "
+                "`extended-mind memory ...` or the Python API, then restart the server",
+                "memory_read_only",
+            )
 
     def get(self, name: str) -> Memory:
         with self._lock:
             if name in self._loaded:
                 return self._loaded[name]
+            if self.read_only:
+                raise APIError(404, f"no memory named {name!r} was opened when the sharded server started",
+                               "memory_not_found", "memory")  # fmt: skip
             if not self.exists(name):
                 raise APIError(404, f"no memory named {name!r}", "memory_not_found", "memory")
             memory = self.mind.load_memory(self.path(name))
@@ -126,6 +144,7 @@ class MemoryLibrary:
                 view = Memory(first.identity, segments, rope, first.stride, first.window, first.storage)
                 view.indexes = dict(first.indexes) if len(memories) == 1 else {}  # same keys: share saved indexes
                 view.mind = self.mind
+                view.shard = first.shard  # segments keep their ranks
                 self._views = {key: view}  # one view at a time: its prepared keys are as large as the memories
             return view
 

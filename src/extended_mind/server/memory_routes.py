@@ -36,6 +36,8 @@ def add_memory_routes(
             "storage": info["storage"],
             "bytes": info["bytes"],
         }
+        if "shards" in info:  # sharded (torchrun): each rank's documents and tokens
+            out["shards"] = info["shards"]
         if documents:
             out["data"] = [
                 {"id": s.document.id, "name": s.document.name, "chars": len(s.document.text), "tokens": s.num_tokens}
@@ -147,6 +149,7 @@ def add_memory_routes(
         "/v1/memories", status_code=201, summary="Memorize documents into a new named memory", openapi_extra=body_doc
     )
     async def create_memory(request: Request):
+        library.check_writable()
         body, docs = await read_documents(request, MemoryCreate)
         assert isinstance(body, MemoryCreate)
         name = check_name(body.name)
@@ -182,6 +185,7 @@ def add_memory_routes(
 
     @app.delete("/v1/memories/{name}", summary="Delete a memory (from disk too)")
     async def delete_memory(name: str) -> dict:
+        library.check_writable()
         check_name(name)
         await worker.run(lambda: library.delete(name))
         return {"id": name, "object": "memory.deleted", "deleted": True}
@@ -193,6 +197,7 @@ def add_memory_routes(
         openapi_extra=add_doc,
     )
     async def add_documents(name: str, request: Request):
+        library.check_writable()
         check_name(name)
         memory = library.get(name)
         body, docs = await read_documents(request, DocumentsIn)
@@ -234,6 +239,7 @@ def add_memory_routes(
 
     @app.delete("/v1/memories/{name}/documents/{doc_id:path}", summary="Remove a document from a memory")
     async def delete_document(name: str, doc_id: str) -> dict:
+        library.check_writable()
         memory = library.get(check_name(name))
         if doc_id not in memory:
             raise APIError(404, f"no document {doc_id!r} in memory {name!r}", "document_not_found", "doc_id")

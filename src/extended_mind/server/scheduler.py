@@ -12,11 +12,14 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..batching import BatchRow, DecodeBatch, retrieval_key
 from ..generation import GenerationResult, TokenStream
 from .worker import END, Channel, ModelWorker
+
+if TYPE_CHECKING:
+    from .sharded import Mirror
 
 
 @dataclass
@@ -28,8 +31,17 @@ class _Request:
 
 
 class BatchScheduler:
-    def __init__(self, worker: ModelWorker, model, tokenizer, max_batch: int, on_batch: Callable[[int], None]):
+    def __init__(
+        self,
+        worker: ModelWorker,
+        model,
+        tokenizer,
+        max_batch: int,
+        on_batch: Callable[[int], None],
+        mirror: Mirror | None = None,
+    ):
         self.worker, self.model, self.tokenizer, self.max_batch = worker, model, tokenizer, max_batch
+        self.mirror = mirror  # sharded serving: the followers do what this loop does (sharded.py)
         self.on_batch = on_batch  # told the batch size after every step (metrics)
         self._waiting: deque[_Request] = deque()
         self._lock = threading.Lock()
@@ -57,6 +69,7 @@ class BatchScheduler:
             request = self._waiting[0]
         if request.stop.is_set():  # gone before it started
             self._pop()
+            self._announce("drop", getattr(request.stream, "mirror_id", None))
             request.emit(END)
             return self._next_waiting(batch)
         if request.stream is None:
@@ -72,20 +85,29 @@ class BatchScheduler:
         with self._lock:
             self._waiting.popleft()
 
+    def _announce(self, op: str, *args: Any) -> None:
+        if self.mirror is not None:
+            self.mirror.send(op, *args)
+
+    def _new_batch(self) -> DecodeBatch:
+        self._announce("batch")
+        return DecodeBatch(self.model, self.tokenizer, self.max_batch)
+
     def _loop(self) -> None:
-        batch = DecodeBatch(self.model, self.tokenizer, self.max_batch)
+        batch = self._new_batch()
         while True:
             if not self.worker.others_waiting():
                 self._admit(batch)
             if len(batch):
                 self.on_batch(len(batch))
                 try:
+                    self._announce("step")
                     batch.step()
                 except Exception as exc:  # every request not yet answered gets the error; the loop goes on
                     for row in batch.rows:
                         if not row.reported:
                             row.sink(exc)
-                    batch = DecodeBatch(self.model, self.tokenizer, self.max_batch)
+                    batch = self._new_batch()
                 continue
             self.on_batch(0)
             with self._lock:
@@ -99,6 +121,7 @@ class BatchScheduler:
         """Move the waiting requests that can start now into the batch, prefilled together (in arrival order: the
         first that cannot join stops the admission)."""
         joining: list[tuple[BatchRow, Any, Callable, Callable]] = []
+        streams: list[TokenStream] = []
         key = batch.key
         while len(joining) < batch.room() and (ready := self._next_waiting(batch)) is not None:
             request, stream = ready
@@ -114,9 +137,11 @@ class BatchScheduler:
             self._pop()
             key = retrieval_key(s)
             row = BatchRow(stream.prompt_ids, stream.memory, stream.layers, stream.offset, stream.plan)
+            streams.append(stream)
             joining.append((row, s, self._sink(request), request.stop.is_set))
         if joining:
             try:
+                self._announce("join", [getattr(r, "mirror_id", None) for r in streams])
                 batch.join_many(joining)
             except Exception as exc:
                 for _, _, sink, _ in joining:
@@ -132,10 +157,15 @@ class BatchScheduler:
         return sink
 
     def _run_alone(self, request: _Request, stream: TokenStream) -> None:
-        for token in stream:
+        rid = getattr(stream, "mirror_id", None)
+        while True:
+            self._announce("next", rid)
+            token = next(stream, None)
+            if token is None:
+                request.emit(stream.result)
+                break
             request.emit(token)
             if request.stop.is_set():
                 break
-        else:
-            request.emit(stream.result)
+        self._announce("drop", rid)
         request.emit(END)
