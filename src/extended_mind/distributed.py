@@ -20,6 +20,7 @@ tensor files, then rank 0 writes the manifest (the ranks must share the memory d
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -87,7 +88,7 @@ _GROUP: ShardGroup | None = None
 
 class ShardGroup:
     """The ranks of the default process group, with collectives that fail with a clear error instead of hanging
-    or raising from deep inside torch. Counts the bytes each rank sends."""
+    or raising from deep inside torch. Counts the bytes this rank sends, the collectives and the time spent in them."""
 
     def __init__(self) -> None:
         self.rank = dist.get_rank()
@@ -96,9 +97,11 @@ class ShardGroup:
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else None
         self.bytes_sent = 0
         self.collectives = 0
+        self.seconds = 0.0  # spent in collectives (waiting for the other ranks included)
 
     def _run(self, what: str, fn: Callable[[], T]) -> T:
         self.collectives += 1
+        start = time.perf_counter()
         try:
             return fn()
         except (RuntimeError, ValueError, OSError, EOFError) as exc:
@@ -107,6 +110,8 @@ class ShardGroup:
                 f"sharded memory: {what} failed on rank {self.rank} of {self.world}: another rank stopped or did not "
                 f"answer within {_timeout().total_seconds():g} s ({str(exc).splitlines()[0] if str(exc) else exc!r})"
             ) from None
+        finally:
+            self.seconds += time.perf_counter() - start
 
     def _to_comm(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device) if self.device is not None else x.cpu()
