@@ -237,3 +237,43 @@ def test_server_under_torchrun_answers_as_one_process(smol, tmp_path):
         _stop(proc)
     assert sharded == single
     assert all(text for text, _ in single) and single[0][1]
+
+
+def test_documents_go_to_the_least_loaded_rank():
+    from extended_mind.distributed import least_loaded
+
+    loads = [0, 0, 0]
+    order = []
+    for n in (500, 300, 300, 100, 900):
+        r = least_loaded(loads)
+        order.append(r)
+        loads[r] += n
+    assert order == [0, 1, 2, 1, 2] and loads == [500, 400, 1200]
+
+
+def test_exchange_packing_round_trips_every_dtype():
+    from extended_mind.distributed import pack, unpack
+
+    parts = [torch.randn(2, 3, 4), torch.arange(6).view(2, 3), torch.randn(5).bfloat16(), torch.tensor([True, False])]
+    back = unpack(pack(parts), [(p.shape, p.dtype) for p in parts])
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(parts, back))
+
+
+def test_shards_true_without_a_process_group_is_refused(tiny_mind):
+    from extended_mind import ExtendedMind
+    from extended_mind.errors import ExtendedMindError
+
+    with pytest.raises(ExtendedMindError, match="process group"):
+        ExtendedMind(tiny_mind.model, tiny_mind.tokenizer, shards=True)
+    with pytest.raises(ExtendedMindError, match="shards must be"):
+        ExtendedMind(tiny_mind.model, tiny_mind.tokenizer, shards="yes")
+
+
+def test_a_remote_document_names_the_rank_that_holds_it(tiny_mind):
+    from extended_mind.errors import ExtendedMindError
+
+    memory = tiny_mind.memorize(["some text to remember"], ids=["a"])
+    segment = memory.segments[0]
+    segment.rank, segment.remote = 1, True
+    with pytest.raises(ExtendedMindError, match="held by rank 1"):
+        segment.layer("keys", 0)

@@ -153,14 +153,15 @@ class ShardGroup:
     def everywhere(self, fn: Callable[[], T], what: str) -> list[T]:
         """Run fn on every rank and return every rank's result; if it fails on any rank, every rank raises a
         ShardError naming the ranks and their errors (so no rank is left waiting on one that gave up)."""
+        failure: Exception | None = None
         try:
             result, error = fn(), None
-        except ExtendedMindError as exc:
-            result, error = None, f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # told to the others before raising here, whatever it is
+            failure, result, error = exc, None, f"{type(exc).__name__}: {exc}"
         gathered = self.all_gather_object((error, result), what)
         errors = [f"rank {r}: {e}" for r, (e, _) in enumerate(gathered) if e is not None]
         if errors:
-            raise ShardError(f"sharded memory: {what} failed: " + "; ".join(errors))
+            raise ShardError(f"sharded memory: {what} failed: " + "; ".join(errors)) from failure
         return [r for _, r in gathered]
 
 
