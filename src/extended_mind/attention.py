@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -65,6 +65,12 @@ class LayerMemory:
     # top-k, and indices (memory indices, positions) are global
     shard: LayerShard | None = None
 
+    def head(self, i: int) -> LayerMemory:
+        """This memory for KV head i alone (views, no copy): for queries of that head only."""
+        return replace(self, keys=self.keys[i : i + 1], values=self.values[i : i + 1],
+                       inv_norms=self.inv_norms[i : i + 1], index=self.index.head(i) if self.index else None,
+                       scan=self.scan.head(i) if self.scan else None, heads=None)  # fmt: skip
+
     @property
     def num_keys(self) -> int:
         """Memory tokens this layer reads from, over all ranks."""
@@ -106,15 +112,22 @@ class BlockSelection:
         _, hq, sq, d = q_pre.shape
         h = mem.keys.shape[0]
         g = hq // h
-        logits, idx, _ = retrieve(q_pre.reshape(1, h, g * sq, d).to(mem.keys.dtype), mem, self.settings, scaling,
-                                  values=False)  # fmt: skip
-        weight = torch.softmax(logits.float(), dim=-1).nan_to_num(0.0)  # (1, H, g*sq, k); rows all masked: 0
-        weight = weight.view(h, g, sq, -1) * heads.view(h, g, 1, 1).to(weight)
-        group = row_group.to(weight.device).view(1, 1, sq, 1).expand_as(weight)
-        counted = group >= 0
-        flat = group.clamp_min(0) * self.num_blocks + self.block_of.to(idx.device)[idx.view(h, g, sq, -1)]
-        mass = torch.zeros(self.groups * self.num_blocks, device=weight.device)
-        mass.index_add_(0, flat[counted], weight[counted])
+        chosen = heads.view(h, g)
+        flats, weights = [], []
+        for kv in range(h):  # only the retrieval heads' queries are scored: a third of all heads in SmolLM2
+            js = chosen[kv].nonzero().view(-1).to(q_pre.device)
+            if len(js) == 0:
+                continue
+            q = q_pre[0].index_select(0, kv * g + js).reshape(1, 1, len(js) * sq, d).to(mem.keys.dtype)
+            logits, idx, _ = retrieve(q, mem.head(kv), self.settings, scaling, values=False)
+            weight = torch.softmax(logits.float(), dim=-1).nan_to_num(0.0).view(len(js), sq, -1)  # all masked: 0
+            group = row_group.to(weight.device).view(1, sq, 1).expand_as(weight)
+            flats.append((group * self.num_blocks + self.block_of.to(idx.device)[idx.view(len(js), sq, -1)]).view(-1))
+            weights.append(weight.reshape(-1))
+        if not flats:
+            return
+        mass = torch.zeros(self.groups * self.num_blocks, device=weights[0].device)
+        mass.index_add_(0, torch.cat(flats), torch.cat(weights))
         mass = mass.view(self.groups, self.num_blocks).cpu()
         self.mass = mass if self.mass is None else self.mass + mass
 
@@ -420,6 +433,9 @@ def _attend(
     records of the last query position go to `records`. `positions` (B, Sq): the query rows' positions."""
     if _reads_nothing(mem, session):
         return _call_base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if _slots_by_sdpa(mem, query, attention_mask, kwargs):
+        return _attend_slots(module, query, key, value, attention_mask, mem, session, records, scaling, dropout,
+                             positions, **kwargs)  # fmt: skip
 
     b, hq, sq, d = query.shape
     h, skv = key.shape[1], key.shape[2]
@@ -500,6 +516,56 @@ def _attend(
 
     out = out.view(b, h, g, sq, d).reshape(b, hq, sq, d).transpose(1, 2).contiguous()
     return out, None
+
+
+def _slots_by_sdpa(mem: LayerMemory, query: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict) -> bool:
+    """Whether slots can be read by one fused attention call over [slots; local keys] (several prompt rows, a
+    boolean mask, nothing that sdpa cannot express: softcapping, ALiBi or other biases)."""
+    return (
+        mem.slot_tokens is not None and query.shape[2] > 1 and attention_mask is not None
+        and attention_mask.dtype == torch.bool
+        and not any(kwargs.get(x) is not None for x in ("softcap", "alibi", "local_bias"))
+    )  # fmt: skip
+
+
+def _attend_slots(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor,
+    mem: LayerMemory,
+    session: Session,
+    records: list | None,
+    scaling: float | None,
+    dropout: float,
+    positions: torch.Tensor | None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Slots read as context before the local keys, in one `scaled_dot_product_attention` call: the same softmax
+    as `_attend`'s joint one (same masks), about 3x faster for a prompt (SmolLM2, 500 rows, 512 slot tokens).
+    Citations need only the last row's probabilities: that row goes through `_attend` as well."""
+    b, hq, sq, d = query.shape
+    skv, s = key.shape[2], mem.keys.shape[1]
+    scaling = d**-0.5 if scaling is None else scaling
+    visible = torch.ones((b, 1, sq, s), dtype=torch.bool, device=query.device)
+    no_memory = _rows_without_memory(mem, attention_mask, positions, b, sq, skv)
+    if no_memory is not None:
+        visible = visible & ~no_memory.view(b, 1, sq, 1).to(query.device)
+    window = getattr(module, "sliding_window", None)
+    if window and positions is not None:  # as in _attend: a sliding-window layer sees slots within its window only
+        slot_pos = torch.arange(mem.slot_end - s, mem.slot_end, device=query.device)
+        visible = visible & ((positions.to(query.device).view(b, 1, sq, 1) - slot_pos.view(1, 1, 1, s)) < window)
+    keys = torch.cat([mem.keys.to(key.dtype).unsqueeze(0).expand(b, -1, -1, -1), key], dim=2)
+    values = torch.cat([mem.values.to(value.dtype).unsqueeze(0).expand(b, -1, -1, -1), value], dim=2)
+    mask = torch.cat([visible, attention_mask[:, :, -sq:, -skv:].expand(b, 1, sq, skv)], dim=-1)
+    out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling,
+                                                           enable_gqa=True)  # fmt: skip
+    if session.record_citations:
+        last = positions[:, -1:] if positions is not None else None
+        _attend(module, query[:, :, -1:], key, value, attention_mask[:, :, -1:], mem, session, records, scaling,
+                dropout, last, **kwargs)  # fmt: skip
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _rows_without_memory(

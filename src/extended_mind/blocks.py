@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import PreTrainedModel
 
-from .attention import BlockSelection, LayerMemory, RetrievalSettings, Session
+from .attention import BlockSelection, LayerMemory, RetrievalSettings, Session, attention_modules
 from .memory import Memory
 from .prompting import EncodedPrompt
 from .rope import apply_rope, extend_table, invert_rope
@@ -155,6 +155,14 @@ class BlockPlan:
         return {layer: (rows[2 * i], rows[2 * i + 1]) for i, layer in enumerate(self.read_layers)}
 
 
+class _PassDone(Exception):
+    """Raised after the last layer a block selection needs."""
+
+
+def _stop_pass(*_) -> None:
+    raise _PassDone
+
+
 def select_blocks(
     model: PreTrainedModel,
     prompts: list[list[int]],
@@ -187,9 +195,19 @@ def select_blocks(
         row_group = torch.cat([torch.full((width - len(p),), -1, dtype=torch.long), group])
         selections.append(plan.selection(row_group, max(1, n_groups)))
     session = Session(selection=selections)
-    with session.active(), torch.inference_mode():
-        model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                         use_cache=False)  # fmt: skip
+    # the layers after the last one with retrieval heads cannot change the scores: the pass stops there
+    last = max((max(s.heads, default=-1) for s in selections if s is not None), default=-1)
+    modules = attention_modules(model)
+    hook = modules[last].register_forward_hook(_stop_pass) if 0 <= last < len(modules) - 1 else None
+    try:
+        with session.active(), torch.inference_mode():
+            model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                             use_cache=False)  # fmt: skip
+    except _PassDone:
+        pass
+    finally:
+        if hook is not None:
+            hook.remove()
     out: list[torch.Tensor | None] = []
     for sel in selections:
         if sel is None:

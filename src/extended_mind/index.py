@@ -117,6 +117,10 @@ class LayerIndex:
         grouped = keys.gather(1, self.order.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))
         return KeyScan.build(grouped) or KeyScan(grouped, None, num_keys=grouped.shape[1])
 
+    def head(self, i: int) -> LayerIndex:
+        """The cells of KV head i alone (views, no copy)."""
+        return LayerIndex(self.centroids[i : i + 1], self.order[i : i + 1], self.offsets[i : i + 1])
+
     def to(self, device: torch.device) -> LayerIndex:
         return LayerIndex(self.centroids.to(device), self.order.to(device), self.offsets.to(device))
 

@@ -131,6 +131,15 @@ class KeyScan:
             return cls(codes.contiguous(), scales, num_keys=n)
         raise ValueError(f"unknown scan kind {kind!r}")
 
+    def head(self, i: int) -> KeyScan:
+        """The scan of KV head i alone (views, no copy)."""
+
+        def one(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[i : i + 1]
+
+        return KeyScan(one(self.codes), one(self.scales), one(self.packed), one(self.colsums), self.num_keys,
+                       self.packed_kind)  # fmt: skip
+
     @property
     def kind(self) -> str:
         if self.packed is not None:
