@@ -150,7 +150,8 @@ def test_low_precision_scan_with_exact_rescoring_equals_the_float32_scan(tiny_mi
         _use_scan(kind, monkeypatch)
         memory._prepared.clear()
         scanned = tiny_mind.generate("The secret", memory=memory, max_new_tokens=8, chat=False, **options)
-        assert next(iter(memory._prepared.values()))[0].scan.kind == kind
+        prepared = next(iter(memory._prepared.values()))  # block memory prepares its selection layers only
+        assert all(layer.scan.kind == kind for layer in prepared.values())
         assert [t.id for t in scanned.tokens] == [t.id for t in plain.tokens]
         torch.testing.assert_close(tiny_mind.logits(ids, memory=memory, **options), plain_logits)
         memory._prepared.clear()

@@ -29,7 +29,7 @@ from transformers import PreTrainedModel
 from .attention import BlockSelection, LayerMemory, RetrievalSettings, Session, attention_modules
 from .memory import Memory
 from .prompting import EncodedPrompt
-from .rope import apply_rope, extend_table, invert_rope
+from .rope import apply_rope, extend_table
 
 
 def slot_positions(blocks: int, block_size: int) -> int:
@@ -81,6 +81,8 @@ class BlockPlan:
     memory: Memory
     layers: dict[int, LayerMemory]  # the memory of every layer, keys unrotated ("zero" policy)
     read_layers: list[int]  # the layers that read the slots
+    device: torch.device  # where slots go, in the model's dtype
+    dtype: torch.dtype
     heads: dict[int, torch.Tensor]  # retrieval heads per layer
     layout: BlockLayout
     blocks: int  # blocks read at most
@@ -130,28 +132,38 @@ class BlockPlan:
         positions = torch.arange(self.slot_end - tokens.numel(), self.slot_end)
         fetched = self._fetch(tokens)
         out = {}
+        dev = self.device
         for layer in self.read_layers:
-            mem = self.layers[layer]
             table = self.memory.layer_rope[layer]
             cos, sin = extend_table(self.memory.rope_cos[table], self.memory.rope_sin[table], self.slot_end)
-            dev = mem.keys.device
-            idx = tokens.to(dev)
-            chosen_keys, chosen_values = fetched[layer] if fetched else (mem.keys[:, idx], mem.values[:, idx])
-            raw = invert_rope(chosen_keys.float(), cos[:1].to(dev), sin[:1].to(dev))  # "zero" keys: undo pos 0
-            keys = apply_rope(raw, cos[positions].to(dev), sin[positions].to(dev)).to(mem.keys.dtype)
-            inv_norms = 1.0 / chosen_keys.float().norm(dim=-1).clamp_min(1e-12).to(mem.keys.dtype)
-            out[layer] = LayerMemory(keys=keys, values=chosen_values, inv_norms=inv_norms, slot_tokens=idx,
+            chosen_keys, chosen_values = fetched[layer]
+            raw = chosen_keys.float()  # stored keys are pre-RoPE: what the "zero" policy rotates to position 0
+            keys = apply_rope(raw, cos[positions].to(dev), sin[positions].to(dev)).to(self.dtype)
+            inv_norms = 1.0 / raw.norm(dim=-1).clamp_min(1e-12).to(self.dtype)
+            out[layer] = LayerMemory(keys=keys, values=chosen_values, inv_norms=inv_norms, slot_tokens=tokens.to(dev),
                                      slot_end=self.slot_end)  # fmt: skip
         return out
 
     def _fetch(self, tokens: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Keys and values of `tokens` in every read layer from the ranks that hold them (sharded memory: one
-        exchange for all layers); empty when this process holds the whole memory."""
-        shard = self.layers[self.read_layers[0]].shard if self.read_layers else None
-        if shard is None:
-            return {}
-        tensors = [t for layer in self.read_layers for t in (self.layers[layer].keys, self.layers[layer].values)]
-        rows = shard.fetch(tensors, tokens.to(tensors[0].device))
+        """Keys and values of `tokens` in every read layer, decoded from the stored documents (only those rows: the
+        memory is not prepared for the layers that only read slots); from the ranks that hold them when the memory
+        is sharded (one exchange for all layers)."""
+        group = self.memory.shard
+        held = tokens
+        if group is not None:
+            l2g = self.memory.local_to_global()
+            held = tokens[torch.isin(tokens, l2g)]
+        rows = []
+        for layer in self.read_layers:
+            for kind in ("keys", "values"):
+                x = self.memory.token_rows(kind, layer, held).to(device=self.device, dtype=self.dtype)
+                if group is not None:  # zeros where another rank holds the token
+                    full = torch.zeros(x.shape[0], tokens.numel(), x.shape[2], dtype=x.dtype, device=x.device)
+                    full[:, torch.isin(tokens, held).to(x.device)] = x
+                    x = full
+                rows.append(x)
+        if group is not None:
+            rows = group.fetch_sum(rows)
         return {layer: (rows[2 * i], rows[2 * i + 1]) for i, layer in enumerate(self.read_layers)}
 
 

@@ -147,6 +147,13 @@ class ShardGroup:
         self._run(what, lambda: dist.broadcast(t, src=0))
         return t.cpu().tolist()
 
+    def fetch_sum(self, tensors: list[torch.Tensor], what: str = "gathering memory blocks") -> list[torch.Tensor]:
+        """Tensors each rank filled where it holds the rows (zeros elsewhere), summed over the ranks in one
+        all_reduce. Every row is held by exactly one rank, so even the bytes add up exactly: the sum runs on the
+        packed bytes, whatever the dtypes."""
+        summed = self.all_reduce_sum(pack(tensors), what)
+        return unpack(summed, [(t.shape, t.dtype) for t in tensors])
+
     def barrier(self, what: str = "waiting for the other ranks") -> None:
         self._run(what, lambda: dist.barrier())
 
@@ -312,25 +319,3 @@ class LayerShard:
 
     def __init__(self, group: ShardGroup, local_to_global: torch.Tensor, total: int):
         self.group, self.local_to_global, self.total = group, local_to_global, total
-
-    def local_positions(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For global token indices: (held here (S,) bool, local index (S,), meaningful where held)."""
-        l2g = self.local_to_global.to(tokens.device)
-        if l2g.numel() == 0:
-            return torch.zeros_like(tokens, dtype=torch.bool), torch.zeros_like(tokens)
-        pos = torch.searchsorted(l2g, tokens).clamp_max(l2g.numel() - 1)
-        return l2g[pos] == tokens, pos
-
-    def fetch(self, tensors: list[torch.Tensor], tokens: torch.Tensor) -> list[torch.Tensor]:
-        """Rows `tokens` (global, (S,)) of per-head tensors (H, N local, D) held across the ranks: each rank fills
-        the rows it holds, zeros elsewhere, and one all_reduce adds them up: every row is held by exactly one rank,
-        so even the bytes add up exactly (the sum runs on the packed bytes, whatever the dtypes)."""
-        held, pos = self.local_positions(tokens)
-        out = []
-        for x in tensors:
-            buf = torch.zeros(x.shape[0], tokens.numel(), *x.shape[2:], dtype=x.dtype, device=x.device)
-            if bool(held.any()):
-                buf[:, held] = x[:, pos[held]]
-            out.append(buf)
-        summed = self.group.all_reduce_sum(pack(out), "gathering memory blocks")
-        return unpack(summed, [(o.shape, o.dtype) for o in out])

@@ -287,6 +287,23 @@ class Memory:
         h, _, dv = self.rope.kv_shapes[layer]
         return _concat([s.layer("values", layer) for s in self.segments], (h, 0, dv), dim=1)
 
+    def token_rows(self, kind: str, layer: int, tokens: torch.Tensor) -> torch.Tensor:
+        """Keys or values (`kind`) of one layer for memory tokens `tokens` (S,) in ascending order: (H, S, D), as
+        `layer_keys` / `layer_values` hold them, decoded from the stored segments (only those rows)."""
+        h, dk, dv = self.rope.kv_shapes[layer]
+        parts, start, tokens = [], 0, tokens.long().cpu()
+        for s in self.segments:
+            lo, hi = torch.searchsorted(tokens, torch.tensor([start, start + s.num_tokens])).tolist()
+            if hi > lo:
+                local = tokens[lo:hi] - start
+                t = s.tensors if not s.remote else None
+                if t is None:
+                    s.layer(kind, layer)  # raises: names the rank that holds it
+                scale = t.get(f"{kind[:-1]}_scales.{layer}")
+                parts.append(decode(t[f"{kind}.{layer}"][:, local], scale[:, local] if scale is not None else None))
+            start += s.num_tokens
+        return _concat(parts, (h, 0, dk if kind == "keys" else dv), dim=1)
+
     @property
     def keys(self) -> list[torch.Tensor]:
         """Per layer (H, N, D) pre-RoPE keys (cached; for inspection and tests, generation uses `layer_keys`)."""

@@ -273,8 +273,9 @@ class ExtendedMind:
             return None, 0, {}
         approximate = search == "approximate" or (search == "auto" and mem.num_tokens >= approx_threshold)
         settings = (index or IndexSettings()) if approximate and topk > 0 and mem.num_tokens else None
-        if retrieval == "blocks":
-            return mem, 0, prepare_layers(mem, "zero", self.device, self.model.dtype, None, settings)
+        if retrieval == "blocks":  # keys of the layers whose heads choose blocks; slots are read from the memory
+            selecting = None if memory_heads == "all" else sorted(retrieval_heads(self.head_scores))
+            return mem, 0, prepare_layers(mem, "zero", self.device, self.model.dtype, selecting, settings)
         layers = prepare_layers(mem, position_policy, self.device, self.model.dtype, memory_layers, settings)
         if memory_heads == "retrieval":  # only the retrieval heads read memory; layers without any, none
             heads = retrieval_heads(self.head_scores)
@@ -308,14 +309,17 @@ class ExtendedMind:
         memory_heads: str | None,
         extra_blocks: int = 0,
     ) -> BlockPlan:
+        n_layers = self.model.config.num_hidden_layers
         if memory_heads == "all":
-            heads = {i: torch.ones(self.model.config.num_attention_heads, dtype=torch.bool) for i in layers}
+            heads = {i: torch.ones(self.model.config.num_attention_heads, dtype=torch.bool) for i in range(n_layers)}
         else:
             heads = retrieval_heads(self.head_scores)
         plan = BlockPlan(
             memory=memory,
             layers=layers,
-            read_layers=sorted(layers) if memory_layers is None else list(memory_layers),
+            read_layers=list(range(n_layers)) if memory_layers is None else list(memory_layers),
+            device=self.device,
+            dtype=self.model.dtype,
             heads=heads,
             layout=BlockLayout.of(memory, block_size),
             blocks=blocks,

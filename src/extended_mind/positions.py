@@ -46,13 +46,15 @@ def prepare_layers(
     `scan_from`: the memory size from which exact search scans a compact copy (default: this memory's)."""
     if memory.shard is not None:
         return _prepare_sharded(memory, policy, device, dtype, layers, index)
-    cache_key = (policy, str(device), dtype, index)
+    # only the layers asked for (block memory prepares its selection layers alone); indexes cover every layer
+    wanted = range(memory.num_layers) if layers is None or index is not None else sorted(set(layers))
+    cache_key = (policy, str(device), dtype, index, tuple(wanted))
     prepared = memory._prepared.get(cache_key)
     if prepared is None:
         memory._prepared.clear()  # one prepared copy at a time: memory use stays at most about twice the memory
         prepared = {}
         scanned = index is None and (memory.num_tokens if scan_from is None else scan_from) >= LOW_PRECISION_SCAN_MIN
-        for layer in range(memory.num_layers):
+        for layer in wanted:
             table = memory.layer_rope[layer]
             cos, sin = memory.rope_cos[table], memory.rope_sin[table]
             pos = torch.zeros_like(memory.positions) if policy == "zero" else memory.positions
@@ -91,14 +93,14 @@ def _prepare_sharded(
     documents has no index), with global indices: their global token numbers and every memory's position."""
     from .distributed import LayerShard
 
-    cache_key = ("sharded", policy, str(device), dtype, index)
+    cache_key = ("sharded", policy, str(device), dtype, index, None if layers is None else tuple(sorted(set(layers))))
     prepared = memory._prepared.get(cache_key)
     if prepared is None:
         memory._prepared.clear()
         local = memory.local_view()
         local_index = index if local.num_tokens else None
         scan_from = memory.num_tokens if local.num_tokens else 0  # nothing to scan here
-        local_layers = prepare_layers(local, policy, device, dtype, None, local_index, scan_from=scan_from)
+        local_layers = prepare_layers(local, policy, device, dtype, layers, local_index, scan_from=scan_from)
         shard = LayerShard(memory.shard, memory.local_to_global().to(device), memory.num_tokens)
         positions = memory.positions.long()
         positions = torch.full_like(positions, -1) if policy == "zero" else positions
