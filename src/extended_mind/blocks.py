@@ -30,6 +30,7 @@ from .attention import BlockSelection, LayerMemory, RetrievalSettings, Session, 
 from .memory import Memory
 from .prompting import EncodedPrompt
 from .rope import apply_rope, extend_table
+from .storage import float_dtype
 
 
 def slot_positions(blocks: int, block_size: int) -> int:
@@ -150,13 +151,17 @@ class BlockPlan:
         is sharded (one exchange for all layers)."""
         group = self.memory.shard
         held = tokens
+        wire = self.dtype
         if group is not None:
-            l2g = self.memory.local_to_global()
-            held = tokens[torch.isin(tokens, l2g)]
+            held = tokens[torch.isin(tokens, self.memory.local_to_global())]
+            # sent as stored when every document is stored alike in a float type (bfloat16: half the bytes); the
+            # conversion to the model's dtype after the exchange gives the same numbers
+            kinds = {s.storage for s in self.memory.segments}
+            wire = (float_dtype(kinds.pop()) if len(kinds) == 1 else None) or torch.float32
         rows = []
         for layer in self.read_layers:
             for kind in ("keys", "values"):
-                x = self.memory.token_rows(kind, layer, held).to(device=self.device, dtype=self.dtype)
+                x = self.memory.token_rows(kind, layer, held).to(device=self.device, dtype=wire)
                 if group is not None:  # zeros where another rank holds the token
                     full = torch.zeros(x.shape[0], tokens.numel(), x.shape[2], dtype=x.dtype, device=x.device)
                     full[:, torch.isin(tokens, held).to(x.device)] = x
@@ -164,6 +169,7 @@ class BlockPlan:
                 rows.append(x)
         if group is not None:
             rows = group.fetch_sum(rows)
+        rows = [x.to(self.dtype) for x in rows]
         return {layer: (rows[2 * i], rows[2 * i + 1]) for i, layer in enumerate(self.read_layers)}
 
 

@@ -20,6 +20,11 @@ def check_storage(storage: str) -> str:
     return storage
 
 
+def float_dtype(storage: str) -> torch.dtype | None:
+    """The torch dtype a float storage keeps tensors in; None for int8 (codes and scales)."""
+    return _FLOATS.get(storage)
+
+
 def storage_of(dtype: torch.dtype) -> str:
     """The storage matching a model dtype (memories default to the precision the model computes in)."""
     for name, dt in _FLOATS.items():
