@@ -28,6 +28,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .distributed import pack, unpack
 from .errors import ExtendedMindError
 from .rope import invert_rope
 from .scan import KeyScan, fast_topk, shortlist_size
@@ -232,8 +233,6 @@ def _retrieve_sharded(
         if vals is not None:
             vals = torch.nn.functional.pad(vals, (0, 0, 0, pad))
     parts = [key, raw, inv, gidx] + ([vals] if vals is not None else [])
-    from .distributed import pack, unpack
-
     like = [(p.shape, p.dtype) for p in parts]
     gathered = [unpack(buf, like) for buf in shard.group.all_gather(pack(parts), "exchanging retrieved memories")]
     key, raw, inv, gidx = (torch.cat([g[i] for g in gathered], dim=-1) for i in range(4))
