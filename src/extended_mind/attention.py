@@ -239,8 +239,7 @@ def _retrieve_sharded(
     pos = key.topk(k, dim=-1).indices  # sorted, as _select's top-k
     raw, inv, gidx = raw.gather(-1, pos), inv.gather(-1, pos), gidx.gather(-1, pos)
     if settings.similarity_threshold is not None:
-        cos = raw / (q.norm(dim=-1, keepdim=True) * (1.0 / inv)).clamp_min(1e-12)
-        raw = raw.masked_fill(cos <= settings.similarity_threshold, float("-inf"))
+        raw = _similarity_mask(q, raw, inv, settings.similarity_threshold)
     if vals is not None:
         vals = torch.cat([g[4] for g in gathered], dim=-2)
         vals = vals.gather(-2, pos.unsqueeze(-1).expand(*pos.shape, vals.shape[-1]))
@@ -325,10 +324,15 @@ def _select(
     raw = scores.gather(-1, pos)
     idx = pos if cand is None else cand.gather(-1, pos)
     if inv_norms is not None and settings.similarity_threshold is not None:
-        knorm = 1.0 / inv_norms.gather(-1, pos)
-        cos = raw / (q.norm(dim=-1, keepdim=True) * knorm).clamp_min(1e-12)
-        raw = raw.masked_fill(cos <= settings.similarity_threshold, float("-inf"))
+        raw = _similarity_mask(q, raw, inv_norms.gather(-1, pos), settings.similarity_threshold)
     return raw * scaling, idx
+
+
+def _similarity_mask(q: torch.Tensor, raw: torch.Tensor, inv_norms: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Raw scores q.k (B, H, R, k) with the memories whose cosine similarity is <= threshold set to -inf;
+    `inv_norms` are those keys' 1/|k|."""
+    cos = raw / (q.norm(dim=-1, keepdim=True) * (1.0 / inv_norms)).clamp_min(1e-12)
+    return raw.masked_fill(cos <= threshold, float("-inf"))
 
 
 def memory_attention(
@@ -459,13 +463,10 @@ def _attend(
     no_memory = _rows_without_memory(mem, attention_mask, positions, b, sq, skv)
     if no_memory is not None:
         mem_logits = mem_logits.view(b, h, g, sq, k).masked_fill(no_memory, float("-inf")).view(b, h, g * sq, k)
-    window = getattr(module, "sliding_window", None)
-    if slots and window and positions is not None:
-        # A sliding-window layer sees a slot only within its window, as it would see a pasted passage: without
-        # this, rows far past the slots read them at distances the layer never saw (Gemma 3 perplexity 378 vs 19)
-        slot_pos = torch.arange(mem.slot_end - k, mem.slot_end, device=mem_logits.device)
-        far = (positions.to(mem_logits.device).view(b, 1, 1, sq, 1) - slot_pos.view(1, 1, 1, 1, k)) >= window
-        mem_logits = mem_logits.view(b, h, g, sq, k).masked_fill(far, float("-inf")).view(b, h, g * sq, k)
+    far = _slots_out_of_window(module, mem, positions, mem_logits.device) if slots else None
+    if far is not None:
+        mem_logits = mem_logits.view(b, h, g, sq, k).masked_fill(far.view(b, 1, 1, sq, k), float("-inf"))
+        mem_logits = mem_logits.view(b, h, g * sq, k)
     alibi = kwargs.get("alibi")
     if alibi is not None:  # ALiBi (alibi.py): a memory at position p is biased as a local key at p would be
         slopes, last = alibi
@@ -551,10 +552,9 @@ def _attend_slots(
     no_memory = _rows_without_memory(mem, attention_mask, positions, b, sq, skv)
     if no_memory is not None:
         visible = visible & ~no_memory.view(b, 1, sq, 1).to(query.device)
-    window = getattr(module, "sliding_window", None)
-    if window and positions is not None:  # as in _attend: a sliding-window layer sees slots within its window only
-        slot_pos = torch.arange(mem.slot_end - s, mem.slot_end, device=query.device)
-        visible = visible & ((positions.to(query.device).view(b, 1, sq, 1) - slot_pos.view(1, 1, 1, s)) < window)
+    far = _slots_out_of_window(module, mem, positions, query.device)
+    if far is not None:
+        visible = visible & ~far.view(b, 1, sq, s)
     keys = torch.cat([mem.keys.to(key.dtype).unsqueeze(0).expand(b, -1, -1, -1), key], dim=2)
     values = torch.cat([mem.values.to(value.dtype).unsqueeze(0).expand(b, -1, -1, -1), value], dim=2)
     mask = torch.cat([visible, attention_mask[:, :, -sq:, -skv:].expand(b, 1, sq, skv)], dim=-1)
@@ -565,6 +565,20 @@ def _attend_slots(
         _attend(module, query[:, :, -1:], key, value, attention_mask[:, :, -1:], mem, session, records, scaling,
                 dropout, last, **kwargs)  # fmt: skip
     return out.transpose(1, 2).contiguous(), None
+
+
+def _slots_out_of_window(
+    module: torch.nn.Module, mem: LayerMemory, positions: torch.Tensor | None, device: torch.device
+) -> torch.Tensor | None:
+    """(B, Sq, S) bool: the slots each query row must not read in a sliding-window layer, or None. Such a layer
+    sees a slot only within its window, as it would see a pasted passage: without this, rows far past the slots read
+    them at distances the layer never saw (Gemma 3 perplexity 378 vs 19)."""
+    window = getattr(module, "sliding_window", None)
+    if not window or positions is None:
+        return None
+    s = mem.keys.shape[1]
+    slot_pos = torch.arange(mem.slot_end - s, mem.slot_end, device=device)
+    return (positions.to(device).unsqueeze(-1) - slot_pos) >= window
 
 
 def _rows_without_memory(

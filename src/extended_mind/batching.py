@@ -33,6 +33,7 @@ from .generation import (
     DecodeSettings,
     GeneratedToken,
     GenerationResult,
+    TokenStream,
     biased,
     entropy,
     next_piece,
@@ -52,6 +53,11 @@ class BatchRow:
     layers: dict[int, LayerMemory]
     offset: int  # first position of the prompt (after the memory's positions under the "stored" policy)
     plan: BlockPlan | None = None  # block memory: slots chosen by a pass over the prompt without memory
+
+    @classmethod
+    def of(cls, stream: TokenStream) -> BatchRow:
+        """The row of a prepared (not started) token stream."""
+        return cls(stream.prompt_ids, stream.memory, stream.layers, stream.offset, stream.plan)
 
     def positions(self) -> list[int]:
         if self.plan is not None:

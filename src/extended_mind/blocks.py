@@ -153,7 +153,8 @@ class BlockPlan:
         held = tokens
         wire = self.dtype
         if group is not None:
-            held = tokens[torch.isin(tokens, self.memory.local_to_global())]
+            mine = torch.isin(tokens, self.memory.local_to_global())
+            held = tokens[mine]
             # sent as stored when every document is stored alike in a float type (bfloat16: half the bytes); the
             # conversion to the model's dtype after the exchange gives the same numbers
             kinds = {s.storage for s in self.memory.segments}
@@ -164,7 +165,7 @@ class BlockPlan:
                 x = self.memory.token_rows(kind, layer, held).to(device=self.device, dtype=wire)
                 if group is not None:  # zeros where another rank holds the token
                     full = torch.zeros(x.shape[0], tokens.numel(), x.shape[2], dtype=x.dtype, device=x.device)
-                    full[:, torch.isin(tokens, held).to(x.device)] = x
+                    full[:, mine.to(x.device)] = x
                     x = full
                 rows.append(x)
         if group is not None:

@@ -74,15 +74,18 @@ class Segment:
             self._tensors = self.load()
         return self._tensors
 
-    def layer(self, kind: str, layer: int) -> torch.Tensor:
-        """Keys or values (`kind`) of one layer, (H, n, D), as float (int8 storage is dequantized)."""
+    def layer(self, kind: str, layer: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Keys or values (`kind`) of one layer, (H, n, D), as float (int8 storage is dequantized); with `rows`
+        (indices into this document's tokens) only those rows are decoded."""
         if self.remote:
             raise ExtendedMindError(
                 f"the keys and values of document {self.document.id!r} are held by rank {self.rank} of the sharded "
                 "memory, not by this process"
             )
-        t = self.tensors
-        return decode(t[f"{kind}.{layer}"], t.get(f"{kind[:-1]}_scales.{layer}"))
+        data, scale = self.tensors[f"{kind}.{layer}"], self.tensors.get(f"{kind[:-1]}_scales.{layer}")
+        if rows is not None:
+            data, scale = data[:, rows], scale[:, rows] if scale is not None else None
+        return decode(data, scale)
 
     def astype(self, storage: str, num_layers: int) -> Segment:
         if storage == self.storage:
@@ -295,12 +298,7 @@ class Memory:
         for s in self.segments:
             lo, hi = torch.searchsorted(tokens, torch.tensor([start, start + s.num_tokens])).tolist()
             if hi > lo:
-                local = tokens[lo:hi] - start
-                t = s.tensors if not s.remote else None
-                if t is None:
-                    s.layer(kind, layer)  # raises: names the rank that holds it
-                scale = t.get(f"{kind[:-1]}_scales.{layer}")
-                parts.append(decode(t[f"{kind}.{layer}"][:, local], scale[:, local] if scale is not None else None))
+                parts.append(s.layer(kind, layer, tokens[lo:hi] - start))
             start += s.num_tokens
         return _concat(parts, (h, 0, dk if kind == "keys" else dv), dim=1)
 

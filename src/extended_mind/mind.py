@@ -576,7 +576,7 @@ class ExtendedMind:
         if options.get("uncertainty_threshold") is not None:
             raise ExtendedMindError("uncertainty-triggered retrieval is not batched: call generate per prompt")
         streams = [self.stream(p, memory=m, **options) for p, m in zip(prompts, memories)]  # validates, prepares
-        rows = [BatchRow(t.prompt_ids, t.memory, t.layers, t.offset, t.plan) for t in streams]
+        rows = [BatchRow.of(t) for t in streams]
         return generate_batch(self.model, self.tokenizer, rows, streams[0].settings)
 
 

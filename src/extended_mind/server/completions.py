@@ -14,7 +14,6 @@ from fastapi.responses import StreamingResponse
 
 from ..citations import Citation
 from ..generation import GeneratedToken, GenerationResult
-from ..memory import Memory
 from ..mind import ExtendedMind
 from ..prompting import DEFAULT_MEMORY_AT, EncodedPrompt, encode, encode_messages
 from .config import ServerConfig
@@ -205,10 +204,7 @@ def add_completion_routes(
         if mirror is not None:  # the followers open the same stream (sharded.py)
             rid = mirror.new_id()
             mirror.send("stream", rid, prompt, names, options)
-        memory: Memory | None = library.view(names) if names else None
-        if memory is not None and memory.num_tokens == 0:  # every document was removed
-            memory = None
-        stream = mind.stream(prompt, memory=memory, **options)
+        stream = mind.stream(prompt, memory=library.memory_for(names), **options)
         stream.mirror_id = rid
         return stream
 

@@ -119,6 +119,12 @@ class MemoryLibrary:
         self._versions[name] = self._versions.get(name, 0) + 1
         self._views = {k: v for k, v in self._views.items() if name not in k[0]}
 
+    def memory_for(self, names: list[str]) -> Memory | None:
+        """What a request naming `names` reads: their view, or None when it names none or every document was
+        removed."""
+        memory = self.view(names) if names else None
+        return memory if memory is not None and memory.num_tokens else None
+
     def view(self, names: list[str]) -> Memory:
         """One memory over the named memories whose documents are called "<memory>/<document id>", so citations
         say which memory they come from and equal document ids in two memories do not clash. Tensors are shared

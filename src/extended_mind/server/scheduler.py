@@ -136,7 +136,7 @@ class BatchScheduler:
                 break
             self._pop()
             key = retrieval_key(s)
-            row = BatchRow(stream.prompt_ids, stream.memory, stream.layers, stream.offset, stream.plan)
+            row = BatchRow.of(stream)
             streams.append(stream)
             joining.append((row, s, self._sink(request), request.stop.is_set))
         if joining:

@@ -84,18 +84,14 @@ def follow(mind: ExtendedMind, config: ServerConfig) -> None:
         try:
             if op == "stream":
                 rid, prompt, names, options = args
-                memory = library.view(names) if names else None
-                if memory is not None and memory.num_tokens == 0:
-                    memory = None
-                streams[rid] = mind.stream(prompt, memory=memory, **options)
+                streams[rid] = mind.stream(prompt, memory=library.memory_for(names), **options)
             elif op == "batch":
                 batch = DecodeBatch(mind.model, mind.tokenizer, config.max_batch)
             elif op == "join":
                 joining = []
                 for rid in args[0]:
                     s = streams.pop(rid)
-                    row = BatchRow(s.prompt_ids, s.memory, s.layers, s.offset, s.plan)
-                    joining.append((row, s.settings, lambda item: None, lambda: False))
+                    joining.append((BatchRow.of(s), s.settings, lambda item: None, lambda: False))
                 batch.join_many(joining)
             elif op == "step":
                 batch.step()
