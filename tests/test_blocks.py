@@ -3,6 +3,8 @@ its cache, the sink rule and retrieval-head-only token retrieval."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -135,3 +137,59 @@ def test_retrieval_heads_only_token_retrieval(tiny_mind, monkeypatch):
     scores[1, :2] = 0.0  # two heads of layer 1 only: something in between
     partial = tiny_mind.logits(prompt, memory_heads="retrieval", **options)
     assert not torch.equal(partial, only_heads)
+
+
+@pytest.mark.parametrize("scan", ["int8", "float32"])
+def test_selection_keys_stay_stored_and_score_the_same(tiny_mind, monkeypatch, scan):
+    """Block selection keeps bfloat16 keys as stored when a compact copy shortlists them (no float32 copy, no
+    values): the masses are the ones a float32 copy of the same keys gives. Scanned plain, keys are float32."""
+    from extended_mind import positions, scan_select
+
+    monkeypatch.setattr(positions, "LOW_PRECISION_SCAN_MIN", 0)
+    monkeypatch.setenv("EXTENDED_MIND_SCAN", scan)
+    scan_select.scan_path.cache_clear()
+    try:
+        memory = tiny_mind.memorize(DOCS, storage="bfloat16")
+        wide = memory.astype("float32")
+        plan, wide_plan = _plan(tiny_mind, memory), _plan(tiny_mind, wide)
+        layer, wide_layer = next(iter(plan.layers.values())), next(iter(wide_plan.layers.values()))
+        assert layer.values.numel() == 0 and layer.keys.dtype == (torch.bfloat16 if scan == "int8" else torch.float32)
+        assert wide_layer.keys.dtype == torch.float32
+        ids = list(range(40, 52))
+        mass = select_blocks(tiny_mind.model, [ids], [plan.positions(12)], [plan])[0]
+        wide_mass = select_blocks(tiny_mind.model, [ids], [wide_plan.positions(12)], [wide_plan])[0]
+        assert float(mass.sum()) > 0 and torch.equal(mass, wide_mass)
+    finally:
+        scan_select.scan_path.cache_clear()
+
+
+def test_prepared_selection_is_kept_and_reused(tiny_mind, tmp_path, monkeypatch):
+    """A large memory's prepared selection keys are written to the cache once; a reopened memory maps them instead
+    of preparing again, and answers the same."""
+    from extended_mind import Memory, positions, prepared, scan_select
+
+    monkeypatch.setenv("EXTENDED_MIND_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(positions, "LOW_PRECISION_SCAN_MIN", 0)
+    monkeypatch.setattr(prepared, "PERSIST_MIN", 0)
+    monkeypatch.setenv("EXTENDED_MIND_SCAN", "int8")
+    scan_select.scan_path.cache_clear()
+    try:
+        path = tiny_mind.memorize(DOCS, storage="bfloat16").save(tmp_path / "m")
+        options = dict(max_new_tokens=4, blocks=2, block_size=8, topk=6)
+        first = tiny_mind.generate("The cat", memory=Memory.load(path), **options)
+        assert len(list((tmp_path / "cache" / "prepared").glob("*.safetensors"))) == 1
+        monkeypatch.setattr(positions, "_prepare", lambda *a: pytest.fail("prepared again"))
+        again = tiny_mind.generate("The cat", memory=Memory.load(path), **options)
+        def seen(r):
+            return [(t.id, [(c.doc, c.start, c.end, c.weight) for c in t.citations]) for t in r.tokens]
+
+        assert seen(again) == seen(first)
+        for f in (tmp_path / "cache" / "prepared").glob("*.safetensors"):  # a damaged file is prepared again
+            data = bytearray(f.read_bytes())
+            data[-1] ^= 0xFF
+            f.write_bytes(bytes(data))
+            os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+        with pytest.raises(pytest.fail.Exception, match="prepared again"):
+            tiny_mind.generate("The cat", memory=Memory.load(path), **options)
+    finally:
+        scan_select.scan_path.cache_clear()

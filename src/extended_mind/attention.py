@@ -119,7 +119,7 @@ class BlockSelection:
             js = chosen[kv].nonzero().view(-1).to(q_pre.device)
             if len(js) == 0:
                 continue
-            q = q_pre[0].index_select(0, kv * g + js).reshape(1, 1, len(js) * sq, d).to(mem.keys.dtype)
+            q = q_pre[0].index_select(0, kv * g + js).reshape(1, 1, len(js) * sq, d)
             logits, idx, _ = retrieve(q, mem.head(kv), self.settings, scaling, values=False)
             weight = torch.softmax(logits.float(), dim=-1).nan_to_num(0.0).view(len(js), sq, -1)  # all masked: 0
             group = row_group.to(weight.device).view(1, sq, 1).expand_as(weight)
@@ -298,8 +298,10 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 def exact_scores(q: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
     """q . key for candidate keys: q (B, H, R, D), keys (H, N, D), cand (B, H, R, C) -> (B, H, R, C)."""
-    # multiply-and-sum: for a few dozen candidates per row, much cheaper than a batch of tiny matmuls
-    return (gather_rows(keys, cand) * q.to(keys.dtype).unsqueeze(-2)).sum(-1)
+    # multiply-and-sum: for a few dozen candidates per row, much cheaper than a batch of tiny matmuls; keys kept in
+    # a narrower dtype than the queries (block selection, positions.prepare_layers) are upcast, only these rows
+    dt = torch.promote_types(q.dtype, keys.dtype)
+    return (gather_rows(keys, cand).to(dt) * q.to(dt).unsqueeze(-2)).sum(-1)
 
 
 def _select(

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .documents import Document
-from .errors import DocumentError, ExtendedMindError, MemoryMismatchError
+from .errors import DocumentError, ExtendedMindError, MemoryFileError, MemoryMismatchError
 from .identity import ModelIdentity
 from .storage import check_storage, decode, encode
 
@@ -448,14 +448,22 @@ class Memory:
 
     @classmethod
     def load(cls, path: str | Path) -> Memory:
-        """Open a saved memory. Tensors are read (and their checksums verified) on first use."""
+        """Open a saved memory. Tensors are memory-mapped (their checksums verified) on first use."""
         from .store import load_memory
 
         return load_memory(Path(path))
 
     def verify(self) -> None:
-        """Read every tensor now, checking checksums (raises MemoryFileError on corruption)."""
+        """Hash every tensor file now (even ones verified before) and check its tensors (raises MemoryFileError on
+        corruption)."""
+        from .mapped import file_sha256
+
         for s in self.segments:
+            if s.file is not None and not s.remote:
+                if s.file.size != s.file.path.stat().st_size or file_sha256(s.file.path) != s.file.sha256:
+                    raise MemoryFileError(
+                        f"corrupt memory file {s.file.path}: its checksum does not match the manifest"
+                    )
             s.tensors  # noqa: B018 - reading is the check
 
 

@@ -275,7 +275,8 @@ class ExtendedMind:
         settings = (index or IndexSettings()) if approximate and topk > 0 and mem.num_tokens else None
         if retrieval == "blocks":  # keys of the layers whose heads choose blocks; slots are read from the memory
             selecting = None if memory_heads == "all" else sorted(retrieval_heads(self.head_scores))
-            return mem, 0, prepare_layers(mem, "zero", self.device, self.model.dtype, selecting, settings)
+            return mem, 0, prepare_layers(mem, "zero", self.device, self.model.dtype, selecting, settings,
+                                          values=False)  # fmt: skip
         layers = prepare_layers(mem, position_policy, self.device, self.model.dtype, memory_layers, settings)
         if memory_heads == "retrieval":  # only the retrieval heads read memory; layers without any, none
             heads = retrieval_heads(self.head_scores)

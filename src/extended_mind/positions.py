@@ -12,11 +12,13 @@ from dataclasses import replace
 import torch
 from tqdm.auto import tqdm
 
+from . import prepared as prepared_store
 from .attention import LayerMemory
 from .index import IndexSettings, LayerIndex, memory_fingerprint
 from .memory import Memory
 from .rope import apply_rope
 from .scan import KeyScan
+from .scan_select import scan_path
 
 POSITION_POLICIES = ("zero", "stored")
 # From this many memory tokens, exact search shortlists with a compact copy of the keys (scan.py): same results,
@@ -39,37 +41,35 @@ def prepare_layers(
     layers: list[int] | None,
     index: IndexSettings | None = None,
     scan_from: int | None = None,
+    values: bool = True,
 ) -> dict[int, LayerMemory]:
     """Rotate memory keys for `policy` (one of POSITION_POLICIES, checked by the caller), move them to the model's
     device, and with `index` attach approximate-search indexes (loaded when saved with the memory, else built);
     cached on the memory per setting. A sharded memory prepares the tokens this rank holds (distributed.py).
-    `scan_from`: the memory size from which exact search scans a compact copy (default: this memory's)."""
+    `scan_from`: the memory size from which exact search scans a compact copy (default: this memory's).
+    `values=False` (block selection, which only ranks keys): no values, and keys that a compact copy shortlists stay
+    in their stored precision (bfloat16: half the bytes of float32; the few shortlisted rows are scored upcast, so
+    the scores are the same as from a float32 copy)."""
     if memory.shard is not None:
-        return _prepare_sharded(memory, policy, device, dtype, layers, index)
+        return _prepare_sharded(memory, policy, device, dtype, layers, index, values)
     # only the layers asked for (block memory prepares its selection layers alone); indexes cover every layer
     wanted = range(memory.num_layers) if layers is None or index is not None else sorted(set(layers))
-    cache_key = (policy, str(device), dtype, index, tuple(wanted))
+    cache_key = (policy, str(device), dtype, index, tuple(wanted), values)
     prepared = memory._prepared.get(cache_key)
     if prepared is None:
         memory._prepared.clear()  # one prepared copy at a time: memory use stays at most about twice the memory
-        prepared = {}
         scanned = index is None and (memory.num_tokens if scan_from is None else scan_from) >= LOW_PRECISION_SCAN_MIN
-        for layer in wanted:
-            table = memory.layer_rope[layer]
-            cos, sin = memory.rope_cos[table], memory.rope_sin[table]
-            pos = torch.zeros_like(memory.positions) if policy == "zero" else memory.positions
-            pos = pos.long()
-            keys = apply_rope(memory.layer_keys(layer).float(), cos[pos], sin[pos])
-            keys = keys.to(device=device, dtype=dtype)
-            prepared[layer] = LayerMemory(
-                keys=keys,
-                values=memory.layer_values(layer).to(device=device, dtype=dtype),
-                inv_norms=1.0 / keys.float().norm(dim=-1).clamp_min(1e-12).to(dtype),
-                scan=KeyScan.build(keys) if scanned else None,
-                # ALiBi (alibi.py) biases a memory by its position: under "zero", one before the prompt (the
-                # reference's ALiBi rule); under "stored", the position it rotates to here
-                positions=torch.full_like(pos, -1) if policy == "zero" else pos,
-            )
+        pos = torch.zeros_like(memory.positions) if policy == "zero" else memory.positions
+        pos = pos.long()
+        # block selection over a large memory: kept in the cache directory once prepared (prepared.py)
+        keep = not values and scanned and device.type == "cpu" and memory.num_tokens >= prepared_store.PERSIST_MIN
+        key = prepared_store.prepared_key(memory, policy, dtype, list(wanted), scan_path()) if keep else None
+        found = prepared_store.load(key, torch.full_like(pos, -1) if policy == "zero" else pos) if key else None
+        prepared = found or {}
+        if set(prepared) != set(wanted):
+            prepared = _prepare(memory, policy, device, dtype, wanted, pos, scanned, values)
+            if key and all(m.scan is not None for m in prepared.values()):
+                prepared_store.store(key, prepared)
         if index is not None:
             for layer, layer_index in enumerate(memory_indexes(memory, policy, index, prepared)):
                 layer_index = layer_index.to(device)
@@ -81,6 +81,44 @@ def prepare_layers(
     return {layer: prepared[layer] for layer in layers}
 
 
+def _prepare(
+    memory: Memory,
+    policy: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    wanted: range | list[int],
+    pos: torch.Tensor,
+    scanned: bool,
+    values: bool,
+) -> dict[int, LayerMemory]:
+    """`prepare_layers` for one setting, computed."""
+    prepared = {}
+    for layer in tqdm(wanted, desc="preparing memory", unit="layer", disable=memory.num_tokens < (1 << 19)):
+        table = memory.layer_rope[layer]
+        cos, sin = memory.rope_cos[table], memory.rope_sin[table]
+        keys = memory.layer_keys(layer)
+        if not (policy == "zero" and bool((cos[0] == 1).all()) and bool((sin[0] == 0).all())):
+            keys = apply_rope(keys.float(), cos[pos], sin[pos])  # (at position 0 the rotation is the identity)
+        keep_stored = not values and scanned and keys.dtype != dtype and keys.dtype.itemsize < dtype.itemsize
+        keys = keys.to(device=device, dtype=keys.dtype if keep_stored else dtype)
+        scan = KeyScan.build(keys) if scanned else None
+        if keep_stored and scan is None:  # the keys themselves are scanned: in the model's dtype
+            keys = keys.to(dtype)
+        h, _, dv = memory.rope.kv_shapes[layer]
+        prepared[layer] = LayerMemory(
+            keys=keys,
+            values=memory.layer_values(layer).to(device=device, dtype=dtype)
+            if values
+            else torch.empty(h, 0, dv, device=device, dtype=dtype),
+            inv_norms=1.0 / keys.float().norm(dim=-1).clamp_min(1e-12).to(dtype),
+            scan=scan,
+            # ALiBi (alibi.py) biases a memory by its position: under "zero", one before the prompt (the
+            # reference's ALiBi rule); under "stored", the position it rotates to here
+            positions=torch.full_like(pos, -1) if policy == "zero" else pos,
+        )
+    return prepared
+
+
 def _prepare_sharded(
     memory: Memory,
     policy: str,
@@ -88,19 +126,21 @@ def _prepare_sharded(
     dtype: torch.dtype,
     layers: list[int] | None,
     index: IndexSettings | None,
+    values: bool = True,
 ) -> dict[int, LayerMemory]:
     """The local documents prepared as usual (the same search path as the whole memory would take; a rank with no
     documents has no index), with global indices: their global token numbers and every memory's position."""
     from .distributed import LayerShard
 
-    cache_key = ("sharded", policy, str(device), dtype, index, None if layers is None else tuple(sorted(set(layers))))
+    cache_key = ("sharded", policy, str(device), dtype, index, None if layers is None else tuple(sorted(set(layers))),
+                 values)  # fmt: skip
     prepared = memory._prepared.get(cache_key)
     if prepared is None:
         memory._prepared.clear()
         local = memory.local_view()
         local_index = index if local.num_tokens else None
         scan_from = memory.num_tokens if local.num_tokens else 0  # nothing to scan here
-        local_layers = prepare_layers(local, policy, device, dtype, layers, local_index, scan_from=scan_from)
+        local_layers = prepare_layers(local, policy, device, dtype, layers, local_index, scan_from, values)
         shard = LayerShard(memory.shard, memory.local_to_global().to(device), memory.num_tokens)
         positions = memory.positions.long()
         positions = torch.full_like(positions, -1) if policy == "zero" else positions

@@ -9,7 +9,8 @@ A save writes only the tensor files that are not there yet (a file's name is the
 that exists holds exactly the wanted bytes), fsyncs them, replaces manifest.json atomically (write aside, fsync,
 rename, fsync the directory), and only then deletes files the new manifest does not name. A kill at any moment
 leaves either the old manifest with all its files or the new one with all of its. Opening reads the manifest and
-checks file sizes; tensors are read, and their checksums verified, the first time they are used.
+checks file sizes; a document's tensors are memory-mapped (mapped.py), their file's checksum verified, the first time
+they are used.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from safetensors.torch import save as save_bytes
 from .documents import Document
 from .errors import MemoryFileError
 from .identity import ModelIdentity
+from .mapped import MappedFileError, checked_before, file_sha256, map_safetensors, remember_checked
 from .memory import Memory, RopeTables, Segment
 from .storage import STORAGE_DTYPES
 
@@ -53,13 +55,16 @@ class StoredFile:
     sha256: str
     size: int
 
+    def _missing(self) -> MemoryFileError:
+        return MemoryFileError(
+            f"memory file missing: {self.path} (the memory was changed or damaged after it was opened)"
+        )
+
     def read_bytes(self) -> bytes:
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
-            raise MemoryFileError(
-                f"memory file missing: {self.path} (the memory was changed or damaged after it was opened)"
-            ) from None
+            raise self._missing() from None
         if len(data) != self.size:
             raise MemoryFileError(f"corrupt memory file {self.path}: {len(data)} bytes, the manifest says {self.size}")
         if hashlib.sha256(data).hexdigest() != self.sha256:
@@ -70,6 +75,23 @@ class StoredFile:
         try:
             return load_bytes(self.read_bytes())
         except SafetensorError as exc:
+            raise MemoryFileError(f"corrupt memory file {self.path}: {exc}") from None
+
+    def map(self) -> dict[str, torch.Tensor]:
+        """The file's tensors as views of a memory map (mapped.py: read from disk as used), its checksum verified
+        first unless this very version of the file was verified before."""
+        try:
+            size = self.path.stat().st_size
+            if size != self.size:
+                raise MemoryFileError(f"corrupt memory file {self.path}: {size} bytes, the manifest says {self.size}")
+            if not checked_before(self.path, self.sha256):
+                if file_sha256(self.path) != self.sha256:
+                    raise MemoryFileError(f"corrupt memory file {self.path}: its checksum does not match the manifest")
+                remember_checked(self.path, self.sha256)
+            return map_safetensors(self.path)
+        except FileNotFoundError:
+            raise self._missing() from None
+        except MappedFileError as exc:
             raise MemoryFileError(f"corrupt memory file {self.path}: {exc}") from None
 
 
@@ -295,7 +317,7 @@ def _stored(path: Path, entry: dict, what: str) -> StoredFile:
 
 def _segment_loader(stored: StoredFile, n: int, shapes: list, storage: str, what: str):
     def load() -> dict[str, torch.Tensor]:
-        tensors = stored.read()
+        tensors = stored.map()
         expected = {"positions": (n,), "spans": (n, 2)}
         for layer, (h, dk, dv) in enumerate(shapes):
             expected[f"keys.{layer}"] = (h, n, dk)

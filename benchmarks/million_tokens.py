@@ -1,0 +1,165 @@
+"""A memory of about a million tokens of real text on one machine: build it once, then measure it.
+
+    python benchmarks/million_tokens.py build --dir runs/million --tokens 1048576
+    python benchmarks/million_tokens.py measure --dir runs/million --out runs/million-measure
+
+`build` memorizes real, non-repeated text (the Wikipedia articles and essays of `extended-mind data fetch`, Python's
+documentation topics, then the standard library's source files) in bfloat16 with SmolLM2, saving after every batch
+of documents and reopening the saved memory, so the process never holds more than one batch; it resumes where a
+killed run stopped. `measure` opens the saved memory and reports, with the CPU model and flags: open time (the
+manifest, and the first question, which prepares the memory), peak RSS, 500-token prefill and decode ms/token
+against the no-memory model in the same run, and the answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pydoc_data.topics
+import resource
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+from speed import decode_ms, prefill_ms
+
+from extended_mind import ExtendedMind, Memory
+from extended_mind.bench.data import source_dir, wikipedia
+from extended_mind.documents import Document
+from extended_mind.memory import is_saved_memory
+from extended_mind.scan_select import scan_report
+
+
+def real_texts() -> list[tuple[str, str]]:
+    """(id, text) of real text, none repeated: articles, essays, documentation topics, then library sources."""
+    out = [(f"wiki/{a.title}", a.text) for a in wikipedia()]
+    out += [(f"essay/{p.stem}", p.read_text()) for p in sorted(source_dir("essays").glob("*.txt"))]
+    out += [(f"pydoc/{k}", v) for k, v in sorted(pydoc_data.topics.topics.items()) if len(v) > 200]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for p in sorted(stdlib.glob("*.py")):
+        text = p.read_text(errors="replace")
+        if len(text) > 2000:
+            out.append((f"stdlib/{p.name}", text))
+    return out
+
+
+def build(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    mind = ExtendedMind.from_pretrained()
+    path = Path(args.dir)
+    memory = mind.load_memory(path) if is_saved_memory(path) else None
+    done = {d.id for d in memory.documents} if memory is not None else set()
+    total = memory.num_tokens if memory is not None else 0
+    batch: list[Document] = []
+    batch_tokens = 0
+    start, at_start = time.perf_counter(), total
+    for doc_id, text in real_texts():
+        if total + batch_tokens >= args.tokens:
+            break
+        if doc_id in done:
+            continue
+        n = len(mind.tokenizer(text)["input_ids"])
+        if total + batch_tokens + n > args.tokens:  # the last document is cut to land on the target
+            keep = args.tokens - total - batch_tokens
+            text = mind.tokenizer.decode(mind.tokenizer(text)["input_ids"][: max(keep - 2, 1)])
+            n = keep
+        batch.append(Document(doc_id, text, doc_id))
+        batch_tokens += n
+        if batch_tokens >= args.batch_tokens:
+            memory, total = _save_batch(mind, memory, batch, path, args.storage)
+            batch, batch_tokens = [], 0
+            rate = (total - at_start) / (time.perf_counter() - start)
+            print(f"{total:,} tokens memorized, {rate:.0f} tok/s, about {(args.tokens - total) / rate / 60:.0f} min "
+                  "left", flush=True)  # fmt: skip
+    if batch:
+        memory, total = _save_batch(mind, memory, batch, path, args.storage)
+    print(f"done: {total:,} tokens in {len(memory.documents)} documents at {path}")
+
+
+def _save_batch(mind: ExtendedMind, memory: Memory | None, batch: list[Document], path: Path, storage: str):
+    if memory is None:
+        mind.memorize(batch, storage=storage, progress=False).save(path)
+    else:
+        mind.add(memory, batch)
+        memory.save(path)
+    memory = mind.load_memory(path)  # reopened: the batch's tensors are dropped from this process
+    return memory, memory.num_tokens
+
+
+def measure(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    mind = ExtendedMind.from_pretrained()
+    machine = scan_report()["machine"]
+    baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    start = time.perf_counter()
+    memory = mind.load_memory(args.dir)
+    opened = time.perf_counter() - start
+    question = "What does the aardwolf eat?"
+    start = time.perf_counter()
+    first = mind.generate(question, memory=memory, max_new_tokens=1)
+    first_s = time.perf_counter() - start
+    rss_first = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    answer = mind.generate(question, memory=memory, max_new_tokens=24)
+    no_mem_decode, _ = decode_ms(mind, None, args.decode_tokens, args.repeats)
+    mem_decode, _ = decode_ms(mind, memory, args.decode_tokens, args.repeats)
+    no_mem_prefill = prefill_ms(mind, None, args.repeats)
+    mem_prefill = prefill_ms(mind, memory, args.repeats)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report = {
+        "machine": machine,
+        "threads": args.threads,
+        "memory": {
+            "tokens": memory.num_tokens,
+            "documents": len(memory.documents),
+            "storage": memory.storage,
+            "bytes": memory.nbytes,
+        },  # fmt: skip
+        "open_s": round(opened, 3),
+        "first_question_s": round(first_s, 2),
+        "first_token": first.text,
+        "answer": answer.text,
+        "rss_mb": {
+            "model_loaded": round(baseline_rss),
+            "after_first_question": round(rss_first),
+            "peak": round(peak),
+        },  # fmt: skip
+        "decode_ms": {
+            "none": round(no_mem_decode, 1),
+            "memory": round(mem_decode, 1),
+            "ratio": round(mem_decode / no_mem_decode, 2),
+        },  # fmt: skip
+        "prefill_500_ms": {
+            "none": round(no_mem_prefill),
+            "memory": round(mem_prefill),
+            "ratio": round(mem_prefill / no_mem_prefill, 2),
+        },  # fmt: skip
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "million.json").write_text(json.dumps(report, indent=1))
+    print(f"CPU {machine['model']} ({', '.join(machine['flags'])}), {args.threads} thread(s)")
+    print(json.dumps(report, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("--dir", required=True)
+    b.add_argument("--tokens", type=int, default=1_048_576)
+    b.add_argument("--batch-tokens", type=int, default=32_768)
+    b.add_argument("--storage", default="bfloat16")
+    b.add_argument("--threads", type=int, default=2)
+    m = sub.add_parser("measure")
+    m.add_argument("--dir", required=True)
+    m.add_argument("--out", default="runs/million-measure")
+    m.add_argument("--threads", type=int, default=1)
+    m.add_argument("--repeats", type=int, default=3)
+    m.add_argument("--decode-tokens", type=int, default=12)
+    args = ap.parse_args()
+    build(args) if args.command == "build" else measure(args)
+
+
+if __name__ == "__main__":
+    main()
