@@ -23,6 +23,7 @@ def saved(tiny_mind, tmp_path, monkeypatch):
 def test_documents_are_views_of_the_mapped_file(saved):
     memory, path = saved
     loaded = Memory.load(path)
+    assert loaded.nbytes == memory.nbytes and all(s._tensors is None for s in loaded.segments)  # from the headers
     for mine, theirs in zip(loaded.segments, memory.segments):
         assert mine.tensors.keys() == theirs.tensors.keys()
         assert all(torch.equal(mine.tensors[n], theirs.tensors[n]) for n in theirs.tensors)

@@ -78,6 +78,14 @@ def map_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def tensor_sizes(path: Path) -> dict[str, int]:
+    """Bytes of each tensor of safetensors file `path`, from its header alone (nothing else is read or checked)."""
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+
+
 def _version(path: Path) -> str:
     st = path.stat()
     return f"{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"

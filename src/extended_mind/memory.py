@@ -105,7 +105,17 @@ class Segment:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for n, t in self.tensors.items() if n not in ("positions", "spans"))
+        """Bytes of keys and values (and their scales); for a saved document not yet used, from its file's header
+        (reading and checking the whole file only to count it would cost as much as loading it)."""
+        skip = ("positions", "spans")
+        if self._tensors is None and self.file is not None:
+            from .mapped import tensor_sizes
+
+            try:
+                return sum(size for n, size in tensor_sizes(self.file.path).items() if n not in skip)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                pass  # unreadable: loading it below names the problem
+        return sum(t.numel() * t.element_size() for n, t in self.tensors.items() if n not in skip)
 
 
 @dataclass
