@@ -10,6 +10,7 @@ Persistence (a directory with a manifest and one safetensors file per segment) l
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -290,6 +291,16 @@ class Memory:
     def token_spans(self) -> torch.Tensor:
         """(N, 2) int32: character [start, end) of each token in its document."""
         return self._cat("spans", lambda: _concat([s.tensors["spans"] for s in self.segments], (0, 2)))
+
+    def open_all(self) -> None:
+        """Map every document held here now, checking files not checked before on several threads (hashing releases
+        the GIL): a large memory's first use reads all of them anyway, one at a time otherwise."""
+        todo = [s for s in self.segments if s._tensors is None and not s.remote]
+        if len(todo) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+                list(pool.map(lambda s: s.tensors, todo))
 
     def layer_keys(self, layer: int) -> torch.Tensor:
         """(H, N, D) pre-RoPE keys of one layer as float, built fresh (not cached)."""

@@ -92,6 +92,7 @@ def _prepare(
     values: bool,
 ) -> dict[int, LayerMemory]:
     """`prepare_layers` for one setting, computed."""
+    memory.open_all()
     prepared = {}
     for layer in tqdm(wanted, desc="preparing memory", unit="layer", disable=memory.num_tokens < (1 << 19)):
         table = memory.layer_rope[layer]
