@@ -97,6 +97,11 @@ QUESTIONS = [
 ]
 
 
+def completion(question: str) -> str:
+    """The completion-style prompt SmolLM2 reads memory best with (README, Limits)."""
+    return f"Question: {question}\nAnswer:"
+
+
 def exact_recall(mind: ExtendedMind, memory: Memory, k: int = 10) -> dict:
     """recall@k of the search block selection runs (the compact scan's shortlist, re-scored) against a brute-force
     float32 top-k over every key, for the retrieval heads' queries of QUESTIONS."""
@@ -114,7 +119,7 @@ def exact_recall(mind: ExtendedMind, memory: Memory, k: int = 10) -> dict:
     attention.retrieve = check
     try:
         for question in QUESTIONS:
-            mind.generate(question, memory=memory, max_new_tokens=1, topk=k)
+            mind.generate(completion(question), memory=memory, max_new_tokens=1, topk=k, chat=False)
     finally:
         attention.retrieve = real
     return {"k": k, "recall": round(hits / max(total, 1), 4), "query_rows": rows}
@@ -128,15 +133,15 @@ def measure(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     memory = mind.load_memory(args.dir)
     opened = time.perf_counter() - start
-    question = QUESTIONS[0]
+    question = completion(QUESTIONS[0])
     start = time.perf_counter()
-    mind.generate(question, memory=memory, max_new_tokens=1)
+    mind.generate(question, memory=memory, max_new_tokens=1, chat=False)
     first_s = time.perf_counter() - start
     rss_first = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
-    mind.generate(question, memory=memory, max_new_tokens=1)
+    mind.generate(question, memory=memory, max_new_tokens=1, chat=False)
     again_s = time.perf_counter() - start
-    answer = mind.generate(question, memory=memory, max_new_tokens=24)
+    answer = mind.generate(question, memory=memory, max_new_tokens=24, chat=False)
     no_mem_decode, _ = decode_ms(mind, None, args.decode_tokens, args.repeats)
     mem_decode, _ = decode_ms(mind, memory, args.decode_tokens, args.repeats)
     no_mem_prefill = prefill_ms(mind, None, args.repeats)
@@ -152,6 +157,7 @@ def measure(args: argparse.Namespace) -> None:
         "first_question_s": round(first_s, 2),
         "same_question_again_s": round(again_s, 2),
         "answer": answer.text,
+        "cited_documents": sorted({c.doc for c in answer.citations}),
         "rss_mb": {"model_loaded": round(baseline_rss), "after_first_question": round(rss_first),
                    "peak_before_recall_check": round(peak)},  # fmt: skip
         "decode_ms": {"none": round(no_mem_decode, 1), "memory": round(mem_decode, 1),
