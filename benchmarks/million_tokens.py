@@ -9,7 +9,8 @@ of documents and reopening the saved memory, so the process never holds more tha
 killed run stopped. `measure` opens the saved memory and reports, with the CPU model and flags: open time (the
 manifest, and the first question, which prepares the memory, or maps what an earlier run prepared), peak RSS,
 500-token prefill and decode ms/token against the no-memory model in the same run, the answer, and with `--recall`
-the recall@10 of the search block selection uses against brute force over every key.
+the recall@10 of the search block selection uses against brute force over every key. `plot` puts the measured
+runs side by side in docs/million.json and docs/million.png.
 """
 
 from __future__ import annotations
@@ -173,6 +174,47 @@ def measure(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=1))
 
 
+def plot(args: argparse.Namespace) -> None:
+    """The runs in --out side by side: one JSON (--json) and one PNG (--png) with time to the first answer, peak RSS
+    and the decode and prefill ratios of each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {p.stem.removeprefix("million-"): json.loads(p.read_text()) for p in sorted(Path(args.out).glob("*.json"))}
+    order = [r for r in ("first-open", "reopened", "reopened-warm") if r in runs] + sorted(
+        set(runs) - {"first-open", "reopened", "reopened-warm"}
+    )
+    Path(args.json).write_text(json.dumps({r: runs[r] for r in order}, indent=1))
+    first = runs[order[0]]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    panels = [
+        ("open + first question (s)", [runs[r]["open_s"] + runs[r]["first_question_s"] for r in order]),
+        ("peak RSS (GB)", [runs[r]["rss_mb"]["peak_before_recall_check"] / 1024 for r in order]),
+    ]
+    for ax, (title, values) in zip(axes, panels):
+        ax.bar(order, values, color="#4c72b0")
+        ax.set_title(title)
+        for i, v in enumerate(values):
+            ax.text(i, v, f"{v:.1f}", ha="center", va="bottom")
+    ax = axes[2]
+    width = 0.38
+    for j, (name, key) in enumerate((("decode", "decode_ms"), ("500-token prefill", "prefill_500_ms"))):
+        values = [runs[r][key]["ratio"] for r in order]
+        ax.bar([i + (j - 0.5) * width for i in range(len(order))], values, width, label=name)
+    ax.set_xticks(range(len(order)), order)
+    ax.set_title("x the no-memory model")
+    ax.legend()
+    machine = first["machine"]
+    size = f"{first['memory']['tokens']:,} tokens ({first['memory']['storage']})"
+    cpu = f"{machine['model']} ({', '.join(machine['flags'])})"
+    fig.suptitle(f"SmolLM2-135M, block memory of {size}, {first['threads']} thread; {cpu}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(args.png, dpi=110)
+    print(f"wrote {args.json} and {args.png}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -190,8 +232,12 @@ def main() -> None:
     m.add_argument("--decode-tokens", type=int, default=12)
     m.add_argument("--recall", action="store_true", help="also check the search against brute force (slow)")
     m.add_argument("--label", default="run", help="names the JSON written (e.g. first-open, reopened)")
+    p = sub.add_parser("plot")
+    p.add_argument("--out", default="runs/million-measure")
+    p.add_argument("--json", default="docs/million.json")
+    p.add_argument("--png", default="docs/million.png")
     args = ap.parse_args()
-    build(args) if args.command == "build" else measure(args)
+    {"build": build, "measure": measure, "plot": plot}[args.command](args)
 
 
 if __name__ == "__main__":
