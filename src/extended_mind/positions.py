@@ -62,7 +62,8 @@ def prepare_layers(
         pos = torch.zeros_like(memory.positions) if policy == "zero" else memory.positions
         pos = pos.long()
         # block selection over a large memory: kept in the cache directory once prepared (prepared.py)
-        keep = not values and scanned and device.type == "cpu" and memory.num_tokens >= prepared_store.PERSIST_MIN
+        keep = not values and scanned and device.type == "cpu" and prepared_store.keepable(memory)
+        keep = keep and prepared_store.keep_count() > 0
         key = prepared_store.prepared_key(memory, policy, dtype, list(wanted), scan_path()) if keep else None
         found = prepared_store.load(key, torch.full_like(pos, -1) if policy == "zero" else pos) if key else None
         prepared = found or {}

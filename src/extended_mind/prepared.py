@@ -6,8 +6,9 @@ quantizes every key of those layers: for a million-token SmolLM2 memory, 8 layer
 tens of seconds at every start. Since the copy depends only on the memory's documents, the model and the scan kind,
 it is written once to `<cache>/prepared/<key>.safetensors` (keys in their stored precision, 1/|key|, the scan's
 codes) and memory-mapped on later opens, which then cost no preparation and read from disk only what a question
-touches. Only memories of at least PERSIST_MIN tokens are kept; the least recently used files beyond KEEP are
-deleted. The file's checksum is verified like a memory's own files (mapped.py).
+touches. Only saved memories of at least PERSIST_MIN tokens are kept, under a key made of their files' checksums;
+beyond $EXTENDED_MIND_PREPARED_KEEP files (4; 0 keeps none) the least recently used are deleted. The file's
+checksum is verified like a memory's own files (mapped.py).
 """
 
 from __future__ import annotations
@@ -29,15 +30,21 @@ from .scan import KeyScan
 log = logging.getLogger(__name__)
 
 PERSIST_MIN = 262_144  # smaller memories prepare in a few seconds
-KEEP = 4  # prepared files kept (least recently used deleted first)
+KEEP_ENV = "EXTENDED_MIND_PREPARED_KEEP"  # prepared files kept (least recently used deleted first); 0: none
 FORMAT = "extended-mind-prepared-1"
 _SCAN_TENSORS = ("codes", "scales", "packed", "colsums")  # KeyScan's tensors
 
 
+def keepable(memory: Memory) -> bool:
+    """Whether prepared keys of `memory` are worth keeping: a large memory whose every document is saved (the
+    files' checksums name exactly the keys; an unsaved memory cannot be reopened anyway)."""
+    return memory.num_tokens >= PERSIST_MIN and all(s.file is not None for s in memory.segments)
+
+
 def prepared_key(memory: Memory, policy: str, dtype: torch.dtype, layers: list[int], scan_kind: str) -> str:
-    """What the prepared keys depend on: the documents as memorized, the model, the policy and the scan."""
-    parts = [FORMAT, memory.identity.to_dict(), memory.content_key(), policy, str(dtype), layers, scan_kind,
-             torch.__version__]  # fmt: skip
+    """What the prepared keys depend on: the saved documents' files (by checksum), the policy and the scan."""
+    files = [s.file.sha256 for s in memory.segments]
+    parts = [FORMAT, files, policy, str(dtype), layers, scan_kind, torch.__version__]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
 
 
@@ -92,8 +99,15 @@ def store(key: str, prepared: dict[int, LayerMemory]) -> None:
         log.warning("could not keep the prepared memory in %s: %s", path.parent, exc)
 
 
+def keep_count() -> int:
+    try:
+        return max(0, int(os.environ.get(KEEP_ENV, "4")))
+    except ValueError:
+        return 4
+
+
 def _evict(folder: Path) -> None:
     files = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in files[KEEP:]:
+    for old in files[keep_count() :]:
         for suffix in (".safetensors", ".json", ".sha256"):
             old.with_suffix(suffix).unlink(missing_ok=True)
