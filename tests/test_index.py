@@ -92,9 +92,18 @@ def test_auto_search_switches_at_the_threshold(tiny_mind: ExtendedMind, monkeypa
     built = []
     real_build = LayerIndex.build
     monkeypatch.setattr(LayerIndex, "build", classmethod(lambda cls, *a: built.append(1) or real_build(*a)))
-    tiny_mind.generate("x", memory=memory, max_new_tokens=2, approx_threshold=memory.num_tokens + 1)
+    tokens = dict(retrieval="tokens", max_new_tokens=2)
+    tiny_mind.generate("x", memory=memory, approx_threshold=memory.num_tokens + 1, **tokens)
     assert built == []
-    tiny_mind.generate("x", memory=memory, max_new_tokens=2, approx_threshold=memory.num_tokens)
+    tiny_mind.generate("x", memory=memory, approx_threshold=memory.num_tokens, **tokens)
+    assert len(built) == memory.num_layers
+    # block memory's auto search stays exact at any size; asked for, approximate search builds its indexes
+    built.clear()
+    tiny_mind.generate("x", memory=memory, max_new_tokens=2, approx_threshold=0)
+    assert built == []
+    tiny_mind.build_index(memory, only_above_threshold=True, approx_threshold=0)
+    assert built == []
+    tiny_mind.generate("x", memory=memory, max_new_tokens=2, search="approximate")
     assert len(built) == memory.num_layers
     with pytest.raises(ExtendedMindError, match="unknown search"):
         tiny_mind.generate("x", memory=memory, search="fast")
