@@ -105,16 +105,23 @@ def completion(question: str) -> str:
 
 def exact_recall(mind: ExtendedMind, memory: Memory, k: int = 10) -> dict:
     """recall@k of the search block selection runs (the compact scan's shortlist, re-scored) against a brute-force
-    float32 top-k over every key, for the retrieval heads' queries of QUESTIONS."""
-    hits, total, rows = 0, 0, 0
+    float32 top-k over every key, for the retrieval heads' queries of QUESTIONS; and the same counting as found a
+    missed key whose score equals the lowest score kept (a tie: identical keys, e.g. repeated text, score alike)."""
+    hits, ties, total, rows = 0, 0, 0, 0
     real = attention.retrieve
 
     def check(q, mem, settings, scaling, values=True):
-        nonlocal hits, total, rows
+        nonlocal hits, ties, total, rows
         logits, idx, vals = real(q, mem, settings, scaling, values)
-        brute = torch.matmul(q.float(), mem.keys.float().transpose(1, 2)).topk(idx.shape[-1], dim=-1).indices
-        for a, b in zip(idx.reshape(-1, idx.shape[-1]).tolist(), brute.reshape(-1, brute.shape[-1]).tolist()):
-            hits, total, rows = hits + len(set(a) & set(b)), total + len(b), rows + 1
+        full = torch.matmul(q.float(), mem.keys.float().transpose(1, 2))
+        brute = full.topk(idx.shape[-1], dim=-1)
+        kept_low = full.gather(-1, idx).amin(-1, keepdim=True)
+        tied = brute.values <= kept_low + 1e-6 * kept_low.abs()
+        for a, b, t in zip(*(x.reshape(-1, idx.shape[-1]).tolist() for x in (idx, brute.indices, tied))):
+            found = [key in set(a) for key in b]
+            hits += sum(found)
+            ties += sum(1 for f, is_tie in zip(found, t) if not f and is_tie)
+            total, rows = total + len(b), rows + 1
         return logits, idx, vals
 
     attention.retrieve = check
@@ -123,7 +130,8 @@ def exact_recall(mind: ExtendedMind, memory: Memory, k: int = 10) -> dict:
             mind.generate(completion(question), memory=memory, max_new_tokens=1, topk=k, chat=False)
     finally:
         attention.retrieve = real
-    return {"k": k, "recall": round(hits / max(total, 1), 4), "query_rows": rows}
+    return {"k": k, "recall": round(hits / max(total, 1), 4), "recall_counting_ties": round((hits + ties) / total, 5),
+            "query_rows": rows}  # fmt: skip
 
 
 def measure(args: argparse.Namespace) -> None:
