@@ -72,3 +72,43 @@ def test_every_path_this_machine_offers_is_measured_and_the_fastest_chosen(fresh
     assert set(report["ms"]) == set(scan_select.available_paths()) and "float32" in report["ms"]
     assert report["ms"][report["choice"]] == min(report["ms"].values())
     assert report["machine"]["model"]
+
+
+def test_each_call_uses_the_kernel_measured_faster_for_its_rows(fresh, monkeypatch):
+    """The compiled kernels read the same packed keys: a decode step's few query rows and a prompt's many each go to
+    the one measured faster for them; the figures are cached; an override pins the scan's own kernel."""
+    paths = ["int8-vnni", "int8-avx2", "int8", "bfloat16", "float32"]
+    monkeypatch.setattr(scan_select, "available_paths", lambda: paths)
+
+    def fake(measured, probe=scan_select.PROBE):
+        if probe is scan_select.PROBE:
+            return {p: {"int8-avx2": 0.3, "int8-vnni": 0.4}.get(p, 1.0) for p in measured}
+        assert measured == ["int8-vnni", "int8-avx2"]  # the packed kinds only
+        many = probe is scan_select.KERNEL_PROBES["many"]
+        return {"int8-vnni": 1.0 if many else 0.6, "int8-avx2": 3.0 if many else 0.8}
+
+    monkeypatch.setattr(scan_select, "measure", fake)
+    scan_select.packed_kernel.cache_clear()
+    try:
+        report = scan_select.scan_report()
+        assert report["choice"] == "int8-avx2"
+        assert report["kernels"]["few"] == "int8-vnni" and report["kernels"]["many"] == "int8-vnni"
+        assert report["kernels"]["ms"]["many"] == {"int8-vnni": 1.0, "int8-avx2": 3.0}
+        monkeypatch.setattr(scan_select, "measure", lambda *a: pytest.fail("measured again"))
+        assert scan_select.scan_report()["cached"]
+        assert scan_select.packed_kernel(True) == "int8-vnni"
+        from extended_mind.native import scan_kernel, scan_kernel_avx2
+
+        if scan_kernel() is not None and scan_kernel_avx2() is not None:  # this machine has both kernels
+            keys = torch.randn(2, 300, 64)
+            key_scan = KeyScan.of_kind(keys, "int8-avx2")
+            assert key_scan.kernel(64) is scan_kernel() and key_scan.kernel(1) is scan_kernel()
+            q = torch.randn(1, 2, 64, 64)
+            ref = KeyScan.of_kind(keys, "int8-avx2")
+            ref.fixed_kernel = True
+            assert torch.equal(key_scan.shortlist(q, 28).sort(-1).values, ref.shortlist(q, 28).sort(-1).values)
+        scan_select.packed_kernel.cache_clear()
+        monkeypatch.setenv(scan_select.SCAN_ENV, "int8-avx2")
+        assert scan_select.packed_kernel(True) is None  # pinned: the scan's own kernel
+    finally:
+        scan_select.packed_kernel.cache_clear()

@@ -180,7 +180,7 @@ def approximate_candidates(
         nth = cell_scores.kthvalue(index.nlist - nprobe + 1, dim=-1, keepdim=True).values
         mask = (cell_scores >= nth).any(1)
         if scan.packed is not None:  # the compiled kernel scans the probed cells' key blocks and keeps a shortlist
-            top = scan.kernel().scan_int8_topk_cells(
+            top = scan.kernel(qs.shape[-2]).scan_int8_topk_cells(
                 scan.query(qs), scan.packed, scan.colsums, n, count, mask, index.offsets, _FULL_SCAN_SHARE
             )
             cand[:, r0 : r0 + step] = index.order.gather(1, top.clamp_min(0).flatten(1)).view_as(top)

@@ -25,7 +25,7 @@ from .attention import LayerMemory
 from .loading import cache_dir
 from .mapped import MappedFileError, checked_before, file_sha256, map_safetensors, remember_checked, write_safetensors
 from .memory import Memory
-from .scan import KeyScan
+from .scan import PACKED_KINDS, KeyScan
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ def keepable(memory: Memory) -> bool:
 def prepared_key(memory: Memory, policy: str, dtype: torch.dtype, layers: list[int], scan_kind: str) -> str:
     """What the prepared keys depend on: the saved documents' files (by checksum), the policy and the scan."""
     files = [s.file.sha256 for s in memory.segments]
+    if scan_kind in PACKED_KINDS:  # the compiled kernels share one packing (either may scan it, scan.KeyScan.kernel)
+        scan_kind = "int8-packed"
     parts = [FORMAT, files, policy, str(dtype), layers, scan_kind, torch.__version__]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
 

@@ -96,10 +96,18 @@ class KeyScan:
     packed: torch.Tensor | None = None  # (H, B, D * 16) int8 in the kernel's layout (native.pack_keys)
     colsums: torch.Tensor | None = None  # (H, B * 16) int32
     num_keys: int = 0
-    packed_kind: str = "int8-vnni"  # which compiled kernel reads `packed` (PACKED_KINDS)
+    packed_kind: str = "int8-vnni"  # which compiled kernel packed `packed` (PACKED_KINDS)
+    fixed_kernel: bool = False  # always scan with packed_kind's kernel (scan_select measures each kernel alone)
 
-    def kernel(self):
-        """The compiled kernel module that scans `packed`."""
+    def kernel(self, rows: int = 1):
+        """The compiled kernel module that scans `packed` for `rows` query rows per head: of the kernels that read
+        this packing, the one measured faster here for that many rows (scan_select.packed_kernel)."""
+        if not self.fixed_kernel:
+            from .scan_select import MANY_ROWS, packed_kernel
+
+            kind = packed_kernel(rows >= MANY_ROWS)
+            if kind is not None and kind != self.packed_kind and PACKED_KINDS[kind]() is not None:
+                return PACKED_KINDS[kind]()
         return PACKED_KINDS[self.packed_kind]()
 
     @classmethod
@@ -138,7 +146,7 @@ class KeyScan:
             return None if x is None else x[i : i + 1]
 
         return KeyScan(one(self.codes), one(self.scales), one(self.packed), one(self.colsums), self.num_keys,
-                       self.packed_kind)  # fmt: skip
+                       self.packed_kind, self.fixed_kernel)  # fmt: skip
 
     @property
     def kind(self) -> str:
@@ -160,7 +168,7 @@ class KeyScan:
         (H, N) the scores are multiplied by them (float32)."""
         qp = self.query(q)
         if self.packed is not None:
-            kernel = self.kernel()
+            kernel = self.kernel(q.shape[-2])
             n = self.num_keys
             scores = torch.stack([kernel.scan_int8(qp[i], self.packed, self.colsums)[..., :n] for i in range(len(q))])
         elif self.scales is None:
@@ -179,7 +187,7 @@ class KeyScan:
         in no particular order. The kernel keeps them while it scans; otherwise the scores are ranked."""
         if self.packed is None:
             return fast_topk(self.scores(q), size)
-        kernel, qp = self.kernel(), self.query(q)
+        kernel, qp = self.kernel(q.shape[-2]), self.query(q)
         return torch.stack(
             [kernel.scan_int8_topk(qp[i], self.packed, self.colsums, self.num_keys, size) for i in range(len(q))]
         )

@@ -17,13 +17,14 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from .native import scan_kernel, scan_kernel_avx2
-from .scan import KeyScan, fast_topk, int8_matmul_available, shortlist_size
+from .scan import PACKED_KINDS, KeyScan, fast_topk, int8_matmul_available, shortlist_size
 
 log = logging.getLogger(__name__)
 SCAN_ENV = "EXTENDED_MIND_SCAN"
@@ -31,6 +32,15 @@ SCAN_PATHS = ("int8-vnni", "int8-avx2", "int8", "bfloat16", "float32")
 PLAIN = "float32"  # no compact copy: the keys themselves are scanned
 # The measured shape: one decode step of SmolLM2 (3 KV heads x 3 query rows, head dim 64) over 16k keys, top-10.
 PROBE = {"heads": 3, "rows": 3, "keys": 16384, "dim": 64, "k": 10, "repeats": 15}
+# The compiled kernels read the same packed keys, so each call can use the one that is faster for its number of query
+# rows. They are compared over a larger memory than PROBE's (where fixed costs dominate): a decode step's few rows,
+# and a prompt's many (measured on an AMD EPYC with both: the VNNI kernel 3.1x faster than the AVX2 one for 1,500
+# rows over 262k keys, while PROBE had the AVX2 kernel ahead).
+KERNEL_PROBES = {
+    "few": {"heads": 1, "rows": 3, "keys": 131072, "dim": 64, "k": 10, "repeats": 9},
+    "many": {"heads": 1, "rows": 256, "keys": 131072, "dim": 64, "k": 10, "repeats": 5},
+}
+MANY_ROWS = 32  # query rows per KV head from which a call counts as "many"
 _FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "asimd", "sve")
 
 
@@ -76,7 +86,7 @@ def measure(paths: list[str], probe: dict = PROBE) -> dict[str, float]:
         if path == PLAIN:
             calls[path] = lambda: fast_topk(torch.matmul(q, keys.transpose(1, 2)), k)
         else:
-            key_scan = KeyScan.of_kind(keys, path)
+            key_scan = replace(KeyScan.of_kind(keys, path), fixed_kernel=True)  # this path's own kernel
             calls[path] = lambda s=key_scan: exact_scores(q, keys, s.shortlist(q, size))
         calls[path]()  # warm up: first calls allocate, and the kernel's first call may load
     times: dict[str, list[float]] = {p: [] for p in paths}
@@ -119,8 +129,19 @@ def scan_path() -> str:
     return report["choice"]
 
 
+@lru_cache(maxsize=2)
+def packed_kernel(many_rows: bool) -> str | None:
+    """The compiled kernel that scans packed keys fastest here for calls with many query rows (or few), as
+    measured; None: each scan's own (one kernel only, or a path set by EXTENDED_MIND_SCAN)."""
+    if os.environ.get(SCAN_ENV, "").strip() not in ("", "auto"):
+        return None
+    kernels = scan_report().get("kernels")
+    return kernels["many" if many_rows else "few"] if kernels else None
+
+
 def scan_report() -> dict:
-    """{"choice", "ms" (per path), "machine", "cached"}: measured on first use on this machine, then read back."""
+    """{"choice", "ms" (per path), "machine", "cached", and with two compiled kernels "kernels" (the faster one for
+    few and for many query rows, with their ms)}: measured on first use on this machine, then read back."""
     machine = cpu_info()
     path, key = _cache_file(), _machine_key(machine)
     try:
@@ -128,11 +149,22 @@ def scan_report() -> dict:
     except (OSError, ValueError):
         cached = None
     paths = available_paths()
-    if cached and set(cached.get("ms", {})) == set(paths) and cached.get("choice") in paths:
+    packed = [p for p in paths if p in PACKED_KINDS]
+    if (
+        cached
+        and set(cached.get("ms", {})) == set(paths)
+        and cached.get("choice") in paths
+        and (len(packed) < 2 or set(cached.get("kernels", {}).get("ms", {}).get("few", {})) == set(packed))
+    ):
         return {**cached, "machine": machine, "cached": True}
     timings = measure(paths)
     report = {"choice": choose(timings), "ms": {p: round(t, 4) for p, t in timings.items()}}
     log.debug("scan path %s; measured ms per decode-step shortlist: %s", report["choice"], report["ms"])
+    if len(packed) > 1:
+        ms = {regime: measure(packed, probe) for regime, probe in KERNEL_PROBES.items()}
+        report["kernels"] = {regime: min(t, key=lambda p: (t[p], SCAN_PATHS.index(p))) for regime, t in ms.items()}
+        report["kernels"]["ms"] = {regime: {p: round(v, 4) for p, v in t.items()} for regime, t in ms.items()}
+        log.debug("packed-key kernels per call: %s", report["kernels"])
     try:  # a read-only cache only costs a new measurement next time
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
