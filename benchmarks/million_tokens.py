@@ -30,7 +30,7 @@ from extended_mind import ExtendedMind, Memory, attention
 from extended_mind.bench.data import source_dir, wikipedia
 from extended_mind.documents import Document
 from extended_mind.memory import is_saved_memory
-from extended_mind.scan_select import scan_report
+from extended_mind.scan_select import kernels, scan_report
 
 
 def real_texts() -> list[tuple[str, str]]:
@@ -137,7 +137,8 @@ def exact_recall(mind: ExtendedMind, memory: Memory, k: int = 10) -> dict:
 def measure(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     mind = ExtendedMind.from_pretrained()
-    machine = scan_report()["machine"]
+    scan = scan_report()
+    machine = scan["machine"]
     baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
     memory = mind.load_memory(args.dir)
@@ -160,6 +161,7 @@ def measure(args: argparse.Namespace) -> None:
     report = {
         "machine": machine,
         "threads": args.threads,
+        "exact_scan": {"choice": scan["choice"], "kernels_per_call": kernels(scan)},
         "memory": {"tokens": memory.num_tokens, "documents": len(memory.documents), "storage": memory.storage,
                    "bytes": memory.nbytes},  # fmt: skip
         "open_s": round(opened, 3),

@@ -16,7 +16,7 @@ import torch
 from speed import decode_ms, prefill_ms, real_documents
 
 from extended_mind import ExtendedMind
-from extended_mind.scan_select import scan_report
+from extended_mind.scan_select import kernels, scan_report
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     memory = mind.memorize(real_documents(mind.tokenizer, args.tokens), storage="bfloat16", progress=False)
     scan = scan_report()
     print(f"CPU {scan['machine']['model']} ({', '.join(scan['machine']['flags'])}), {args.threads} thread(s), exact "
-          f"scan {scan['choice']}; memory {memory.num_tokens} tokens, memorized in "
+          f"scan {scan['choice']} (kernels per call: {kernels(scan)}); memory {memory.num_tokens} tokens, memorized in "
           f"{time.perf_counter() - start:.0f} s")  # fmt: skip
     base_prefill = prefill_ms(mind, None, 3)
     base_decode, _ = decode_ms(mind, None, 8, 2)

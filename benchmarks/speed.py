@@ -30,7 +30,7 @@ import torch
 from extended_mind import ExtendedMind, Memory
 from extended_mind import attention as attention_module
 from extended_mind.documents import Document
-from extended_mind.scan_select import scan_report
+from extended_mind.scan_select import kernels, scan_report
 
 PROMPTS = [
     "Explain what the yield statement does in a function.",
@@ -229,9 +229,10 @@ def main() -> None:
     # how exact search scans keys here: chosen by measuring every path this CPU offers (scan_select.py)
     scan = scan_report()
     print(f"CPU {scan['machine']['model']} ({', '.join(scan['machine']['flags'])}); exact scan: {scan['choice']} "
-          f"(ms per decode-step shortlist over 16k keys: {scan['ms']})", flush=True)  # fmt: skip
+          f"(ms per decode-step shortlist over 16k keys: {scan['ms']}; kernels per call: {kernels(scan)})",
+          flush=True)  # fmt: skip
     results: dict = {"threads": args.threads, "topk": args.topk, "storage": args.storage, "exact_scan": scan["choice"],
-                     "scan_ms": scan["ms"], "cpu": scan["machine"]}  # fmt: skip
+                     "scan_ms": scan["ms"], "scan_kernels": scan.get("kernels"), "cpu": scan["machine"]}  # fmt: skip
     results["rows"] = []
     if not args.skip_memorize:
         print("memorization throughput ...", flush=True)

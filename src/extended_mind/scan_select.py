@@ -129,6 +129,14 @@ def scan_path() -> str:
     return report["choice"]
 
 
+def kernels(report: dict) -> str:
+    """The compiled kernels a report picked per call, in words (for benchmarks)."""
+    picked = report.get("kernels")
+    if not picked:
+        return "the scan's own"
+    return f"{picked['few']} for a decode step's rows, {picked['many']} for a prompt's (ms: {picked['ms']})"
+
+
 @lru_cache(maxsize=2)
 def packed_kernel(many_rows: bool) -> str | None:
     """The compiled kernel that scans packed keys fastest here for calls with many query rows (or few), as
