@@ -20,6 +20,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -140,23 +141,34 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         offset += size
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-(8 + len(head)) % 8)
-    h = hashlib.sha256()
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+
+    def chunks() -> Iterator[bytes]:
+        yield len(head).to_bytes(8, "little") + head
+        for name in names:
+            flat = tensors[name].detach().cpu().contiguous().reshape(-1)
+            for start in range(0, flat.numel(), _CHUNK):  # in pieces: a bool/bfloat16 tensor has no buffer
+                yield flat[start : start + _CHUNK].view(torch.uint8).numpy().tobytes()
+
+    sha = write_atomic(path, chunks())
+    assert sha is not None
+    return sha
+
+
+def write_atomic(target: Path, chunks: Iterable[bytes], digest: bool = True) -> str | None:
+    """Write `chunks` to `target` crash-safely (written aside, fsynced, renamed into place); returns their sha256
+    (None with `digest=False`, for callers that hashed the data already)."""
+    h = hashlib.sha256() if digest else None
+    tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
     try:
         with open(tmp, "wb") as fh:
-            for chunk in (len(head).to_bytes(8, "little"), head):
+            for chunk in chunks:
                 fh.write(chunk)
-                h.update(chunk)
-            for name in names:
-                flat = tensors[name].detach().cpu().contiguous().reshape(-1)
-                for start in range(0, flat.numel(), _CHUNK):  # in pieces: a bool/bfloat16 tensor has no buffer
-                    chunk = flat[start : start + _CHUNK].view(torch.uint8).numpy().tobytes()
-                    fh.write(chunk)
+                if h is not None:
                     h.update(chunk)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return h.hexdigest()
+    return h.hexdigest() if h is not None else None

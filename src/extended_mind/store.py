@@ -31,7 +31,7 @@ from safetensors.torch import save as save_bytes
 from .documents import Document
 from .errors import MemoryFileError
 from .identity import ModelIdentity
-from .mapped import MappedFileError, checked_before, file_sha256, map_safetensors, remember_checked
+from .mapped import MappedFileError, checked_before, file_sha256, map_safetensors, remember_checked, write_atomic
 from .memory import Memory, RopeTables, Segment
 from .storage import STORAGE_DTYPES
 
@@ -142,16 +142,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_atomic(target: Path, data: bytes) -> None:
-    tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(target, [data], digest=False)
 
 
 def _put(directory: Path, data: bytes) -> StoredFile:
