@@ -166,9 +166,10 @@ def test_selection_keys_stay_stored_and_score_the_same(tiny_mind, monkeypatch, s
 def test_prepared_selection_is_kept_and_reused(tiny_mind, tmp_path, monkeypatch):
     """A large memory's prepared selection keys are written to the cache once; a reopened memory maps them instead
     of preparing again, and answers the same."""
-    from extended_mind import Memory, positions, prepared, scan_select
+    from extended_mind import Memory, mapped, positions, prepared, scan_select
 
-    monkeypatch.setenv("EXTENDED_MIND_CACHE", str(tmp_path / "cache"))
+    for module in (prepared, mapped):  # prepared keys and their checks in a fresh folder (built kernels stay cached)
+        monkeypatch.setattr(module, "cache_dir", lambda: tmp_path / "cache")
     monkeypatch.setattr(positions, "LOW_PRECISION_SCAN_MIN", 0)
     monkeypatch.setattr(prepared, "PERSIST_MIN", 0)
     monkeypatch.setenv("EXTENDED_MIND_SCAN", "int8")
