@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from extended_mind import Memory, mapped, store
+from extended_mind import Memory, mapped
 from extended_mind.errors import MemoryFileError
 
 
@@ -34,8 +34,8 @@ def test_documents_are_views_of_the_mapped_file(saved):
 def test_a_checked_file_is_not_hashed_again_until_it_changes(saved, monkeypatch):
     _, path = saved
     hashed = []
-    real = store.file_sha256
-    monkeypatch.setattr(store, "file_sha256", lambda p: hashed.append(p) or real(p))
+    real = mapped.file_sha256
+    monkeypatch.setattr(mapped, "file_sha256", lambda p: hashed.append(p) or real(p))
     Memory.load(path).segments[0].tensors  # noqa: B018
     assert len(hashed) == 1
     Memory.load(path).segments[0].tensors  # noqa: B018 - just written: a same-size rewrite could look unchanged

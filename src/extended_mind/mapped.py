@@ -112,6 +112,17 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def matches(path: Path, sha256: str, remembered_ok: bool = True) -> bool:
+    """Whether `path` hashes to `sha256`. A check of this very version of the file remembered from before counts
+    (unless `remembered_ok` is False); a passing hash is remembered."""
+    if remembered_ok and checked_before(path, sha256):
+        return True
+    if file_sha256(path) != sha256:
+        return False
+    remember_checked(path, sha256)
+    return True
+
+
 def remember_checked(path: Path, sha256: str, recent_ok: bool = False) -> None:
     """Record that `path` hashed to `sha256`, unless it changed too recently to tell a later change apart
     (`recent_ok`: this process just wrote those bytes and hashed them as it wrote)."""

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .documents import Document
-from .errors import DocumentError, ExtendedMindError, MemoryFileError, MemoryMismatchError
+from .errors import DocumentError, ExtendedMindError, MemoryMismatchError
 from .identity import ModelIdentity
 from .storage import check_storage, decode, encode
 
@@ -477,14 +477,9 @@ class Memory:
     def verify(self) -> None:
         """Hash every tensor file now (even ones verified before) and check its tensors (raises MemoryFileError on
         corruption)."""
-        from .mapped import file_sha256
-
         for s in self.segments:
             if s.file is not None and not s.remote:
-                if s.file.size != s.file.path.stat().st_size or file_sha256(s.file.path) != s.file.sha256:
-                    raise MemoryFileError(
-                        f"corrupt memory file {s.file.path}: its checksum does not match the manifest"
-                    )
+                s.file.check(remembered_ok=False)
             s.tensors  # noqa: B018 - reading is the check
 
 

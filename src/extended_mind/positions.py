@@ -61,14 +61,17 @@ def prepare_layers(
         scanned = index is None and (memory.num_tokens if scan_from is None else scan_from) >= LOW_PRECISION_SCAN_MIN
         pos = torch.zeros_like(memory.positions) if policy == "zero" else memory.positions
         pos = pos.long()
+        # ALiBi (alibi.py) biases a memory by its position: under "zero", one before the prompt (the reference's
+        # ALiBi rule); under "stored", the position it rotates to here
+        bias_positions = torch.full_like(pos, -1) if policy == "zero" else pos
         # block selection over a large memory: kept in the cache directory once prepared (prepared.py)
         keep = not values and scanned and device.type == "cpu" and prepared_store.keepable(memory)
         keep = keep and prepared_store.keep_count() > 0
         key = prepared_store.prepared_key(memory, policy, dtype, list(wanted), scan_path()) if keep else None
-        found = prepared_store.load(key, torch.full_like(pos, -1) if policy == "zero" else pos) if key else None
+        found = prepared_store.load(key, bias_positions) if key else None
         prepared = found or {}
         if set(prepared) != set(wanted):
-            prepared = _prepare(memory, policy, device, dtype, wanted, pos, scanned, values)
+            prepared = _prepare(memory, policy, device, dtype, wanted, pos, bias_positions, scanned, values)
             if key and all(m.scan is not None for m in prepared.values()):
                 prepared_store.store(key, prepared)
         if index is not None:
@@ -89,6 +92,7 @@ def _prepare(
     dtype: torch.dtype,
     wanted: range | list[int],
     pos: torch.Tensor,
+    bias_positions: torch.Tensor,
     scanned: bool,
     values: bool,
 ) -> dict[int, LayerMemory]:
@@ -114,9 +118,7 @@ def _prepare(
             else torch.empty(h, 0, dv, device=device, dtype=dtype),
             inv_norms=1.0 / keys.float().norm(dim=-1).clamp_min(1e-12).to(dtype),
             scan=scan,
-            # ALiBi (alibi.py) biases a memory by its position: under "zero", one before the prompt (the
-            # reference's ALiBi rule); under "stored", the position it rotates to here
-            positions=torch.full_like(pos, -1) if policy == "zero" else pos,
+            positions=bias_positions,
         )
     return prepared
 

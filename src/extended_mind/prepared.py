@@ -23,7 +23,7 @@ import torch
 
 from .attention import LayerMemory
 from .loading import cache_dir
-from .mapped import MappedFileError, checked_before, file_sha256, map_safetensors, remember_checked, write_safetensors
+from .mapped import MappedFileError, map_safetensors, matches, remember_checked, write_safetensors
 from .memory import Memory
 from .scan import PACKED_KINDS, KeyScan
 
@@ -59,11 +59,9 @@ def load(key: str, positions: torch.Tensor) -> dict[int, LayerMemory] | None:
     path = _path(key)
     try:
         sha = path.with_suffix(".sha256").read_text().strip()
-        if not checked_before(path, sha):
-            if file_sha256(path) != sha:
-                log.warning("prepared memory %s fails its checksum: preparing again", path)
-                return None
-            remember_checked(path, sha)
+        if not matches(path, sha):
+            log.warning("prepared memory %s fails its checksum: preparing again", path)
+            return None
         tensors = map_safetensors(path)
         meta = json.loads(path.with_suffix(".json").read_text())
         out = {}

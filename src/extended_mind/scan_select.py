@@ -143,8 +143,8 @@ def packed_kernel(many_rows: bool) -> str | None:
     measured; None: each scan's own (one kernel only, or a path set by EXTENDED_MIND_SCAN)."""
     if os.environ.get(SCAN_ENV, "").strip() not in ("", "auto"):
         return None
-    kernels = scan_report().get("kernels")
-    return kernels["many" if many_rows else "few"] if kernels else None
+    picked = scan_report().get("kernels")
+    return picked["many" if many_rows else "few"] if picked else None
 
 
 def scan_report() -> dict:

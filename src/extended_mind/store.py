@@ -31,7 +31,7 @@ from safetensors.torch import save as save_bytes
 from .documents import Document
 from .errors import MemoryFileError
 from .identity import ModelIdentity
-from .mapped import MappedFileError, checked_before, file_sha256, map_safetensors, remember_checked, write_atomic
+from .mapped import MappedFileError, map_safetensors, matches, write_atomic
 from .memory import Memory, RopeTables, Segment
 from .storage import STORAGE_DTYPES
 
@@ -77,17 +77,22 @@ class StoredFile:
         except SafetensorError as exc:
             raise MemoryFileError(f"corrupt memory file {self.path}: {exc}") from None
 
-    def map(self) -> dict[str, torch.Tensor]:
-        """The file's tensors as views of a memory map (mapped.py: read from disk as used), its checksum verified
-        first unless this very version of the file was verified before."""
+    def check(self, remembered_ok: bool = True) -> None:
+        """Raise MemoryFileError unless the file has the manifest's size and checksum; a check of this very version
+        of the file remembered from before counts unless `remembered_ok` is False (mapped.matches)."""
         try:
             size = self.path.stat().st_size
             if size != self.size:
                 raise MemoryFileError(f"corrupt memory file {self.path}: {size} bytes, the manifest says {self.size}")
-            if not checked_before(self.path, self.sha256):
-                if file_sha256(self.path) != self.sha256:
-                    raise MemoryFileError(f"corrupt memory file {self.path}: its checksum does not match the manifest")
-                remember_checked(self.path, self.sha256)
+            if not matches(self.path, self.sha256, remembered_ok):
+                raise MemoryFileError(f"corrupt memory file {self.path}: its checksum does not match the manifest")
+        except FileNotFoundError:
+            raise self._missing() from None
+
+    def map(self) -> dict[str, torch.Tensor]:
+        """The file's tensors as views of a memory map (mapped.py: read from disk as used), checked first."""
+        self.check()
+        try:
             return map_safetensors(self.path)
         except FileNotFoundError:
             raise self._missing() from None
@@ -141,16 +146,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(target: Path, data: bytes) -> None:
-    write_atomic(target, [data], digest=False)
-
-
 def _put(directory: Path, data: bytes) -> StoredFile:
     """Store `data` under its checksum in `directory` (no write when an intact copy is already there)."""
     sha = hashlib.sha256(data).hexdigest()
     target = directory / f"{sha}.safetensors"
     if not (target.is_file() and target.stat().st_size == len(data)):
-        _write_atomic(target, data)
+        write_atomic(target, [data], digest=False)  # named by its checksum already
     return StoredFile(target, sha, len(data))
 
 
@@ -254,7 +255,7 @@ def save_memory(memory: Memory, path: Path, checked: bool = False) -> Path:
                 for fp, ix in indexes
             ],  # fmt: skip
         }
-        _write_atomic(path / MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=1).encode())
+        write_atomic(path / MANIFEST, [json.dumps(manifest, ensure_ascii=False, indent=1).encode()], digest=False)
         _fsync_dir(path)
         for s, f in zip(memory.segments, stored):
             s.file = f
