@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from extended_mind import heads as heads_module
-from extended_mind.blocks import BlockLayout, select_blocks
+from extended_mind.blocks import BlockLayout, Relevance, select_blocks
 from extended_mind.heads import calibration_sequences, head_scores, retrieval_heads
 
 DOCS = ["The cat sat on the mat. " * 5, "Ships sail at dawn.", "A third document, of medium length here."]
@@ -57,6 +57,37 @@ def test_choose_discounts_the_prior_and_keeps_document_order(tiny_mind):
     assert plan.choose(mass).tolist() == [4, 6]
     plan.gate = 1.0
     assert plan.choose(mass).tolist() == [4]
+
+
+def test_relevance_reads_only_blocks_far_above_what_unrelated_questions_draw(tiny_mind):
+    memory = tiny_mind.memorize(DOCS)
+    plan = _plan(tiny_mind, memory, blocks=3)
+    n = plan.layout.num_blocks
+    assert n > 3
+    mean = torch.full((n,), 1.0 / n)
+    mean[0] = 0.3  # an attractor: every unrelated question gives block 0 much of its mass...
+    spread = torch.full((n,), 0.01)
+    spread[0] = 0.2  # ... and how much varies from question to question
+    plan.relevance, plan.min_relevance = Relevance(mean, spread), 4.0
+    typical = mean.clone()
+    assert plan.choose(typical).tolist() == []  # what any question draws: nothing is read
+    attracted = mean.clone()
+    attracted[0] = 0.6  # the attractor draws even more: still within its spread
+    assert plan.choose(attracted).tolist() == []
+    asked = mean.clone()
+    asked[3] += 0.1  # block 3 draws ten spreads more than unrelated questions give it: read, with the next block
+    assert plan.choose(asked).tolist() == [3, 4]  # (the passage may go on past the block's end)
+    assert plan.choose(asked * 7.0).tolist() == [3, 4]  # shares, not raw mass: the mass's scale does not matter
+    assert plan.choose(asked, 1).tolist() == [3]  # the relevant block first, its successor only when there is room
+    last = int((plan.memory.token_doc[plan.layout.starts] == 0).sum()) - 1  # the first document's last block
+    at_end = mean.clone()
+    at_end[last] += 0.1
+    assert plan.choose(at_end).tolist() == [last]  # never a successor from another document
+    plan.min_relevance = 20.0
+    assert plan.choose(asked).tolist() == []
+    assert plan.choose(torch.zeros(n)).tolist() == []
+    plan.blocks = n  # a memory that fits the slots is read whole, whatever the question
+    assert plan.choose(typical).tolist() == list(range(n))
 
 
 def test_slots_sit_right_before_the_rest_of_the_prompt(tiny_mind):

@@ -28,7 +28,8 @@ def test_memorize_then_ask_json(model_dir, tmp_path, capsys):
     # the memory remembers its model: no --model needed
     assert main(["ask", "--memory", str(tmp_path / "mem"), "--json", "--max-new-tokens", "4", "When?"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"text", "citations", "retrievals"}
+    assert set(out) == {"text", "citations", "retrievals", "blocks_read", "warnings"}
+    assert out["blocks_read"] == 1 and out["warnings"] == []  # a memory that fits the slots is read whole
     assert out["citations"] and out["citations"][0]["doc"] == "facts.txt"
 
 

@@ -67,7 +67,7 @@ def test_uncertainty_raises_k_on_high_entropy_steps(tiny_mind, retrieval):
     def options(k: int) -> dict:
         if retrieval == "tokens":
             return dict(memory=memory, retrieval="tokens", topk=k, max_new_tokens=6)
-        return dict(memory=memory, topk=4, blocks=k, block_size=8, max_new_tokens=6)
+        return dict(memory=memory, topk=4, blocks=k, block_size=8, max_new_tokens=6, block_relevance=0.0)
 
     # Threshold 0: every step is re-retrieved with k + step, so the whole run (cache included) must equal a plain
     # run with k + step: a strong check that cropping and recomputing leaves no trace of the first attempt.
@@ -161,3 +161,20 @@ def test_generation_raises_no_deprecation_warning_from_our_calls(tiny_mind):
         tiny_mind.generate_batch(["a", "b"], [memory, None], max_new_tokens=2)
         tiny_mind.logits(torch.tensor([[1, 2, 3]]), memory=memory)
         tiny_mind.memorize("Some more text to memorize, long enough for two chunks. " * 4)
+
+
+def test_an_empty_answer_says_why(tiny_mind):
+    """An answer whose first token ends it is not silent: a warning names the cause, and with a memory that read
+    nothing, says so too."""
+    eos = tiny_mind.tokenizer.eos_token_id
+    tiny_mind.tokenizer.chat_template = None
+    empty = tiny_mind.generate("Question?", max_new_tokens=4, logit_bias={eos: 100.0})
+    assert empty.text == "" and empty.finish_reason == "stop"
+    assert len(empty.warnings) == 1 and "ended its answer at once" in empty.warnings[0]
+    memory = tiny_mind.memorize([DOC] * 4)
+    unread = tiny_mind.generate("Question?", memory=memory, max_new_tokens=4, logit_bias={eos: 100.0}, blocks=1,
+                                block_size=8, block_relevance=1e9)  # fmt: skip
+    assert unread.blocks_read == 0 and "no memory block was relevant" in unread.warnings[0]
+    assert unread.to_dict()["warnings"] == unread.warnings
+    spoken = tiny_mind.generate("Question?", max_new_tokens=4)
+    assert spoken.warnings == []

@@ -5,6 +5,8 @@
   equals attention over the full context (document + prompt) in one pass in which the prompt's first token, the
   attention sink, reads only itself;
 - block memory reading every block equals the full context (sink, document, prompt), chunked scoring included;
+- in chat form, a memory that fits the slots is read whole and equals the document pasted at the start of the
+  user's message (greedy tokens and their log-probabilities); a memory read nothing is the plain model;
 - chunked memorization (context rebuilt from stored keys) equals recomputing each window from scratch.
 """
 
@@ -94,6 +96,61 @@ def test_block_memory_reading_every_block_equals_full_context(tiny_pair):
         assert (got - expected).abs().max().item() < FULL_CONTEXT_ATOL
     fewer = mind.logits(prompt, memory=memory, topk=48, blocks=2, block_size=16, block_gate=0.0)
     assert (fewer - expected).abs().max().item() > 1e-3
+
+
+# A chat template whose head is the sink alone: memories are computed with the sink as their only context, so the
+# pasted reference sees the same context exactly when the template puts nothing else before the user's message.
+SINK_CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}\n{% endif %}"
+)
+
+
+def _greedy_with_logprobs(reference, ids: list[int], steps: int, ban: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens of the unmodified model, never `ban`, and their log-probabilities."""
+    tokens, logprobs = [], []
+    with torch.inference_mode():
+        for _ in range(steps):
+            logp = torch.log_softmax(reference(torch.tensor([ids + tokens])).logits[0, -1].float(), -1)
+            token = int(logp.index_fill(0, torch.tensor([ban]), float("-inf")).argmax())
+            tokens.append(token)
+            logprobs.append(float(logp[token]))
+    return tokens, logprobs
+
+
+def test_chat_form_small_memory_read_whole_equals_pasted_document(tiny_pair):
+    mind, reference = tiny_pair
+    mind.tokenizer.chat_template = SINK_CHAT_TEMPLATE
+    document, question = "The keeper of the lighthouse is Ada. ", "Who keeps the light?"
+    memory = mind.memorize(document, progress=False)
+    text = mind.tokenizer.apply_chat_template([{"role": "user", "content": document + question}], tokenize=False,
+                                              add_generation_prompt=True)  # fmt: skip
+    pasted = mind.tokenizer(text, add_special_tokens=False)["input_ids"]
+    expected, expected_logprobs = _greedy_with_logprobs(reference, pasted, 6, mind.tokenizer.eos_token_id)
+    no_eos = {mind.tokenizer.eos_token_id: -100.0}
+    result = mind.generate(question, memory=memory, chat=True, max_new_tokens=6, block_size=16, logit_bias=no_eos)
+    assert result.blocks_read == -(-memory.num_tokens // 16)  # every block: the memory fits the slots
+    assert [t.id for t in result.tokens] == expected
+    got_logprobs = [t.logprob for t in result.tokens]
+    assert max(abs(a - b) for a, b in zip(got_logprobs, expected_logprobs)) < FULL_CONTEXT_ATOL
+    # the oracle is not vacuous: the memory changes the answer's log-probabilities
+    plain = mind.generate(question, chat=True, max_new_tokens=6, logit_bias=no_eos)
+    assert max(abs(a.logprob - b) for a, b in zip(plain.tokens, expected_logprobs)) > 1e-3
+
+
+def test_memory_read_nothing_is_the_plain_model(tiny_pair):
+    mind, _ = tiny_pair
+    mind.tokenizer.chat_template = SINK_CHAT_TEMPLATE
+    memory = mind.memorize(["A long first document about boats and harbours. " * 6, "Another one on bread. " * 6],
+                           progress=False)  # fmt: skip
+    no_eos = {mind.tokenizer.eos_token_id: -100.0}
+    options = dict(chat=True, max_new_tokens=6, block_size=16, blocks=2, logit_bias=no_eos)
+    plain = mind.generate("What is it?", **options)
+    nothing = mind.generate("What is it?", memory=memory, block_relevance=1e9, **options)  # no block is that relevant
+    assert nothing.blocks_read == 0 and nothing.citations == []
+    assert [t.id for t in nothing.tokens] == [t.id for t in plain.tokens]
+    assert [t.logprob for t in nothing.tokens] == [t.logprob for t in plain.tokens]
+    some = mind.generate("What is it?", memory=memory, block_relevance=0.0, **options)
+    assert some.blocks_read and some.blocks_read > 0
 
 
 def test_chunked_memorization_equals_recomputed_windows(tiny_pair):

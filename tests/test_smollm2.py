@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from importlib.resources import files
 
 import pytest
 import torch
@@ -96,6 +97,21 @@ def test_smollm2_finds_a_passkey_in_a_memory_beyond_its_window(smol):
     start = text.index(needle)
     assert start <= top.start and top.end <= start + len(needle), top  # the passkey sentence is the top citation
     assert str(key) in top.text
+
+
+def test_smollm2_memory_reads_nothing_for_questions_it_does_not_hold(smol):
+    """A memory must not change answers it has nothing for: the relevance test reads no block, and the answer is the
+    plain model's, token for token, in chat and completion form; a question about the memory reads it."""
+    article = (files("extended_mind") / "data" / "aardwolf.txt").read_text(encoding="utf-8")
+    memory = smol.memorize(article, progress=False)
+    for question, chat in [("What is the capital of France?", True), ("How many days are in a week?", True),
+                           ("Question: What is the capital of France?\nAnswer:", False)]:  # fmt: skip
+        plain = smol.generate(question, chat=chat, max_new_tokens=10)
+        got = smol.generate(question, memory=memory, chat=chat, max_new_tokens=10)
+        assert got.blocks_read == 0 and got.citations == [], question
+        assert [t.id for t in got.tokens] == [t.id for t in plain.tokens], question
+    asked = smol.generate("How many termites can one aardwolf eat in a single night?", memory=memory, max_new_tokens=8)
+    assert asked.blocks_read and asked.citations
 
 
 def test_demo_prints_the_counterfactual_answer_and_its_source(capsys):

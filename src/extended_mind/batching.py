@@ -20,7 +20,7 @@ rows start together or not at all, and finished rows keep their place until all 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -122,6 +122,7 @@ class _Row:
     finish: str = "length"
     done: bool = False
     reported: bool = False  # its result was handed over
+    blocks_read: int | None = None  # block memory: blocks it reads
 
 
 class DecodeBatch:
@@ -163,18 +164,25 @@ class DecodeBatch:
         plans = [r.plan for r in rows]
         if any(p is not None for p in plans):  # each row's blocks, chosen by one pass over the prompts
             masses = select_blocks(self.model, [r.prompt_ids for r in rows], [r.positions() for r in rows], plans)
-            layers = [p.slots(p.choose(m)) if p is not None else lay for p, m, lay in zip(plans, masses, layers)]
+            chosen = [p.choose(m) if p is not None else None for p, m in zip(plans, masses)]
+            layers = [p.slots(c) if p is not None else lay for p, c, lay in zip(plans, chosen, layers)]
+            # a row that reads nothing is the plain model: its own prompt and positions
+            rows = [replace(r, prompt_ids=r.plan.plain(r.prompt_ids), offset=0, plan=None)
+                    if c is not None and c.numel() == 0 else r for r, c in zip(rows, chosen)]  # fmt: skip
+        else:
+            chosen = [None] * len(rows)
         width = max(len(r.prompt_ids) for r in rows)
         ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         positions = torch.zeros((len(rows), width), dtype=torch.long)
         live = []
-        for i, ((row, s, sink, cancelled), lay) in enumerate(zip(joining, layers)):
+        for i, ((_, s, sink, cancelled), row, lay) in enumerate(zip(joining, rows, layers)):
             m, pos = len(row.prompt_ids), row.positions()
             ids[i, width - m :], mask[i, width - m :] = torch.tensor(row.prompt_ids), 1
             positions[i, width - m :] = torch.tensor(pos)
             generator = torch.Generator().manual_seed(s.seed) if s.seed is not None else None
-            live.append(_Row(row, s, lay, sink, cancelled, generator, pos[-1] + 1))
+            live.append(_Row(row, s, lay, sink, cancelled, generator, pos[-1] + 1,
+                             blocks_read=None if chosen[i] is None else int(chosen[i].numel())))
         cache = DynamicCache(config=self.model.config)
         logits, cites = self._forward(live, ids, positions, mask, cache)
         for i, r in enumerate(live):
@@ -249,7 +257,7 @@ class DecodeBatch:
             idx, w = sparse_sum([t.memory_indices for t in r.tokens], [t.memory_weights for t in r.tokens])
             citations = cite(r.row.memory, idx, w / len(r.tokens))
         finish = "stop" if r.finish == "cancelled" else r.finish
-        return GenerationResult(r.text, r.tokens, citations, [], len(r.row.prompt_ids), finish)
+        return GenerationResult(r.text, r.tokens, citations, [], len(r.row.prompt_ids), finish, r.blocks_read)
 
     def _forward(self, rows: list[_Row], ids, positions, mask, cache) -> tuple[torch.Tensor, list]:
         layers = [r.layers for r in rows]

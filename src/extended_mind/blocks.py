@@ -95,11 +95,21 @@ class BlockPlan:
     # tokens that draw these heads for any query (a document's opening tokens, most of all) are discounted by it
     prior: torch.Tensor | None = None
     select_from: int | None = None  # first prompt row whose retrieval heads choose blocks (None: insert)
+    select_to: int | None = None  # the row after the last one that chooses (None: the prompt's end)
+    # questions: what unrelated questions draw from this memory; a block is read only when the question draws it
+    # `min_relevance` spreads beyond that (None: the prior's excess ranks blocks, as for scoring long inputs)
+    relevance: Relevance | None = None
+    min_relevance: float = 4.0
+    sink_added: bool = False  # the prompt got a sink token for the slots (`plain` takes it away)
 
     def positions(self, n_tokens: int) -> list[int]:
         """Position ids of a prompt of `n_tokens`: its head, then a gap for the slots, then the rest."""
         head = min(self.insert, n_tokens)
         return list(range(head)) + list(range(head + self.reserve, n_tokens + self.reserve))
+
+    def plain(self, prompt_ids: list[int]) -> list[int]:
+        """The prompt as the model reads it without memory."""
+        return prompt_ids[1:] if self.sink_added else prompt_ids
 
     @property
     def slot_end(self) -> int:
@@ -111,19 +121,45 @@ class BlockPlan:
                               self.settings)  # fmt: skip
 
     def choose(self, mass: torch.Tensor, n: int | None = None) -> torch.Tensor:
-        """Up to `n` (default: `blocks`) blocks whose mass most exceeds what they get from any question (the
-        prior): the best one, and the others whose excess is at least `gate` times the best one's; returned in
-        document order, never a block that got no mass."""
+        """Up to `n` (default: `blocks`) blocks, in document order, never one that got no mass.
+
+        With `relevance` (questions): a memory of at most `n` blocks is read whole, as if pasted; otherwise the
+        blocks whose share of the mass stands at least `min_relevance` spreads above what unrelated questions give
+        them, and none when no block does (the question is not about the memory). Without it: the blocks whose
+        mass most exceeds the prior. Either way only blocks scoring at least `gate` times the best one."""
         n = min(self.blocks if n is None else n, self.layout.num_blocks)
         if n <= 0:
             return torch.zeros(0, dtype=torch.long)
-        score = mass - self.prior * mass.sum() if self.prior is not None else mass.clone()
+        if self.relevance is not None:
+            if self.layout.num_blocks <= n:
+                return torch.arange(self.layout.num_blocks)
+            score = self.relevance.score(mass)
+        else:
+            score = mass - self.prior * mass.sum() if self.prior is not None else mass.clone()
         score[mass <= 0] = float("-inf")
         top = score.topk(n)
         keep = torch.isfinite(top.values)
+        if self.relevance is not None:
+            keep &= top.values >= self.min_relevance
         if self.gate and float(top.values[0]) > 0:  # only blocks nearly as telling as the best one
             keep &= top.values >= self.gate * float(top.values[0])
-        return top.indices[keep].sort().values
+        chosen = top.indices[keep]
+        if self.relevance is not None:
+            chosen = self._with_successors(chosen, n)
+        return chosen.sort().values
+
+    def _with_successors(self, chosen: torch.Tensor, n: int) -> torch.Tensor:
+        """`chosen` (best first) and, while fewer than `n`, the block after each one in its document: a passage
+        the heads point at often goes on past its block's end (a key split from the sentence that names it)."""
+        picked = chosen.tolist()
+        doc_of_block = self.memory.token_doc[self.layout.starts]
+        for b in chosen.tolist():
+            if len(picked) >= n:
+                break
+            nxt = b + 1
+            if nxt < self.layout.num_blocks and doc_of_block[nxt] == doc_of_block[b] and nxt not in picked:
+                picked.append(nxt)
+        return torch.tensor(picked, dtype=torch.long)
 
     def slots(self, blocks: torch.Tensor) -> dict[int, LayerMemory]:
         """Per memory layer, the slots holding `blocks`: keys rotated to their positions, right before slot_end."""
@@ -207,7 +243,7 @@ def select_blocks(
             continue
         if groups is None:
             group = torch.full((len(p),), -1, dtype=torch.long)
-            group[plan.insert if plan.select_from is None else plan.select_from :] = 0
+            group[plan.insert if plan.select_from is None else plan.select_from : plan.select_to] = 0
             n_groups = 1
         else:
             group, n_groups = groups[i], int(groups[i].max()) + 1
@@ -241,13 +277,69 @@ def select_blocks(
 NEUTRAL_PROMPTS = ("The", "It is", "Tell me more.\nIt is", "What is it?\nIt is")
 
 
+def _shares(
+    model: PreTrainedModel, plan: BlockPlan, prompts: list[EncodedPrompt], to_end: bool = False, batch: int = 16
+) -> torch.Tensor:
+    """(prompts that drew any mass, blocks) the share of the retrieval heads' mass each block gets per prompt, from
+    the question's rows (`to_end`: every row from the question on)."""
+    plans = [replace(plan, insert=p.memory_at, select_from=p.asks_from, select_to=None if to_end else p.asks_to,
+                     prior=None, relevance=None) for p in prompts]  # fmt: skip
+    positions = [plan.positions(len(p.ids)) for plan, p in zip(plans, prompts)]
+    masses: list[torch.Tensor | None] = []
+    for i in range(0, len(prompts), batch):
+        masses += select_blocks(model, [p.ids for p in prompts[i : i + batch]], positions[i : i + batch],
+                                plans[i : i + batch])  # fmt: skip
+    shares = [m / m.sum() for m in masses if m is not None and float(m.sum()) > 0]
+    return torch.stack(shares) if shares else torch.zeros(0, plan.layout.num_blocks)
+
+
 def block_prior(model: PreTrainedModel, plan: BlockPlan, prompts: list[EncodedPrompt]) -> torch.Tensor:
     """(blocks,) the mean share of mass each block gets for `prompts` (questions that ask nothing); ranking is by
     content (rotation undone), so positions do not matter here."""
-    plans = [replace(plan, insert=p.memory_at, select_from=p.asks_from, prior=None) for p in prompts]
-    positions = [plan.positions(len(p.ids)) for plan, p in zip(plans, prompts)]
-    masses = select_blocks(model, [p.ids for p in prompts], positions, plans)
-    shares = [m / m.sum() for m in masses if m is not None and float(m.sum()) > 0]
-    if not shares:
-        return torch.zeros(plan.layout.num_blocks)
-    return torch.stack(shares).mean(0)
+    shares = _shares(model, plan, prompts, to_end=True)
+    return shares.mean(0) if len(shares) else torch.zeros(plan.layout.num_blocks)
+
+
+@dataclass(frozen=True)
+class Relevance:
+    """How much of the retrieval heads' mass unrelated questions give each block of one memory: its mean and
+    spread. Lists, bibliographies and a document's opening draw every question; the passage a question is about
+    draws that question far beyond its usual share. A block's relevance is its share in spreads above the mean."""
+
+    mean: torch.Tensor  # (blocks,)
+    spread: torch.Tensor  # (blocks,) > 0
+
+    def score(self, mass: torch.Tensor) -> torch.Tensor:
+        total = float(mass.sum())
+        if total <= 0:
+            return torch.full_like(self.mean, float("-inf"))
+        return (mass / total - self.mean) / self.spread
+
+
+# Questions about nothing in particular, in the styles users send (facts, chit-chat, requests, code, arithmetic):
+# what they draw from a memory calibrates the relevance test. Kept apart from bench/general.py's questions, which
+# measure it.
+CALIBRATION_QUESTIONS = (
+    "Who wrote Pride and Prejudice?", "How many wheels does a bicycle have?", "Can you give me a recipe for pancakes?",
+    "Write a haiku about autumn.", "Translate 'good morning' into Spanish.", "Why do cats purr?", "What is 7 times 8?",
+    "Tell me a joke.", "How do I reverse a list in Python?", "Summarize the plot of Cinderella.",
+    "What should I eat for dinner tonight?", "Explain how a rainbow forms.", "Hi! How are you today?",
+    "Which metal is liquid at room temperature?", "What does DNA stand for?", "Give me three tips for better sleep.",
+    "Who composed the Four Seasons?", "How many strings does a violin have?", "What is the plural of mouse?",
+    "What is the square root of 81?", "What is the speed of light?", "Suggest a name for a pet goldfish.",
+    "How do you say thank you in Japanese?", "What are the primary colors?",
+)  # fmt: skip
+# A spread is at least this fraction of the spread of all shares: a block no calibration question drew (the
+# passkey sentence, a rare name) must not look relevant on a trace of mass
+SPREAD_FLOOR = 0.3
+
+
+def calibrate_relevance(model: PreTrainedModel, plan: BlockPlan, prompts: list[EncodedPrompt]) -> Relevance:
+    """The relevance calibration of `plan`'s memory from `prompts` (CALIBRATION_QUESTIONS in every prompt form)."""
+    shares = _shares(model, plan, prompts)
+    if len(shares) < 2:
+        ones = torch.ones(plan.layout.num_blocks)
+        return Relevance(torch.zeros_like(ones), ones)
+    floor = SPREAD_FLOOR * float(shares.std())
+    spread = (shares.std(0) ** 2 + floor**2).sqrt().clamp_min(1e-12)
+    return Relevance(shares.mean(0), spread)

@@ -17,6 +17,7 @@ from .index import DEFAULT_APPROX_THRESHOLD
 from .memory import Memory, is_saved_memory
 from .mind import (
     DEFAULT_BLOCK_GATE,
+    DEFAULT_BLOCK_RELEVANCE,
     DEFAULT_BLOCK_SIZE,
     DEFAULT_BLOCKS,
     DEFAULT_POSITION_POLICY,
@@ -84,6 +85,13 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=DEFAULT_BLOCK_GATE,
         help=f"read a block only if its score is this fraction of the best block's ({DEFAULT_BLOCK_GATE})",
+    )
+    p.add_argument(
+        "--block-relevance",
+        type=float,
+        default=DEFAULT_BLOCK_RELEVANCE,
+        help="read a block only if the question draws it this many spreads above what unrelated questions do; "
+        f"0 reads the best blocks whatever the question ({DEFAULT_BLOCK_RELEVANCE})",
     )
     p.add_argument(
         "--memory-at",
@@ -322,6 +330,7 @@ def _generation_options(args: argparse.Namespace) -> dict:
         blocks=args.blocks,
         block_size=args.block_size,
         block_gate=args.block_gate,
+        block_relevance=args.block_relevance,
         memory_at=args.memory_at,
         memory_heads=args.memory_heads,
         topk=args.topk,
@@ -422,6 +431,10 @@ def _generate(mind: ExtendedMind, question: str, memories: list[Memory], args) -
         print(token.text, end="", flush=True)
     print()
     result = stream.result
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if memories and result.blocks_read == 0:
+        print("(no memory block was relevant to the question: none was read)", file=sys.stderr)
     if result.citations:
         print("\nCited spans (attention weight, document, characters):")
         for c in result.citations:

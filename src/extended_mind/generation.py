@@ -51,12 +51,25 @@ class GenerationResult:
     retrievals: list[Retrieval]
     prompt_tokens: int
     finish_reason: str = "stop"  # "stop": end of sequence or a stop string; "length": max_new_tokens reached
+    blocks_read: int | None = None  # block memory: how many blocks the answer read (0: none was relevant)
+
+    @property
+    def warnings(self) -> list[str]:
+        """What a reader of an odd answer needs to know: an empty answer says why it is empty."""
+        if self.tokens or self.finish_reason != "stop" or self.text:
+            return []
+        why = "the model ended its answer at once (its first token was the end of the sequence)"
+        if self.blocks_read == 0:
+            why += "; no memory block was relevant enough to read (block_relevance)"
+        return [why + "; try the chat form, an answer_prefix, or rephrasing the question"]
 
     def to_dict(self) -> dict:
         return {
             "text": self.text,
             "citations": [c.to_dict() for c in self.citations],
             "retrievals": [r.to_dict() for r in self.retrievals],
+            "blocks_read": self.blocks_read,
+            "warnings": self.warnings,
         }
 
 
@@ -169,10 +182,18 @@ class TokenStream:
         generator = torch.Generator(device="cpu").manual_seed(s.seed) if s.seed is not None else None
         group = getattr(self.memory, "shard", None) if self.layers or self.plan is not None else None
         plan = self.plan
+        blocks_read = None
         if plan is not None:  # block memory: one pass over the prompt without memory chooses what is read
             prompt_positions = plan.positions(len(self.prompt_ids))
             mass = select_blocks(self.model, [self.prompt_ids], [prompt_positions], [plan])[0]
-            slot_sets = {plan.blocks: plan.slots(plan.choose(mass))}
+            chosen = plan.choose(mass)
+            blocks_read = int(chosen.numel())
+            if not blocks_read:  # nothing relevant: the plain model, with its own prompt and positions
+                self.prompt_ids = plan.plain(self.prompt_ids)
+                plan, group = None, None
+                prompt_positions = list(range(len(self.prompt_ids)))
+        if plan is not None:
+            slot_sets = {plan.blocks: plan.slots(chosen)}
 
             def layers_for(k: int) -> dict[int, LayerMemory]:  # k: blocks read
                 if k not in slot_sets:
@@ -182,6 +203,13 @@ class TokenStream:
             base_k, step_k = plan.blocks, s.topk_step
             session.layers = layers_for(base_k)
             session.record_citations = True
+        elif blocks_read == 0:
+            base_k, step_k = 0, 0
+
+            def layers_for(k: int) -> dict[int, LayerMemory]:
+                return {}
+
+            session.layers, session.record_citations = {}, False
         else:
             prompt_positions = list(range(self.offset, self.offset + len(self.prompt_ids)))
             base_k, step_k = s.topk, s.topk_step
@@ -189,7 +217,7 @@ class TokenStream:
             def layers_for(k: int) -> dict[int, LayerMemory]:
                 return self.layers
 
-        use_memory = plan is not None or (bool(self.layers) and s.topk > 0)
+        use_memory = plan is not None or (bool(self.layers) and s.topk > 0 and blocks_read is None)
 
         def new_cache() -> DynamicCache:
             cache = DynamicCache(config=self.model.config)
@@ -276,4 +304,5 @@ class TokenStream:
             retrievals=retrievals,
             prompt_tokens=len(self.prompt_ids),
             finish_reason=finish_reason,
+            blocks_read=blocks_read,
         )

@@ -11,7 +11,16 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .attention import LayerMemory, RetrievalSettings, Session, patch_model
 from .batching import BatchRow, generate_batch
-from .blocks import NEUTRAL_PROMPTS, BlockLayout, BlockPlan, block_prior, select_blocks, slot_positions
+from .blocks import (
+    CALIBRATION_QUESTIONS,
+    NEUTRAL_PROMPTS,
+    BlockLayout,
+    BlockPlan,
+    block_prior,
+    calibrate_relevance,
+    select_blocks,
+    slot_positions,
+)
 from .compat import with_cache
 from .distributed import ShardGroup, active_group, memorize_sharded, rank_loads, shard_memory
 from .documents import Document, load_documents
@@ -34,6 +43,8 @@ DEFAULT_RETRIEVAL = "blocks"
 DEFAULT_BLOCKS = 8
 DEFAULT_BLOCK_SIZE = 64
 DEFAULT_BLOCK_GATE = 0.5
+# a block is read when a question draws it this many spreads above what unrelated questions do (blocks.Relevance)
+DEFAULT_BLOCK_RELEVANCE = 4.0
 MEMORY_HEADS = ("retrieval", "all")
 # Rows of `logits` input scored per chunk in block mode: each chunk reads the blocks its own rows chose.
 DEFAULT_SCORING_CHUNK = 64
@@ -313,7 +324,10 @@ class ExtendedMind:
         block_gate: float,
         memory_heads: str | None,
         extra_blocks: int = 0,
+        min_relevance: float | None = None,
     ) -> BlockPlan:
+        """The block plan for a question (`min_relevance` given: blocks are read only when relevant, see
+        `Relevance`), or for scoring a long input (None: every chunk reads the blocks most above the prior)."""
         n_layers = self.model.config.num_hidden_layers
         if memory_heads == "all":
             heads = {i: torch.ones(self.model.config.num_attention_heads, dtype=torch.bool) for i in range(n_layers)}
@@ -333,9 +347,16 @@ class ExtendedMind:
             insert=insert,
             reserve=slot_positions(blocks + extra_blocks, block_size),
         )
-        # the prior is the memory's own (not the prompt's): computed once per memory and setting, and kept with it
-        key = f"prior-{block_size}-{topk}-{ranking}-{similarity_threshold}-{memory_heads}"
-        plan.prior = memory._cat(key, lambda: block_prior(self.model, plan, self._neutral_prompts()))
+        # the calibrations are the memory's own (not the prompt's): computed once per memory and setting, kept with it
+        setting = f"{block_size}-{topk}-{ranking}-{similarity_threshold}-{memory_heads}"
+        if min_relevance is None:
+            plan.prior = memory._cat(f"prior-{setting}", lambda: block_prior(self.model, plan, self._neutral_prompts()))
+        else:
+            plan.min_relevance = min_relevance
+            if plan.layout.num_blocks <= blocks and not extra_blocks:  # read whole: it takes its own length
+                plan.reserve = int(plan.layout.lengths.sum())
+            plan.relevance = memory._cat(f"relevance-{setting}",
+                                         lambda: calibrate_relevance(self.model, plan, self._calibration_prompts()))
         return plan
 
     # ---- generation ----
@@ -349,6 +370,17 @@ class ExtendedMind:
     def _neutral_prompts(self) -> list[EncodedPrompt]:
         return [self._with_sink(encode(self.tokenizer, p, False, "", "question")) for p in NEUTRAL_PROMPTS]
 
+    def _calibration_prompts(self) -> list[EncodedPrompt]:
+        """CALIBRATION_QUESTIONS as users send them: in the chat template (when the model has one), bare, and as
+        "Question: ...\nAnswer:"."""
+        out = []
+        for q in CALIBRATION_QUESTIONS:
+            if getattr(self.tokenizer, "chat_template", None):
+                out.append(encode(self.tokenizer, q, True, "", "question"))
+            for text in (q, f"Question: {q}\nAnswer:"):
+                out.append(self._with_sink(encode(self.tokenizer, text, False, "", "question")))
+        return out
+
     def _with_sink(self, prompt: EncodedPrompt) -> EncodedPrompt:
         """Block memory needs a token before its slots that holds the attention sink: a prompt whose memory would
         come first gets the one memorization starts documents with (BOS, else EOS)."""
@@ -356,8 +388,11 @@ class ExtendedMind:
             return prompt
         sink = sink_token_id(self.tokenizer)
         if sink is None:
-            return replace(prompt, memory_at=min(1, len(prompt.ids)), asks_from=min(1, len(prompt.ids)))
-        return EncodedPrompt([sink, *prompt.ids], 1, prompt.asks_from + 1)
+            first = min(1, len(prompt.ids))
+            asks_to = None if prompt.asks_to is None else max(first + 1, prompt.asks_to)
+            return replace(prompt, memory_at=first, asks_from=first, asks_to=asks_to)
+        asks_to = None if prompt.asks_to is None else prompt.asks_to + 1
+        return EncodedPrompt([sink, *prompt.ids], 1, prompt.asks_from + 1, asks_to)
 
     def stream(
         self,
@@ -384,6 +419,7 @@ class ExtendedMind:
         blocks: int = DEFAULT_BLOCKS,
         block_size: int = DEFAULT_BLOCK_SIZE,
         block_gate: float = DEFAULT_BLOCK_GATE,
+        block_relevance: float = DEFAULT_BLOCK_RELEVANCE,
         memory_heads: str | None = None,
         memory_at: str = DEFAULT_MEMORY_AT,
         logit_bias: dict[int, float] | None = None,
@@ -393,6 +429,10 @@ class ExtendedMind:
         _check_int("max_new_tokens", max_new_tokens, 1)
         _check_int("topk_step", topk_step, 0)
         _check_block_options(blocks, block_size, block_gate)
+        if isinstance(block_relevance, bool) or not isinstance(block_relevance, (int, float)) or not (
+            0 <= block_relevance < float("inf")
+        ):
+            raise ExtendedMindError(f"block_relevance must be a finite number >= 0, got {block_relevance!r}")
         if citation_weighting not in CITATION_WEIGHTINGS:
             raise ExtendedMindError(
                 f"unknown citation weighting {citation_weighting!r}; choose one of {CITATION_WEIGHTINGS}"
@@ -413,6 +453,7 @@ class ExtendedMind:
         plan = None
         if retrieval == "blocks" and mem is not None and topk > 0 and blocks > 0 and mem.num_tokens:
             encoded = self._with_sink(encoded)
+            sink_added = len(encoded.ids) > len(ids)
             ids = encoded.ids
             extra = topk_step if uncertainty_threshold is not None else 0
             # as many blocks as the window leaves room for (the prompt and the answer come first)
@@ -425,8 +466,8 @@ class ExtendedMind:
                 )
             blocks = min(blocks, room)
             plan = self._block_plan(mem, layers, encoded.memory_at, topk, ranking, similarity_threshold, memory_layers,
-                                    blocks, block_size, block_gate, memory_heads, extra)  # fmt: skip
-            plan.select_from = encoded.asks_from
+                                    blocks, block_size, block_gate, memory_heads, extra, block_relevance)  # fmt: skip
+            plan.select_from, plan.select_to, plan.sink_added = encoded.asks_from, encoded.asks_to, sink_added
             offset = plan.reserve
         if retrieval == "blocks" and plan is None:
             layers = {}

@@ -27,7 +27,8 @@ DEFAULT_MEMORY_AT = "question"
 class EncodedPrompt:
     ids: list[int]
     memory_at: int  # block memory's slots go right before ids[memory_at:]
-    asks_from: int  # ids[asks_from:] are the rows whose retrieval heads choose the blocks
+    asks_from: int  # ids[asks_from:asks_to] are the rows whose retrieval heads choose the blocks: the question's
+    asks_to: int | None = None  # own words (None: to the end), not the chat template's or the answer prefix's
 
 
 def _token_at(offsets: list[tuple[int, int]], char: int, floor: int) -> int:
@@ -51,7 +52,7 @@ def encode(
     `answer_prefix`, and where the question starts and the memory goes (`memory_at`: "answer" or "question")."""
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
         head = leading_special(tokenizer, list(prompt))  # given as ids: memory after the leading special tokens
-        return EncodedPrompt(list(prompt), head, head)
+        return EncodedPrompt(list(prompt), head, head, None)
     if not isinstance(prompt, str) or not prompt.strip():
         raise ExtendedMindError("prompt is empty")
     if chat and getattr(tokenizer, "chat_template", None):
@@ -74,8 +75,9 @@ def encode(
     ids, offsets = enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
     floor = leading_special(tokenizer, ids)
     asks_from = _token_at(offsets, asks, floor)
+    asks_to = max(asks_from + 1, _token_at(offsets, answer, floor)) if answer > asks else None
     at = asks_from if memory_at == "question" else max(asks_from, _token_at(offsets, answer, floor))
-    return EncodedPrompt(ids, at, asks_from)
+    return EncodedPrompt(ids, at, asks_from, asks_to)
 
 
 def encode_messages(
@@ -96,5 +98,6 @@ def encode_messages(
     ids, offsets = enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
     floor = leading_special(tokenizer, ids)
     asks_from = _token_at(offsets, asks, floor)
+    asks_to = max(asks_from + 1, _token_at(offsets, asks + len(last), floor))
     at = asks_from if memory_at == "question" else max(asks_from, _token_at(offsets, asks + len(last), floor))
-    return EncodedPrompt(ids, at, asks_from)
+    return EncodedPrompt(ids, at, asks_from, asks_to)

@@ -49,6 +49,10 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument(
         "--chat", action="store_true", help="ask in the model's chat template (the answer prefix starts the reply)"
     )
+    p.add_argument(
+        "--no-prefix", action="store_true",
+        help="ask without the answer prefix (chat: the question alone; completion: 'Question: ...\\nAnswer:')",
+    )  # fmt: skip
     p.add_argument("--model", default=None, help="local model directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (fix it for comparable timings)")
     p.add_argument("--no-progress", action="store_true")
@@ -59,17 +63,22 @@ def run(args: argparse.Namespace) -> int:
         return _data(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from ..mind import ExtendedMind
-    from .methods import Harness
 
     if args.command == "tune":
         methods = [parse_method(m) for m in parse_grid(args.grid)]  # bad settings fail before the model loads
         _ensure_data()
-        return _tune(Harness(ExtendedMind.from_pretrained(args.model), chat=args.chat), methods, args)
+        return _tune(_harness(args), methods, args)
     tasks = list(TASKS) if args.task == "all" else [args.task]
     plans = {t: _task_plan(t, args) for t in tasks}  # every setting checked before hours of work start
     _ensure_data()
-    return _bench(Harness(ExtendedMind.from_pretrained(args.model), chat=args.chat), plans, args)
+    return _bench(_harness(args), plans, args)
+
+
+def _harness(args: argparse.Namespace):
+    from ..mind import ExtendedMind
+    from .methods import Harness
+
+    return Harness(ExtendedMind.from_pretrained(args.model), chat=args.chat, prefix=not args.no_prefix)
 
 
 def _ensure_data() -> None:

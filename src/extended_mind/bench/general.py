@@ -76,13 +76,39 @@ def unrelated_prose(text: str, length: int, count, avoid: list[str]) -> str:
     return " ".join(kept)
 
 
-def general_items(length: int, n: int, prose: str, count) -> list[Item]:
-    """The first `n` questions (at most all 40), each with the same unrelated memory."""
+def list_lines(articles) -> list[str]:
+    """The list-like lines of Wikipedia articles: references, bibliographies, "see also" and link lists, headings
+    (short lines that are not sentences). Every question draws such text, so it is the hardest memory to ignore."""
+    return [
+        line.strip()
+        for text in articles
+        for line in text.split("\n")
+        if line.strip() and len(line.strip()) < 120 and not line.strip().endswith(".")
+    ]
+
+
+def unrelated_lines(text: str, length: int, count, avoid: list[str]) -> str:
+    """About `length` tokens of `text`'s lines, leaving out every line that mentions a word of `avoid`."""
+    kept, used = [], 0
+    for line in text.split("\n"):
+        if not line.strip() or any(mentions(line, a) for a in avoid):
+            continue
+        kept.append(line)
+        used += count(line + "\n")
+        if used >= length:
+            break
+    return "\n".join(kept)
+
+
+def general_items(length: int, n: int, prose: str, count, lists: bool = False) -> list[Item]:
+    """The first `n` questions (at most all 40), each with the same unrelated memory: sentences of `prose`, or with
+    `lists` its lines (list_lines)."""
     chosen = QUESTIONS[:n]
     avoid = sorted({a for _, _, answers in QUESTIONS for a in answers if len(a) > 2})
-    document = unrelated_prose(prose, length, count, avoid)
+    document = (unrelated_lines if lists else unrelated_prose)(prose, length, count, avoid)
+    task = "general-lists" if lists else "general"
     return [
-        Item(task="general", id=f"general-{length}-{i}", length=length, document=document, question=q,
+        Item(task=task, id=f"{task}-{length}-{i}", length=length, document=document, question=q,
              answer_prefix=prefix, answers=answers, scorer="any", max_new_tokens=12)
         for i, (q, prefix, answers) in enumerate(chosen)
     ]  # fmt: skip

@@ -26,7 +26,8 @@ METHODS = ("emt", "rag", "context", "yarn", "emt+rag", "none")
 EMT_SETTINGS = {
     "topk": int, "stride": int, "position_policy": str, "similarity_threshold": float, "ranking": str,
     "uncertainty_threshold": float, "topk_step": int, "search": str, "layers": str, "retrieval": str, "blocks": int,
-    "block_size": int, "block_gate": float, "memory_heads": str, "memory_at": str, "chunk": int,
+    "block_size": int, "block_gate": float, "block_relevance": float, "memory_heads": str, "memory_at": str,
+    "chunk": int,
 }  # fmt: skip
 # Settings with another name in ExtendedMind.generate/logits (layers "10-29" -> memory_layers [10, ..., 29]).
 _RENAMED = {"layers": "memory_layers"}
@@ -93,9 +94,12 @@ def parse_method(spec: str) -> MethodSpec:
     return MethodSpec(name, settings)
 
 
-def prompt_text(item: Item, pasted: str = "") -> str:
-    """The one template every method uses."""
+def prompt_text(item: Item, pasted: str = "", prefix: bool = True) -> str:
+    """The one completion template every method uses: the question, then the answer prefix, or without `prefix`
+    "Question: ...\nAnswer:"."""
     block = f"{pasted.strip()}\n\n" if pasted.strip() else ""
+    if not prefix:
+        return f"{block}Question: {item.question}\nAnswer:"
     return f"{block}{item.question}\n{item.answer_prefix}"
 
 
@@ -103,9 +107,10 @@ class Harness:
     """One model, the embedding model when RAG is used, and the memory of the document being asked about (built
     once per document and stride, shared by every memory method)."""
 
-    def __init__(self, mind: ExtendedMind, chat: bool = False):
+    def __init__(self, mind: ExtendedMind, chat: bool = False, prefix: bool = True):
         self.mind = mind
         self.chat = chat  # questions in the chat template, the answer prefix starting the reply
+        self.prefix = prefix  # the item's answer prefix starts the answer (else the model starts it itself)
         self._memories: dict[tuple[str, int | None], Memory] = {}
         self._retriever: Retriever | None = None
         self._context_answer: tuple[str, dict] = ("", {})  # yarn on a document that fits is `context`: reused
@@ -156,15 +161,17 @@ class Harness:
         factor = details.get("yarn_factor", 1.0)
         if self.chat:
             question = f"{pasted.strip()}\n\n{item.question}".strip()
-            prompt = {"prompt": question, "chat": True, "answer_prefix": item.answer_prefix}
+            prompt = {"prompt": question, "chat": True, "answer_prefix": item.answer_prefix if self.prefix else ""}
         else:
-            prompt = {"prompt": prompt_text(item, pasted), "chat": False}
+            prompt = {"prompt": prompt_text(item, pasted, self.prefix), "chat": False}
         if "choices" in item.meta:  # a classification: the answer is one of these tokens
             options["logit_bias"] = {t: 100.0 for t in item.meta["choices"]}
         with yarn_scaling(self.mind.model, factor):
             result = self.mind.generate(memory=memory, max_new_tokens=item.max_new_tokens, **prompt, **options)
         details["prompt_tokens"] = result.prompt_tokens
         details["uncertainty_retrievals"] = len(result.retrievals)
+        if result.blocks_read is not None:
+            details["blocks_read"] = result.blocks_read
         if memory is not None and result.citations:
             details["top_citation"] = result.citations[0].text[:160]
         answer = {"prediction": result.text, "seconds": time.perf_counter() - start, **details}

@@ -16,6 +16,7 @@ PRESETS: dict[str, dict[str, dict]] = {
         "passkey": {"lengths": [4096, 16384], "depths": [0.5], "n": 1, "methods": ["emt", "rag", "context", "none"]},
         "passkey-prose": {"lengths": [8192], "depths": [0.5], "n": 1, "methods": ["emt", "rag", "context"]},
         "general": {"lengths": [15000], "n": 10, "methods": ["emt", "none"]},  # n: questions
+        "general-lists": {"lengths": [15000], "n": 10, "methods": ["emt", "none"]},
         "pair": {"lengths": [2], "n": 4, "methods": ["emt", "context"]},
         "niah": {"lengths": [2048, 8192], "depths": [0.5], "n": 1, "methods": ["emt", "rag", "context"]},
         "ruler": {"lengths": [2048], "n": 1, "methods": ["emt", "rag", "context"]},
@@ -25,6 +26,7 @@ PRESETS: dict[str, dict[str, dict]] = {
     },
     "full": {
         "general": {"lengths": [15000], "n": 40, "methods": ["emt", TOKENS, "none"]},
+        "general-lists": {"lengths": [15000], "n": 40, "methods": ["emt", "none"]},
         "pair": {"lengths": [2, 10], "n": 10, "methods": ["emt", TOKENS, "rag", "context"]},
         "passkey-prose": {"lengths": [8192, 16384], "depths": [0.1, 0.5, 0.9], "n": 1,
                           "methods": ["emt", TOKENS, "rag", "context"]},

@@ -26,7 +26,9 @@ def markdown_table(summary: dict) -> str:
     table = summarize(records, key)
     lengths = sorted({r["length"] for r in records})
     unit = "perplexity of the last 2,048 tokens (lower is better)" if key == "perplexity" else "mean score, %"
-    lines = [f"**{task}** ({unit}; n per cell in brackets; model {summary['model']}, {summary['threads']} threads)",
+    form = f"{summary['form']} form; " if summary.get("form") else ""
+    lines = [f"**{task}** ({form}{unit}; n per cell in brackets; model {summary['model']}, {summary['threads']} "
+             "threads)",
              "", "| method | " + " | ".join(_k(x) for x in lengths) + " | median s |",
              "|---" * (len(lengths) + 2) + "|"]  # fmt: skip
     for method in summary["methods"]:
@@ -44,13 +46,26 @@ def markdown_table(summary: dict) -> str:
     errors = [r for r in records if r.get("error")]
     if errors:
         lines += ["", f"{len(errors)} run(s) refused and scored 0, e.g. {errors[0]['method']}: {errors[0]['error']}"]
+    read = _read_nothing(summary)
+    if read:
+        lines += ["", read]
     if task == "ruler":
         lines += ["", _ruler_kinds(summary)]
-    if task == "general":
+    if task in ("general", "general-lists"):
         lines += ["", _retention(summary)]
     if task == "pair":
         lines += ["", _mixing(summary)]
     return "\n".join(lines) + "\n"
+
+
+def _read_nothing(summary: dict) -> str:
+    """How often block memory judged no block relevant and read nothing, per method."""
+    parts = []
+    for method in summary["methods"]:
+        rows = [r for r in summary["records"] if r["method"] == method and "blocks_read" in r]
+        if rows:
+            parts.append(f"{method} {sum(r['blocks_read'] == 0 for r in rows)}/{len(rows)}")
+    return f"Answers that read no memory block: {'; '.join(parts)}." if parts else ""
 
 
 def _retention(summary: dict) -> str:

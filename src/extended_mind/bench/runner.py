@@ -75,6 +75,7 @@ def run_task(
         "seed": spec.seed,
         "depths": spec.depths,
         "threads": torch.get_num_threads(),
+        "form": ("chat" if harness.chat else "completion") + ("" if harness.prefix else ", no answer prefix"),
         "machine": platform.processor() or platform.machine(),
         "written": time.strftime("%Y-%m-%d %H:%M:%S"),
         "records": records,

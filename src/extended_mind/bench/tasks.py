@@ -12,7 +12,8 @@ from transformers import PreTrainedTokenizerBase
 from . import data, general, icl, synthetic, wikiqa
 from .items import Item
 
-TASKS = ("passkey", "passkey-prose", "niah", "ruler", "wikiqa", "perplexity", "general", "pair", "icl")
+TASKS = ("passkey", "passkey-prose", "niah", "ruler", "wikiqa", "perplexity", "general", "general-lists", "pair",
+         "icl")  # fmt: skip
 PERPLEXITY_LOCAL = 2048  # tokens kept in the window; the rest of the document goes to memory
 
 
@@ -48,6 +49,10 @@ def make_items(task: str, spec: TaskSpec, tokenizer: PreTrainedTokenizerBase) ->
     elif task == "general":
         for length in spec.lengths:
             items += general.general_items(length, spec.n, wiki_prose(spec.data_root), count)
+    elif task == "general-lists":  # the same questions over the most list-like text there is
+        for length in spec.lengths:
+            lines = general.list_lines(a.text for a in data.wikipedia(spec.data_root))
+            items += general.general_items(length, spec.n, "\n".join(lines), count, lists=True)
     elif task == "pair":  # lengths: documents per memory
         for documents in spec.lengths:
             items += general.pair_items(documents, spec.n, _rng(spec.seed, task, documents))

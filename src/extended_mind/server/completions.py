@@ -111,6 +111,7 @@ def add_completion_routes(
             "blocks",
             "block_size",
             "block_gate",
+            "block_relevance",
             "memory_heads",
             "topk",
             "uncertainty_threshold",
@@ -216,6 +217,8 @@ def add_completion_routes(
         return {
             "citations": [citation_json(c) for c in result.citations],
             "retrievals": [r.to_dict() for r in result.retrievals],
+            "blocks_read": result.blocks_read,  # block memory: 0 when no block was relevant to the question
+            "warnings": result.warnings,  # an empty answer says why
         }
 
     async def generate(req: ChatCompletionRequest | CompletionRequest, kind: str):

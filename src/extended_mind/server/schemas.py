@@ -28,6 +28,10 @@ class MemoryOptions(BaseModel):
     block_gate: float | None = Field(
         default=None, ge=0, le=1, description="read a block only if its score is this fraction of the best block's"
     )
+    block_relevance: float | None = Field(
+        default=None, ge=0, le=1000,
+        description="read a block only if the question draws it this many spreads above what unrelated questions do",
+    )
     memory_heads: Literal["retrieval", "all"] | None = None
     memory_at: Literal["question", "answer"] | None = Field(
         default=None, description="where block memory is read: before the question or between question and answer"

@@ -129,14 +129,15 @@ $("ask").addEventListener("click", async () => {
     const response = await api(raw ? "/v1/completions" : "/v1/chat/completions", {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
     });
-    let citations = [];
+    let citations = [], final = {};
     await readEvents(response, (chunk) => {
       const choice = chunk.choices[0] || {};
       const piece = raw ? choice.text : (choice.delta || {}).content;
       if (piece) $("answer").textContent += piece;
-      if (chunk.citations) citations = chunk.citations;
+      if (chunk.citations) { citations = chunk.citations; final = chunk; }
     });
-    await showCitations(citations);
+    if (final.warnings && final.warnings.length) showError(final.warnings.join("; "));
+    await showCitations(citations, noCitationReason(memories, Number(body.topk), final.blocks_read));
   } catch (e) { showError(e); }
   finally { $("ask").disabled = false; }
 });
@@ -150,9 +151,22 @@ async function documentText(memory, doc) {
   return docCache.get(key);
 }
 
-async function showCitations(citations) {
+// Why an answer cites nothing: the page knows what it asked for and the server says how many blocks were read.
+function noCitationReason(memories, topk, blocksRead) {
+  if (!memories.length) return "no memory selected";
+  if (topk === 0) return "top-k is 0: memory is off";
+  if (blocksRead === 0) return "no memory block was relevant to this question, so none was read (the answer is the model's own)";
+  return "the answer attended to no memory token";
+}
+
+async function showCitations(citations, reason) {
   const list = $("citations");
-  if (!citations.length) { list.innerHTML = '<li class="muted">no citations (no memory selected, or top-k 0)</li>'; return; }
+  if (!citations.length) {
+    const li = document.createElement("li");
+    li.className = "muted"; li.textContent = `no citations: ${reason}`;
+    list.replaceChildren(li);
+    return;
+  }
   const top = Math.max(...citations.map((c) => c.weight));
   const byDoc = new Map();
   citations.forEach((c, i) => {
