@@ -89,8 +89,11 @@ def test_smollm2_finds_a_passkey_in_a_memory_beyond_its_window(smol):
     blocks.insert(int(depth * n_filler), needle)
     memory = smol.memorize("".join(blocks))
     assert memory.num_tokens >= 12_000 > smol.context_window
-    # completion style: in chat form SmolLM2 answers "The pass key is a magical number ..." from block memory
-    result = smol.generate("What is the pass key?", memory=memory, chat=False, max_new_tokens=12)
+    # In repeated filler the key's block is the only distinct text, so unrelated questions draw it too and the
+    # relevance test (calibrated on them) does not single it out: filler-like memories read with
+    # block_relevance=0 (docs/evaluation.md). Completion style: in chat form SmolLM2 answers "The pass key is a
+    # magical number ..." from block memory.
+    result = smol.generate("What is the pass key?", memory=memory, chat=False, max_new_tokens=12, block_relevance=0.0)
     assert str(key) in result.text, (key, depth, result.text)
     top = result.citations[0]
     text = memory.documents[0].text

@@ -166,8 +166,10 @@ class Harness:
             prompt = {"prompt": prompt_text(item, pasted, self.prefix), "chat": False}
         if "choices" in item.meta:  # a classification: the answer is one of these tokens
             options["logit_bias"] = {t: 100.0 for t in item.meta["choices"]}
+        # without the answer prefix the model writes it itself: room for it beside the answer's own tokens
+        budget = item.max_new_tokens + (0 if self.prefix else self.count(item.answer_prefix) + 2)
         with yarn_scaling(self.mind.model, factor):
-            result = self.mind.generate(memory=memory, max_new_tokens=item.max_new_tokens, **prompt, **options)
+            result = self.mind.generate(memory=memory, max_new_tokens=budget, **prompt, **options)
         details["prompt_tokens"] = result.prompt_tokens
         details["uncertainty_retrievals"] = len(result.retrievals)
         if result.blocks_read is not None:
