@@ -86,8 +86,11 @@ def test_relevance_reads_only_blocks_far_above_what_unrelated_questions_draw(tin
     plan.min_relevance = 20.0
     assert plan.choose(asked).tolist() == []
     assert plan.choose(torch.zeros(n)).tolist() == []
-    plan.blocks = n  # a memory that fits the slots is read whole, whatever the question
-    assert plan.choose(typical).tolist() == list(range(n))
+    plan.blocks = n  # a memory that fits the slots is not held to the bar: ranked, gated, the best always read
+    assert plan.choose(typical).tolist() == list(range(n))  # (gate 0: every block)
+    plan.gate = 0.5
+    assert plan.choose(typical).tolist() == [0, 1]  # nothing stands out: the best (a tie: the first), its successor
+    assert plan.choose(asked).tolist() == [3, 4]
 
 
 def test_slots_sit_right_before_the_rest_of_the_prompt(tiny_mind):

@@ -5,8 +5,8 @@
   equals attention over the full context (document + prompt) in one pass in which the prompt's first token, the
   attention sink, reads only itself;
 - block memory reading every block equals the full context (sink, document, prompt), chunked scoring included;
-- in chat form, a memory that fits the slots is read whole and equals the document pasted at the start of the
-  user's message (greedy tokens and their log-probabilities); a memory read nothing is the plain model;
+- in chat form, a memory that fits the slots, every block read (no gate), equals the document pasted at the start
+  of the user's message (greedy tokens and their log-probabilities); a memory read nothing is the plain model;
 - chunked memorization (context rebuilt from stored keys) equals recomputing each window from scratch.
 """
 
@@ -117,7 +117,7 @@ def _greedy_with_logprobs(reference, ids: list[int], steps: int, ban: int) -> tu
     return tokens, logprobs
 
 
-def test_chat_form_small_memory_read_whole_equals_pasted_document(tiny_pair):
+def test_chat_form_every_block_of_a_small_memory_equals_pasted_document(tiny_pair):
     mind, reference = tiny_pair
     mind.tokenizer.chat_template = SINK_CHAT_TEMPLATE
     document, question = "The keeper of the lighthouse is Ada. ", "Who keeps the light?"
@@ -127,8 +127,9 @@ def test_chat_form_small_memory_read_whole_equals_pasted_document(tiny_pair):
     pasted = mind.tokenizer(text, add_special_tokens=False)["input_ids"]
     expected, expected_logprobs = _greedy_with_logprobs(reference, pasted, 6, mind.tokenizer.eos_token_id)
     no_eos = {mind.tokenizer.eos_token_id: -100.0}
-    result = mind.generate(question, memory=memory, chat=True, max_new_tokens=6, block_size=16, logit_bias=no_eos)
-    assert result.blocks_read == -(-memory.num_tokens // 16)  # every block: the memory fits the slots
+    result = mind.generate(question, memory=memory, chat=True, max_new_tokens=6, block_size=16, logit_bias=no_eos,
+                           block_gate=0.0)  # fmt: skip
+    assert result.blocks_read == -(-memory.num_tokens // 16)  # every block: the memory fits the slots, no gate
     assert [t.id for t in result.tokens] == expected
     got_logprobs = [t.logprob for t in result.tokens]
     assert max(abs(a - b) for a, b in zip(got_logprobs, expected_logprobs)) < FULL_CONTEXT_ATOL

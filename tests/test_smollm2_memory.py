@@ -18,7 +18,9 @@ def termites(smol, memory):
 
 def passkey(smol, memory, **options):
     # completion style, no answer prefix: in chat form, or after "The pass key is", block memory lets SmolLM2 answer
-    # "a magical number ..." or read another document's block (README, "Limits")
+    # "a magical number ..." or read another document's block (README, "Limits"). The key sits in repeated filler,
+    # where every question draws its block: read with block_relevance=0, as docs/api.md advises for such memories
+    options.setdefault("block_relevance", 0.0)
     return smol.generate("What is the pass key?", memory=memory, chat=False, max_new_tokens=12, **options)
 
 

@@ -123,26 +123,28 @@ class BlockPlan:
     def choose(self, mass: torch.Tensor, n: int | None = None) -> torch.Tensor:
         """Up to `n` (default: `blocks`) blocks, in document order, never one that got no mass.
 
-        With `relevance` (questions): a memory of at most `n` blocks is read whole, as if pasted; otherwise the
-        blocks whose share of the mass stands at least `min_relevance` spreads above what unrelated questions give
-        them, and none when no block does (the question is not about the memory). Without it: the blocks whose
-        mass most exceeds the prior. Either way only blocks scoring at least `gate` times the best one."""
+        With `relevance` (questions): the blocks whose share of the mass stands at least `min_relevance` spreads
+        above what unrelated questions give them, and none when no block does (the question is not about the
+        memory); a memory of at most `n` blocks is ranked the same way but not held to that bar (it is what a
+        pasted note would be). Without it: the blocks whose mass most exceeds the prior. Either way only blocks
+        scoring at least `gate` times the best one."""
         n = min(self.blocks if n is None else n, self.layout.num_blocks)
         if n <= 0:
             return torch.zeros(0, dtype=torch.long)
+        small = self.layout.num_blocks <= n
         if self.relevance is not None:
-            if self.layout.num_blocks <= n:
-                return torch.arange(self.layout.num_blocks)
             score = self.relevance.score(mass)
         else:
             score = mass - self.prior * mass.sum() if self.prior is not None else mass.clone()
         score[mass <= 0] = float("-inf")
         top = score.topk(n)
         keep = torch.isfinite(top.values)
-        if self.relevance is not None:
+        if self.relevance is not None and not small:
             keep &= top.values >= self.min_relevance
         if self.gate and float(top.values[0]) > 0:  # only blocks nearly as telling as the best one
             keep &= top.values >= self.gate * float(top.values[0])
+        elif self.gate and small and self.relevance is not None:  # nothing stands out: the best one alone
+            keep &= torch.arange(len(keep)) == 0
         chosen = top.indices[keep]
         if self.relevance is not None:
             chosen = self._with_successors(chosen, n)
