@@ -32,6 +32,9 @@ from .prompting import EncodedPrompt
 from .rope import apply_rope, extend_table
 from .storage import float_dtype
 
+# a block is read when a question draws it this many spreads above what unrelated questions do (Relevance)
+DEFAULT_MIN_RELEVANCE = 4.0
+
 
 def slot_positions(blocks: int, block_size: int) -> int:
     """Positions kept between the prompt's head and its question for the slots of `blocks` blocks."""
@@ -99,7 +102,7 @@ class BlockPlan:
     # questions: what unrelated questions draw from this memory; a block is read only when the question draws it
     # `min_relevance` spreads beyond that (None: the prior's excess ranks blocks, as for scoring long inputs)
     relevance: Relevance | None = None
-    min_relevance: float = 4.0
+    min_relevance: float = DEFAULT_MIN_RELEVANCE
     sink_added: bool = False  # the prompt got a sink token for the slots (`plain` takes it away)
 
     def positions(self, n_tokens: int) -> list[int]:

@@ -13,6 +13,7 @@ from .attention import LayerMemory, RetrievalSettings, Session, patch_model
 from .batching import BatchRow, generate_batch
 from .blocks import (
     CALIBRATION_QUESTIONS,
+    DEFAULT_MIN_RELEVANCE,
     NEUTRAL_PROMPTS,
     BlockLayout,
     BlockPlan,
@@ -43,8 +44,7 @@ DEFAULT_RETRIEVAL = "blocks"
 DEFAULT_BLOCKS = 8
 DEFAULT_BLOCK_SIZE = 64
 DEFAULT_BLOCK_GATE = 0.5
-# a block is read when a question draws it this many spreads above what unrelated questions do (blocks.Relevance)
-DEFAULT_BLOCK_RELEVANCE = 4.0
+DEFAULT_BLOCK_RELEVANCE = DEFAULT_MIN_RELEVANCE
 MEMORY_HEADS = ("retrieval", "all")
 # Rows of `logits` input scored per chunk in block mode: each chunk reads the blocks its own rows chose.
 DEFAULT_SCORING_CHUNK = 64
@@ -353,7 +353,7 @@ class ExtendedMind:
             plan.prior = memory._cat(f"prior-{setting}", lambda: block_prior(self.model, plan, self._neutral_prompts()))
         else:
             plan.min_relevance = min_relevance
-            if plan.layout.num_blocks <= blocks and not extra_blocks:  # read whole: it takes its own length
+            if plan.layout.num_blocks <= blocks and not extra_blocks:  # fits the slots: only its own length
                 plan.reserve = int(plan.layout.lengths.sum())
             plan.relevance = memory._cat(f"relevance-{setting}",
                                          lambda: calibrate_relevance(self.model, plan, self._calibration_prompts()))

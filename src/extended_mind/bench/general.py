@@ -62,42 +62,36 @@ QUESTIONS: list[tuple[str, str, list[str]]] = [
 ]
 
 
+def _first_unrelated(pieces: list[str], length: int, cost, avoid: list[str]) -> list[str]:
+    """The first `pieces` that mention no word of `avoid`, until their `cost` (tokens) reaches `length`."""
+    kept, used = [], 0
+    for piece in pieces:
+        if any(mentions(piece, a) for a in avoid):
+            continue
+        kept.append(piece)
+        used += cost(piece)
+        if used >= length:
+            break
+    return kept
+
+
 def unrelated_prose(text: str, length: int, count, avoid: list[str]) -> str:
     """About `length` tokens of `text`'s sentences, leaving out every sentence that mentions a word of `avoid`."""
     sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
-    kept, used = [], 0
-    for s in sentences:
-        if any(mentions(s, a) for a in avoid):
-            continue
-        kept.append(s)
-        used += count(" " + s)
-        if used >= length:
-            break
-    return " ".join(kept)
+    return " ".join(_first_unrelated(sentences, length, lambda s: count(" " + s), avoid))
 
 
 def list_lines(articles) -> list[str]:
     """The list-like lines of Wikipedia articles: references, bibliographies, "see also" and link lists, headings
     (short lines that are not sentences). Every question draws such text, so it is the hardest memory to ignore."""
-    return [
-        line.strip()
-        for text in articles
-        for line in text.split("\n")
-        if line.strip() and len(line.strip()) < 120 and not line.strip().endswith(".")
-    ]
+    lines = (line.strip() for text in articles for line in text.split("\n"))
+    return [line for line in lines if line and len(line) < 120 and not line.endswith(".")]
 
 
 def unrelated_lines(text: str, length: int, count, avoid: list[str]) -> str:
     """About `length` tokens of `text`'s lines, leaving out every line that mentions a word of `avoid`."""
-    kept, used = [], 0
-    for line in text.split("\n"):
-        if not line.strip() or any(mentions(line, a) for a in avoid):
-            continue
-        kept.append(line)
-        used += count(line + "\n")
-        if used >= length:
-            break
-    return "\n".join(kept)
+    lines = [line for line in text.split("\n") if line.strip()]
+    return "\n".join(_first_unrelated(lines, length, lambda line: count(line + "\n"), avoid))
 
 
 def general_items(length: int, n: int, prose: str, count, lists: bool = False) -> list[Item]:
