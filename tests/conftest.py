@@ -90,3 +90,14 @@ def tiny_mind() -> ExtendedMind:
 def smol() -> ExtendedMind:
     torch.set_num_threads(2)
     return ExtendedMind.from_pretrained()
+
+
+class WordEmbedder:
+    """A stand-in for MiniLM: bag of words hashed into 64 dimensions, normalized; one piece per text."""
+
+    def embed(self, texts, batch: int = 32):
+        out = torch.zeros(len(texts), 64)
+        for i, text in enumerate(texts):
+            for w in text.lower().split():
+                out[i, hash(w.strip(".?")) % 64] += 1
+        return torch.nn.functional.normalize(out, dim=-1), list(range(len(texts)))

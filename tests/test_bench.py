@@ -21,6 +21,8 @@ from extended_mind.bench.tasks import TaskSpec
 from extended_mind.bench.yarn import yarn_factor, yarn_scaling
 from extended_mind.errors import ExtendedMindError
 
+from .conftest import WordEmbedder
+
 
 def words(text: str) -> int:
     return len(text.split())
@@ -248,17 +250,6 @@ def test_yarn_scaling_is_switched_on_and_off(tiny_mind):
     assert model.config.max_position_embeddings == 512
     assert not torch.allclose(before, scaled)
     assert torch.equal(before, after)
-
-
-class WordEmbedder:
-    """A stand-in for MiniLM: bag of words hashed into 64 dimensions, normalized; one piece per text."""
-
-    def embed(self, texts):
-        out = torch.zeros(len(texts), 64)
-        for i, text in enumerate(texts):
-            for w in text.lower().split():
-                out[i, hash(w.strip(".?")) % 64] += 1
-        return torch.nn.functional.normalize(out, dim=-1), list(range(len(texts)))
 
 
 def test_retriever_returns_the_nearest_chunks_in_document_order(tiny_mind):

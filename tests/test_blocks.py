@@ -12,6 +12,8 @@ from extended_mind import heads as heads_module
 from extended_mind.blocks import BlockLayout, Relevance, select_blocks
 from extended_mind.heads import calibration_sequences, head_scores, retrieval_heads
 
+from .conftest import WordEmbedder
+
 DOCS = ["The cat sat on the mat. " * 5, "Ships sail at dawn.", "A third document, of medium length here."]
 
 
@@ -228,3 +230,35 @@ def test_prepared_selection_is_kept_and_reused(tiny_mind, tmp_path, monkeypatch)
             tiny_mind.generate("The cat", memory=Memory.load(path), **options)
     finally:
         scan_select.scan_path.cache_clear()
+
+
+def test_embedding_choice_reads_the_blocks_nearest_the_question(tiny_mind):
+    tiny_mind.embedder = WordEmbedder()
+    docs = ["Apples pears plums grow in orchards. " * 2, "Ships sail from harbours at dawn. " * 2,
+            "Bread rises in warm ovens overnight. " * 2]  # fmt: skip
+    memory = tiny_mind.memorize(docs, ids=["fruit", "ships", "bread"])
+    options = dict(memory=memory, chat=False, max_new_tokens=4, block_size=128, blocks=1, block_choice="embedding")
+    for question, doc in [("Where do ships sail from?", "ships"), ("What rises in ovens?", "bread")]:
+        result = tiny_mind.generate(question, **options)
+        assert result.blocks_read == 1  # always the nearest block: no relevance test
+        assert result.citations and {c.doc for c in result.citations} == {doc}
+    # the block vectors are computed once per memory and block size
+    cached = [k for k in memory._flat if k.startswith("embeddings-128")]
+    assert len(cached) == 1
+    batch = tiny_mind.generate_batch(["Where do ships sail from?", "What rises in ovens?"], [memory, memory],
+                                     **{k: v for k, v in options.items() if k != "memory"})  # fmt: skip
+    single = [tiny_mind.generate(q, **options) for q in ("Where do ships sail from?", "What rises in ovens?")]
+    assert [[t.id for t in r.tokens] for r in batch] == [[t.id for t in r.tokens] for r in single]
+    assert [{c.doc for c in r.citations} for r in batch] == [{"ships"}, {"bread"}]
+
+
+def test_block_choice_is_checked_and_a_missing_embedding_model_is_named(tiny_mind, tmp_path, monkeypatch):
+    from extended_mind.embedding import Embedder
+    from extended_mind.errors import ExtendedMindError, ModelLoadError
+
+    memory = tiny_mind.memorize(DOCS)
+    with pytest.raises(ExtendedMindError, match="unknown block_choice 'nearest'"):
+        tiny_mind.generate("Where?", memory=memory, block_choice="nearest")
+    monkeypatch.setenv("EXTENDED_MIND_CACHE", str(tmp_path))
+    with pytest.raises(ModelLoadError, match="extended-mind data fetch --only minilm"):
+        Embedder()

@@ -17,6 +17,8 @@ import torch
 from extended_mind.documents import Document
 from extended_mind.memorize import EncodedDocument, memorize_encoded
 
+from .conftest import WordEmbedder
+
 # Full-context equality is exact in real arithmetic; float32 reassociation (one softmax over memory + local
 # instead of one over the concatenation) leaves differences around 1e-6 on these tiny models.
 FULL_CONTEXT_ATOL = 1e-4
@@ -127,12 +129,14 @@ def test_chat_form_every_block_of_a_small_memory_equals_pasted_document(tiny_pai
     pasted = mind.tokenizer(text, add_special_tokens=False)["input_ids"]
     expected, expected_logprobs = _greedy_with_logprobs(reference, pasted, 6, mind.tokenizer.eos_token_id)
     no_eos = {mind.tokenizer.eos_token_id: -100.0}
-    result = mind.generate(question, memory=memory, chat=True, max_new_tokens=6, block_size=16, logit_bias=no_eos,
-                           block_gate=0.0)  # fmt: skip
-    assert result.blocks_read == -(-memory.num_tokens // 16)  # every block: the memory fits the slots, no gate
-    assert [t.id for t in result.tokens] == expected
-    got_logprobs = [t.logprob for t in result.tokens]
-    assert max(abs(a - b) for a, b in zip(got_logprobs, expected_logprobs)) < FULL_CONTEXT_ATOL
+    mind.embedder = WordEmbedder()
+    for choice in ("heads", "embedding"):  # whoever chooses, reading every block is pasting the document
+        result = mind.generate(question, memory=memory, chat=True, max_new_tokens=6, block_size=16,
+                               logit_bias=no_eos, block_gate=0.0, block_choice=choice)  # fmt: skip
+        assert result.blocks_read == -(-memory.num_tokens // 16)  # every block: the memory fits the slots, no gate
+        assert [t.id for t in result.tokens] == expected
+        got_logprobs = [t.logprob for t in result.tokens]
+        assert max(abs(a - b) for a, b in zip(got_logprobs, expected_logprobs)) < FULL_CONTEXT_ATOL
     # the oracle is not vacuous: the memory changes the answer's log-probabilities
     plain = mind.generate(question, chat=True, max_new_tokens=6, logit_bias=no_eos)
     assert max(abs(a.logprob - b) for a, b in zip(plain.tokens, expected_logprobs)) > 1e-3

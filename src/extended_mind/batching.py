@@ -163,7 +163,11 @@ class DecodeBatch:
         layers = [r.layers for r in rows]
         plans = [r.plan for r in rows]
         if any(p is not None for p in plans):  # each row's blocks, chosen by one pass over the prompts
-            masses = select_blocks(self.model, [r.prompt_ids for r in rows], [r.positions() for r in rows], plans)
+            by_heads = [p if p is not None and p.similarity is None else None for p in plans]
+            masses: list[torch.Tensor | None] = [None] * len(rows)
+            if any(p is not None for p in by_heads):  # (blocks chosen by similarity need no pass)
+                masses = select_blocks(self.model, [r.prompt_ids for r in rows], [r.positions() for r in rows],
+                                       by_heads)  # fmt: skip
             chosen = [p.choose(m) if p is not None else None for p, m in zip(plans, masses)]
             layers = [p.slots(c) if p is not None else lay for p, c, lay in zip(plans, chosen, layers)]
             # a row that reads nothing is the plain model: its own prompt and positions

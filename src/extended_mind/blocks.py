@@ -70,6 +70,17 @@ class BlockLayout:
     def num_blocks(self) -> int:
         return int(self.starts.shape[0])
 
+    def texts(self, memory: Memory) -> list[str]:
+        """The text of every block: the characters its tokens came from in their document."""
+        out = []
+        for seg in memory.segments:
+            spans = seg.tensors["spans"]
+            text = seg.document.text
+            for s in range(0, seg.num_tokens, self.size):
+                last = min(s + self.size, seg.num_tokens) - 1
+                out.append(text[int(spans[s, 0]) : int(spans[last, 1])])
+        return out
+
     def tokens(self, blocks: torch.Tensor) -> torch.Tensor:
         """Memory token indices of `blocks` (in the order given)."""
         if blocks.numel() == 0:
@@ -104,6 +115,9 @@ class BlockPlan:
     relevance: Relevance | None = None
     min_relevance: float = DEFAULT_MIN_RELEVANCE
     sink_added: bool = False  # the prompt got a sink token for the slots (`plain` takes it away)
+    # block_choice="embedding": (blocks,) cosine similarity of every block's text to the question's; blocks are then
+    # ranked by it alone (the retrieval heads are not asked, and no selection pass is run)
+    similarity: torch.Tensor | None = None
 
     def positions(self, n_tokens: int) -> list[int]:
         """Position ids of a prompt of `n_tokens`: its head, then a gap for the slots, then the rest."""
@@ -123,8 +137,10 @@ class BlockPlan:
         return BlockSelection(self.heads, selecting, self.layout.block_of, self.layout.num_blocks, row_group, groups,
                               self.settings)  # fmt: skip
 
-    def choose(self, mass: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    def choose(self, mass: torch.Tensor | None, n: int | None = None) -> torch.Tensor:
         """Up to `n` (default: `blocks`) blocks, in document order, never one that got no mass.
+
+        With `similarity`: the `n` blocks most similar to the question (`mass` is not used).
 
         With `relevance` (questions): the blocks whose share of the mass stands at least `min_relevance` spreads
         above what unrelated questions give them, and none when no block does (the question is not about the
@@ -134,6 +150,9 @@ class BlockPlan:
         n = min(self.blocks if n is None else n, self.layout.num_blocks)
         if n <= 0:
             return torch.zeros(0, dtype=torch.long)
+        if self.similarity is not None:  # the nearest blocks, as RAG would take them
+            return self.similarity.topk(n).indices.sort().values
+        assert mass is not None, "block choice by the retrieval heads needs their mass"
         small = self.layout.num_blocks <= n
         if self.relevance is not None:
             score = self.relevance.score(mass)

@@ -185,7 +185,9 @@ class TokenStream:
         blocks_read = None
         if plan is not None:  # block memory: one pass over the prompt without memory chooses what is read
             prompt_positions = plan.positions(len(self.prompt_ids))
-            mass = select_blocks(self.model, [self.prompt_ids], [prompt_positions], [plan])[0]
+            mass = None  # blocks chosen by their similarity to the question need no pass
+            if plan.similarity is None:
+                mass = select_blocks(self.model, [self.prompt_ids], [prompt_positions], [plan])[0]
             chosen = plan.choose(mass)
             blocks_read = int(chosen.numel())
             if not blocks_read:  # nothing relevant: the plain model, with its own prompt and positions

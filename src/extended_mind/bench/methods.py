@@ -19,15 +19,15 @@ from ..memorize import sink_token_id
 from ..memory import Memory
 from ..mind import ExtendedMind
 from .items import Item
-from .rag import Embedder, Retriever
+from .rag import Retriever
 from .yarn import yarn_factor, yarn_scaling
 
 METHODS = ("emt", "rag", "context", "yarn", "emt+rag", "none")
 EMT_SETTINGS = {
     "topk": int, "stride": int, "position_policy": str, "similarity_threshold": float, "ranking": str,
     "uncertainty_threshold": float, "topk_step": int, "search": str, "layers": str, "retrieval": str, "blocks": int,
-    "block_size": int, "block_gate": float, "block_relevance": float, "memory_heads": str, "memory_at": str,
-    "chunk": int,
+    "block_size": int, "block_gate": float, "block_relevance": float, "block_choice": str, "memory_heads": str,
+    "memory_at": str, "chunk": int,
 }  # fmt: skip
 # Settings with another name in ExtendedMind.generate/logits (layers "10-29" -> memory_layers [10, ..., 29]).
 _RENAMED = {"layers": "memory_layers"}
@@ -130,7 +130,7 @@ class Harness:
     @property
     def retriever(self) -> Retriever:
         if self._retriever is None:
-            self._retriever = Retriever(Embedder(device=self.mind.device), self.mind.tokenizer)
+            self._retriever = Retriever(self.mind.embedder, self.mind.tokenizer)  # one embedding model for all
         return self._retriever
 
     def count(self, text: str) -> int:

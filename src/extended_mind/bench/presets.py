@@ -10,6 +10,7 @@ from __future__ import annotations
 
 TOKENS = "emt[retrieval=tokens]"  # the paper's token-level retrieval, beside block memory
 RAG_DEMOS = "rag[top=32]"  # icl: the 32 demonstrations nearest the question (about 1,200 tokens)
+NEAREST = "emt[block_choice=embedding]"  # icl: block memory reading the blocks nearest the question (embedding)
 
 PRESETS: dict[str, dict[str, dict]] = {
     "quick": {
@@ -22,7 +23,7 @@ PRESETS: dict[str, dict[str, dict]] = {
         "ruler": {"lengths": [2048], "n": 1, "methods": ["emt", "rag", "context"]},
         "wikiqa": {"lengths": [2048, 8192], "n": 2, "methods": ["emt", "rag", "context", "emt+rag"]},
         "perplexity": {"lengths": [4096], "n": 1, "methods": ["emt", "context", "none"]},
-        "icl": {"lengths": [8, 64], "n": 16, "methods": ["emt", RAG_DEMOS, "context"]},  # lengths: demonstrations
+        "icl": {"lengths": [8, 64], "n": 16, "methods": ["emt", NEAREST, RAG_DEMOS, "context"]},  # N demonstrations
     },
     "full": {
         "general": {"lengths": [15000], "n": 40, "methods": ["emt", TOKENS, "none"]},
@@ -38,6 +39,6 @@ PRESETS: dict[str, dict[str, dict]] = {
         "passkey": {"lengths": [8192, 16384, 32768, 65536], "depths": [0.5], "n": 1,
                     "methods": ["emt", TOKENS, "context"]},
         "icl": {"lengths": [8, 64, 512, 4096], "n": 32,
-                "methods": ["emt", TOKENS, RAG_DEMOS, "context", "emt+" + RAG_DEMOS, "none"]},
+                "methods": ["emt", NEAREST, TOKENS, RAG_DEMOS, "context", "emt+" + RAG_DEMOS, "none"]},
     },
 }  # fmt: skip

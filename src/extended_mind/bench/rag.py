@@ -3,49 +3,19 @@ the chunks nearest the question pasted into the prompt (in document order)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
+from ..embedding import Embedder, TextEmbedder
 from ..errors import ExtendedMindError
-from .data import embedding_model_dir
 
-EMBED_MAX_TOKENS = 256  # all-MiniLM-L6-v2's max_seq_length; longer chunks are embedded in overlapping pieces
-
-
-class Embedder:
-    """Sentence embeddings: mean of the last hidden states over real tokens, L2-normalized (as the model card says)."""
-
-    def __init__(self, path: Path | None = None, device: str | torch.device = "cpu"):
-        path = path or embedding_model_dir()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        self.model = AutoModel.from_pretrained(str(path)).to(device).eval()
-        self.device = torch.device(device)
-
-    @torch.inference_mode()
-    def embed(self, texts: list[str], batch: int = 32) -> tuple[torch.Tensor, list[int]]:
-        """Embeddings of every piece of every text, (P, 384), and for each piece the index of its text. A text
-        longer than the model's 256 tokens is split into overlapping pieces instead of being truncated."""
-        enc = self.tokenizer(
-            texts, truncation=True, max_length=EMBED_MAX_TOKENS, stride=32, return_overflowing_tokens=True,
-            padding=True, return_tensors="pt",
-        )  # fmt: skip
-        owner = enc.pop("overflow_to_sample_mapping").tolist()
-        outs = []
-        for i in range(0, len(owner), batch):
-            part = {k: v[i : i + batch].to(self.device) for k, v in enc.items()}
-            hidden = self.model(**part).last_hidden_state
-            mask = part["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            outs.append(torch.nn.functional.normalize(mean, dim=-1).float().cpu())
-        return torch.cat(outs), owner
+__all__ = ["Embedder", "Retriever"]
 
 
 class Retriever:
     """Chunks a document with the language model's tokenizer and finds the chunks nearest a query."""
 
-    def __init__(self, embedder: Embedder, tokenizer: PreTrainedTokenizerBase):
+    def __init__(self, embedder: TextEmbedder, tokenizer: PreTrainedTokenizerBase):
         self.embedder = embedder
         self.tokenizer = tokenizer
         self._cached: tuple[tuple, list[str], torch.Tensor, list[int]] | None = None

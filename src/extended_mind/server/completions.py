@@ -112,6 +112,7 @@ def add_completion_routes(
             "block_size",
             "block_gate",
             "block_relevance",
+            "block_choice",
             "memory_heads",
             "topk",
             "uncertainty_threshold",

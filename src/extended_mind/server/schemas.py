@@ -32,6 +32,11 @@ class MemoryOptions(BaseModel):
         default=None, ge=0, le=1000,
         description="read a block only if the question draws it this many spreads above what unrelated questions do",
     )
+    block_choice: Literal["heads", "embedding"] | None = Field(
+        default=None,
+        description="heads: the retrieval heads choose blocks; embedding: the blocks nearest the question by a "
+        "sentence embedding (examples like it, as for many-shot in-context learning)",
+    )
     memory_heads: Literal["retrieval", "all"] | None = None
     memory_at: Literal["question", "answer"] | None = Field(
         default=None, description="where block memory is read: before the question or between question and answer"
