@@ -12,10 +12,13 @@ from pathlib import Path
 from .bench import cli as bench_cli
 from .chat import ChatSession
 from .distributed import ShardError, active_group, init_from_env, launched_distributed
+from .documents import load_documents, read_text_file
 from .errors import ExtendedMindError
 from .index import DEFAULT_APPROX_THRESHOLD
 from .memory import Memory, is_saved_memory
 from .mind import (
+    BLOCK_CHOICES,
+    DEFAULT_BLOCK_CHOICE,
     DEFAULT_BLOCK_GATE,
     DEFAULT_BLOCK_RELEVANCE,
     DEFAULT_BLOCK_SIZE,
@@ -33,10 +36,12 @@ from .mind import (
     RETRIEVAL_MODES,
     SEARCH_MODES,
     ExtendedMind,
+    check_generation_options,
 )
 from .positions import POSITION_POLICIES
 from .prompting import DEFAULT_MEMORY_AT, MEMORY_AT
 from .storage import STORAGE_DTYPES
+from .store import check_save_target, edit_lock
 
 DEMO_QUESTION = (
     "Question: How many termites can one aardwolf eat in a single night?\nAnswer: One aardwolf can eat about"
@@ -94,6 +99,14 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
         f"0 reads the best blocks whatever the question ({DEFAULT_BLOCK_RELEVANCE})",
     )
     p.add_argument(
+        "--block-choice",
+        choices=BLOCK_CHOICES,
+        default=DEFAULT_BLOCK_CHOICE,
+        help="how blocks are chosen: by the retrieval heads (what to copy), or by a sentence embedding's similarity "
+        "to the question (examples like it, as in many-shot in-context learning; needs `extended-mind data fetch "
+        f"minilm`) ({DEFAULT_BLOCK_CHOICE})",
+    )
+    p.add_argument(
         "--memory-at",
         choices=MEMORY_AT,
         default=DEFAULT_MEMORY_AT,
@@ -149,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("memorize", help="memorize text files and save the memory to a directory")
     p.add_argument("files", nargs="+", type=Path, help="UTF-8 text files")
     p.add_argument("--out", required=True, type=Path, help="directory to write the memory to")
+    p.add_argument("--force", action="store_true", help="replace the memory already saved in --out")
     _add_model_args(p)
     p = sub.add_parser("ask", help="answer a question from memories, with citations")
     p.add_argument("question")
@@ -289,17 +303,21 @@ def _memory_command(args: argparse.Namespace) -> None:
         if args.stride is not None or args.window is not None or args.storage is not None:
             raise ExtendedMindError("stride, window and storage are set when the memory is created")
         mind = _load_mind(args, [memory])
-        if args.op == "add":
-            mind.add(memory, args.files, ids=args.ids)
-            done = f"added {len(args.files)} document(s)"
-        else:
-            mind.replace(memory, args.doc_id, args.file)
-            done = f"replaced {args.doc_id!r}"
-        mind.build_index(memory, only_above_threshold=True)
-        memory.save()
+        with edit_lock(args.dir):  # another process's edit waits for this one (or this for it): none is lost
+            memory = Memory.load(args.dir)  # as it is now, after any edit that came first
+            if args.op == "add":
+                mind.add(memory, args.files, ids=args.ids)
+                done = f"added {len(args.files)} document(s)"
+            else:
+                mind.replace(memory, args.doc_id, args.file)
+                done = f"replaced {args.doc_id!r}"
+            mind.build_index(memory, only_above_threshold=True)
+            memory.save()
         print(f"{done}; {args.dir} now holds {len(memory)} document(s), {memory.num_tokens} tokens")
     elif args.op == "rm":
-        memory.remove(args.doc_ids).save()
+        with edit_lock(args.dir):
+            memory = Memory.load(args.dir).remove(args.doc_ids)
+            memory.save()
         print(f"removed {len(args.doc_ids)} document(s); {args.dir} now holds {len(memory)} document(s)")
     elif args.op == "ls":
         rows = [
@@ -323,6 +341,10 @@ def _memory_command(args: argparse.Namespace) -> None:
                 print(f"{k:>16}: {v}")
 
 
+GENERATION_CHECKS = ("topk", "max_new_tokens", "topk_step", "blocks", "block_size", "block_gate", "block_relevance",
+                     "block_choice")  # fmt: skip
+
+
 def _generation_options(args: argparse.Namespace) -> dict:
     """The options of `_add_generation_args` that `ExtendedMind.stream` and `ChatSession` share."""
     return dict(
@@ -331,6 +353,7 @@ def _generation_options(args: argparse.Namespace) -> dict:
         block_size=args.block_size,
         block_gate=args.block_gate,
         block_relevance=args.block_relevance,
+        block_choice=args.block_choice,
         memory_at=args.memory_at,
         memory_heads=args.memory_heads,
         topk=args.topk,
@@ -350,7 +373,7 @@ def _chat(args: argparse.Namespace) -> None:
         raise ExtendedMindError(
             "chat always uses the chat template and prints text: drop --no-chat/--answer-prefix/--json"
         )
-    saved = _saved_memories(args.memory)
+    saved = _saved_memories(args.memory, args)
     mind = _load_mind(args, list(saved.values()))
     session = ChatSession(
         mind,
@@ -382,12 +405,19 @@ def _chat(args: argparse.Namespace) -> None:
             print(f"  [{c.weight:.3f}] {c.doc}: {c.text[:100]}", file=sys.stderr)
 
 
-def _saved_memories(paths: list[Path]) -> dict[Path, Memory]:
+def _saved_memories(paths: list[Path], args: argparse.Namespace | None = None) -> dict[Path, Memory]:
+    """The saved memories among `paths`, opened; every path and (with `args`) every generation option checked
+    first, so that a typo is reported at once, not after the model has loaded."""
     for p in paths:
         if not p.exists():
             raise ExtendedMindError(f"memory path not found: {p}")
         if p.is_dir() and not is_saved_memory(p):
             raise ExtendedMindError(f"{p} is a directory but not a saved memory")
+        if not p.is_dir():
+            read_text_file(p)  # a text file to memorize: readable, text, not empty
+    if args is not None:
+        options = _generation_options(args)
+        check_generation_options(**{k: options[k] for k in GENERATION_CHECKS})
     return {p: Memory.load(p) for p in paths if is_saved_memory(p)}
 
 
@@ -471,8 +501,15 @@ def main(argv: list[str] | None = None) -> int:
             )
         rank = _join_process_group() if launched_distributed() else 0
         if args.command == "memorize":
+            documents = load_documents(args.files)  # read and checked before the model loads
+            check_save_target(args.out)
+            if is_saved_memory(args.out) and not args.force:
+                raise ExtendedMindError(
+                    f"{args.out} already holds a memory: `extended-mind memory add {args.out} FILE...` adds to it, "
+                    "--force replaces it"
+                )
             mind = _load_mind(args, [])
-            memory = mind.memorize(args.files, stride=args.stride, window=args.window, storage=args.storage)
+            memory = mind.memorize(documents, stride=args.stride, window=args.window, storage=args.storage)
             mind.build_index(memory, only_above_threshold=True)
             memory.save(args.out)
             print(f"saved {memory.num_tokens} memory tokens from {len(memory.documents)} document(s) to {args.out}")
@@ -485,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command in ("bench", "tune", "data"):
             return bench_cli.run(args)
         elif args.command == "ask":
-            saved = _saved_memories(args.memory)
+            saved = _saved_memories(args.memory, args)
             mind = _load_mind(args, list(saved.values()))
             _generate(mind, args.question, _memories(mind, args.memory, saved, args), args)
         elif args.command == "demo":

@@ -25,6 +25,7 @@ from .blocks import (
 from .compat import with_cache
 from .distributed import ShardGroup, active_group, memorize_sharded, rank_loads, shard_memory
 from .documents import Document, load_documents
+from .embedding import Embedder, TextEmbedder, text_vectors
 from .errors import ExtendedMindError, PromptTooLongError
 from .generation import DecodeSettings, GenerationResult, TokenStream
 from .heads import head_scores, retrieval_heads
@@ -37,6 +38,7 @@ from .positions import POSITION_POLICIES, prepare_layers, prompt_offset
 from .prompting import DEFAULT_MEMORY_AT, MEMORY_AT, EncodedPrompt, encode, leading_special
 
 DEFAULT_TOPK = 10
+MAX_TOPK = 1024  # the server's bound too (server/schemas.py)
 DEFAULT_RANKING = "logit"
 DEFAULT_POSITION_POLICY = "stored"
 RETRIEVAL_MODES = ("blocks", "tokens")
@@ -45,6 +47,11 @@ DEFAULT_BLOCKS = 8
 DEFAULT_BLOCK_SIZE = 64
 DEFAULT_BLOCK_GATE = 0.5
 DEFAULT_BLOCK_RELEVANCE = DEFAULT_MIN_RELEVANCE
+# How block memory chooses blocks: "heads", the retrieval heads' attention from the question (what to copy);
+# "embedding", the blocks whose text is nearest the question's by a sentence embedding model (what is like it: the
+# demonstrations of many-shot in-context learning), always the `blocks` nearest, with no relevance test.
+BLOCK_CHOICES = ("heads", "embedding")
+DEFAULT_BLOCK_CHOICE = "heads"
 MEMORY_HEADS = ("retrieval", "all")
 # Rows of `logits` input scored per chunk in block mode: each chunk reads the blocks its own rows chose.
 DEFAULT_SCORING_CHUNK = 64
@@ -75,6 +82,7 @@ class ExtendedMind:
         self.source = source
         self.identity = ModelIdentity.of(model, tokenizer, source)
         self._head_scores: torch.Tensor | None = None
+        self._embedder: TextEmbedder | None = None
         if shards not in (None, True, False):
             raise ExtendedMindError(f"shards must be None, True or False, got {shards!r}")
         self.shards = shards
@@ -359,6 +367,26 @@ class ExtendedMind:
                                          lambda: calibrate_relevance(self.model, plan, self._calibration_prompts()))
         return plan
 
+    @property
+    def embedder(self) -> TextEmbedder:
+        """The sentence embedding model of `block_choice="embedding"` (all-MiniLM-L6-v2, loaded on first use; set
+        another object with the same `embed` to use your own)."""
+        if self._embedder is None:
+            self._embedder = Embedder(device=self.device)
+        return self._embedder
+
+    @embedder.setter
+    def embedder(self, embedder: TextEmbedder) -> None:
+        self._embedder = embedder
+
+    def _block_similarity(self, memory: Memory, layout: BlockLayout, question: str) -> torch.Tensor:
+        """(blocks,) cosine similarity of every block's text to `question`; the blocks' vectors are computed once
+        per memory, block size and embedding model, and kept with the memory."""
+        embedder = self.embedder
+        vectors = memory._cat(f"embeddings-{layout.size}-{id(embedder)}",
+                              lambda: text_vectors(embedder, layout.texts(memory)))  # fmt: skip
+        return vectors @ text_vectors(embedder, [question])[0]
+
     # ---- generation ----
 
     def encode_prompt(self, prompt: str | list[int], chat: bool = True, answer_prefix: str = "") -> list[int]:
@@ -420,19 +448,16 @@ class ExtendedMind:
         block_size: int = DEFAULT_BLOCK_SIZE,
         block_gate: float = DEFAULT_BLOCK_GATE,
         block_relevance: float = DEFAULT_BLOCK_RELEVANCE,
+        block_choice: str = DEFAULT_BLOCK_CHOICE,
         memory_heads: str | None = None,
         memory_at: str = DEFAULT_MEMORY_AT,
         logit_bias: dict[int, float] | None = None,
         top_logprobs: int = 0,
     ) -> TokenStream:
         """Like `generate`, but returns an iterator of tokens as they are produced (`.result` once exhausted)."""
-        _check_int("max_new_tokens", max_new_tokens, 1)
-        _check_int("topk_step", topk_step, 0)
-        _check_block_options(blocks, block_size, block_gate)
-        if isinstance(block_relevance, bool) or not isinstance(block_relevance, (int, float)) or not (
-            0 <= block_relevance < float("inf")
-        ):
-            raise ExtendedMindError(f"block_relevance must be a finite number >= 0, got {block_relevance!r}")
+        check_generation_options(topk=topk, max_new_tokens=max_new_tokens, topk_step=topk_step, blocks=blocks,
+                                 block_size=block_size, block_gate=block_gate, block_relevance=block_relevance,
+                                 block_choice=block_choice)  # fmt: skip
         if citation_weighting not in CITATION_WEIGHTINGS:
             raise ExtendedMindError(
                 f"unknown citation weighting {citation_weighting!r}; choose one of {CITATION_WEIGHTINGS}"
@@ -468,6 +493,9 @@ class ExtendedMind:
             plan = self._block_plan(mem, layers, encoded.memory_at, topk, ranking, similarity_threshold, memory_layers,
                                     blocks, block_size, block_gate, memory_heads, extra, block_relevance)  # fmt: skip
             plan.select_from, plan.select_to, plan.sink_added = encoded.asks_from, encoded.asks_to, sink_added
+            if block_choice == "embedding":
+                question = self.tokenizer.decode(ids[encoded.asks_from : encoded.asks_to], skip_special_tokens=True)
+                plan.similarity = self._block_similarity(mem, plan.layout, question)
             offset = plan.reserve
         if retrieval == "blocks" and plan is None:
             layers = {}
@@ -624,6 +652,34 @@ class ExtendedMind:
         streams = [self.stream(p, memory=m, **options) for p, m in zip(prompts, memories)]  # validates, prepares
         rows = [BatchRow.of(t) for t in streams]
         return generate_batch(self.model, self.tokenizer, rows, streams[0].settings)
+
+
+def check_generation_options(
+    topk: object = DEFAULT_TOPK,
+    max_new_tokens: object = 1,
+    topk_step: object = DEFAULT_TOPK_STEP,
+    blocks: object = DEFAULT_BLOCKS,
+    block_size: object = DEFAULT_BLOCK_SIZE,
+    block_gate: object = DEFAULT_BLOCK_GATE,
+    block_relevance: object = DEFAULT_BLOCK_RELEVANCE,
+    block_choice: object = DEFAULT_BLOCK_CHOICE,
+) -> None:
+    """The checks of generation options that need no model (the CLI runs them before loading one)."""
+    _check_int("topk", topk, 0)
+    if topk > MAX_TOPK:  # type: ignore[operator]
+        raise ExtendedMindError(
+            f"topk must be at most {MAX_TOPK} (memory tokens each head ranks per query token: more only spreads "
+            f"the retrieval heads' choice thin and costs memory per query), got {topk}"
+        )
+    _check_int("max_new_tokens", max_new_tokens, 1)
+    _check_int("topk_step", topk_step, 0)
+    _check_block_options(blocks, block_size, block_gate)
+    if isinstance(block_relevance, bool) or not isinstance(block_relevance, (int, float)) or not (
+        0 <= block_relevance < float("inf")
+    ):
+        raise ExtendedMindError(f"block_relevance must be a finite number >= 0, got {block_relevance!r}")
+    if block_choice not in BLOCK_CHOICES:
+        raise ExtendedMindError(f"unknown block_choice {block_choice!r}; choose one of {BLOCK_CHOICES}")
 
 
 def _check_block_options(blocks: object, block_size: object, gate: object) -> None:
