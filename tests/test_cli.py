@@ -111,3 +111,30 @@ def test_chat_memorizes_turns_that_leave_the_context(model_dir, tmp_path, capsys
     monkeypatch.setattr("sys.stdin", io.StringIO("one more\n"))
     assert main([*args, "--history", str(history)]) == 0
     assert f"({len(ids)} earlier turns in memory" in capsys.readouterr().err
+
+
+def test_cli_checks_input_before_loading_the_model_and_never_replaces_a_memory_silently(model_dir, tmp_path, capsys):
+    doc = tmp_path / "notes.txt"
+    doc.write_text("The museum opens at nine.")
+    out = str(tmp_path / "mem")
+    assert main(["memorize", str(doc), "--out", out, "--model", str(model_dir)]) == 0
+    capsys.readouterr()
+    other = tmp_path / "other.txt"
+    other.write_text("Something else entirely.")
+    assert main(["memorize", str(other), "--out", out, "--model", str(model_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a memory" in err and "--force" in err and "loading model" not in err
+    assert [d.id for d in Memory.load(out).documents] == ["notes.txt"]  # untouched
+    assert main(["memorize", str(other), "--out", out, "--model", str(model_dir), "--force"]) == 0
+    assert [d.id for d in Memory.load(out).documents] == ["other.txt"]
+    capsys.readouterr()
+    for argv, message in [
+        (["memorize", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "m2")], "not found"),
+        (["ask", "--memory", str(tmp_path / "missing.txt"), "Q"], "not found"),
+        (["ask", "--memory", out, "--topk", "-3", "Q"], "topk must be an integer >= 0"),
+        (["ask", "--memory", out, "--topk", "100000", "Q"], "topk must be at most 1024"),
+        (["ask", "--memory", str(doc), "--blocks", "-1", "Q"], "blocks must be an integer >= 0"),
+    ]:
+        assert main([*argv, "--model", str(model_dir)]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "loading model" not in err, (argv, err)

@@ -113,6 +113,10 @@ def test_corrupt_memory_files_give_clear_errors(tiny_mind, tmp_path):
         Memory.load(path)
     with pytest.raises(MemoryFileError, match="format version 99"):  # never overwritten by an older writer
         tiny_mind.memorize("overwrite").save(path)
+    manifest["version"] = "2"  # a string: the message must not read "version 2; this reads version 2"
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(MemoryFileError, match="format version '2'; this extended-mind reads version 2"):
+        Memory.load(path)
     manifest["version"] = 2
     manifest["documents"][0]["text"] = "edited by hand"
     (path / "manifest.json").write_text(json.dumps(manifest))

@@ -17,6 +17,10 @@ class MemoryFileError(ExtendedMindError):
     """A saved memory is missing, corrupt or of an unknown format."""
 
 
+class MemoryConflictError(MemoryFileError):
+    """A saved memory was changed by another writer after the copy being saved was loaded."""
+
+
 class MemoryMismatchError(ExtendedMindError):
     """A memory was built by a different model than the one asked to use it."""
 

@@ -117,22 +117,27 @@ def matches(path: Path, sha256: str, remembered_ok: bool = True) -> bool:
     (unless `remembered_ok` is False); a passing hash is remembered."""
     if remembered_ok and checked_before(path, sha256):
         return True
+    before = _version(path)  # the version hashed: a change made while hashing must not be recorded as checked
     if file_sha256(path) != sha256:
         return False
-    remember_checked(path, sha256)
+    remember_checked(path, sha256, version=before)
     return True
 
 
-def remember_checked(path: Path, sha256: str, recent_ok: bool = False) -> None:
+def remember_checked(path: Path, sha256: str, recent_ok: bool = False, version: str | None = None) -> None:
     """Record that `path` hashed to `sha256`, unless it changed too recently to tell a later change apart
-    (`recent_ok`: this process just wrote those bytes and hashed them as it wrote)."""
+    (`recent_ok`: this process just wrote those bytes and hashed them as it wrote), or is no longer `version` (the
+    file's stat from before it was hashed)."""
     try:
+        now = _version(path)
+        if version is not None and now != version:
+            return  # changed while it was being hashed: what was hashed is not what is there
         if not recent_ok and time.time() - max(path.stat().st_mtime, path.stat().st_ctime) < _RACY_S:
             return
         stamp = _stamp(sha256)
         stamp.parent.mkdir(parents=True, exist_ok=True)
         tmp = stamp.with_name(f".tmp-{os.getpid()}-{sha256}")
-        tmp.write_text(f"{path.resolve()}\n{_version(path)}")
+        tmp.write_text(f"{path.resolve()}\n{now}")
         os.replace(tmp, stamp)
     except OSError:  # a read-only cache only costs hashing again
         pass

@@ -157,6 +157,7 @@ class Memory:
         self.window = window
         self.storage = check_storage(storage)
         self.path = path  # where it was last saved or loaded from: `save()` with no path writes there
+        self.saved_state: str | None = None  # the manifest at `path` then (store.manifest_state): saves check it
         self._flat: dict[str, Any] = {}
         self._prepared: dict = {}
         # approximate-search indexes by fingerprint (index.memory_fingerprint): per layer LayerIndex, or a loader

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from .documents import Document
-from .errors import MemoryFileError
+from .errors import MemoryConflictError, MemoryFileError
 from .identity import ModelIdentity
 from .mapped import MappedFileError, map_safetensors, matches, write_atomic
 from .memory import Memory, RopeTables, Segment
@@ -150,7 +151,8 @@ def _put(directory: Path, data: bytes) -> StoredFile:
     """Store `data` under its checksum in `directory` (no write when an intact copy is already there)."""
     sha = hashlib.sha256(data).hexdigest()
     target = directory / f"{sha}.safetensors"
-    if not (target.is_file() and target.stat().st_size == len(data)):
+    # a file of that name is reused only when it hashes right: saving again repairs a damaged one
+    if not (target.is_file() and target.stat().st_size == len(data) and matches(target, sha)):
         write_atomic(target, [data], digest=False)  # named by its checksum already
     return StoredFile(target, sha, len(data))
 
@@ -158,7 +160,12 @@ def _put(directory: Path, data: bytes) -> StoredFile:
 def _store_segment(segment: Segment, directory: Path) -> StoredFile:
     f = segment.file
     if f is not None and f.path.parent.resolve() == directory.resolve() and f.path.is_file():
-        return f  # already saved here
+        try:
+            f.check()  # already saved here (a check remembered from before counts)
+            return f
+        except MemoryFileError:
+            if segment._tensors is None:
+                raise  # damaged, and not in memory to write again
     if f is not None and segment._tensors is None:
         data = f.read_bytes()  # saved elsewhere and not loaded: copy the verified bytes
     else:
@@ -166,17 +173,37 @@ def _store_segment(segment: Segment, directory: Path) -> StoredFile:
     return _put(directory, data)
 
 
+_held = threading.local()  # the memory directories whose lock this thread holds (the lock is reentrant)
+
+
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    if fcntl is None:  # pragma: no cover
+def edit_lock(path: str | Path) -> Iterator[None]:
+    """Hold the memory directory's lock: saves by other processes and threads wait until it is released. Hold it
+    over a whole load-edit-save (`with edit_lock(d): m = Memory.load(d); ...; m.save()`) so that concurrent edits
+    apply one after the other; a save takes it too (this thread may hold it already)."""
+    path = Path(path)
+    key = str(path.resolve())
+    held = _held.__dict__.setdefault("paths", set())
+    if fcntl is None or key in held:  # pragma: no cover - Windows: no advisory lock
         yield
         return
+    path.mkdir(parents=True, exist_ok=True)
     with open(path / _LOCK, "a") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        held.add(key)
         try:
             yield
         finally:
+            held.discard(key)
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def manifest_state(path: Path) -> str | None:
+    """The sha256 of the memory's manifest (None: there is none): changes with every save."""
+    try:
+        return hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
 
 
 def check_save_target(path: Path) -> None:
@@ -189,6 +216,19 @@ def check_save_target(path: Path) -> None:
         _read_manifest(path)  # refuses to overwrite a memory of an unknown (newer) format
 
 
+def _check_not_changed(memory: Memory, path: Path) -> None:
+    """Refuse to save over a memory that another writer saved after this copy was loaded or saved there: its edits
+    would be lost without a word."""
+    if memory.path is None or memory.saved_state is None or Path(memory.path).resolve() != path.resolve():
+        return  # a memory saved over another one on purpose (a new memory written to its directory)
+    if manifest_state(path) != memory.saved_state:
+        raise MemoryConflictError(
+            f"the memory in {path} was changed by another writer after this copy of it was loaded; nothing was "
+            "written: load it again and repeat the edit (hold store.edit_lock over load, edit and save to make "
+            "concurrent edits wait for each other)"
+        )
+
+
 def save_memory(memory: Memory, path: Path, checked: bool = False) -> Path:
     """Write `memory` to `path`; `checked`: the target was checked before other writers (the ranks of a sharded
     memory) put tensor files there."""
@@ -198,9 +238,10 @@ def save_memory(memory: Memory, path: Path, checked: bool = False) -> Path:
         check_save_target(path)
     tensor_dir = path / TENSOR_DIR
     tensor_dir.mkdir(parents=True, exist_ok=True)
-    with _locked(path):
+    with edit_lock(path):
         if (path / MANIFEST).is_file():
             _read_manifest(path)  # refuses to overwrite a memory of an unknown (newer) format
+            _check_not_changed(memory, path)
         documents, start = [], 0
         stored = [_store_segment(s, tensor_dir) for s in memory.segments]
         for s, f in zip(memory.segments, stored):
@@ -255,8 +296,10 @@ def save_memory(memory: Memory, path: Path, checked: bool = False) -> Path:
                 for fp, ix in indexes
             ],  # fmt: skip
         }
-        write_atomic(path / MANIFEST, [json.dumps(manifest, ensure_ascii=False, indent=1).encode()], digest=False)
+        raw = json.dumps(manifest, ensure_ascii=False, indent=1).encode()
+        write_atomic(path / MANIFEST, [raw], digest=False)
         _fsync_dir(path)
+        memory.saved_state = hashlib.sha256(raw).hexdigest()
         for s, f in zip(memory.segments, stored):
             s.file = f
         keep = {f.path.name for f in stored} | {rope.path.name} | {ix.file.path.name for _, ix in indexes}
@@ -271,8 +314,12 @@ def save_memory(memory: Memory, path: Path, checked: bool = False) -> Path:
 
 
 def _read_manifest(path: Path) -> dict:
+    return _parse_manifest(path, (path / MANIFEST).read_bytes())
+
+
+def _parse_manifest(path: Path, raw: bytes) -> dict:
     try:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        manifest = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MemoryFileError(f"corrupt memory manifest in {path}: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
@@ -285,7 +332,7 @@ def _read_manifest(path: Path) -> dict:
             else "memorize the documents again to rebuild it"
         )
         raise MemoryFileError(
-            f"memory {path} has format version {version}; this extended-mind reads version {FORMAT_VERSION} ({hint})"
+            f"memory {path} has format version {version!r}; this extended-mind reads version {FORMAT_VERSION} ({hint})"
         )
     return manifest
 
@@ -328,7 +375,9 @@ def _segment_loader(stored: StoredFile, n: int, shapes: list, storage: str, what
 def load_memory(path: Path) -> Memory:
     if not (path / MANIFEST).is_file():
         raise MemoryFileError(f"not a saved memory (no {MANIFEST}): {path}")
-    manifest = _read_manifest(path)
+    raw = (path / MANIFEST).read_bytes()  # once: the manifest and its state are the same version
+    manifest = _parse_manifest(path, raw)
+    state = hashlib.sha256(raw).hexdigest()
     try:
         shapes = [tuple(int(x) for x in s) for s in manifest["kv_shapes"]]
         layer_rope = [int(x) for x in manifest["layer_rope"]]
@@ -376,6 +425,7 @@ def load_memory(path: Path) -> Memory:
             str(manifest["storage"]),
             path=path,
         )
+        memory.saved_state = state
         for entry in manifest.get("indexes", []):
             stored = _stored(path, entry, "a search index")
             memory.indexes[str(entry["fingerprint"])] = SavedIndex(stored, int(entry["layers"]), int(entry["heads"]))
