@@ -296,3 +296,34 @@ def test_pasted_text_over_a_megabyte_reaches_the_memory_limits(mind, tmp_path):
     with TestClient(app) as client:
         r = client.post("/v1/memories", data={"name": "big", "text": "word " * 300_000})  # 1.5 MB form field
         assert "10000" in error_of(r, 413)  # refused by the memory limit, not by the form parser
+
+
+def test_small_gaps_chunked_body_names_paths_and_racing_deletes(mind, tmp_path):
+    app = make_app(mind, tmp_path / "mem", max_body_bytes=20_000)
+    with TestClient(app) as client:
+        create_memories(client, ["cats"])
+
+        def chunked():  # no Content-Length: the body is counted as it arrives
+            for _ in range(30):
+                yield b"x" * 1_000
+
+        r = client.post("/v1/memories", content=chunked(), headers={"Content-Type": "application/json"})
+        assert "limit of 20000 bytes" in error_of(r, 413)
+        assert r.json()["error"]["code"] == "body_too_large"
+        assert "invalid memory name" in error_of(client.get("/v1/memories/cats%0A"), 400)  # '$' took a newline
+        # two deletes of one document at once: one removes it, the other finds nothing to remove (404, not 400)
+        added = client.post("/v1/memories/cats/documents", json={"documents": [{"text": "one more", "id": "extra"}]})
+        assert added.status_code == 201, added.text
+        with ThreadPoolExecutor(2) as pool:
+            codes = sorted(pool.map(lambda _: client.delete("/v1/memories/cats/documents/extra").status_code, [0, 1]))
+        assert codes == [200, 404]
+    # a damaged memory: the error names the file, not where the server keeps it
+    path = tmp_path / "mem" / "cats"
+    manifest = json.loads((path / "manifest.json").read_text())
+    damaged = path / manifest["documents"][0]["file"]
+    data = damaged.read_bytes()
+    damaged.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    with TestClient(make_app(mind, tmp_path / "mem")) as client:
+        ask = client.post("/v1/chat/completions", json=chat_body("Where did the cat sit?", "cats"))
+        message = error_of(ask, 500)
+        assert "checksum" in message and str(tmp_path) not in message, message

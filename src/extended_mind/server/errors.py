@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import DocumentError, ExtendedMindError, MemoryFileError, MemoryMismatchError, PromptTooLongError
+from ..errors import (
+    DocumentError,
+    ExtendedMindError,
+    MemoryConflictError,
+    MemoryFileError,
+    MemoryMismatchError,
+    PromptTooLongError,
+)
 
 log = logging.getLogger("extended_mind.server")
 
@@ -45,14 +53,20 @@ def error_response(status: int, message: str, code: str | None = None, param: st
     return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
 
 
+_ABSOLUTE_PATH = re.compile(r"(?:/[^/\s:'\",()]+)+/([^/\s:'\",()]+)")  # -> its last part
+
+
 def as_api_error(exc: Exception) -> APIError:
     """The client-facing form of an exception raised while serving a request."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, PromptTooLongError):
         return APIError(400, str(exc), "context_length_exceeded")
-    if isinstance(exc, MemoryFileError):
-        return APIError(500, f"a stored memory is damaged: {exc}", "memory_corrupt")
+    if isinstance(exc, MemoryConflictError):  # another process saved it since the server opened it
+        return APIError(409, str(exc), "memory_changed")
+    if isinstance(exc, MemoryFileError):  # file names only: the server's own paths are not the client's business
+        detail = _ABSOLUTE_PATH.sub(r"\1", str(exc))
+        return APIError(500, f"a stored memory is damaged: {detail}", "memory_corrupt")
     if isinstance(exc, (DocumentError, MemoryMismatchError, ExtendedMindError)):
         return APIError(400, str(exc), "invalid_value")
     log.exception("internal error", exc_info=exc)

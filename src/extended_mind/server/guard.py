@@ -7,7 +7,7 @@ import hmac
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .config import ServerConfig
-from .errors import APIError, error_response
+from .errors import error_response
 
 PUBLIC_PATHS = {"/", "/favicon.ico"}  # the page itself holds no data; it asks for the key and sends it with calls
 
@@ -39,15 +39,32 @@ class GuardMiddleware:
         if length is not None and (not length.isdigit() or int(length) > limit):
             response = error_response(413, f"request body is larger than the limit of {limit} bytes", "body_too_large")
             return await response(scope, receive, send)
-        seen = 0
+        # a body sent without a length (chunked) is counted as it arrives: past the limit the route sees the client
+        # leave, whatever it answers is dropped, and the client gets the same 413 as with a Content-Length
+        seen, too_large, started = 0, False, False
 
         async def limited_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, too_large
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise APIError(413, f"request body is larger than the limit of {limit} bytes", "body_too_large")
+                    too_large = True
+                    return {"type": "http.disconnect"}
             return message
 
-        await self.app(scope, limited_receive, send)
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if too_large:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not too_large:
+                raise
+        if too_large and not started:
+            response = error_response(413, f"request body is larger than the limit of {limit} bytes", "body_too_large")
+            await response(scope, receive, send)

@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..documents import Document
+from ..errors import MemoryConflictError
 from ..memory import Memory, is_saved_memory, longest_rope
 from ..mind import ExtendedMind
 from .errors import APIError
@@ -23,7 +24,7 @@ _NAME = re.compile(MEMORY_NAME_PATTERN)
 
 def check_name(name: str) -> str:
     """Memory names become directory names: letters, digits, '_', '.', '-' only (no '/', no leading '.')."""
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise APIError(
             400,
             f"invalid memory name {name!r}: use 1-64 letters, digits, '_', '.', '-', starting with a letter or digit",
@@ -57,7 +58,7 @@ class MemoryLibrary:
     def names(self) -> list[str]:
         if self.read_only:
             return sorted(self._loaded)
-        return sorted(p.name for p in self.root.iterdir() if _NAME.match(p.name) and is_saved_memory(p))
+        return sorted(p.name for p in self.root.iterdir() if _NAME.fullmatch(p.name) and is_saved_memory(p))
 
     def exists(self, name: str) -> bool:
         if self.read_only:
@@ -102,7 +103,12 @@ class MemoryLibrary:
     def saved(self, name: str) -> None:
         """Persist an edited loaded memory."""
         with self._lock:
-            self._loaded[name].save()
+            try:
+                self._loaded[name].save()
+            except MemoryConflictError:  # changed on disk by another process: its version is read on next use
+                self._loaded.pop(name, None)
+                self._changed(name)
+                raise
             self._changed(name)
 
     def delete(self, name: str) -> None:

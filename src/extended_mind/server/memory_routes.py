@@ -245,7 +245,10 @@ def add_memory_routes(
             raise APIError(404, f"no document {doc_id!r} in memory {name!r}", "document_not_found", "doc_id")
 
         def job() -> None:
-            library.get(name).remove(doc_id)
+            current = library.get(name)
+            if doc_id not in current:  # removed by a request that ran first
+                raise APIError(404, f"no document {doc_id!r} in memory {name!r}", "document_not_found", "doc_id")
+            current.remove(doc_id)
             library.saved(name)
 
         await worker.run(job)
