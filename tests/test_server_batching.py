@@ -70,3 +70,27 @@ def test_a_client_that_disconnects_leaves_the_batch(mind, tmp_path, monkeypatch)
         assert metrics()[("extended_mind_batch_size", ())] == 0
         done = client.post("/v1/completions", json=body | {"stream": False, "max_tokens": 3}).json()
         assert done["usage"]["completion_tokens"] == 3
+
+
+def test_a_non_streamed_request_whose_client_leaves_stops_decoding(mind, tmp_path, monkeypatch):
+    steps = []
+    step = DecodeBatch.step
+
+    def slow_step(self):  # 400 steps take seconds: the client leaves long before
+        steps.append(len(self))
+        time.sleep(0.01)
+        return step(self)
+
+    monkeypatch.setattr(DecodeBatch, "step", slow_step)
+    app = create_app(mind, ServerConfig(memory_dir=tmp_path / "mem", max_tokens=400))
+    body = {"model": MODEL, "prompt": "Tell me everything", "max_tokens": 400}
+    with BackgroundServer(app) as server:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/completions", json=body, timeout=0.5)
+        client = httpx.Client(base_url=server.url, timeout=60)
+        metrics = lambda: _samples(client.get("/metrics").text)  # noqa: E731
+        wait_until(lambda: metrics()[("extended_mind_batch_size", ())] == 0 and len(steps) > 0)
+        time.sleep(0.3)
+        assert len(steps) < 200, len(steps)  # it left the batch within a poll of the disconnect
+        done = client.post("/v1/completions", json=body | {"max_tokens": 3}).json()
+        assert done["usage"]["completion_tokens"] == 3

@@ -3,13 +3,15 @@ carry citations (per token while streaming, all of them at the end)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from ..citations import Citation
@@ -222,17 +224,15 @@ def add_completion_routes(
             "warnings": result.warnings,  # an empty answer says why
         }
 
-    async def generate(req: ChatCompletionRequest | CompletionRequest, kind: str):
+    async def generate(req: ChatCompletionRequest | CompletionRequest, kind: str, request: Request):
         check_model(req.model)
         names = memory_names(req)
         generation_options(req)  # validate before queueing
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         now, arrived = int(time.time()), time.perf_counter()
         if not req.stream:
-
-            result = None
-            async for item in metrics.timed(scheduler.stream(lambda: start(req, names)), arrived):
-                result = item
+            answer = metrics.timed(scheduler.stream(lambda: start(req, names)), arrived)
+            result = await _unless_client_leaves(request, _last(answer))
             assert isinstance(result, GenerationResult)
             if kind == "chat":
                 choice = {
@@ -302,9 +302,38 @@ def add_completion_routes(
         return {"id": model_id, "object": "model", "created": created, "owned_by": "extended-mind"}
 
     @app.post("/v1/chat/completions", summary="Chat completion with memory attention (OpenAI-compatible)")
-    async def chat_completions(req: ChatCompletionRequest):
-        return await generate(req, "chat")
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        return await generate(req, "chat", request)
 
     @app.post("/v1/completions", summary="Text completion with memory attention (OpenAI-compatible)")
-    async def completions(req: CompletionRequest):
-        return await generate(req, "text")
+    async def completions(req: CompletionRequest, request: Request):
+        return await generate(req, "text", request)
+
+
+async def _last(items: AsyncIterator[Any]) -> Any:
+    last = None
+    async for item in items:
+        last = item
+    return last
+
+
+# how often a non-streamed request checks that its client is still there
+DISCONNECT_POLL_S = 0.1
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[Any]) -> Any:
+    """`work`'s result; when the client disconnects first, `work` is cancelled (its request leaves the batch at the
+    next step, as a streamed one does) and the request ends with 499."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise APIError(499, "client went away", "cancelled")
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
