@@ -327,3 +327,19 @@ def test_small_gaps_chunked_body_names_paths_and_racing_deletes(mind, tmp_path):
         ask = client.post("/v1/chat/completions", json=chat_body("Where did the cat sit?", "cats"))
         message = error_of(ask, 500)
         assert "checksum" in message and str(tmp_path) not in message, message
+
+
+def test_an_unknown_argument_is_refused_by_name_and_openai_ones_are_accepted(mind, tmp_path):
+    with TestClient(make_app(mind, tmp_path / "mem")) as client:
+        create_memories(client, ["cats"])
+        typo = chat_body("Where did the cat sit?") | {"memroy": "cats"}
+        r = client.post("/v1/chat/completions", json=typo)
+        assert error_of(r, 400) == "Unrecognized request argument supplied: memroy"
+        assert r.json()["error"]["param"] == "memroy"
+        text = {"model": MODEL, "prompt": "The cat", "max_tokens": 2, "memory": "cats", "temprature": 0}
+        assert "temprature" in error_of(client.post("/v1/completions", json=text), 400)
+        sdk = chat_body("Where?", "cats") | {"top_p": 0.9, "presence_penalty": 0.1, "frequency_penalty": 0.0,
+                                             "user": "u1", "response_format": {"type": "text"}}  # fmt: skip
+        assert client.post("/v1/chat/completions", json=sdk).status_code == 200
+        del text["temprature"]
+        assert client.post("/v1/completions", json=text | {"echo": False, "best_of": 1}).status_code == 200

@@ -86,6 +86,8 @@ def validation_error(errors: list[dict]) -> APIError:
                         "invalid_value")  # fmt: skip
     loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "path")]
     param = ".".join(loc) or None
+    if first.get("type") == "extra_forbidden" and len(loc) == 1:  # OpenAI's answer to an argument it does not know
+        return APIError(400, f"Unrecognized request argument supplied: {param}", "unrecognized_argument", param)
     where = f" ({param})" if param else ""
     more = f"; and {len(errors) - 1} more problem(s)" if len(errors) > 1 else ""
     return APIError(400, f"{first.get('msg', 'invalid value')}{where}{more}", "invalid_value", param)

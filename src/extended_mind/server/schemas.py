@@ -1,10 +1,11 @@
 """Request bodies. Field names follow OpenAI's API; the extended-mind fields (memory, topk, ...) are what the
-OpenAI SDK sends as top-level extras through `extra_body`. Unknown fields are ignored, as OpenAI clients send
-many optional ones."""
+OpenAI SDK sends as top-level extras through `extra_body`. An argument neither OpenAI's nor ours is refused with 400
+naming it, as OpenAI's API does ("memroy" must not answer silently with no memory); OpenAI arguments this server does
+not implement (penalties, top_p, tools, user, ...) are accepted and ignored, as OpenAI clients send them."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -86,16 +87,47 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart] | None = None
 
 
-class ChatCompletionRequest(SamplingOptions, MemoryOptions):
-    model_config = ConfigDict(extra="ignore")
+class _IgnoredOpenAIOptions(BaseModel):
+    """OpenAI arguments accepted and not used (what the SDK, LangChain and others send)."""
+
+    frequency_penalty: Any = None
+    presence_penalty: Any = None
+    top_p: Any = None
+    user: Any = None
+    metadata: Any = None
+    store: Any = None
+    service_tier: Any = None
+
+
+class ChatCompletionRequest(SamplingOptions, MemoryOptions, _IgnoredOpenAIOptions):
+    model_config = ConfigDict(extra="forbid")
+
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    functions: Any = None
+    function_call: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    audio: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+    prompt_cache_key: Any = None
+    safety_identifier: Any = None
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
     logprobs: bool | None = Field(default=None, description="return each token's log-probability")
     top_logprobs: int | None = Field(default=None, ge=0, le=20, description="alternatives per token (needs logprobs)")
 
 
-class CompletionRequest(SamplingOptions, MemoryOptions):
-    model_config = ConfigDict(extra="ignore")
+class CompletionRequest(SamplingOptions, MemoryOptions, _IgnoredOpenAIOptions):
+    model_config = ConfigDict(extra="forbid")
+
+    best_of: Any = None
+    echo: Any = None
+    suffix: Any = None
 
     prompt: str | list[str]
     logprobs: int | None = Field(default=None, ge=0, le=5, description="log-probabilities with this many alternatives")
