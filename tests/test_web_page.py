@@ -102,3 +102,52 @@ def test_page_sends_the_api_key(browser, tmp_path):
         page.dispatch_event("#api-key", "change")
         expect(page.locator("#model")).to_have_text("model: tiny-llama")
         expect(page.locator("#error")).to_have_text("")
+
+
+def test_page_adds_and_removes_documents_and_says_what_went_wrong_where(browser, tmp_path):
+    mind = ExtendedMind(tiny_model("llama"), byte_tokenizer(), "tiny-llama")
+    app = create_app(mind, ServerConfig(memory_dir=tmp_path / "mem", max_tokens=32))
+    with BackgroundServer(app) as server:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(server.url + "/")
+        expect(page.locator("#model")).to_have_text("model: tiny-llama")
+        page.fill("#memory-text", DOC)
+        page.click("#create-memory")  # no name: said next to the form, in words, not as a pattern
+        expect(page.locator("#memorize-error")).to_have_text("give the memory a name first")
+        page.fill("#memory-name", "bad name!")
+        page.click("#create-memory")
+        expect(page.locator("#memorize-error")).to_contain_text("letters, digits")
+        assert page.locator("#error").inner_text() == ""  # the Ask panel stays clean
+        page.fill("#memory-name", "notes")
+        page.fill("#memory-text-name", "lighthouse.txt")
+        page.click("#create-memory")
+        expect(page.locator("#memorize-status")).to_contain_text("memorized")
+        page.fill("#memory-text", "The harbour master was Jon Vik.")
+        page.fill("#memory-text-name", "harbour.txt")
+        page.click("#add-documents")
+        expect(page.locator("#memorize-status")).to_contain_text("it now holds 2 doc")
+        page.click("#create-memory")  # a second memory of that name: refused, next to the form
+        expect(page.locator("#memorize-error")).to_contain_text("paste a document")
+        page.fill("#memory-text", "again")
+        page.click("#create-memory")
+        expect(page.locator("#memorize-error")).to_contain_text("exists")
+
+        entry = page.locator('#memories li[data-memory="notes"]')
+        entry.locator("details.documents summary").click()
+        docs = entry.locator("details.documents li")
+        expect(docs).to_have_count(2)
+        expect(docs.first).to_contain_text("lighthouse.txt")
+        page.on("dialog", lambda d: d.accept())
+        entry.locator('li[data-document="harbour.txt"] button').click()
+        expect(page.locator('#memories li[data-memory="notes"]')).to_contain_text("1 doc")
+
+        page.fill("#question", "What colour was the lighthouse?")
+        page.fill("#answer-prefix", "The lighthouse was painted")
+        page.fill("#max-tokens", "6")
+        page.click("#ask")
+        expect(page.locator("#ask")).to_be_enabled()
+        assert page.locator("#answer").inner_text().startswith("The lighthouse was painted")
+        shares = page.locator("#citations .weight").all_inner_texts()
+        assert shares and sum(float(s.strip("[]% ")) for s in shares) <= 100.5
+        page.reload()  # the memory asked with last is selected again
+        expect(page.locator('#memories li[data-memory="notes"] input[type=checkbox]')).to_be_checked()

@@ -81,11 +81,11 @@ def encode(
 
 
 def encode_messages(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], memory_at: str
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], memory_at: str, answer_prefix: str = ""
 ) -> EncodedPrompt:
     """A conversation ({"role", "content"} dicts) ready for the assistant's answer: the tokenizer's chat template,
-    or "Role: content" lines when it has none. The question is the last user message; the memory goes after it
-    ("answer") or before it ("question")."""
+    or "Role: content" lines when it has none, then `answer_prefix` (the start of the reply). The question is the
+    last user message; the memory goes after it ("answer") or before it ("question")."""
     last = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -93,6 +93,7 @@ def encode_messages(
     else:
         text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
         special = True
+    text += answer_prefix
     asks = text.rfind(last)
     enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]

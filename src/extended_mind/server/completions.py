@@ -193,7 +193,7 @@ def add_completion_routes(
     def prompt_of(req: ChatCompletionRequest | CompletionRequest) -> EncodedPrompt:
         memory_at = req.memory_at or DEFAULT_MEMORY_AT
         if isinstance(req, ChatCompletionRequest):
-            return encode_messages(mind.tokenizer, chat_messages(req), memory_at)
+            return encode_messages(mind.tokenizer, chat_messages(req), memory_at, req.answer_prefix or "")
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if len(prompts) != 1:
             raise APIError(400, "send exactly one prompt per request", "invalid_value", "prompt")

@@ -48,6 +48,7 @@ def add_memory_routes(
     async def read_documents(request: Request, model: type[DocumentsIn]) -> tuple[DocumentsIn, list[Document]]:
         """Documents from a JSON body, or from a multipart form (fields as in JSON, files in `files`)."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        pasted: Document | None = None  # the document of the `text` field
         if ctype == "application/json":
             try:
                 body = model.model_validate_json(await request.body())
@@ -58,7 +59,7 @@ def add_memory_routes(
                 for d in body.documents or []
             ]
             if body.text is not None:
-                docs.append(Document("", body.text))
+                docs.append(pasted := Document("", body.text))
         elif ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
             form = await request.form(max_files=1000, max_fields=1000, max_part_size=config.max_body_bytes)
             fields: dict[str, Any] = {}
@@ -74,7 +75,7 @@ def add_memory_routes(
                     docs.append(Document(name, decode_text(data, name), name))
                 elif key == "text":
                     if value.strip():
-                        docs.append(Document("", value))
+                        docs.append(pasted := Document("", value))
                 elif key in model.model_fields:
                     fields[key] = value
                 else:
@@ -89,6 +90,8 @@ def add_memory_routes(
             raise APIError(
                 415, "send documents as application/json or a form (multipart or urlencoded)", "unsupported_media_type"
             )
+        if body.text_name is not None and pasted is not None:  # the pasted text gets the name the user gave it
+            docs = [Document(body.text_name, d.text, body.text_name) if d is pasted else d for d in docs]
         if not docs:
             raise APIError(400, "no documents given: send 'documents', 'text' or files", "invalid_value", "documents")
         for d in docs:

@@ -118,6 +118,9 @@ class ChatCompletionRequest(SamplingOptions, MemoryOptions, _IgnoredOpenAIOption
     safety_identifier: Any = None
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+    answer_prefix: str | None = Field(
+        default=None, max_length=2000, description="text the assistant's reply starts with (not repeated in the answer)"
+    )
     logprobs: bool | None = Field(default=None, description="return each token's log-probability")
     top_logprobs: int | None = Field(default=None, ge=0, le=20, description="alternatives per token (needs logprobs)")
 
@@ -148,6 +151,7 @@ class DocumentsIn(BaseModel):
 
     documents: list[str | DocumentIn] | None = Field(default=None, max_length=10_000)
     text: str | None = None
+    text_name: str | None = Field(default=None, min_length=1, max_length=256, description="the name of `text`")
     stream: bool = Field(default=False, description="answer with server-sent progress events")
 
 

@@ -52,8 +52,15 @@ async function readEvents(response, onData) {
 }
 
 function selectedMemories() {
-  return Array.from(document.querySelectorAll("#memories input:checked")).map((el) => el.value);
+  return Array.from(document.querySelectorAll("#memories input[type=checkbox]:checked")).map((el) => el.value);
 }
+
+// The memories last asked with are selected again when the page opens (kept in this browser).
+function rememberSelection() { localStorage.setItem("extended-mind-selected", JSON.stringify(selectedMemories())); }
+function rememberedSelection() {
+  try { return JSON.parse(localStorage.getItem("extended-mind-selected") || "[]"); } catch (e) { return []; }
+}
+let firstRefresh = true;
 
 async function refresh(select) {
   $("error").textContent = "";
@@ -61,7 +68,7 @@ async function refresh(select) {
     const models = await (await api("/v1/models")).json();
     modelId = models.data[0].id;
     $("model").textContent = "model: " + modelId;
-    const keep = new Set(selectedMemories());
+    const keep = new Set(firstRefresh ? rememberedSelection() : selectedMemories());
     if (select) keep.add(select);
     const list = await (await api("/v1/memories")).json();
     const ul = $("memories");
@@ -77,43 +84,97 @@ async function refresh(select) {
       meta.className = "meta";
       meta.textContent = m.error ? "unreadable: " + m.error : `${m.documents} doc · ${m.tokens} tok`;
       const del = document.createElement("button");
-      del.textContent = "delete"; del.title = "delete memory " + m.id;
+      del.textContent = "delete"; del.title = "delete memory " + m.id; del.className = "delete-memory";
       del.addEventListener("click", async () => {
         if (!confirm(`Delete memory ${m.id}?`)) return;
         try { await api("/v1/memories/" + encodeURIComponent(m.id), { method: "DELETE" }); } catch (e) { showError(e); }
         refresh();
       });
-      li.append(box, label, meta, del);
+      const docs = document.createElement("details");
+      docs.className = "documents";
+      const summary = document.createElement("summary");
+      summary.textContent = "documents";
+      docs.append(summary);
+      docs.addEventListener("toggle", () => { if (docs.open) listDocuments(m.id, docs); });
+      li.append(box, label, meta, del, docs);
       ul.append(li);
     }
     if (!list.data.length) ul.innerHTML = '<li class="muted">none yet</li>';
+    if (firstRefresh && !selectedMemories().length && list.data.length === 1) {
+      ul.querySelector("input[type=checkbox]").checked = true;  // the only memory: selected
+    }
+    firstRefresh = false;
   } catch (e) { showError(e); }
+}
+
+// A memory's documents, each with a button that removes it from the memory.
+async function listDocuments(name, box) {
+  box.querySelectorAll("ul").forEach((el) => el.remove());
+  const ul = document.createElement("ul");
+  try {
+    const info = await (await api("/v1/memories/" + encodeURIComponent(name))).json();
+    for (const d of info.data) {
+      const li = document.createElement("li");
+      li.dataset.document = d.id;
+      const rm = document.createElement("button");
+      rm.textContent = "remove"; rm.title = `remove ${d.id} from ${name}`;
+      rm.addEventListener("click", async () => {
+        if (!confirm(`Remove ${d.id} from ${name}?`)) return;
+        try {
+          await api(`/v1/memories/${encodeURIComponent(name)}/documents/${encodeURIComponent(d.id)}`, { method: "DELETE" });
+          await refresh();
+        } catch (e) { showError(e); }
+      });
+      li.append(`${d.id} (${d.tokens} tok) `, rm);
+      ul.append(li);
+    }
+  } catch (e) { showError(e); }
+  box.append(ul);
 }
 
 function showError(e) { $("error").textContent = String(e.message || e); }
 
-$("create-memory").addEventListener("click", async () => {
+const NAME_RULE = /^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$/;
+
+// Memorize the pasted text and the chosen files into a new memory, or (`add`) into the existing one named.
+async function memorize(add) {
   const name = $("memory-name").value.trim();
+  const status = $("memorize-status"), problem = $("memorize-error");
+  status.textContent = ""; problem.textContent = "";
+  if (!name) { problem.textContent = "give the memory a name first"; return; }
+  if (!NAME_RULE.test(name)) {
+    problem.textContent = "a memory name is 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit";
+    return;
+  }
+  const text = $("memory-text").value, files = $("memory-files").files;
+  if (!text.trim() && !files.length) { problem.textContent = "paste a document or choose files to memorize"; return; }
   const form = new FormData();
-  form.append("name", name);
+  if (!add) form.append("name", name);
   form.append("stream", "true");
-  if ($("memory-text").value.trim()) form.append("text", $("memory-text").value);
-  for (const f of $("memory-files").files) form.append("files", f, f.name);
-  const bar = $("memorize-progress"), status = $("memorize-status");
-  bar.hidden = false; bar.value = 0; status.textContent = "memorizing…"; $("error").textContent = "";
+  if (text.trim()) {
+    form.append("text", text);
+    if ($("memory-text-name").value.trim()) form.append("text_name", $("memory-text-name").value.trim());
+  }
+  for (const f of files) form.append("files", f, f.name);
+  const bar = $("memorize-progress");
+  bar.hidden = false; bar.value = 0; status.textContent = "memorizing…";
   try {
-    const response = await api("/v1/memories", { method: "POST", body: form });
+    const path = add ? `/v1/memories/${encodeURIComponent(name)}/documents` : "/v1/memories";
+    const response = await api(path, { method: "POST", body: form });
     let made = null;
     await readEvents(response, (d) => {
       if (d.object === "memory.progress") { bar.value = d.done / d.total; status.textContent = `memorizing ${d.done} / ${d.total} tokens`; }
       else if (d.object === "memory") made = d;
     });
-    if (made) status.textContent = `memorized ${made.tokens} tokens into "${made.id}"`;
-    $("memory-text").value = ""; $("memory-files").value = "";
+    if (made) status.textContent = add ? `added to "${made.id}": it now holds ${made.documents} doc · ${made.tokens} tokens`
+                                       : `memorized ${made.tokens} tokens into "${made.id}"`;
+    $("memory-text").value = ""; $("memory-text-name").value = ""; $("memory-files").value = "";
     refresh(name);
-  } catch (e) { status.textContent = ""; showError(e); }
+  } catch (e) { status.textContent = ""; problem.textContent = String(e.message || e); }
   finally { bar.hidden = true; }
-});
+}
+$("create-memory").addEventListener("click", () => memorize(false));
+$("add-documents").addEventListener("click", () => memorize(true));
 
 $("ask").addEventListener("click", async () => {
   const question = $("question").value.trim();
@@ -121,9 +182,16 @@ $("ask").addEventListener("click", async () => {
   $("answer").textContent = ""; $("citations").replaceChildren(); $("sources").replaceChildren(); $("error").textContent = "";
   const raw = $("raw").checked;
   const body = { model: modelId, stream: true, max_tokens: Number($("max-tokens").value) || 96, topk: Number($("topk").value) };
-  if (raw) body.prompt = $("question").value; else body.messages = [{ role: "user", content: question }];
+  const prefix = $("answer-prefix").value;
+  if (raw) body.prompt = $("question").value + (prefix ? "\n" + prefix : "");
+  else {
+    body.messages = [{ role: "user", content: question }];
+    if (prefix) body.answer_prefix = prefix;
+  }
   const memories = selectedMemories();
   if (memories.length) body.memory = memories;
+  rememberSelection();
+  if (prefix) $("answer").textContent = prefix;  // the answer goes on from the prefix
   $("ask").disabled = true;
   try {
     const response = await api(raw ? "/v1/completions" : "/v1/chat/completions", {
@@ -167,12 +235,15 @@ async function showCitations(citations, reason) {
     list.replaceChildren(li);
     return;
   }
+  // shown as shares of all the cited weight (they sum to 1): the raw weights are attention x value norm
+  const total = citations.reduce((sum, c) => sum + c.weight, 0) || 1;
+  citations = citations.map((c) => Object.assign({}, c, { weight: c.weight / total }));
   const top = Math.max(...citations.map((c) => c.weight));
   const byDoc = new Map();
   citations.forEach((c, i) => {
     const li = document.createElement("li");
     const w = document.createElement("span");
-    w.className = "weight"; w.textContent = `[${c.weight.toFixed(3)}] `;
+    w.className = "weight"; w.textContent = `[${(100 * c.weight).toFixed(1)}%] `;
     li.append(w, `${c.memory}/${c.document}: “${c.text}”`);
     list.append(li);
     const k = c.memory + "\u0000" + c.document;
@@ -195,10 +266,10 @@ async function showCitations(citations, reason) {
       const mark = document.createElement("mark");
       mark.className = "cited";
       mark.style.setProperty("--w", (0.25 + 0.75 * s.weight / top).toFixed(2));
-      mark.title = `citation ${s.rank}, weight ${s.weight.toFixed(4)}`;
+      mark.title = `citation ${s.rank}, ${(100 * s.weight).toFixed(1)}% of the cited weight`;
       mark.append(text.slice(s.start, s.end));
       const sup = document.createElement("sup");
-      sup.textContent = `[${s.rank}] ${s.weight.toFixed(3)}`;
+      sup.textContent = `[${s.rank}] ${(100 * s.weight).toFixed(1)}%`;
       mark.append(sup);
       pre.append(mark);
       pos = s.end;
