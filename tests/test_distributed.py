@@ -237,9 +237,19 @@ def _requests(port: int) -> list:
         return list(pool.map(post, bodies))
 
 
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_server_under_torchrun_answers_as_one_process(smol, tmp_path):
     import os
     import sys
+    import time
     import urllib.request
 
     from .distributed_launch import free_port
@@ -251,6 +261,7 @@ def test_server_under_torchrun_answers_as_one_process(smol, tmp_path):
     port = free_port()
     proc = _serve([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                    str(free_port()), *serve], port, env)  # fmt: skip
+    ranks: list[int] = []
     try:
         info = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/memories/aard").read())
         assert [s["documents"] for s in info["shards"]] == [1, 2]
@@ -259,8 +270,19 @@ def test_server_under_torchrun_answers_as_one_process(smol, tmp_path):
             urllib.request.urlopen(delete)
         assert refused.value.code == 409
         sharded = _requests(port)
+        ranks[:] = _descendants(proc.pid)
+        assert ranks
+        os.kill(proc.pid, 9)  # the launcher alone dies (SIGKILL): its ranks must not serve on as orphans
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while any(_alive(pid) for pid in ranks) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not [pid for pid in ranks if _alive(pid)], "ranks outlived their launcher"
     finally:
         _stop(proc)
+        for pid in ranks:  # orphans of a failed check are not left running
+            if _alive(pid):
+                os.kill(pid, 9)
     port = free_port()
     proc = _serve([sys.executable, *serve], port, env)
     try:

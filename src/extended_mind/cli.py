@@ -291,7 +291,8 @@ def _memory_command(args: argparse.Namespace) -> None:
         if is_saved_memory(args.dir):
             raise ExtendedMindError(f"{args.dir} already holds a memory: use `memory add` or `memory replace`")
         mind = _load_mind(args, [])
-        memory = mind.memorize(args.files, ids=args.ids, stride=args.stride, window=args.window, storage=args.storage)
+        memory = mind.memorize(args.files, ids=args.ids, stride=args.stride, window=args.window, storage=args.storage,
+                               progress=_progress())
         mind.build_index(memory, only_above_threshold=True)
         memory.save(args.dir)
         print(f"created {args.dir}: {len(memory)} document(s), {memory.num_tokens} tokens")
@@ -421,6 +422,11 @@ def _saved_memories(paths: list[Path], args: argparse.Namespace | None = None) -
     return {p: Memory.load(p) for p in paths if is_saved_memory(p)}
 
 
+def _progress() -> bool | None:
+    """A progress bar for memorizing whenever a person watches (any length); elsewhere only for long inputs."""
+    return True if sys.stderr.isatty() else None
+
+
 def _load_mind(args: argparse.Namespace, saved: list[Memory]) -> ExtendedMind:
     model = args.model
     if model is None and saved:
@@ -435,7 +441,8 @@ def _memories(mind: ExtendedMind, paths: list[Path], saved: dict[Path, Memory], 
     texts = [p for p in paths if p not in saved]
     if texts:
         print(f"memorizing {len(texts)} file(s) ...", file=sys.stderr)
-        memories.append(mind.memorize(texts, stride=args.stride, window=args.window, storage=args.storage))
+        memories.append(mind.memorize(texts, stride=args.stride, window=args.window, storage=args.storage,
+                                      progress=_progress()))
     return memories
 
 
@@ -480,9 +487,27 @@ def _generate(mind: ExtendedMind, question: str, memories: list[Memory], args) -
 SHARDED_COMMANDS = ("ask", "memorize", "demo", "serve")
 
 
+def _exit_with_launcher() -> None:
+    """A rank ends when its launcher does (Linux: the parent-death signal): a killed torchrun must not leave ranks
+    serving on their own, holding the model in memory."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    launcher = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # no prctl: the rank outlives its launcher, as before
+        return
+    if os.getppid() != launcher:  # the launcher died before the signal was set
+        raise ExtendedMindError("the launcher of this rank is gone")
+
+
 def _join_process_group() -> int:
     """Under torchrun: join the process group (memories are then sharded over the ranks) and leave the output to
     rank 0. Returns this process's rank (0 when alone)."""
+    _exit_with_launcher()
     group = init_from_env()
     if group is None or group.rank == 0:
         return 0
@@ -509,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
                     "--force replaces it"
                 )
             mind = _load_mind(args, [])
-            memory = mind.memorize(documents, stride=args.stride, window=args.window, storage=args.storage)
+            memory = mind.memorize(documents, stride=args.stride, window=args.window, storage=args.storage,
+                                   progress=_progress())
             mind.build_index(memory, only_above_threshold=True)
             memory.save(args.out)
             print(f"saved {memory.num_tokens} memory tokens from {len(memory.documents)} document(s) to {args.out}")
