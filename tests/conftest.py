@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import signal
+import time
 
 import pytest
 import torch
@@ -101,3 +104,47 @@ class WordEmbedder:
             for w in text.lower().split():
                 out[i, hash(w.strip(".?")) % 64] += 1
         return torch.nn.functional.normalize(out, dim=-1), list(range(len(texts)))
+
+
+# Processes the tests start (servers, torchrun launchers, ranks): none may outlive the session.
+_OURS = ("extended_mind", "sharded_worker", "torch.distributed.run")
+
+
+def _started_after(pid: int, since: int) -> list[int]:
+    """Processes started after clock tick `since` (since boot) whose command line names one of _OURS, other than
+    `pid`."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == pid:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[19]) >= since and any(name in cmd for name in _OURS):
+            out.append(int(entry))
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind():
+    """Fails the session when a server, launcher or rank a test started is still running at its end (then kills
+    it, so that `make test` never leaves one behind)."""
+    if not os.path.isdir("/proc"):
+        yield
+        return
+    with open(f"/proc/{os.getpid()}/stat") as f:
+        since = int(f.read().rsplit(")", 1)[1].split()[19])
+    yield
+    deadline = time.monotonic() + 15  # a stopped server may take a moment to exit
+    while (left := _started_after(os.getpid(), since)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not left, f"processes started by the tests were still running at the end (killed now): {left}"
