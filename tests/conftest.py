@@ -111,9 +111,9 @@ _OURS = ("extended_mind", "sharded_worker", "torch.distributed.run")
 
 
 def _started_after(pid: int, since: int) -> list[int]:
-    """Processes started after clock tick `since` (since boot) whose command line names one of _OURS, other than
-    `pid`."""
-    out = []
+    """Processes below `pid`, or orphaned (their parent gone), started after clock tick `since` (since boot), whose
+    command line names one of _OURS. (Another test session's live processes have a parent: they are not taken.)"""
+    parent, found = {}, []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == pid:
             continue
@@ -124,9 +124,18 @@ def _started_after(pid: int, since: int) -> list[int]:
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
+        parent[int(entry)] = int(fields[1])
         if fields[0] != "Z" and int(fields[19]) >= since and any(name in cmd for name in _OURS):
-            out.append(int(entry))
-    return out
+            found.append(int(entry))
+
+    def ours(p: int) -> bool:
+        while p in parent:
+            if parent[p] in (pid, 1):
+                return True
+            p = parent[p]
+        return False
+
+    return [p for p in found if ours(p)]
 
 
 @pytest.fixture(scope="session", autouse=True)
