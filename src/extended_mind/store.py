@@ -198,12 +198,9 @@ def edit_lock(path: str | Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def manifest_state(path: Path) -> str | None:
-    """The sha256 of the memory's manifest (None: there is none): changes with every save."""
-    try:
-        return hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest()
-    except FileNotFoundError:
-        return None
+def manifest_state(raw: bytes) -> str:
+    """The state of a saved memory: the sha256 of its manifest's bytes (changes with every save)."""
+    return hashlib.sha256(raw).hexdigest()
 
 
 def check_save_target(path: Path) -> None:
@@ -216,12 +213,12 @@ def check_save_target(path: Path) -> None:
         _read_manifest(path)  # refuses to overwrite a memory of an unknown (newer) format
 
 
-def _check_not_changed(memory: Memory, path: Path) -> None:
-    """Refuse to save over a memory that another writer saved after this copy was loaded or saved there: its edits
-    would be lost without a word."""
+def _check_not_changed(memory: Memory, path: Path, state: str) -> None:
+    """Refuse to save over a memory (whose manifest is now in `state`) that another writer saved after this copy was
+    loaded or saved there: its edits would be lost without a word."""
     if memory.path is None or memory.saved_state is None or Path(memory.path).resolve() != path.resolve():
         return  # a memory saved over another one on purpose (a new memory written to its directory)
-    if manifest_state(path) != memory.saved_state:
+    if state != memory.saved_state:
         raise MemoryConflictError(
             f"the memory in {path} was changed by another writer after this copy of it was loaded; nothing was "
             "written: load it again and repeat the edit (hold store.edit_lock over load, edit and save to make "
@@ -240,8 +237,9 @@ def save_memory(memory: Memory, path: Path, checked: bool = False) -> Path:
     tensor_dir.mkdir(parents=True, exist_ok=True)
     with edit_lock(path):
         if (path / MANIFEST).is_file():
-            _read_manifest(path)  # refuses to overwrite a memory of an unknown (newer) format
-            _check_not_changed(memory, path)
+            current = (path / MANIFEST).read_bytes()  # once: its format and its state
+            _parse_manifest(path, current)  # refuses to overwrite a memory of an unknown (newer) format
+            _check_not_changed(memory, path, manifest_state(current))
         documents, start = [], 0
         stored = [_store_segment(s, tensor_dir) for s in memory.segments]
         for s, f in zip(memory.segments, stored):
@@ -299,7 +297,7 @@ def save_memory(memory: Memory, path: Path, checked: bool = False) -> Path:
         raw = json.dumps(manifest, ensure_ascii=False, indent=1).encode()
         write_atomic(path / MANIFEST, [raw], digest=False)
         _fsync_dir(path)
-        memory.saved_state = hashlib.sha256(raw).hexdigest()
+        memory.saved_state = manifest_state(raw)
         for s, f in zip(memory.segments, stored):
             s.file = f
         keep = {f.path.name for f in stored} | {rope.path.name} | {ix.file.path.name for _, ix in indexes}
@@ -377,7 +375,7 @@ def load_memory(path: Path) -> Memory:
         raise MemoryFileError(f"not a saved memory (no {MANIFEST}): {path}")
     raw = (path / MANIFEST).read_bytes()  # once: the manifest and its state are the same version
     manifest = _parse_manifest(path, raw)
-    state = hashlib.sha256(raw).hexdigest()
+    state = manifest_state(raw)
     try:
         shapes = [tuple(int(x) for x in s) for s in manifest["kv_shapes"]]
         layer_rope = [int(x) for x in manifest["layer_rope"]]
