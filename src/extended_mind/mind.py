@@ -38,7 +38,7 @@ from .positions import POSITION_POLICIES, prepare_layers, prompt_offset
 from .prompting import DEFAULT_MEMORY_AT, MEMORY_AT, EncodedPrompt, encode, leading_special
 
 DEFAULT_TOPK = 10
-MAX_TOPK = 1024  # the server's bound too (server/schemas.py)
+MAX_TOPK = 1024  # the server's bound too (server/schemas.py uses it)
 DEFAULT_RANKING = "logit"
 DEFAULT_POSITION_POLICY = "stored"
 RETRIEVAL_MODES = ("blocks", "tokens")

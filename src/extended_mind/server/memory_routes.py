@@ -22,6 +22,10 @@ from .streaming import SSE_HEADERS, event_stream
 from .worker import ModelWorker
 
 
+def no_document(memory: str, doc_id: str) -> APIError:
+    return APIError(404, f"no document {doc_id!r} in memory {memory!r}", "document_not_found", "doc_id")
+
+
 def add_memory_routes(
     app: FastAPI, mind: ExtendedMind, library: MemoryLibrary, worker: ModelWorker, config: ServerConfig
 ) -> None:
@@ -238,19 +242,17 @@ def add_memory_routes(
                     "text": d.text,
                     "tokens": s.num_tokens,
                 }
-        raise APIError(404, f"no document {doc_id!r} in memory {name!r}", "document_not_found", "doc_id")
+        raise no_document(name, doc_id)
 
     @app.delete("/v1/memories/{name}/documents/{doc_id:path}", summary="Remove a document from a memory")
     async def delete_document(name: str, doc_id: str) -> dict:
         library.check_writable()
-        memory = library.get(check_name(name))
-        if doc_id not in memory:
-            raise APIError(404, f"no document {doc_id!r} in memory {name!r}", "document_not_found", "doc_id")
+        library.get(check_name(name))  # an unknown memory answers 404 before waiting for the model thread
 
         def job() -> None:
             current = library.get(name)
-            if doc_id not in current:  # removed by a request that ran first
-                raise APIError(404, f"no document {doc_id!r} in memory {name!r}", "document_not_found", "doc_id")
+            if doc_id not in current:  # checked here, on the model thread: a delete that ran first is seen
+                raise no_document(name, doc_id)
             current.remove(doc_id)
             library.saved(name)
 

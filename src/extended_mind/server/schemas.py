@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..index import DEFAULT_APPROX_THRESHOLD
+from ..mind import MAX_TOPK
 
 MEMORY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 MemoryName = Annotated[str, Field(pattern=MEMORY_NAME_PATTERN, description="letters, digits, '_', '.', '-'")]
@@ -42,7 +43,9 @@ class MemoryOptions(BaseModel):
     memory_at: Literal["question", "answer"] | None = Field(
         default=None, description="where block memory is read: before the question or between question and answer"
     )
-    topk: int | None = Field(default=None, ge=0, le=1024, description="memory tokens ranked per query head and token")
+    topk: int | None = Field(
+        default=None, ge=0, le=MAX_TOPK, description="memory tokens ranked per query head and token"
+    )
     uncertainty_threshold: float | None = Field(
         default=None, ge=0, le=100, description="entropy (nats) above which a step is redone with more memories"
     )
