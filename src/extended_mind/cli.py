@@ -104,7 +104,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_BLOCK_CHOICE,
         help="how blocks are chosen: by the retrieval heads (what to copy), or by a sentence embedding's similarity "
         "to the question (examples like it, as in many-shot in-context learning; needs `extended-mind data fetch "
-        f"minilm`) ({DEFAULT_BLOCK_CHOICE})",
+        f"--only minilm`) ({DEFAULT_BLOCK_CHOICE})",
     )
     p.add_argument(
         "--memory-at",
