@@ -22,6 +22,7 @@ demo: install
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/lint-imports --no-cache
 
 # Headless Chromium for the web page tests, from Debian's packages (Playwright's own browser download cannot work here).
 browser:

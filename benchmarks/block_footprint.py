@@ -18,7 +18,7 @@ import torch
 from speed import decode_ms, prefill_ms, real_documents, tiled
 
 from extended_mind import ExtendedMind
-from extended_mind.scan_select import scan_report
+from extended_mind.retrieval.scan_select import scan_report
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from choose_defaults import correct, passkey_items, qa_items
 from tqdm import tqdm
 
 from extended_mind import ExtendedMind
-from extended_mind.mind import CITATION_WEIGHTINGS
+from extended_mind.engine.options import CITATION_WEIGHTINGS
 
 
 def main() -> None:

@@ -27,8 +27,8 @@ import torch
 from tqdm import tqdm
 
 from extended_mind import ExtendedMind, Memory
-from extended_mind.documents import Document
-from extended_mind.memory import Segment
+from extended_mind.base.documents import Document
+from extended_mind.memory.segment import Segment
 
 sys.path.insert(0, str(Path(__file__).parent))
 from choose_defaults import answer_logprob, correct, passkey_items, qa_items  # noqa: E402
@@ -83,8 +83,8 @@ def open_part(scratch: Path, n_tokens: int, repeats: int) -> dict:
         segments.append(
             Segment.build(Document(f"d{d}", "x" * n), kv, kv, torch.zeros(n), torch.zeros(n, 2), 512, 2048, "bfloat16")
         )
-    from extended_mind.identity import ModelIdentity
-    from extended_mind.memory import RopeTables
+    from extended_mind.base.identity import ModelIdentity
+    from extended_mind.memory.segment import RopeTables
 
     identity = ModelIdentity("synthetic", "0", "0", (0.0,))
     memory = Memory(identity, segments, RopeTables([rope], [rope], [0] * layers, [(heads, dim, dim)] * layers),

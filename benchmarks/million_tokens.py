@@ -26,11 +26,12 @@ from pathlib import Path
 import torch
 from speed import decode_ms, prefill_ms
 
-from extended_mind import ExtendedMind, Memory, attention
+from extended_mind import ExtendedMind, Memory
+from extended_mind.base.documents import Document
 from extended_mind.bench.data import source_dir, wikipedia
-from extended_mind.documents import Document
-from extended_mind.memory import is_saved_memory
-from extended_mind.scan_select import kernels, scan_report
+from extended_mind.memory.memory import is_saved_memory
+from extended_mind.retrieval import selection
+from extended_mind.retrieval.scan_select import kernels, scan_report
 
 
 def real_texts() -> list[tuple[str, str]]:
@@ -108,7 +109,7 @@ def exact_recall(mind: ExtendedMind, memory: Memory, k: int = 10) -> dict:
     float32 top-k over every key, for the retrieval heads' queries of QUESTIONS; and the same counting as found a
     missed key whose score equals the lowest score kept (a tie: identical keys, e.g. repeated text, score alike)."""
     hits, ties, total, rows = 0, 0, 0, 0
-    real = attention.retrieve
+    real = selection.retrieve
 
     def check(q, mem, settings, scaling, values=True):
         nonlocal hits, ties, total, rows
@@ -124,12 +125,12 @@ def exact_recall(mind: ExtendedMind, memory: Memory, k: int = 10) -> dict:
             total, rows = total + len(b), rows + 1
         return logits, idx, vals
 
-    attention.retrieve = check
+    selection.retrieve = check
     try:
         for question in QUESTIONS:
             mind.generate(completion(question), memory=memory, max_new_tokens=1, topk=k, chat=False)
     finally:
-        attention.retrieve = real
+        selection.retrieve = real
     return {"k": k, "recall": round(hits / max(total, 1), 4), "recall_counting_ties": round((hits + ties) / total, 5),
             "query_rows": rows}  # fmt: skip
 

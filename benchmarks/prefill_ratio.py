@@ -16,7 +16,7 @@ import torch
 from speed import decode_ms, prefill_ms, real_documents
 
 from extended_mind import ExtendedMind
-from extended_mind.scan_select import kernels, scan_report
+from extended_mind.retrieval.scan_select import kernels, scan_report
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ def worker(args: argparse.Namespace) -> None:
     from speed import PROMPTS, decode_ms, real_documents, tiled
 
     from extended_mind import ExtendedMind
-    from extended_mind.distributed import init_from_env
+    from extended_mind.parallel.group import init_from_env
 
     torch.set_num_threads(1)
     group = init_from_env()
@@ -113,7 +113,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    from extended_mind.scan_select import scan_report
+    from extended_mind.retrieval.scan_select import scan_report
 
     machine = scan_report()["machine"]
     results = []

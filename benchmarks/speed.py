@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 
 from extended_mind import ExtendedMind, Memory
-from extended_mind import attention as attention_module
-from extended_mind.documents import Document
-from extended_mind.scan_select import kernels, scan_report
+from extended_mind.base.documents import Document
+from extended_mind.retrieval import search as search_module
+from extended_mind.retrieval.layer import LayerMemory
+from extended_mind.retrieval.scan_select import kernels, scan_report
 
 PROMPTS = [
     "Explain what the yield statement does in a function.",
@@ -123,17 +124,17 @@ class ReferenceCopy:
     """The reference implementation's per-call cost: the whole memory copied for every attention call."""
 
     def __enter__(self):
-        self.real = attention_module._retrieve
+        self.real = search_module._retrieve
 
         def copying(q, mem, settings, scaling):
-            fresh = attention_module.LayerMemory(mem.keys.clone(), mem.values.clone(), mem.inv_norms.clone())
+            fresh = LayerMemory(mem.keys.clone(), mem.values.clone(), mem.inv_norms.clone())
             return self.real(q, fresh, settings, scaling)
 
-        attention_module._retrieve = copying
+        search_module._retrieve = copying
         return self
 
     def __exit__(self, *exc):
-        attention_module._retrieve = self.real
+        search_module._retrieve = self.real
 
 
 class RecallProbe:
@@ -145,7 +146,7 @@ class RecallProbe:
         self.group = group
 
     def __enter__(self):
-        self.real = attention_module._retrieve
+        self.real = search_module._retrieve
         self.hits = self.total = self.decode_hits = self.decode_total = 0
 
         def probing(q, mem, settings, scaling):
@@ -161,11 +162,11 @@ class RecallProbe:
                     self.decode_total += found.numel()
             return logits, idx
 
-        attention_module._retrieve = probing
+        search_module._retrieve = probing
         return self
 
     def __exit__(self, *exc):
-        attention_module._retrieve = self.real
+        search_module._retrieve = self.real
 
     @property
     def recall(self) -> float:
@@ -226,7 +227,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     mind = ExtendedMind.from_pretrained()
     docs = real_documents(mind.tokenizer, args.real_tokens)
-    # how exact search scans keys here: chosen by measuring every path this CPU offers (scan_select.py)
+    # how exact search scans keys here: chosen by measuring every path this CPU offers (retrieval/scan_select.py)
     scan = scan_report()
     print(f"CPU {scan['machine']['model']} ({', '.join(scan['machine']['flags'])}); exact scan: {scan['choice']} "
           f"(ms per decode-step shortlist over 16k keys: {scan['ms']}; kernels per call: {kernels(scan)})",
@@ -283,7 +284,7 @@ def main() -> None:
             row[key.replace("_ms", "_ratio")] = row[key] / base_prefill
         results["rows"].append(row)
         print(row, flush=True)
-        memory._prepared.clear()
+        memory.prepared_layers.clear()
         memory.indexes.clear()
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
     write_table(results, args.out)

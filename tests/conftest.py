@@ -49,7 +49,7 @@ FAMILIES = {
     "gemma3": lambda: Gemma3TextConfig(**COMMON, sliding_window=512),  # two RoPE kinds, sliding layers
     "phi3": lambda: Phi3Config(**COMMON, partial_rotary_factor=0.5, pad_token_id=0),  # fused qkv, partial rotary
     "gpt_neox": lambda: GPTNeoXConfig(**NEOX, rotary_pct=0.25),  # partial rotary, parallel residual
-    # ALiBi, attention computed inline (the adapter in alibi.py)
+    # ALiBi, attention computed inline (the adapter in attention/alibi.py)
     "mpt": lambda: MptConfig(vocab_size=VOCAB, d_model=64, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=512),
 }
 

@@ -18,8 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from extended_mind import ExtendedMind  # noqa: E402
-from extended_mind.distributed import init_from_env  # noqa: E402
-from extended_mind.index import IndexSettings  # noqa: E402
+from extended_mind.parallel.group import init_from_env  # noqa: E402
+from extended_mind.retrieval.index import IndexSettings  # noqa: E402
 
 # Every document starts differently: documents with a common opening have identical keys there (exact ties).
 DOCS = [

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from extended_mind import ExtendedMind, ExtendedMindError
-from extended_mind import attention as attention_module
+from extended_mind.retrieval import exact as exact_module
 
 CATS = "The cat sat on the mat. It was a red mat with green stripes. The cat was called Orlo."
 SHIPS = "Ships sail at dawn. The captain of the Meridian is Ada Vance. She has sailed for thirty years."
@@ -78,7 +78,7 @@ def test_decode_step_memory_does_not_grow_with_the_prompt(tiny_mind: ExtendedMin
         prompt = list(range(40, 40 + n))
         stream = tiny_mind.stream(prompt, memory=memory, max_new_tokens=3, search="exact", retrieval="tokens")
         next(stream)  # prefill and first token
-        monkeypatch.setattr(attention_module.torch, "matmul", recording)
+        monkeypatch.setattr(exact_module.torch, "matmul", recording)
         shapes.clear()
         next(stream)  # one decode step
         monkeypatch.undo()
@@ -87,4 +87,4 @@ def test_decode_step_memory_does_not_grow_with_the_prompt(tiny_mind: ExtendedMin
         assert local <= 4 * (n + 3) * 4  # (B, H, g*1, Skv) local logits: linear in the prompt, no memory factor
     assert largest[8] == largest[200] == 2 * 2 * memory.num_tokens  # H=2 KV heads x g=2 query rows x N
     # prefill: score blocks are bounded by the block size, whatever the prompt length
-    assert attention_module._SCORE_BLOCK >= 2 * memory.num_tokens
+    assert exact_module.SCORE_BLOCK >= 2 * memory.num_tokens

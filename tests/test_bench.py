@@ -10,6 +10,7 @@ import random
 import pytest
 import torch
 
+from extended_mind.base.errors import ExtendedMindError
 from extended_mind.bench import data, icl, synthetic, wikiqa
 from extended_mind.bench.cli import parse_grid
 from extended_mind.bench.items import Item, first_integer, mentions, normalize, score_fraction
@@ -19,7 +20,6 @@ from extended_mind.bench.report import markdown_table
 from extended_mind.bench.runner import run_task
 from extended_mind.bench.tasks import TaskSpec
 from extended_mind.bench.yarn import yarn_factor, yarn_scaling
-from extended_mind.errors import ExtendedMindError
 
 from .conftest import WordEmbedder
 

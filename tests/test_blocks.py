@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-from extended_mind import heads as heads_module
-from extended_mind.blocks import BlockLayout, Relevance, select_blocks
-from extended_mind.heads import calibration_sequences, head_scores, retrieval_heads
+from extended_mind.engine import heads as heads_module
+from extended_mind.engine.blocks import BlockLayout, Relevance, select_blocks
+from extended_mind.engine.heads import calibration_sequences, head_scores, retrieval_heads
 
 from .conftest import WordEmbedder
 
@@ -179,7 +179,8 @@ def test_retrieval_heads_only_token_retrieval(tiny_mind, monkeypatch):
 def test_selection_keys_stay_stored_and_score_the_same(tiny_mind, monkeypatch, scan):
     """Block selection keeps bfloat16 keys as stored when a compact copy shortlists them (no float32 copy, no
     values): the masses are the ones a float32 copy of the same keys gives. Scanned plain, keys are float32."""
-    from extended_mind import positions, scan_select
+    from extended_mind.engine import positions
+    from extended_mind.retrieval import scan_select
 
     monkeypatch.setattr(positions, "LOW_PRECISION_SCAN_MIN", 0)
     monkeypatch.setenv("EXTENDED_MIND_SCAN", scan)
@@ -202,7 +203,10 @@ def test_selection_keys_stay_stored_and_score_the_same(tiny_mind, monkeypatch, s
 def test_prepared_selection_is_kept_and_reused(tiny_mind, tmp_path, monkeypatch):
     """A large memory's prepared selection keys are written to the cache once; a reopened memory maps them instead
     of preparing again, and answers the same."""
-    from extended_mind import Memory, mapped, positions, prepared, scan_select
+    from extended_mind import Memory
+    from extended_mind.engine import positions, prepared
+    from extended_mind.memory import mapped
+    from extended_mind.retrieval import scan_select
 
     for module in (prepared, mapped):  # prepared keys and their checks in a fresh folder (built kernels stay cached)
         monkeypatch.setattr(module, "cache_dir", lambda: tmp_path / "cache")
@@ -253,8 +257,8 @@ def test_embedding_choice_reads_the_blocks_nearest_the_question(tiny_mind):
 
 
 def test_block_choice_is_checked_and_a_missing_embedding_model_is_named(tiny_mind, tmp_path, monkeypatch):
-    from extended_mind.embedding import Embedder
-    from extended_mind.errors import ExtendedMindError, ModelLoadError
+    from extended_mind.base.errors import ExtendedMindError, ModelLoadError
+    from extended_mind.retrieval.embedding import Embedder
 
     memory = tiny_mind.memorize(DOCS)
     with pytest.raises(ExtendedMindError, match="unknown block_choice 'nearest'"):

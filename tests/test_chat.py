@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from extended_mind import ExtendedMindError
-from extended_mind.chat import ChatSession
+from extended_mind.engine.chat import ChatSession
 
 
 def test_old_turns_move_to_memory_and_the_prompt_stays_within_budget(tiny_mind, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from extended_mind import ExtendedMind
-from extended_mind.batching import BatchRow, DecodeBatch, can_merge
+from extended_mind.engine.batching import BatchRow, DecodeBatch, can_merge
 
 from .conftest import byte_tokenizer, tiny_model
 

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from extended_mind.store import MANIFEST, TENSOR_DIR
+from extended_mind.memory.store import MANIFEST, TENSOR_DIR
 
 from .distributed_launch import launch
 from .sharded_worker import CONFIGS, DOCS, TIES, run
@@ -294,7 +294,7 @@ def test_server_under_torchrun_answers_as_one_process(smol, tmp_path):
 
 
 def test_documents_go_to_the_least_loaded_rank():
-    from extended_mind.distributed import least_loaded
+    from extended_mind.memory.sharded import least_loaded
 
     loads = [0, 0, 0]
     order = []
@@ -306,7 +306,7 @@ def test_documents_go_to_the_least_loaded_rank():
 
 
 def test_exchange_packing_round_trips_every_dtype():
-    from extended_mind.distributed import pack, unpack
+    from extended_mind.parallel.group import pack, unpack
 
     parts = [torch.randn(2, 3, 4), torch.arange(6).view(2, 3), torch.randn(5).bfloat16(), torch.tensor([True, False])]
     back = unpack(pack(parts), [(p.shape, p.dtype) for p in parts])
@@ -315,7 +315,7 @@ def test_exchange_packing_round_trips_every_dtype():
 
 def test_shards_true_without_a_process_group_is_refused(tiny_mind):
     from extended_mind import ExtendedMind
-    from extended_mind.errors import ExtendedMindError
+    from extended_mind.base.errors import ExtendedMindError
 
     with pytest.raises(ExtendedMindError, match="process group"):
         ExtendedMind(tiny_mind.model, tiny_mind.tokenizer, shards=True)
@@ -324,7 +324,7 @@ def test_shards_true_without_a_process_group_is_refused(tiny_mind):
 
 
 def test_a_remote_document_names_the_rank_that_holds_it(tiny_mind):
-    from extended_mind.errors import ExtendedMindError
+    from extended_mind.base.errors import ExtendedMindError
 
     memory = tiny_mind.memorize(["some text to remember"], ids=["a"])
     segment = memory.segments[0]

@@ -8,8 +8,8 @@ import warnings
 import pytest
 import torch
 
-from extended_mind.citations import cite
-from extended_mind.generation import entropy
+from extended_mind.engine.generation import entropy
+from extended_mind.memory.citations import cite
 
 DOC = "The pass key is 71234. Remember it. " * 3 + "Grass is green and the sky is blue. " * 6
 
@@ -112,7 +112,7 @@ def test_a_tiny_temperature_samples_the_greedy_token(tiny_mind):
 def _cite_by_loop(memory, indices, weights, max_spans, min_share=0.1):
     """Sentence groups of weighted tokens, one token at a time (the previous implementation): the oracle for the
     vectorized `cite`. Returns (doc, start, end, weight) per span."""
-    from extended_mind.citations import _CONTEXT_CHARS, _MAX_SPAN_CHARS, _sentences
+    from extended_mind.memory.citations import _CONTEXT_CHARS, _MAX_SPAN_CHARS, _sentences
 
     groups: dict[tuple[int, int], list] = {}
     for t, w in zip(indices.tolist(), weights.tolist()):

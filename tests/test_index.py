@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from extended_mind import ExtendedMind, ExtendedMindError
-from extended_mind.index import IndexSettings, LayerIndex, approximate_candidates
+from extended_mind.retrieval.index import IndexSettings, LayerIndex, approximate_candidates
 
 # no repeated sentences: repeated text gives near-equal keys, whose order in a top-k is a tie-break
 TEXT = " ".join(f"Line {i}: the {w} of {c} weighs {i * 37 % 101} grams." for i, (w, c) in enumerate(
@@ -135,8 +135,8 @@ SCAN_KINDS = ["int8", "int8-vnni", "int8-avx2", "bfloat16"]
 
 
 def _use_scan(kind: str, monkeypatch) -> None:
-    """Make KeyScan.build choose `kind` (int8-vnni: the compiled kernel, skipped where it cannot be built)."""
-    from extended_mind import native, scan_select
+    """Make scan_select.build_scan choose `kind` (int8-vnni: the compiled kernel, skipped where it cannot be built)."""
+    from extended_mind.retrieval import native, scan_select
 
     kernels = {"int8-vnni": native.scan_kernel, "int8-avx2": native.scan_kernel_avx2}
     if kind in kernels and kernels[kind]() is None:
@@ -146,7 +146,7 @@ def _use_scan(kind: str, monkeypatch) -> None:
 
 @pytest.mark.parametrize("kind", SCAN_KINDS)
 def test_low_precision_scan_with_exact_rescoring_equals_the_float32_scan(tiny_mind: ExtendedMind, monkeypatch, kind):
-    from extended_mind import positions
+    from extended_mind.engine import positions
 
     memory = tiny_mind.memorize(TEXT)
     ids = torch.tensor([tiny_mind.encode_prompt("The secret", chat=False)])
@@ -157,18 +157,18 @@ def test_low_precision_scan_with_exact_rescoring_equals_the_float32_scan(tiny_mi
         plain_logits = tiny_mind.logits(ids, memory=memory, **options)
         monkeypatch.setattr(positions, "LOW_PRECISION_SCAN_MIN", 0)
         _use_scan(kind, monkeypatch)
-        memory._prepared.clear()
+        memory.prepared_layers.clear()
         scanned = tiny_mind.generate("The secret", memory=memory, max_new_tokens=8, chat=False, **options)
-        prepared = next(iter(memory._prepared.values()))  # block memory prepares its selection layers only
+        prepared = next(iter(memory.prepared_layers.values()))  # block memory prepares its selection layers only
         assert all(layer.scan.kind == kind for layer in prepared.values())
         assert [t.id for t in scanned.tokens] == [t.id for t in plain.tokens]
         torch.testing.assert_close(tiny_mind.logits(ids, memory=memory, **options), plain_logits)
-        memory._prepared.clear()
+        memory.prepared_layers.clear()
 
 
 @pytest.mark.parametrize("n", [8192, 9000, 70_001])
 def test_fast_topk_finds_the_largest_values(n):
-    from extended_mind.scan import fast_topk
+    from extended_mind.retrieval.scan import fast_topk
 
     torch.manual_seed(n)
     for scores in (torch.randn(2, 3, 4, n), torch.randint(0, 50, (2, 3, 4, n)).float()):  # the second: many ties
@@ -182,8 +182,8 @@ def test_fast_topk_finds_the_largest_values(n):
 
 @pytest.mark.parametrize("kind", SCAN_KINDS)
 def test_scan_shortlist_holds_the_exact_top_k(kind, monkeypatch):
-    from extended_mind import scan
-    from extended_mind.scan import fast_topk
+    from extended_mind.retrieval import scan, scan_select
+    from extended_mind.retrieval.scan import fast_topk
 
     _use_scan(kind, monkeypatch)
     torch.manual_seed(3)
@@ -192,7 +192,7 @@ def test_scan_shortlist_holds_the_exact_top_k(kind, monkeypatch):
     keys = torch.randn(2, n, 64) * torch.rand(2, n, 1) * 3
     keys[..., :4] *= 8
     queries = torch.randn(2, 2, 6, 64)
-    key_scan = scan.KeyScan.build(keys)
+    key_scan = scan_select.build_scan(keys)
     assert key_scan.kind == kind
     scores = key_scan.scores(queries)
     assert scores.shape == (2, 2, 6, n)
@@ -212,7 +212,7 @@ def test_scan_shortlist_holds_the_exact_top_k(kind, monkeypatch):
 
 @pytest.mark.parametrize("isa", ["vnni", "avx2"])
 def test_int8_kernel_scores_equal_int_mm(isa):
-    from extended_mind import native
+    from extended_mind.retrieval import native
 
     kernel = native.scan_kernel() if isa == "vnni" else native.scan_kernel_avx2()
     if kernel is None:

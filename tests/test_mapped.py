@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from extended_mind import Memory, mapped
-from extended_mind.errors import MemoryFileError
+from extended_mind import Memory
+from extended_mind.base.errors import MemoryFileError
+from extended_mind.memory import mapped
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ import textwrap
 import pytest
 
 from extended_mind import Memory
-from extended_mind import mapped as mapped_module
-from extended_mind.errors import MemoryConflictError
+from extended_mind.base.errors import MemoryConflictError
+from extended_mind.memory import mapped as mapped_module
 
 # Each child adds one document under the edit lock, pausing between load and save so that both are inside the
 # load-edit-save at once unless the lock makes them wait for each other.
@@ -21,9 +21,9 @@ ADDER = textwrap.dedent(
     """
     import sys, time, torch
     from extended_mind import Memory
-    from extended_mind.documents import Document
-    from extended_mind.memory import Segment
-    from extended_mind.store import edit_lock
+    from extended_mind.base.documents import Document
+    from extended_mind.memory.segment import Segment
+    from extended_mind.memory.store import edit_lock
 
     path, doc_id, go = sys.argv[1], sys.argv[2], sys.argv[3]
     while not __import__("os").path.exists(go):
@@ -38,7 +38,7 @@ ADDER = textwrap.dedent(
             [torch.randn(h, n, dv) for _ in range(memory.num_layers)], torch.zeros(n), torch.zeros(n, 2),
             memory.stride, memory.window, memory.storage,
         )]
-        memory._changed()
+        memory.changed()
         memory.save()
     """
 )

@@ -17,8 +17,8 @@ CHILD = textwrap.dedent(
     """
     import sys, torch
     from extended_mind import Memory
-    from extended_mind.documents import Document
-    from extended_mind.memory import Segment
+    from extended_mind.base.documents import Document
+    from extended_mind.memory.segment import Segment
 
     path = sys.argv[1]
     memory = Memory.load(path)

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from extended_mind.documents import Document
-from extended_mind.memorize import EncodedDocument, memorize_encoded
+from extended_mind.base.documents import Document
+from extended_mind.engine.memorize import EncodedDocument, memorize_encoded
 
 from .conftest import WordEmbedder
 

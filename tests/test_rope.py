@@ -1,6 +1,6 @@
 import torch
 
-from extended_mind.rope import apply_rope, invert_rope
+from extended_mind.base.rope import apply_rope, invert_rope
 
 
 def test_invert_undoes_apply_with_scaling_and_partial_rotary():

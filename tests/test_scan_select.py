@@ -9,8 +9,8 @@ import random
 import pytest
 import torch
 
-from extended_mind import scan_select
-from extended_mind.scan import KeyScan
+from extended_mind.retrieval import scan_select
+from extended_mind.retrieval.scan import KeyScan
 
 # Measured on an AVX2-only AMD EPYC (no VNNI), 1 thread: the int8 and bfloat16 scans lose to float32 there.
 AVX2_EPYC_MS = {"int8": 52.9, "bfloat16": 29.1, "float32": 3.3}
@@ -41,10 +41,10 @@ def test_the_choice_is_never_slower_than_the_plain_scan():
 def test_a_machine_where_int8_is_slow_scans_float32_keys(fresh, monkeypatch, caplog):
     monkeypatch.setattr(scan_select, "available_paths", lambda: ["int8", "bfloat16", "float32"])
     monkeypatch.setattr(scan_select, "measure", lambda paths: {p: AVX2_EPYC_MS[p] for p in paths})
-    with caplog.at_level(logging.DEBUG, logger="extended_mind.scan_select"):
+    with caplog.at_level(logging.DEBUG, logger="extended_mind.retrieval.scan_select"):
         assert scan_select.scan_path() == "float32"
     assert "scan path float32" in caplog.text and "52.9" in caplog.text  # the figures behind the choice
-    assert KeyScan.build(torch.randn(2, 100, 16)) is None  # exact search reads the keys themselves
+    assert scan_select.build_scan(torch.randn(2, 100, 16)) is None  # exact search reads the keys themselves
 
     # cached per machine: the next process reads the figures back instead of measuring again
     scan_select.scan_path.cache_clear()
@@ -59,10 +59,10 @@ def test_the_override_is_honoured_or_refused_with_a_warning(fresh, monkeypatch, 
     monkeypatch.setattr(scan_select, "measure", lambda paths: {p: AVX2_EPYC_MS[p] for p in paths})
     monkeypatch.setenv(scan_select.SCAN_ENV, "bfloat16")
     assert scan_select.scan_path() == "bfloat16"
-    assert KeyScan.build(torch.randn(2, 100, 16)).kind == "bfloat16"
+    assert scan_select.build_scan(torch.randn(2, 100, 16)).kind == "bfloat16"
     scan_select.scan_path.cache_clear()
     monkeypatch.setenv(scan_select.SCAN_ENV, "int8-vnni")  # not available on this (pretended) machine
-    with caplog.at_level(logging.WARNING, logger="extended_mind.scan_select"):
+    with caplog.at_level(logging.WARNING, logger="extended_mind.retrieval.scan_select"):
         assert scan_select.scan_path() == "float32"
     assert "cannot run here" in caplog.text
 
@@ -97,15 +97,14 @@ def test_each_call_uses_the_kernel_measured_faster_for_its_rows(fresh, monkeypat
         monkeypatch.setattr(scan_select, "measure", lambda *a: pytest.fail("measured again"))
         assert scan_select.scan_report()["cached"]
         assert scan_select.packed_kernel(True) == "int8-vnni"
-        from extended_mind.native import scan_kernel, scan_kernel_avx2
+        from extended_mind.retrieval.native import scan_kernel, scan_kernel_avx2
 
         if scan_kernel() is not None and scan_kernel_avx2() is not None:  # this machine has both kernels
             keys = torch.randn(2, 300, 64)
-            key_scan = KeyScan.of_kind(keys, "int8-avx2")
+            key_scan = scan_select.with_measured_kernels(KeyScan.of_kind(keys, "int8-avx2"))
             assert key_scan.kernel(64) is scan_kernel() and key_scan.kernel(1) is scan_kernel()
             q = torch.randn(1, 2, 64, 64)
-            ref = KeyScan.of_kind(keys, "int8-avx2")
-            ref.fixed_kernel = True
+            ref = KeyScan.of_kind(keys, "int8-avx2")  # its own kernel
             assert torch.equal(key_scan.shortlist(q, 28).sort(-1).values, ref.shortlist(q, 28).sort(-1).values)
         scan_select.packed_kernel.cache_clear()
         monkeypatch.setenv(scan_select.SCAN_ENV, "int8-avx2")

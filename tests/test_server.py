@@ -87,7 +87,7 @@ def test_openai_client_chat_and_completions_with_citations(mind, tmp_path):
             assert c["text"] == texts[(c["memory"], c["document"])][c["start"] : c["end"]].strip()
 
         # the same request through the Python API gives the same tokens and citations
-        from extended_mind.prompting import DEFAULT_MEMORY_AT, encode_messages
+        from extended_mind.base.prompting import DEFAULT_MEMORY_AT, encode_messages
 
         ids = encode_messages(
             mind.tokenizer,

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from extended_mind import ExtendedMind
-from extended_mind.batching import DecodeBatch
+from extended_mind.engine.batching import DecodeBatch
 from extended_mind.server import ServerConfig, create_app
 from extended_mind.server.background import BackgroundServer
 

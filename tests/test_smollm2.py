@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from extended_mind.base.documents import Document
+from extended_mind.base.loading import _converted_default
 from extended_mind.cli import main
-from extended_mind.documents import Document
-from extended_mind.loading import _converted_default
-from extended_mind.memorize import EncodedDocument, memorize_encoded
+from extended_mind.engine.memorize import EncodedDocument, memorize_encoded
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 # Trained weights have larger activations than the tiny models; float32 differences stay around 1e-5 to 1e-4.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from importlib.resources import files
 
-from extended_mind.index import LayerIndex
+from extended_mind.retrieval.index import LayerIndex
 
 from .test_smollm2_memory import FILLER, PASSKEY, TERMITES, passkey
 

@@ -1,8 +1,7 @@
 """extended-mind: Extended Mind Transformers for any transformers decoder — memory attention with citations."""
 
-from .citations import Citation
-from .documents import Document
-from .errors import (
+from extended_mind.base.documents import Document
+from extended_mind.base.errors import (
     DocumentError,
     ExtendedMindError,
     MemoryFileError,
@@ -10,11 +9,16 @@ from .errors import (
     ModelLoadError,
     PromptTooLongError,
 )
-from .generation import GeneratedToken, GenerationResult, Retrieval
-from .memory import Memory
-from .mind import ExtendedMind
+from extended_mind.base.version import __version__
+from extended_mind.engine.chat import ChatSession
+from extended_mind.engine.generation import GeneratedToken, GenerationResult, Retrieval
+from extended_mind.engine.mind import ExtendedMind
+from extended_mind.memory.citations import Citation
+from extended_mind.memory.memory import Memory
 
 __all__ = [
+    "__version__",
+    "ChatSession",
     "Citation",
     "Document",
     "DocumentError",
@@ -29,4 +33,3 @@ __all__ = [
     "PromptTooLongError",
     "Retrieval",
 ]
-__version__ = "0.1.0"

@@ -9,14 +9,13 @@ import sys
 from importlib.resources import files
 from pathlib import Path
 
-from .bench import cli as bench_cli
-from .chat import ChatSession
-from .distributed import ShardError, active_group, init_from_env, launched_distributed
-from .documents import load_documents, read_text_file
-from .errors import ExtendedMindError
-from .index import DEFAULT_APPROX_THRESHOLD
-from .memory import Memory, is_saved_memory
-from .mind import (
+from extended_mind.base.documents import load_documents, read_text_file
+from extended_mind.base.errors import ExtendedMindError
+from extended_mind.base.prompting import DEFAULT_MEMORY_AT, MEMORY_AT
+from extended_mind.bench import cli as bench_cli
+from extended_mind.engine.chat import ChatSession
+from extended_mind.engine.mind import ExtendedMind
+from extended_mind.engine.options import (
     BLOCK_CHOICES,
     DEFAULT_BLOCK_CHOICE,
     DEFAULT_BLOCK_GATE,
@@ -35,13 +34,14 @@ from .mind import (
     RANKINGS,
     RETRIEVAL_MODES,
     SEARCH_MODES,
-    ExtendedMind,
     check_generation_options,
 )
-from .positions import POSITION_POLICIES
-from .prompting import DEFAULT_MEMORY_AT, MEMORY_AT
-from .storage import STORAGE_DTYPES
-from .store import check_save_target, edit_lock
+from extended_mind.engine.positions import POSITION_POLICIES
+from extended_mind.memory.memory import Memory, is_saved_memory
+from extended_mind.memory.precision import STORAGE_DTYPES
+from extended_mind.memory.store import check_save_target, edit_lock
+from extended_mind.parallel.group import ShardError, active_group, init_from_env, launched_distributed
+from extended_mind.retrieval.index import DEFAULT_APPROX_THRESHOLD
 
 DEMO_QUESTION = (
     "Question: How many termites can one aardwolf eat in a single night?\nAnswer: One aardwolf can eat about"
@@ -211,7 +211,7 @@ def _add_serve_command(sub) -> None:
 def _serve(args: argparse.Namespace) -> None:
     import os
 
-    from .server.config import ServerConfig, is_loopback
+    from extended_mind.server.config import ServerConfig, is_loopback
 
     key = args.api_key or os.environ.get("EXTENDED_MIND_API_KEY") or None
     if not is_loopback(args.host) and not key:
@@ -232,7 +232,7 @@ def _serve(args: argparse.Namespace) -> None:
         raise ExtendedMindError(f"{', '.join(bad)} must be positive")
     import uvicorn
 
-    from .server import create_app
+    from extended_mind.server import create_app
 
     config = ServerConfig(
         memory_dir=args.memory_dir,
@@ -243,7 +243,7 @@ def _serve(args: argparse.Namespace) -> None:
     )
     group = active_group()
     if group is not None and group.rank != 0:  # under torchrun: rank 0 serves, this rank follows it
-        from .server.sharded import follow
+        from extended_mind.server.sharded import follow
 
         follow(_load_mind(args, []), config)
         return

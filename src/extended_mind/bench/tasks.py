@@ -9,8 +9,8 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from . import data, general, icl, synthetic, wikiqa
-from .items import Item
+from extended_mind.bench import data, general, icl, synthetic, wikiqa
+from extended_mind.bench.items import Item
 
 TASKS = ("passkey", "passkey-prose", "niah", "ruler", "wikiqa", "perplexity", "general", "general-lists", "pair",
          "icl")  # fmt: skip

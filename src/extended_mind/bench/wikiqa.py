@@ -17,8 +17,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .data import Article
-from .items import Item
+from extended_mind.bench.data import Article
+from extended_mind.bench.items import Item
 
 _YEAR = re.compile(r"(?<![\w.,$£€-])(1[2-9]\d\d|20[0-2]\d)(?![\w%]|[.,]\d)")
 _SENTENCE = re.compile(r"[^.!?\n]+(?:[.!?]+|$)")

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 from transformers import PreTrainedModel
 
-from ..errors import ExtendedMindError
+from extended_mind.base.errors import ExtendedMindError
 
 
 def yarn_factor(tokens: int, window: int) -> float:

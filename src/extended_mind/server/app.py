@@ -11,16 +11,18 @@ from importlib.resources import files
 from fastapi import FastAPI
 from fastapi.responses import FileResponse
 
+from extended_mind.engine.mind import ExtendedMind
+from extended_mind.server.completions import add_completion_routes, served_model_id
+from extended_mind.server.config import ServerConfig
+from extended_mind.server.errors import APIError, install_error_handlers
+from extended_mind.server.guard import GuardMiddleware
+from extended_mind.server.library import MemoryLibrary
+from extended_mind.server.memory_routes import add_memory_routes
+from extended_mind.server.ops import MetricsMiddleware, ServerMetrics, add_ops_routes, add_token_routes
+from extended_mind.server.sharded import Mirror, open_memories
+from extended_mind.server.worker import ModelWorker
+
 from .. import __version__
-from ..mind import ExtendedMind
-from .completions import add_completion_routes, served_model_id
-from .config import ServerConfig
-from .errors import APIError, install_error_handlers
-from .guard import GuardMiddleware
-from .library import MemoryLibrary
-from .memory_routes import add_memory_routes
-from .ops import MetricsMiddleware, ServerMetrics, add_ops_routes, add_token_routes
-from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
 STATIC = files("extended_mind.server") / "static"
@@ -59,8 +61,6 @@ def create_app(mind: ExtendedMind | Callable[[], ExtendedMind], config: ServerCo
     def install(loaded: ExtendedMind) -> None:
         mirror = None
         if loaded.shard_group is not None:  # under torchrun: the other ranks follow this one (sharded.py)
-            from .sharded import Mirror, open_memories
-
             mirror = app.state.mirror = Mirror(loaded.shard_group)
         library = MemoryLibrary(config.memory_dir, loaded)
         if mirror is not None:

@@ -14,21 +14,21 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from ..citations import Citation
-from ..generation import GeneratedToken, GenerationResult
-from ..mind import ExtendedMind
-from ..prompting import DEFAULT_MEMORY_AT, EncodedPrompt, encode, encode_messages
-from .config import ServerConfig
-from .errors import APIError
-from .library import MemoryLibrary, check_name, split_document_id
-from .ops import ServerMetrics
-from .scheduler import BatchScheduler
-from .schemas import ChatCompletionRequest, CompletionRequest, MemoryOptions
-from .streaming import SSE_HEADERS, event_stream
-from .worker import ModelWorker
+from extended_mind.base.prompting import DEFAULT_MEMORY_AT, EncodedPrompt, encode, encode_messages
+from extended_mind.engine.generation import GeneratedToken, GenerationResult
+from extended_mind.engine.mind import ExtendedMind
+from extended_mind.memory.citations import Citation
+from extended_mind.server.config import ServerConfig
+from extended_mind.server.errors import APIError
+from extended_mind.server.library import MemoryLibrary, check_name, split_document_id
+from extended_mind.server.ops import ServerMetrics
+from extended_mind.server.scheduler import BatchScheduler
+from extended_mind.server.schemas import ChatCompletionRequest, CompletionRequest, MemoryOptions
+from extended_mind.server.streaming import SSE_HEADERS, event_stream
+from extended_mind.server.worker import ModelWorker
 
 if TYPE_CHECKING:
-    from .sharded import Mirror
+    from extended_mind.server.sharded import Mirror
 
 
 def served_model_id(mind: ExtendedMind) -> str:

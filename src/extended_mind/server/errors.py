@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import (
+from extended_mind.base.errors import (
     DocumentError,
     ExtendedMindError,
     MemoryConflictError,

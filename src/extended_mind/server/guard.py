@@ -6,8 +6,8 @@ import hmac
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .config import ServerConfig
-from .errors import error_response
+from extended_mind.server.config import ServerConfig
+from extended_mind.server.errors import error_response
 
 PUBLIC_PATHS = {"/", "/favicon.ico"}  # the page itself holds no data; it asks for the key and sends it with calls
 

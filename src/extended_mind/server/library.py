@@ -9,15 +9,15 @@ import re
 import shutil
 import threading
 import uuid
-from dataclasses import replace
 from pathlib import Path
 
-from ..documents import Document
-from ..errors import MemoryConflictError
-from ..memory import Memory, is_saved_memory, longest_rope
-from ..mind import ExtendedMind
-from .errors import APIError
-from .schemas import MEMORY_NAME_PATTERN
+from extended_mind.base.documents import Document
+from extended_mind.base.errors import MemoryConflictError
+from extended_mind.engine.mind import ExtendedMind
+from extended_mind.memory.memory import Memory, is_saved_memory
+from extended_mind.memory.segment import longest_rope
+from extended_mind.server.errors import APIError
+from extended_mind.server.schemas import MEMORY_NAME_PATTERN
 
 _NAME = re.compile(MEMORY_NAME_PATTERN)
 
@@ -141,13 +141,7 @@ class MemoryLibrary:
             view = self._views.get(key)
             if view is None:
                 segments = [
-                    replace(
-                        s,
-                        document=Document(f"{n}/{s.document.id}", s.document.text, s.document.name),
-                        _tensors=None,
-                        load=lambda s=s: s.tensors,
-                        file=None,
-                    )
+                    s.read_through(Document(f"{n}/{s.document.id}", s.document.text, s.document.name))
                     for n, m in zip(names, memories)
                     for s in m.segments
                 ]

@@ -11,15 +11,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from ..documents import Document, decode_text
-from ..memory import Memory
-from ..mind import ExtendedMind
-from .config import ServerConfig
-from .errors import APIError, as_api_error, validation_error
-from .library import MemoryLibrary, check_name
-from .schemas import DocumentsIn, MemoryCreate
-from .streaming import SSE_HEADERS, event_stream
-from .worker import ModelWorker
+from extended_mind.base.documents import Document, decode_text
+from extended_mind.engine.mind import ExtendedMind
+from extended_mind.memory.memory import Memory
+from extended_mind.server.config import ServerConfig
+from extended_mind.server.errors import APIError, as_api_error, validation_error
+from extended_mind.server.library import MemoryLibrary, check_name
+from extended_mind.server.schemas import DocumentsIn, MemoryCreate
+from extended_mind.server.streaming import SSE_HEADERS, event_stream
+from extended_mind.server.worker import ModelWorker
 
 
 def no_document(memory: str, doc_id: str) -> APIError:

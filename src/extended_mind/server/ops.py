@@ -15,13 +15,13 @@ from prometheus_client.core import GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..generation import GeneratedToken
-from .errors import APIError, error_response
+from extended_mind.engine.generation import GeneratedToken
+from extended_mind.server.errors import APIError, error_response
 
 if TYPE_CHECKING:
-    from ..mind import ExtendedMind
-    from .library import MemoryLibrary
-    from .worker import ModelWorker
+    from extended_mind.engine.mind import ExtendedMind
+    from extended_mind.server.library import MemoryLibrary
+    from extended_mind.server.worker import ModelWorker
 
 ALWAYS_OPEN = {"/health", "/metrics"}  # answered while the model loads
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)

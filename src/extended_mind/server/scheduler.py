@@ -1,4 +1,4 @@
-"""Continuous batching for the server: generation requests join the running batch (batching.py) at the next
+"""Continuous batching for the server: generation requests join the running batch (engine/batching.py) at the next
 decode step and leave it when they finish or their client goes away.
 
 The batch loop runs as a job on the model thread (worker.py), so it never overlaps memory operations: when one is
@@ -14,12 +14,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..batching import BatchRow, DecodeBatch, retrieval_key
-from ..generation import GenerationResult, TokenStream
-from .worker import END, Channel, ModelWorker
+from extended_mind.engine.batching import BatchRow, DecodeBatch, retrieval_key
+from extended_mind.engine.generation import GenerationResult, TokenStream
+from extended_mind.server.worker import END, Channel, ModelWorker
 
 if TYPE_CHECKING:
-    from .sharded import Mirror
+    from extended_mind.server.sharded import Mirror
 
 
 @dataclass

@@ -9,8 +9,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..index import DEFAULT_APPROX_THRESHOLD
-from ..mind import MAX_TOPK
+from extended_mind.engine.options import MAX_TOPK
+from extended_mind.retrieval.index import DEFAULT_APPROX_THRESHOLD
 
 MEMORY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 MemoryName = Annotated[str, Field(pattern=MEMORY_NAME_PATTERN, description="letters, digits, '_', '.', '-'")]

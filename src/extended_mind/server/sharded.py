@@ -21,10 +21,11 @@ from typing import Any
 
 import torch.distributed as dist
 
-from ..distributed import ShardError, ShardGroup
-from ..mind import ExtendedMind
-from .config import ServerConfig
-from .library import MemoryLibrary
+from extended_mind.engine.batching import BatchRow, DecodeBatch
+from extended_mind.engine.mind import ExtendedMind
+from extended_mind.parallel.group import ShardError, ShardGroup
+from extended_mind.server.config import ServerConfig
+from extended_mind.server.library import MemoryLibrary
 
 log = logging.getLogger(__name__)
 _IDLE = timedelta(days=365)
@@ -62,8 +63,6 @@ def open_memories(library: MemoryLibrary) -> None:
 
 def follow(mind: ExtendedMind, config: ServerConfig) -> None:
     """A follower rank: do what rank 0's model thread announces until it stops."""
-    from ..batching import BatchRow, DecodeBatch
-
     group = mind.shard_group
     if group is None:
         raise ShardError("follow() needs a process group of more than one rank")

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from .errors import APIError
+from extended_mind.server.errors import APIError
 
 T = TypeVar("T")
 END = object()  # the last item of a channel

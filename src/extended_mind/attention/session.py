@@ -1,0 +1,57 @@
+"""The state of one forward pass (retrieval, block selection, capture), carried in a context variable
+because `model.forward` cannot take extra arguments through every model family."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from extended_mind.retrieval.layer import LayerMemory, RetrievalSettings
+from extended_mind.retrieval.selection import BlockSelection
+
+if TYPE_CHECKING:
+    pass
+
+
+_active: ContextVar[Session | None] = ContextVar("extended_mind_session", default=None)
+
+
+@dataclass
+class Session:
+    """State of one forward pass: retrieval from memory, or capture for memorization."""
+
+    layers: dict[int, LayerMemory] = field(default_factory=dict)
+    settings: RetrievalSettings | None = None
+    record_citations: bool = False
+    citation_weighting: str = "attention_value"  # or "attention": the probability alone
+    # Filled during a forward pass: per memory layer, (indices, weights) of the last query position, (Hq, k).
+    citation_records: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # Batches with a memory per prompt: per row, its layers (empty: no memory) and its citation records.
+    rows: list[dict[int, LayerMemory]] | None = None
+    row_citations: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
+    capture: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+    position_embeddings: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # Block selection per batch row (None: that row selects nothing); the layers attend without memory.
+    selection: list[BlockSelection | None] | None = None
+    # (B, Sq) position of every query row of the current forward pass: slots are hidden from rows before them.
+    row_positions: torch.Tensor | None = None
+    # Calibration (engine/heads.py): called with (layer, query, key) after RoPE; the layer attends normally.
+    observe: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
+
+    @contextmanager
+    def active(self) -> Iterator[Session]:
+        token = _active.set(self)
+        try:
+            yield self
+        finally:
+            _active.reset(token)
+
+
+def active_session() -> Session | None:
+    """The session of the forward pass running in this context, if any."""
+    return _active.get()

@@ -1,0 +1,3 @@
+"""The package version, written into saved memories."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,311 @@
+"""Batched generation: several prompts decoded together, each with its own memory (or none), and rows joining a
+running batch at any decode step (continuous batching, as the server uses it).
+
+The model's dense layers run on the whole batch (left-padded, with an attention mask and per-row positions, so a
+prompt whose memory shifts its positions keeps them); memory retrieval runs per row inside attention
+(`Session.rows`). Prompts that join together are prefilled in one left-padded pass (each with its own block
+choice); prompts that join a running batch have their KV cache merged into the batch's (the shorter left-padded,
+the padding masked). A row that finishes (stop token, stop string, token budget) or whose consumer is gone
+(`cancelled()`) leaves at the next step. Each row has its own decoding options (temperature, seed, stop strings,
+logit bias, token budget); rows share the retrieval settings (top-k, ranking, threshold, citation weighting):
+`compatible` tells whether a stream can join. Greedy rows give the tokens they give alone, up to float rounding
+differences between batched and unbatched matmuls.
+
+Models with sliding-window layers or the ALiBi adapter keep per-row state in their caches (what a sliding layer
+kept; alibi.py's key positions) that merging caches of different lengths would break: there, `can_merge` is false,
+rows start together or not at all, and finished rows keep their place until all are done, as they always did in
+`generate_batch` (dropping them was not shown to be safe there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from extended_mind.attention.alibi import is_alibi_module
+from extended_mind.attention.patching import attention_modules
+from extended_mind.attention.session import Session
+from extended_mind.base.compat import with_cache
+from extended_mind.engine.blocks import BlockPlan, select_blocks
+from extended_mind.engine.generation import (
+    DecodeSettings,
+    GeneratedToken,
+    GenerationResult,
+    TokenStream,
+    biased,
+    entropy,
+    next_piece,
+    next_token,
+    stop_token_ids,
+    token_logprobs,
+)
+from extended_mind.memory.citations import cite, sparse_sum
+from extended_mind.memory.memory import Memory
+from extended_mind.retrieval.layer import LayerMemory, RetrievalSettings
+
+_CANCELLED = -2  # the token of a row whose client went away
+
+
+@dataclass
+class BatchRow:
+    prompt_ids: list[int]
+    memory: Memory | None
+    layers: dict[int, LayerMemory]
+    offset: int  # first position of the prompt (after the memory's positions under the "stored" policy)
+    plan: BlockPlan | None = None  # block memory: slots chosen by a pass over the prompt without memory
+
+    @classmethod
+    def of(cls, stream: TokenStream) -> BatchRow:
+        """The row of a prepared (not started) token stream."""
+        return cls(stream.prompt_ids, stream.memory, stream.layers, stream.offset, stream.plan)
+
+    def positions(self) -> list[int]:
+        if self.plan is not None:
+            return self.plan.positions(len(self.prompt_ids))
+        return list(range(self.offset, self.offset + len(self.prompt_ids)))
+
+
+def generate_batch(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[BatchRow], s: DecodeSettings
+) -> list[GenerationResult]:
+    """Decode `rows` together from the start, all with settings `s`; the results in the rows' order."""
+    results: list[GenerationResult | None] = [None] * len(rows)
+
+    def sink(i: int) -> Sink:
+        return lambda item: results.__setitem__(i, item) if isinstance(item, GenerationResult) else None
+
+    batch = DecodeBatch(model, tokenizer, max_batch=len(rows))
+    batch.join_many([(r, s, sink(i), lambda: False) for i, r in enumerate(rows)])
+    while len(batch):
+        batch.step()
+    return results
+
+
+Sink = Callable[[GeneratedToken | GenerationResult], None]
+
+
+def retrieval_key(s: DecodeSettings) -> tuple:
+    """What rows of one batch must share (retrieval runs inside attention with one set of settings)."""
+    return (s.topk, s.ranking, s.similarity_threshold, s.citation_weighting)
+
+
+def can_merge(model: PreTrainedModel) -> bool:
+    """Whether rows can share a KV cache: no sliding-window layers, no ALiBi adapter (attention/alibi.py keeps key
+    positions on the cache)."""
+
+    config = model.config
+    sliding = (
+        getattr(config, "sliding_window", None)
+        or getattr(config, "layer_types", None)
+        and any(t != "full_attention" for t in config.layer_types)
+    )
+    return not sliding and not any(is_alibi_module(m) for m in attention_modules(model))
+
+
+@dataclass
+class _Row:
+    row: BatchRow
+    s: DecodeSettings
+    layers: dict[int, LayerMemory]
+    sink: Sink
+    cancelled: Callable[[], bool]
+    generator: torch.Generator | None
+    position: int  # position id of the row's next input token
+    logits: torch.Tensor | None = None  # (V,) next-token logits
+    idx: torch.Tensor | None = None  # citations of the last forward pass
+    w: torch.Tensor | None = None
+    generated: list[int] = field(default_factory=list)
+    tokens: list[GeneratedToken] = field(default_factory=list)
+    text: str = ""
+    finish: str = "length"
+    done: bool = False
+    reported: bool = False  # its result was handed over
+    blocks_read: int | None = None  # block memory: blocks it reads
+
+
+class DecodeBatch:
+    """A running batch (see the module docstring). Not thread-safe: one thread (the model's) calls it."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_batch: int = 16):
+        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.device = next(model.parameters()).device
+        self.merge = can_merge(model)
+        self.rows: list[_Row] = []
+        self.key: tuple | None = None
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # (B, L) long: 1 for real keys, 0 for padding
+        self.stop_ids = stop_token_ids(model, tokenizer)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.n_heads = model.config.num_attention_heads
+
+    def __len__(self) -> int:
+        """Rows still decoding."""
+        return sum(not r.done for r in self.rows)
+
+    def compatible(self, s: DecodeSettings) -> bool:
+        """Whether a stream with settings `s` can join now."""
+        if s.uncertainty_threshold is not None:  # recomputes single steps: runs alone
+            return not self.rows
+        if not self.rows:
+            return True
+        return self.room() > 0 and retrieval_key(s) == self.key
+
+    def join(self, row: BatchRow, s: DecodeSettings, sink: Sink, cancelled: Callable[[], bool]) -> None:
+        """Prefill `row`'s prompt and add it to the batch (the caller checked `compatible`)."""
+        self.join_many([(row, s, sink, cancelled)])
+
+    def join_many(self, joining: list[tuple[BatchRow, DecodeSettings, Sink, Callable[[], bool]]]) -> None:
+        """Prefill several rows' prompts in one left-padded forward pass and add them to the batch (the caller
+        checked that each is `compatible` and that they share `retrieval_key`)."""
+        rows = [j[0] for j in joining]
+        layers = [r.layers for r in rows]
+        plans = [r.plan for r in rows]
+        if any(p is not None for p in plans):  # each row's blocks, chosen by one pass over the prompts
+            by_heads = [p if p is not None and p.similarity is None else None for p in plans]
+            masses: list[torch.Tensor | None] = [None] * len(rows)
+            if any(p is not None for p in by_heads):  # (blocks chosen by similarity need no pass)
+                masses = select_blocks(self.model, [r.prompt_ids for r in rows], [r.positions() for r in rows],
+                                       by_heads)  # fmt: skip
+            chosen = [p.choose(m) if p is not None else None for p, m in zip(plans, masses)]
+            layers = [p.slots(c) if p is not None else lay for p, c, lay in zip(plans, chosen, layers)]
+            # a row that reads nothing is the plain model: its own prompt and positions
+            rows = [replace(r, prompt_ids=r.plan.plain(r.prompt_ids), offset=0, plan=None)
+                    if c is not None and c.numel() == 0 else r for r, c in zip(rows, chosen)]  # fmt: skip
+        else:
+            chosen = [None] * len(rows)
+        width = max(len(r.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        live = []
+        for i, ((_, s, sink, cancelled), row, lay) in enumerate(zip(joining, rows, layers)):
+            m, pos = len(row.prompt_ids), row.positions()
+            ids[i, width - m :], mask[i, width - m :] = torch.tensor(row.prompt_ids), 1
+            positions[i, width - m :] = torch.tensor(pos)
+            generator = torch.Generator().manual_seed(s.seed) if s.seed is not None else None
+            live.append(_Row(row, s, lay, sink, cancelled, generator, pos[-1] + 1,
+                             blocks_read=None if chosen[i] is None else int(chosen[i].numel())))
+        cache = DynamicCache(config=self.model.config)
+        logits, cites = self._forward(live, ids, positions, mask, cache)
+        for i, r in enumerate(live):
+            r.logits, (r.idx, r.w) = logits[i], cites[i]
+        if not self.rows:
+            self.cache, self.mask, self.key = cache, mask, retrieval_key(joining[0][1])
+        else:
+            self.cache, self.mask = _merge(self.cache, self.mask, cache, mask, self.model.config)
+        self.rows.extend(live)
+
+    def room(self) -> int:
+        """How many more rows may join now."""
+        return self.max_batch - len(self.rows) if self.merge or not self.rows else 0
+
+    def step(self) -> None:
+        """Give every row its next token, then run one forward pass for the rows still running. Finished rows leave
+        the batch where caches can be merged; elsewhere they stay in place, fed padding, until every row is done."""
+        next_ids = [self._advance(r) if not r.done else None for r in self.rows]
+        for r in self.rows:
+            if r.done and not r.reported:
+                r.reported = True
+                r.sink(self._result(r))
+        if all(r.done for r in self.rows):
+            self.rows, self.cache, self.mask, self.key = [], None, None, None
+            return
+        keep = [i for i, r in enumerate(self.rows) if not r.done] if self.merge else list(range(len(self.rows)))
+        if len(keep) < len(self.rows):
+            self.rows = [self.rows[i] for i in keep]
+            self.cache.batch_select_indices(torch.tensor(keep, device=self.device))
+            self.mask = self.mask[keep]
+            self._trim()
+        ids = torch.tensor([[self.pad if next_ids[i] is None else next_ids[i]] for i in keep])
+        positions = torch.tensor([[r.position] for r in self.rows])
+        self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long)], dim=1)
+        logits, cites = self._forward(self.rows, ids, positions, self.mask, self.cache)
+        for i, r in enumerate(self.rows):
+            r.logits, (r.idx, r.w) = logits[i], cites[i]
+            r.position += 1
+
+    def _advance(self, r: _Row) -> int | None:
+        """Choose and hand over row r's next token; marks the row done when it finishes. None: no token."""
+        s = r.s
+        token = _CANCELLED if r.cancelled() else next_token(biased(r.logits, s.logit_bias), s.temperature, r.generator)
+        group = getattr(r.row.memory, "shard", None)
+        if group is not None:  # ranks of a sharded memory follow rank 0 (its sampling, its client's cancellation)
+            token = group.agree([token])[0]
+        if token == _CANCELLED:
+            r.done, r.finish = True, "cancelled"
+            return None
+        if token in self.stop_ids:
+            r.done, r.finish = True, "stop"
+            return None
+        r.generated.append(token)
+        last = len(r.generated) == s.max_new_tokens
+        piece, r.text, hit = next_piece(self.tokenizer, r.generated, r.text, s.stop, last)
+        memory = r.row.memory
+        citations = cite(memory, r.idx, r.w, max_spans=3) if memory is not None and len(r.idx) else []
+        logprob, top = token_logprobs(r.logits, token, s.top_logprobs)
+        tok = GeneratedToken(token, piece, entropy(r.logits), s.topk, citations, memory_indices=r.idx,
+                             memory_weights=r.w, logprob=logprob, top_logprobs=top)  # fmt: skip
+        r.tokens.append(tok)
+        r.sink(tok)
+        if hit >= 0:
+            r.done, r.finish = True, "stop"
+        elif last:
+            r.done = True
+        return token
+
+    def _result(self, r: _Row) -> GenerationResult:
+        citations = []
+        if r.row.memory is not None and r.tokens:
+            idx, w = sparse_sum([t.memory_indices for t in r.tokens], [t.memory_weights for t in r.tokens])
+            citations = cite(r.row.memory, idx, w / len(r.tokens))
+        finish = "stop" if r.finish == "cancelled" else r.finish
+        return GenerationResult(r.text, r.tokens, citations, [], len(r.row.prompt_ids), finish, r.blocks_read)
+
+    def _forward(self, rows: list[_Row], ids, positions, mask, cache) -> tuple[torch.Tensor, list]:
+        layers = [r.layers for r in rows]
+        s = rows[0].s
+        session = Session(
+            settings=RetrievalSettings(s.topk, s.ranking, s.similarity_threshold),
+            record_citations=any(layers),
+            citation_weighting=s.citation_weighting,
+            rows=layers,
+            row_citations=[[] for _ in rows],
+            row_positions=positions.to(self.device),
+        )
+        with session.active(), torch.inference_mode():
+            out = self.model(input_ids=ids.to(self.device), position_ids=positions.to(self.device),
+                             attention_mask=mask.to(self.device), use_cache=True, logits_to_keep=1,
+                             **with_cache(self.model, cache))  # fmt: skip
+        cites = []
+        for records in session.row_citations:
+            idx, w = sparse_sum([x[0] for x in records], [x[1] for x in records])
+            cites.append((idx.cpu(), (w / (len(records) * self.n_heads)).cpu() if records else w.cpu()))
+        return out.logits[:, -1].float(), cites
+
+    def _trim(self) -> None:
+        """Drop leading key columns that are padding in every row (left by rows that left)."""
+        real = self.mask.any(dim=0).nonzero()
+        start = int(real[0]) if len(real) else 0
+        if start > 0:
+            self.mask = self.mask[:, start:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+
+
+def _merge(a: DynamicCache, mask_a: torch.Tensor, b: DynamicCache, mask_b: torch.Tensor, config):
+    """One cache holding the rows of `a` then those of `b`, the shorter left-padded (masked) to the longer."""
+    length = max(mask_a.shape[1], mask_b.shape[1])
+
+    def pad(x: torch.Tensor, n: int) -> torch.Tensor:  # (B, H, L, D) -> left-padded to n
+        return torch.nn.functional.pad(x, (0, 0, n - x.shape[2], 0))
+
+    merged = DynamicCache(config=config)
+    for i, (la, lb) in enumerate(zip(a.layers, b.layers)):
+        keys = torch.cat([pad(la.keys, length), pad(lb.keys, length)])
+        values = torch.cat([pad(la.values, length), pad(lb.values, length)])
+        merged.update(keys, values, i)
+    masks = [torch.nn.functional.pad(m, (length - m.shape[1], 0)) for m in (mask_a, mask_b)]
+    return merged, torch.cat(masks)

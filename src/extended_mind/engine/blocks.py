@@ -1,0 +1,374 @@
+"""Block memory: the retrieval heads choose a few memory blocks, and the whole model reads them as context.
+
+Token-level retrieval (every head of every layer takes its own top-k memory tokens) lets heads that do not
+retrieve anything pull in memory tokens that match them by accident; on prose that swamps the local context
+(perplexity 43 against 18 with no memory on SmolLM2) and mixes documents within one answer. Block memory instead:
+
+1. Selection. The prompt is read once without memory. In that pass the retrieval heads (engine/heads.py) rank memory
+   tokens by q·k with the rotation undone on both sides (by content, not by where a token sat in its window), take
+   their top-k, and give each block (`block_size` consecutive tokens of one document) the softmax mass of its
+   tokens, summed over heads and query rows. The `blocks` blocks with the most mass are chosen.
+2. Reading. The chosen blocks, in document order, become slots: context placed between the prompt's head (its
+   leading special tokens, or the chat template up to the user's message) and the rest of the prompt. Slot keys
+   are rotated to consecutive positions there, and the prompt's later tokens are moved past them, so the model
+   reads the blocks as a passage just before the question, with their order kept. Every head of every memory
+   layer attends to the slots and its local context in one softmax; citations are the attention each slot token
+   receives. The head of the prompt, which holds the attention sink, reads no memory.
+
+For scoring long inputs (`ExtendedMind.logits`), rows are taken in chunks, each chunk reading the blocks its own
+rows chose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from transformers import PreTrainedModel
+
+from extended_mind.attention.patching import attention_modules
+from extended_mind.attention.session import Session
+from extended_mind.base.prompting import EncodedPrompt
+from extended_mind.base.rope import apply_rope, extend_table
+from extended_mind.memory.memory import Memory
+from extended_mind.memory.precision import float_dtype
+from extended_mind.retrieval.layer import LayerMemory, RetrievalSettings
+from extended_mind.retrieval.selection import BlockSelection
+
+# a block is read when a question draws it this many spreads above what unrelated questions do (Relevance)
+DEFAULT_MIN_RELEVANCE = 4.0
+
+
+def slot_positions(blocks: int, block_size: int) -> int:
+    """Positions kept between the prompt's head and its question for the slots of `blocks` blocks."""
+    return blocks * block_size
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Memory tokens cut into blocks of `size` tokens, never across two documents."""
+
+    size: int
+    block_of: torch.Tensor  # (N,) long: block of every token
+    starts: torch.Tensor  # (blocks,) long: first token of every block
+    lengths: torch.Tensor  # (blocks,) long
+
+    @classmethod
+    def of(cls, memory: Memory, size: int) -> BlockLayout:
+        def build() -> BlockLayout:
+            starts, lengths = [], []
+            offset = 0
+            for seg in memory.segments:
+                for s in range(0, seg.num_tokens, size):
+                    starts.append(offset + s)
+                    lengths.append(min(size, seg.num_tokens - s))
+                offset += seg.num_tokens
+            starts_t, lengths_t = torch.tensor(starts, dtype=torch.long), torch.tensor(lengths, dtype=torch.long)
+            block_of = torch.repeat_interleave(torch.arange(len(starts)), lengths_t)
+            return cls(size, block_of, starts_t, lengths_t)
+
+        return memory.cached(f"blocks-{size}", build)
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.starts.shape[0])
+
+    def texts(self, memory: Memory) -> list[str]:
+        """The text of every block: the characters its tokens came from in their document."""
+        out = []
+        for seg in memory.segments:
+            spans = seg.tensors["spans"]
+            text = seg.document.text
+            for s in range(0, seg.num_tokens, self.size):
+                last = min(s + self.size, seg.num_tokens) - 1
+                out.append(text[int(spans[s, 0]) : int(spans[last, 1])])
+        return out
+
+    def tokens(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Memory token indices of `blocks` (in the order given)."""
+        if blocks.numel() == 0:
+            return torch.zeros(0, dtype=torch.long)
+        spans = zip(self.starts[blocks].tolist(), self.lengths[blocks].tolist())
+        return torch.cat([torch.arange(s, s + n) for s, n in spans])
+
+
+@dataclass
+class BlockPlan:
+    """Block memory for one prompt: what is read, where the slots go and how many positions they may take."""
+
+    memory: Memory
+    layers: dict[int, LayerMemory]  # the memory of every layer, keys unrotated ("zero" policy)
+    read_layers: list[int]  # the layers that read the slots
+    device: torch.device  # where slots go, in the model's dtype
+    dtype: torch.dtype
+    heads: dict[int, torch.Tensor]  # retrieval heads per layer
+    layout: BlockLayout
+    blocks: int  # blocks read at most
+    gate: float  # a block is read only if its score is at least this fraction of the best block's
+    settings: RetrievalSettings  # how retrieval heads rank tokens (topk, ranking, similarity threshold)
+    insert: int  # prompt tokens before the slots
+    reserve: int  # positions kept for slots: the most blocks any step may read x block size
+    # (blocks,) share of the retrieval heads' mass each block gets whatever the question (neutral prompts): memory
+    # tokens that draw these heads for any query (a document's opening tokens, most of all) are discounted by it
+    prior: torch.Tensor | None = None
+    select_from: int | None = None  # first prompt row whose retrieval heads choose blocks (None: insert)
+    select_to: int | None = None  # the row after the last one that chooses (None: the prompt's end)
+    # questions: what unrelated questions draw from this memory; a block is read only when the question draws it
+    # `min_relevance` spreads beyond that (None: the prior's excess ranks blocks, as for scoring long inputs)
+    relevance: Relevance | None = None
+    min_relevance: float = DEFAULT_MIN_RELEVANCE
+    sink_added: bool = False  # the prompt got a sink token for the slots (`plain` takes it away)
+    # block_choice="embedding": (blocks,) cosine similarity of every block's text to the question's; blocks are then
+    # ranked by it alone (the retrieval heads are not asked, and no selection pass is run)
+    similarity: torch.Tensor | None = None
+
+    def positions(self, n_tokens: int) -> list[int]:
+        """Position ids of a prompt of `n_tokens`: its head, then a gap for the slots, then the rest."""
+        head = min(self.insert, n_tokens)
+        return list(range(head)) + list(range(head + self.reserve, n_tokens + self.reserve))
+
+    def plain(self, prompt_ids: list[int]) -> list[int]:
+        """The prompt as the model reads it without memory."""
+        return prompt_ids[1:] if self.sink_added else prompt_ids
+
+    @property
+    def slot_end(self) -> int:
+        return self.insert + self.reserve
+
+    def selection(self, row_group: torch.Tensor, groups: int) -> BlockSelection:
+        selecting = {layer: self.layers[layer] for layer in self.heads if layer in self.layers}
+        return BlockSelection(self.heads, selecting, self.layout.block_of, self.layout.num_blocks, row_group, groups,
+                              self.settings)  # fmt: skip
+
+    def choose(self, mass: torch.Tensor | None, n: int | None = None) -> torch.Tensor:
+        """Up to `n` (default: `blocks`) blocks, in document order, never one that got no mass.
+
+        With `similarity`: the `n` blocks most similar to the question (`mass` is not used).
+
+        With `relevance` (questions): the blocks whose share of the mass stands at least `min_relevance` spreads
+        above what unrelated questions give them, and none when no block does (the question is not about the
+        memory); a memory of at most `n` blocks is ranked the same way but not held to that bar (it is what a
+        pasted note would be). Without it: the blocks whose mass most exceeds the prior. Either way only blocks
+        scoring at least `gate` times the best one."""
+        n = min(self.blocks if n is None else n, self.layout.num_blocks)
+        if n <= 0:
+            return torch.zeros(0, dtype=torch.long)
+        if self.similarity is not None:  # the nearest blocks, as RAG would take them
+            return self.similarity.topk(n).indices.sort().values
+        assert mass is not None, "block choice by the retrieval heads needs their mass"
+        small = self.layout.num_blocks <= n
+        if self.relevance is not None:
+            score = self.relevance.score(mass)
+        else:
+            score = mass - self.prior * mass.sum() if self.prior is not None else mass.clone()
+        score[mass <= 0] = float("-inf")
+        top = score.topk(n)
+        keep = torch.isfinite(top.values)
+        if self.relevance is not None and not small:
+            keep &= top.values >= self.min_relevance
+        if self.gate and float(top.values[0]) > 0:  # only blocks nearly as telling as the best one
+            keep &= top.values >= self.gate * float(top.values[0])
+        elif self.gate and small and self.relevance is not None:  # nothing stands out: the best one alone
+            keep &= torch.arange(len(keep)) == 0
+        chosen = top.indices[keep]
+        if self.relevance is not None:
+            chosen = self._with_successors(chosen, n)
+        return chosen.sort().values
+
+    def _with_successors(self, chosen: torch.Tensor, n: int) -> torch.Tensor:
+        """`chosen` (best first) and, while fewer than `n`, the block after each one in its document: a passage
+        the heads point at often goes on past its block's end (a key split from the sentence that names it)."""
+        picked = chosen.tolist()
+        doc_of_block = self.memory.token_doc[self.layout.starts]
+        for b in chosen.tolist():
+            if len(picked) >= n:
+                break
+            nxt = b + 1
+            if nxt < self.layout.num_blocks and doc_of_block[nxt] == doc_of_block[b] and nxt not in picked:
+                picked.append(nxt)
+        return torch.tensor(picked, dtype=torch.long)
+
+    def slots(self, blocks: torch.Tensor) -> dict[int, LayerMemory]:
+        """Per memory layer, the slots holding `blocks`: keys rotated to their positions, right before slot_end."""
+        tokens = self.layout.tokens(blocks)
+        if tokens.numel() == 0:
+            return {}
+        positions = torch.arange(self.slot_end - tokens.numel(), self.slot_end)
+        fetched = self._fetch(tokens)
+        out = {}
+        dev = self.device
+        for layer in self.read_layers:
+            table = self.memory.layer_rope[layer]
+            cos, sin = extend_table(self.memory.rope_cos[table], self.memory.rope_sin[table], self.slot_end)
+            chosen_keys, chosen_values = fetched[layer]
+            raw = chosen_keys.float()  # stored keys are pre-RoPE: what the "zero" policy rotates to position 0
+            keys = apply_rope(raw, cos[positions].to(dev), sin[positions].to(dev)).to(self.dtype)
+            inv_norms = 1.0 / raw.norm(dim=-1).clamp_min(1e-12).to(self.dtype)
+            out[layer] = LayerMemory(keys=keys, values=chosen_values, inv_norms=inv_norms, slot_tokens=tokens.to(dev),
+                                     slot_end=self.slot_end)  # fmt: skip
+        return out
+
+    def _fetch(self, tokens: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values of `tokens` in every read layer, decoded from the stored documents (only those rows: the
+        memory is not prepared for the layers that only read slots); from the ranks that hold them when the memory
+        is sharded (one exchange for all layers)."""
+        group = self.memory.shard
+        held = tokens
+        wire = self.dtype
+        if group is not None:
+            mine = torch.isin(tokens, self.memory.local_to_global())
+            held = tokens[mine]
+            # sent as stored when every document is stored alike in a float type (bfloat16: half the bytes); the
+            # conversion to the model's dtype after the exchange gives the same numbers
+            kinds = {s.storage for s in self.memory.segments}
+            wire = (float_dtype(kinds.pop()) if len(kinds) == 1 else None) or torch.float32
+        rows = []
+        for layer in self.read_layers:
+            for kind in ("keys", "values"):
+                x = self.memory.token_rows(kind, layer, held).to(device=self.device, dtype=wire)
+                if group is not None:  # zeros where another rank holds the token
+                    full = torch.zeros(x.shape[0], tokens.numel(), x.shape[2], dtype=x.dtype, device=x.device)
+                    full[:, mine.to(x.device)] = x
+                    x = full
+                rows.append(x)
+        if group is not None:
+            rows = group.fetch_sum(rows)
+        rows = [x.to(self.dtype) for x in rows]
+        return {layer: (rows[2 * i], rows[2 * i + 1]) for i, layer in enumerate(self.read_layers)}
+
+
+class _PassDone(Exception):
+    """Raised after the last layer a block selection needs."""
+
+
+def _stop_pass(*_) -> None:
+    raise _PassDone
+
+
+def select_blocks(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    positions: list[list[int]],
+    plans: list[BlockPlan | None],
+    groups: list[torch.Tensor] | None = None,
+) -> list[torch.Tensor | None]:
+    """One forward pass without memory over the prompts (left-padded into one batch): per prompt with a plan, the
+    mass (groups, blocks) its retrieval heads gave each block, else None. `groups[i]` (len(prompts[i]),) assigns
+    every row to a group (-1: none); by default the rows after the prompt's head form group 0 and the mass is
+    returned as (blocks,)."""
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    pos = torch.zeros((len(prompts), width), dtype=torch.long)
+    selections: list[BlockSelection | None] = []
+    for i, (p, q, plan) in enumerate(zip(prompts, positions, plans)):
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = torch.tensor(p), 1
+        pos[i, width - len(p) :] = torch.tensor(q)
+        if plan is None:
+            selections.append(None)
+            continue
+        if groups is None:
+            group = torch.full((len(p),), -1, dtype=torch.long)
+            group[plan.insert if plan.select_from is None else plan.select_from : plan.select_to] = 0
+            n_groups = 1
+        else:
+            group, n_groups = groups[i], int(groups[i].max()) + 1
+        row_group = torch.cat([torch.full((width - len(p),), -1, dtype=torch.long), group])
+        selections.append(plan.selection(row_group, max(1, n_groups)))
+    session = Session(selection=selections)
+    # the layers after the last one with retrieval heads cannot change the scores: the pass stops there
+    last = max((max(s.heads, default=-1) for s in selections if s is not None), default=-1)
+    modules = attention_modules(model)
+    hook = modules[last].register_forward_hook(_stop_pass) if 0 <= last < len(modules) - 1 else None
+    try:
+        with session.active(), torch.inference_mode():
+            model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                             use_cache=False)  # fmt: skip
+    except _PassDone:
+        pass
+    finally:
+        if hook is not None:
+            hook.remove()
+    out: list[torch.Tensor | None] = []
+    for sel in selections:
+        if sel is None:
+            out.append(None)
+            continue
+        mass = sel.mass if sel.mass is not None else torch.zeros(sel.groups, sel.num_blocks)
+        out.append(mass[0] if groups is None else mass)
+    return out
+
+
+# Prompts that ask nothing in particular: what the retrieval heads attend to in memory for them is the prior.
+NEUTRAL_PROMPTS = ("The", "It is", "Tell me more.\nIt is", "What is it?\nIt is")
+
+
+def _shares(
+    model: PreTrainedModel, plan: BlockPlan, prompts: list[EncodedPrompt], to_end: bool = False, batch: int = 16
+) -> torch.Tensor:
+    """(prompts that drew any mass, blocks) the share of the retrieval heads' mass each block gets per prompt, from
+    the question's rows (`to_end`: every row from the question on)."""
+    plans = [replace(plan, insert=p.memory_at, select_from=p.asks_from, select_to=None if to_end else p.asks_to,
+                     prior=None, relevance=None) for p in prompts]  # fmt: skip
+    positions = [plan.positions(len(p.ids)) for plan, p in zip(plans, prompts)]
+    masses: list[torch.Tensor | None] = []
+    for i in range(0, len(prompts), batch):
+        masses += select_blocks(model, [p.ids for p in prompts[i : i + batch]], positions[i : i + batch],
+                                plans[i : i + batch])  # fmt: skip
+    shares = [m / m.sum() for m in masses if m is not None and float(m.sum()) > 0]
+    return torch.stack(shares) if shares else torch.zeros(0, plan.layout.num_blocks)
+
+
+def block_prior(model: PreTrainedModel, plan: BlockPlan, prompts: list[EncodedPrompt]) -> torch.Tensor:
+    """(blocks,) the mean share of mass each block gets for `prompts` (questions that ask nothing); ranking is by
+    content (rotation undone), so positions do not matter here."""
+    shares = _shares(model, plan, prompts, to_end=True)
+    return shares.mean(0) if len(shares) else torch.zeros(plan.layout.num_blocks)
+
+
+@dataclass(frozen=True)
+class Relevance:
+    """How much of the retrieval heads' mass unrelated questions give each block of one memory: its mean and
+    spread. Lists, bibliographies and a document's opening draw every question; the passage a question is about
+    draws that question far beyond its usual share. A block's relevance is its share in spreads above the mean."""
+
+    mean: torch.Tensor  # (blocks,)
+    spread: torch.Tensor  # (blocks,) > 0
+
+    def score(self, mass: torch.Tensor) -> torch.Tensor:
+        total = float(mass.sum())
+        if total <= 0:
+            return torch.full_like(self.mean, float("-inf"))
+        return (mass / total - self.mean) / self.spread
+
+
+# Questions about nothing in particular, in the styles users send (facts, chit-chat, requests, code, arithmetic):
+# what they draw from a memory calibrates the relevance test. Kept apart from bench/general.py's questions, which
+# measure it.
+CALIBRATION_QUESTIONS = (
+    "Who wrote Pride and Prejudice?", "How many wheels does a bicycle have?", "Can you give me a recipe for pancakes?",
+    "Write a haiku about autumn.", "Translate 'good morning' into Spanish.", "Why do cats purr?", "What is 7 times 8?",
+    "Tell me a joke.", "How do I reverse a list in Python?", "Summarize the plot of Cinderella.",
+    "What should I eat for dinner tonight?", "Explain how a rainbow forms.", "Hi! How are you today?",
+    "Which metal is liquid at room temperature?", "What does DNA stand for?", "Give me three tips for better sleep.",
+    "Who composed the Four Seasons?", "How many strings does a violin have?", "What is the plural of mouse?",
+    "What is the square root of 81?", "What is the speed of light?", "Suggest a name for a pet goldfish.",
+    "How do you say thank you in Japanese?", "What are the primary colors?",
+)  # fmt: skip
+
+
+# A spread is at least this fraction of the spread of all shares: a block no calibration question drew (the
+# passkey sentence, a rare name) must not look relevant on a trace of mass
+SPREAD_FLOOR = 0.3
+
+
+def calibrate_relevance(model: PreTrainedModel, plan: BlockPlan, prompts: list[EncodedPrompt]) -> Relevance:
+    """The relevance calibration of `plan`'s memory from `prompts` (CALIBRATION_QUESTIONS in every prompt form)."""
+    shares = _shares(model, plan, prompts)
+    if len(shares) < 2:
+        ones = torch.ones(plan.layout.num_blocks)
+        return Relevance(torch.zeros_like(ones), ones)
+    floor = SPREAD_FLOOR * float(shares.std())
+    spread = (shares.std(0) ** 2 + floor**2).sqrt().clamp_min(1e-12)
+    return Relevance(shares.mean(0), spread)

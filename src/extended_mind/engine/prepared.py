@@ -1,0 +1,122 @@
+"""Block selection's prepared keys of large memories, kept in the cache directory so a reopened memory needs no
+preparation.
+
+Block memory scans the keys of its selection layers with a compact copy (scan.py). Building that copy reads and
+quantizes every key of those layers: for a million-token SmolLM2 memory, 8 layers x 3 KV heads x 64 dims x 1M keys,
+tens of seconds at every start. Since the copy depends only on the memory's documents, the model and the scan kind,
+it is written once to `<cache>/prepared/<key>.safetensors` (keys in their stored precision, 1/|key|, the scan's
+codes) and memory-mapped on later opens, which then cost no preparation and read from disk only what a question
+touches. Only saved memories of at least PERSIST_MIN tokens are kept, under a key made of their files' checksums;
+beyond $EXTENDED_MIND_PREPARED_KEEP files (4; 0 keeps none) the least recently used are deleted. The file's
+checksum is verified like a memory's own files (memory/mapped.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from extended_mind.base.paths import cache_dir
+from extended_mind.memory.mapped import MappedFileError, map_safetensors, matches, remember_checked, write_safetensors
+from extended_mind.memory.memory import Memory
+from extended_mind.retrieval.layer import LayerMemory
+from extended_mind.retrieval.scan import PACKED_KINDS, KeyScan
+from extended_mind.retrieval.scan_select import with_measured_kernels
+
+log = logging.getLogger(__name__)
+
+
+PERSIST_MIN = 262_144  # smaller memories prepare in a few seconds
+
+
+KEEP_ENV = "EXTENDED_MIND_PREPARED_KEEP"  # prepared files kept (least recently used deleted first); 0: none
+
+
+FORMAT = "extended-mind-prepared-1"
+
+
+_SCAN_TENSORS = ("codes", "scales", "packed", "colsums")  # KeyScan's tensors
+
+
+def keepable(memory: Memory) -> bool:
+    """Whether prepared keys of `memory` are worth keeping: a large memory whose every document is saved (the
+    files' checksums name exactly the keys; an unsaved memory cannot be reopened anyway)."""
+    return memory.num_tokens >= PERSIST_MIN and all(s.file is not None for s in memory.segments)
+
+
+def prepared_key(memory: Memory, policy: str, dtype: torch.dtype, layers: list[int], scan_kind: str) -> str:
+    """What the prepared keys depend on: the saved documents' files (by checksum), the policy and the scan."""
+    files = [s.file.sha256 for s in memory.segments]
+    if scan_kind in PACKED_KINDS:  # the compiled kernels share one packing (either may scan it, scan.KeyScan.kernel)
+        scan_kind = "int8-packed"
+    parts = [FORMAT, files, policy, str(dtype), layers, scan_kind, torch.__version__]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
+
+
+def _path(key: str) -> Path:
+    return cache_dir() / "prepared" / f"{key}.safetensors"
+
+
+def load(key: str, positions: torch.Tensor) -> dict[int, LayerMemory] | None:
+    """The prepared layers saved under `key`, memory-mapped; None when there are none (or they fail their check)."""
+    path = _path(key)
+    try:
+        sha = path.with_suffix(".sha256").read_text().strip()
+        if not matches(path, sha):
+            log.warning("prepared memory %s fails its checksum: preparing again", path)
+            return None
+        tensors = map_safetensors(path)
+        meta = json.loads(path.with_suffix(".json").read_text())
+        out = {}
+        for layer_s, info in meta["layers"].items():
+            layer = int(layer_s)
+            scan = with_measured_kernels(KeyScan(**{f: tensors.get(f"{layer}.scan.{f}") for f in _SCAN_TENSORS},
+                                                 num_keys=info["num_keys"],
+                                                 packed_kind=info["packed_kind"]))  # fmt: skip
+            keys, values, inv_norms = (tensors[f"{layer}.{n}"] for n in ("keys", "values", "inv_norms"))
+            out[layer] = LayerMemory(keys=keys, values=values, inv_norms=inv_norms, scan=scan, positions=positions)
+        os.utime(path.with_suffix(".json"))  # recently used (not the data file: its version is what was checked)
+        return out
+    except FileNotFoundError:
+        return None
+    except (OSError, KeyError, ValueError, MappedFileError) as exc:
+        log.warning("prepared memory %s is unreadable (%s): preparing again", path, exc)
+        return None
+
+
+def store(key: str, prepared: dict[int, LayerMemory]) -> None:
+    """Save prepared layers (each with a scan) under `key`; a failure to write only costs preparing again."""
+    path = _path(key)
+    tensors, meta = {}, {"layers": {}}
+    for layer, m in prepared.items():
+        tensors |= {f"{layer}.keys": m.keys, f"{layer}.values": m.values, f"{layer}.inv_norms": m.inv_norms}
+        tensors |= {f"{layer}.scan.{f}": getattr(m.scan, f) for f in _SCAN_TENSORS if getattr(m.scan, f) is not None}
+        meta["layers"][str(layer)] = {"num_keys": m.scan.num_keys, "packed_kind": m.scan.packed_kind}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sha = write_safetensors(path, tensors)
+        path.with_suffix(".json").write_text(json.dumps(meta))
+        path.with_suffix(".sha256").write_text(sha)  # written last: without it the file is never used
+        remember_checked(path, sha, recent_ok=True)
+        _evict(path.parent)
+    except OSError as exc:
+        log.warning("could not keep the prepared memory in %s: %s", path.parent, exc)
+
+
+def keep_count() -> int:
+    try:
+        return max(0, int(os.environ.get(KEEP_ENV, "4")))
+    except ValueError:
+        return 4
+
+
+def _evict(folder: Path) -> None:
+    files = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in files[keep_count() :]:
+        for suffix in (".safetensors", ".json", ".sha256"):
+            old.with_suffix(suffix).unlink(missing_ok=True)

@@ -1,0 +1,194 @@
+"""Saved tensor files opened as memory maps, and checksum checks remembered per file version.
+
+A memory of a million tokens is tens of GB on disk; reading it into the process would hold all of it in RAM, while
+block memory reads a small part (the selection layers' keys and the chosen blocks). So a saved file's tensors are
+views of a private memory map: pages are read from disk when used and can be dropped again by the OS, writes (none
+are made) would stay private to the process, and no file descriptor is held.
+
+Checksums: a file is hashed (streamed, not through the map, so the hash does not count as memory in use) the first
+time it is used, as before; a successful check is remembered in the cache directory for that version of the file
+(device, inode, size, mtime and ctime), so a large memory is not hashed again by every process that opens it. Any
+write to the file changes its mtime/ctime and the file is hashed again; files changed in the last few seconds are
+never remembered, since a same-size rewrite within the filesystem's timestamp granularity would look unchanged.
+`Memory.verify()` always hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+from extended_mind.base.paths import cache_dir
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+_RACY_S = 3.0  # files modified more recently than this are hashed again next time
+
+
+_CHUNK = 8 << 20
+
+
+class MappedFileError(ValueError):
+    """A file is not a well-formed safetensors file (the caller names the memory file in its error)."""
+
+
+def map_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors file `path`, as views of one private read-on-demand memory map of the file."""
+    size = path.stat().st_size
+    if size < 8:
+        raise MappedFileError("shorter than a safetensors header")
+    raw = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
+    n = int.from_bytes(raw[:8].numpy().tobytes(), "little")
+    if n <= 0 or 8 + n > size:
+        raise MappedFileError(f"header length {n} does not fit the file ({size} bytes)")
+    try:
+        header = json.loads(raw[8 : 8 + n].numpy().tobytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MappedFileError(f"unreadable header: {exc}") from None
+    base, out = 8 + n, {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = _DTYPES[info["dtype"]], [int(x) for x in info["shape"]], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise MappedFileError(f"tensor {name!r} has a malformed header entry") from None
+        count = math.prod(shape)
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        if end - start != count * itemsize or start < 0 or base + end > size:
+            raise MappedFileError(f"tensor {name!r} does not fit its place in the file")
+        data = raw[base + start : base + end]
+        if (base + start) % itemsize:  # unaligned (not written by safetensors >= 0.3): copy that tensor
+            data = data.clone()
+        out[name] = data.view(dtype).view(shape) if count else torch.empty(shape, dtype=dtype)
+    return out
+
+
+def tensor_sizes(path: Path) -> dict[str, int]:
+    """Bytes of each tensor of safetensors file `path`, from its header alone (nothing else is read or checked)."""
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+
+
+def _version(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"
+
+
+def _stamp(sha256: str) -> Path:
+    return cache_dir() / "verified" / sha256
+
+
+def checked_before(path: Path, sha256: str) -> bool:
+    """Whether this version of `path` was hashed to `sha256` before (by any process using this cache)."""
+    try:
+        return _stamp(sha256).read_text() == f"{path.resolve()}\n{_version(path)}"
+    except OSError:
+        return False
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def matches(path: Path, sha256: str, remembered_ok: bool = True) -> bool:
+    """Whether `path` hashes to `sha256`. A check of this very version of the file remembered from before counts
+    (unless `remembered_ok` is False); a passing hash is remembered."""
+    if remembered_ok and checked_before(path, sha256):
+        return True
+    before = _version(path)  # the version hashed: a change made while hashing must not be recorded as checked
+    if file_sha256(path) != sha256:
+        return False
+    remember_checked(path, sha256, version=before)
+    return True
+
+
+def remember_checked(path: Path, sha256: str, recent_ok: bool = False, version: str | None = None) -> None:
+    """Record that `path` hashed to `sha256`, unless it changed too recently to tell a later change apart
+    (`recent_ok`: this process just wrote those bytes and hashed them as it wrote), or is no longer `version` (the
+    file's stat from before it was hashed)."""
+    try:
+        now = _version(path)
+        if version is not None and now != version:
+            return  # changed while it was being hashed: what was hashed is not what is there
+        if not recent_ok and time.time() - max(path.stat().st_mtime, path.stat().st_ctime) < _RACY_S:
+            return
+        stamp = _stamp(sha256)
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        tmp = stamp.with_name(f".tmp-{os.getpid()}-{sha256}")
+        tmp.write_text(f"{path.resolve()}\n{now}")
+        os.replace(tmp, stamp)
+    except OSError:  # a read-only cache only costs hashing again
+        pass
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Write `tensors` to `path` in the safetensors format, streamed (no second copy in memory, unlike
+    safetensors' own writer), atomically (written aside, fsynced, renamed). Returns the file's sha256."""
+    names = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))  # widest first: every tensor aligned
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    codes = {v: k for k, v in _DTYPES.items()}
+    for name in names:
+        t = tensors[name]
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-(8 + len(head)) % 8)
+
+    def chunks() -> Iterator[bytes]:
+        yield len(head).to_bytes(8, "little") + head
+        for name in names:
+            flat = tensors[name].detach().cpu().contiguous().reshape(-1)
+            for start in range(0, flat.numel(), _CHUNK):  # in pieces: a bool/bfloat16 tensor has no buffer
+                yield flat[start : start + _CHUNK].view(torch.uint8).numpy().tobytes()
+
+    sha = write_atomic(path, chunks())
+    assert sha is not None
+    return sha
+
+
+def write_atomic(target: Path, chunks: Iterable[bytes], digest: bool = True) -> str | None:
+    """Write `chunks` to `target` crash-safely (written aside, fsynced, renamed into place); returns their sha256
+    (None with `digest=False`, for callers that hashed the data already)."""
+    h = hashlib.sha256() if digest else None
+    tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
+    try:
+        with open(tmp, "wb") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+                if h is not None:
+                    h.update(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return h.hexdigest() if h is not None else None

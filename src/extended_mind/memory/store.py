@@ -1,0 +1,356 @@
+"""Saved memories: a directory with a manifest and content-addressed safetensors files, written crash-safely.
+
+    DIR/manifest.json                  format, version, model identity, settings, and per document: id, name, text,
+                                       length, text checksum, token range, tensor file and its checksum
+    DIR/tensors/<sha256>.safetensors   one file per document (keys, values, positions, spans), and the rotary tables
+    DIR/.lock                          held while a save is in progress
+
+A save writes only the tensor files that are not there yet (a file's name is the sha256 of its bytes, so a file
+that exists holds exactly the wanted bytes), fsyncs them, replaces manifest.json atomically (write aside, fsync,
+rename, fsync the directory), and only then deletes files the new manifest does not name. A kill at any moment
+leaves either the old manifest with all its files or the new one with all of its. Opening reads the manifest and
+checks file sizes; a document's tensors are memory-mapped (mapped.py), their file's checksum verified, the first time
+they are used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import save as save_bytes
+
+from extended_mind.base.documents import Document
+from extended_mind.base.errors import MemoryConflictError, MemoryFileError
+from extended_mind.base.identity import ModelIdentity
+from extended_mind.base.version import __version__
+from extended_mind.memory.files import StoredFile, fsync_dir, put_bytes, store_segment
+from extended_mind.memory.mapped import write_atomic
+from extended_mind.memory.precision import STORAGE_DTYPES
+from extended_mind.memory.segment import RopeTables, Segment
+from extended_mind.retrieval.index import LayerIndex
+
+if TYPE_CHECKING:  # the memory imports this module, not the other way round
+    from extended_mind.memory.memory import Memory
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory lock
+    fcntl = None
+
+
+FORMAT_NAME = "extended-mind-memory"
+
+
+FORMAT_VERSION = 2
+
+
+MANIFEST = "manifest.json"
+
+
+TENSOR_DIR = "tensors"
+
+
+_LOCK = ".lock"
+
+
+@dataclass(frozen=True)
+class SavedIndex:
+    """Approximate-search indexes saved with a memory: read (checksum verified) when first called."""
+
+    file: StoredFile
+    num_layers: int
+    num_heads: int
+
+    def __call__(self, num_keys: int) -> list:
+        """The per-layer indexes, checked to describe `num_keys` memory keys."""
+        tensors = self.file.read()
+        try:
+            return [LayerIndex.from_tensors(tensors, layer, num_keys) for layer in range(self.num_layers)]
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise MemoryFileError(f"corrupt search index {self.file.path}: {exc}") from None
+
+
+def _store_indexes(memory: Memory, directory: Path) -> list[tuple[str, SavedIndex]]:
+    out = []
+    for fingerprint, found in memory.indexes.items():
+        if isinstance(found, SavedIndex):
+            if found.file.path.parent.resolve() == directory.resolve() and found.file.path.is_file():
+                out.append((fingerprint, found))
+                continue
+            found = found(memory.num_tokens)
+        if not isinstance(found, list) or not found:
+            continue
+        tensors = {name: t for layer, li in enumerate(found) for name, t in li.to_tensors(layer).items()}
+        stored = put_bytes(directory, save_bytes(tensors, metadata={"format": "extended-mind-index-ivf"}))
+        out.append((fingerprint, SavedIndex(stored, len(found), int(found[0].centroids.shape[0]))))
+    return out
+
+
+_held = threading.local()  # the memory directories whose lock this thread holds (the lock is reentrant)
+
+
+@contextlib.contextmanager
+def edit_lock(path: str | Path) -> Iterator[None]:
+    """Hold the memory directory's lock: saves by other processes and threads wait until it is released. Hold it
+    over a whole load-edit-save (`with edit_lock(d): m = Memory.load(d); ...; m.save()`) so that concurrent edits
+    apply one after the other; a save takes it too (this thread may hold it already)."""
+    path = Path(path)
+    key = str(path.resolve())
+    held = _held.__dict__.setdefault("paths", set())
+    if fcntl is None or key in held:  # pragma: no cover - Windows: no advisory lock
+        yield
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / _LOCK, "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        held.add(key)
+        try:
+            yield
+        finally:
+            held.discard(key)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def manifest_state(raw: bytes) -> str:
+    """The state of a saved memory: the sha256 of its manifest's bytes (changes with every save)."""
+    return hashlib.sha256(raw).hexdigest()
+
+
+def check_save_target(path: Path) -> None:
+    """Refuse to save into a file, or into a directory that holds something other than a memory."""
+    if path.exists() and not path.is_dir():
+        raise MemoryFileError(f"cannot save a memory to {path}: it is a file, not a directory")
+    if path.is_dir() and not (path / MANIFEST).is_file() and any(p.name != _LOCK for p in path.iterdir()):
+        raise MemoryFileError(f"cannot save a memory to {path}: the directory exists and is not a saved memory")
+    if (path / MANIFEST).is_file():
+        _read_manifest(path)  # refuses to overwrite a memory of an unknown (newer) format
+
+
+def _check_not_changed(memory: Memory, path: Path, state: str) -> None:
+    """Refuse to save over a memory (whose manifest is now in `state`) that another writer saved after this copy was
+    loaded or saved there: its edits would be lost without a word."""
+    if memory.path is None or memory.saved_state is None or Path(memory.path).resolve() != path.resolve():
+        return  # a memory saved over another one on purpose (a new memory written to its directory)
+    if state != memory.saved_state:
+        raise MemoryConflictError(
+            f"the memory in {path} was changed by another writer after this copy of it was loaded; nothing was "
+            "written: load it again and repeat the edit (hold store.edit_lock over load, edit and save to make "
+            "concurrent edits wait for each other)"
+        )
+
+
+def save_memory(memory: Memory, path: Path, checked: bool = False) -> Path:
+    """Write `memory` to `path`; `checked`: the target was checked before other writers (the ranks of a sharded
+    memory) put tensor files there."""
+    if not checked:
+        check_save_target(path)
+    tensor_dir = path / TENSOR_DIR
+    tensor_dir.mkdir(parents=True, exist_ok=True)
+    with edit_lock(path):
+        if (path / MANIFEST).is_file():
+            current = (path / MANIFEST).read_bytes()  # once: its format and its state
+            _parse_manifest(path, current)  # refuses to overwrite a memory of an unknown (newer) format
+            _check_not_changed(memory, path, manifest_state(current))
+        documents, start = [], 0
+        stored = [store_segment(s, tensor_dir) for s in memory.segments]
+        for s, f in zip(memory.segments, stored):
+            d = s.document
+            documents.append(
+                {
+                    "id": d.id,
+                    "name": d.name,
+                    "chars": len(d.text),
+                    "text_sha256": hashlib.sha256(d.text.encode()).hexdigest(),
+                    "tokens": [start, start + s.num_tokens],
+                    "stride": s.stride,
+                    "window": s.window,
+                    "storage": s.storage,
+                    "file": f"{TENSOR_DIR}/{f.path.name}",
+                    "sha256": f.sha256,
+                    "bytes": f.size,
+                    "text": d.text,
+                }
+            )
+            start += s.num_tokens
+        # cloned: safetensors refuses tensors that share storage, and the tables are small
+        rope_tensors = {f"cos.{t}": c.clone() for t, c in enumerate(memory.rope.cos)}
+        rope_tensors |= {f"sin.{t}": s.clone() for t, s in enumerate(memory.rope.sin)}
+        rope = put_bytes(tensor_dir, save_bytes(rope_tensors, metadata={"format": "extended-mind-rope"}))
+        indexes = _store_indexes(memory, tensor_dir)
+        fsync_dir(tensor_dir)
+        manifest = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "written_by": f"extended-mind {__version__}",
+            "model": memory.identity.to_dict(),
+            "storage": memory.storage,
+            "stride": memory.stride,
+            "window": memory.window,
+            "positions": "each token's position inside its memorization window (policies: zero, stored)",
+            "num_layers": memory.num_layers,
+            "num_tokens": memory.num_tokens,
+            "layer_rope": memory.rope.layer_rope,
+            "kv_shapes": [list(x) for x in memory.rope.kv_shapes],
+            "rope": {"file": f"{TENSOR_DIR}/{rope.path.name}", "sha256": rope.sha256, "bytes": rope.size},
+            "documents": documents,
+            "indexes": [
+                {
+                    "fingerprint": fp,
+                    "layers": ix.num_layers,
+                    "heads": ix.num_heads,
+                    "file": f"{TENSOR_DIR}/{ix.file.path.name}",
+                    "sha256": ix.file.sha256,
+                    "bytes": ix.file.size,
+                }
+                for fp, ix in indexes
+            ],  # fmt: skip
+        }
+        raw = json.dumps(manifest, ensure_ascii=False, indent=1).encode()
+        write_atomic(path / MANIFEST, [raw], digest=False)
+        fsync_dir(path)
+        memory.saved_state = manifest_state(raw)
+        for s, f in zip(memory.segments, stored):
+            s.file = f
+        keep = {f.path.name for f in stored} | {rope.path.name} | {ix.file.path.name for _, ix in indexes}
+        for p in tensor_dir.iterdir():  # no manifest refers to these any more (or they are leftovers of a crash)
+            if p.name not in keep:
+                p.unlink(missing_ok=True)
+        (path / "tensors.safetensors").unlink(missing_ok=True)  # format 1's single file
+    return path
+
+
+def _read_manifest(path: Path) -> dict:
+    return _parse_manifest(path, (path / MANIFEST).read_bytes())
+
+
+def _parse_manifest(path: Path, raw: bytes) -> dict:
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MemoryFileError(f"corrupt memory manifest in {path}: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise MemoryFileError(f"{path / MANIFEST} is not an extended-mind memory manifest")
+    version = manifest.get("version")
+    if version != FORMAT_VERSION:
+        hint = (
+            "written by a newer extended-mind: upgrade to read it"
+            if isinstance(version, int) and version > FORMAT_VERSION
+            else "memorize the documents again to rebuild it"
+        )
+        raise MemoryFileError(
+            f"memory {path} has format version {version!r}; this extended-mind reads version {FORMAT_VERSION} ({hint})"
+        )
+    return manifest
+
+
+def _stored(path: Path, entry: dict, what: str) -> StoredFile:
+    name = str(entry["file"])
+    file = (path / name).resolve()
+    if file.parent != (path / TENSOR_DIR).resolve():
+        raise MemoryFileError(f"corrupt memory manifest in {path}: {what} points outside the memory ({name!r})")
+    stored = StoredFile(file, str(entry["sha256"]), int(entry["bytes"]))
+    if not file.is_file():
+        raise MemoryFileError(f"corrupt memory at {path}: the tensor file of {what} is missing ({name})")
+    size = file.stat().st_size
+    if size != stored.size:
+        raise MemoryFileError(
+            f"corrupt memory at {path}: the tensor file of {what} is truncated or damaged ({name}: {size} bytes, "
+            f"expected {stored.size})"
+        )
+    return stored
+
+
+def _segment_loader(stored: StoredFile, n: int, shapes: list, storage: str, what: str):
+    def load() -> dict[str, torch.Tensor]:
+        tensors = stored.map()
+        expected = {"positions": (n,), "spans": (n, 2)}
+        for layer, (h, dk, dv) in enumerate(shapes):
+            expected[f"keys.{layer}"] = (h, n, dk)
+            expected[f"values.{layer}"] = (h, n, dv)
+            if storage == "int8":
+                expected[f"key_scales.{layer}"] = (h, n)
+                expected[f"value_scales.{layer}"] = (h, n)
+        for name, shape in expected.items():
+            if name not in tensors or tuple(tensors[name].shape) != shape:
+                raise MemoryFileError(f"corrupt memory file {stored.path} ({what}): tensor {name} missing or misshapen")
+        return tensors
+
+    return load
+
+
+@dataclass
+class LoadedMemory:
+    """What a saved memory's manifest describes: the parts `Memory.load` builds a memory from (tensors unread)."""
+
+    identity: ModelIdentity
+    segments: list[Segment]
+    rope: RopeTables
+    stride: int
+    window: int
+    storage: str
+    saved_state: str
+    indexes: dict[str, SavedIndex]
+
+
+def load_memory(path: Path) -> LoadedMemory:
+    if not (path / MANIFEST).is_file():
+        raise MemoryFileError(f"not a saved memory (no {MANIFEST}): {path}")
+    raw = (path / MANIFEST).read_bytes()  # once: the manifest and its state are the same version
+    manifest = _parse_manifest(path, raw)
+    state = manifest_state(raw)
+    try:
+        shapes = [tuple(int(x) for x in s) for s in manifest["kv_shapes"]]
+        layer_rope = [int(x) for x in manifest["layer_rope"]]
+        if len(shapes) != int(manifest["num_layers"]) or len(layer_rope) != len(shapes):
+            raise ValueError("layer counts disagree")
+        rope_file = _stored(path, manifest["rope"], "the rotary tables")
+        segments, start = [], 0
+        for entry in manifest["documents"]:
+            what = f"document {entry['id']!r}"
+            lo, hi = (int(x) for x in entry["tokens"])
+            storage = str(entry["storage"])
+            text = str(entry["text"])
+            if lo != start or hi < lo or storage not in STORAGE_DTYPES:
+                raise ValueError(f"bad token range or storage for {what}")
+            if hashlib.sha256(text.encode()).hexdigest() != entry["text_sha256"]:
+                raise MemoryFileError(f"corrupt memory manifest in {path}: the text of {what} fails its checksum")
+            stored = _stored(path, entry, what)
+            segment = Segment(
+                Document(str(entry["id"]), text, entry["name"]),
+                hi - lo,
+                int(entry["stride"]),
+                int(entry["window"]),
+                storage,
+                load=_segment_loader(stored, hi - lo, shapes, storage, what),
+                file=stored,
+            )
+            segments.append(segment)
+            start = hi
+        if start != int(manifest["num_tokens"]):
+            raise ValueError("token count disagrees with the documents")
+        rope_tensors = rope_file.read()
+        n_tables = len(set(layer_rope))
+        rope = RopeTables(
+            cos=[rope_tensors[f"cos.{t}"] for t in range(n_tables)],
+            sin=[rope_tensors[f"sin.{t}"] for t in range(n_tables)],
+            layer_rope=layer_rope,
+            kv_shapes=shapes,
+        )
+        indexes = {}
+        for entry in manifest.get("indexes", []):
+            stored = _stored(path, entry, "a search index")
+            indexes[str(entry["fingerprint"])] = SavedIndex(stored, int(entry["layers"]), int(entry["heads"]))
+        return LoadedMemory(ModelIdentity.from_dict(manifest["model"]), segments, rope, int(manifest["stride"]),
+                            int(manifest["window"]), str(manifest["storage"]), state, indexes)  # fmt: skip
+    except MemoryFileError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MemoryFileError(f"corrupt or incomplete memory manifest in {path}: {exc!r}") from None

@@ -1,0 +1,106 @@
+"""The optional compiled int8 scans (kernels/scan_int8.cpp): AVX512-VNNI and AVX2 builds, each on first use.
+
+`torch._int_mm` reads int8 keys at about half the memory bandwidth when a query batch has a few rows (decode), and
+exact search then has to rank the (rows x keys) scores it wrote. The kernel scans packed keys at close to the
+bandwidth and keeps each row's shortlist while it scans. It is compiled once per machine with the compiler torch
+uses (into the extended-mind cache) and is optional: without a compiler, ninja or the instructions, search uses
+another scan. Which scan runs is measured per machine (scan_select.py). Set EXTENDED_MIND_NATIVE=0 to turn both off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from functools import lru_cache
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from extended_mind.base.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+
+NATIVE_ENV = "EXTENDED_MIND_NATIVE"
+
+
+_SOURCE = Path(__file__).parents[1] / "kernels" / "scan_int8.cpp"
+
+
+# Keys per packed block: one 512-bit register holds 4 dimensions of 16 keys.
+BLOCK = 16
+
+
+def _cpu_has_vnni() -> bool:
+    check = getattr(torch.cpu, "_is_vnni_supported", None)
+    avx512 = getattr(torch.cpu, "_is_avx512_supported", None)
+    try:
+        return bool(check and avx512 and check() and avx512())
+    except RuntimeError:
+        return False
+
+
+def _cpu_has_avx2() -> bool:
+    check = getattr(torch.cpu, "_is_avx2_supported", None)
+    try:
+        return bool(check and check())
+    except RuntimeError:
+        return False
+
+
+def _build(name: str, flags: list[str]) -> ModuleType | None:
+    """Compile the kernel source with `flags` into the extended-mind cache (once per machine and torch)."""
+
+    build = cache_dir() / "kernels" / f"torch-{torch.__version__}" / name
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        build.mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return load_inline(
+                name,
+                cpp_sources=_SOURCE.read_text(),
+                functions=["scan_int8", "scan_int8_topk", "scan_int8_topk_cells"],
+                extra_cflags=["-O3", *flags],
+                build_directory=str(build),
+                verbose=False,
+            )
+    except Exception as exc:  # no compiler, no ninja, a failed build: the other scans are as correct
+        log.warning("int8 scan kernel %s not built (%s)", name, str(exc).splitlines()[0][:200])
+        return None
+
+
+def _kernel(name: str, supported: bool, isa: str, flags: list[str]) -> ModuleType | None:
+    if os.environ.get(NATIVE_ENV, "1") == "0":
+        return None
+    if not supported:
+        log.info("int8 %s scan kernel not used: this CPU has no %s", isa, isa)
+        return None
+    return _build(name, flags)
+
+
+@lru_cache(maxsize=1)
+def scan_kernel() -> ModuleType | None:
+    """The compiled AVX512-VNNI kernel module, or None where it cannot be used here (reason logged)."""
+    return _kernel("extended_mind_scan_int8", _cpu_has_vnni(), "AVX512-VNNI",
+                   ["-mavx512f", "-mavx512bw", "-mavx512vnni"])  # fmt: skip
+
+
+@lru_cache(maxsize=1)
+def scan_kernel_avx2() -> ModuleType | None:
+    """The same kernel for AVX2 (vpmaddubsw/vpmaddwd, exact scores), or None where it cannot be used here."""
+    return _kernel("extended_mind_scan_int8_avx2", _cpu_has_avx2(), "AVX2", ["-mavx2", "-mfma", "-DEM_AVX2"])
+
+
+def pack_keys(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes (H, N, D), D a multiple of 4, -> packed (H, B, D*16) and column sums (H, B*16) int32, with
+    B = ceil(N / 16) blocks (missing keys in the last block are zeros, which the kernel never returns)."""
+    h, n, d = codes.shape
+    blocks = -(-n // BLOCK)
+    padded = torch.zeros(h, blocks * BLOCK, d, dtype=torch.int8, device=codes.device)
+    padded[:, :n] = codes
+    packed = padded.view(h, blocks, BLOCK, d // 4, 4).permute(0, 1, 3, 2, 4).reshape(h, blocks, d * BLOCK)
+    return packed.contiguous(), padded.sum(-1, dtype=torch.int32).contiguous()
