@@ -36,9 +36,10 @@ def test_blocks_never_cross_documents(tiny_mind):
 
 
 def _plan(mind, memory, insert=1, **kw):
-    mem, _, layers = mind._retrieval(memory, kw.get("topk", 8), "logit", "stored", None, retrieval="blocks")
-    return mind._block_plan(mem, layers, insert, kw.get("topk", 8), "logit", None, None, kw.get("blocks", 2),
-                            kw.get("block_size", 8), kw.get("gate", 0.0), None)  # fmt: skip
+    options = mind.options(topk=kw.get("topk", 8), retrieval="blocks", blocks=kw.get("blocks", 2),
+                           block_size=kw.get("block_size", 8), block_gate=kw.get("gate", 0.0))  # fmt: skip
+    _, layers = mind.reader.prepare(memory, options)
+    return mind.reader.plan(memory, layers, insert, options, options.blocks)
 
 
 def test_choose_discounts_the_prior_and_keeps_document_order(tiny_mind):

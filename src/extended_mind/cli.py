@@ -11,37 +11,19 @@ from pathlib import Path
 
 from extended_mind.base.documents import load_documents, read_text_file
 from extended_mind.base.errors import ExtendedMindError
-from extended_mind.base.prompting import DEFAULT_MEMORY_AT, MEMORY_AT
 from extended_mind.bench import cli as bench_cli
 from extended_mind.engine.chat import ChatSession
 from extended_mind.engine.mind import ExtendedMind
 from extended_mind.engine.options import (
-    BLOCK_CHOICES,
-    DEFAULT_BLOCK_CHOICE,
-    DEFAULT_BLOCK_GATE,
-    DEFAULT_BLOCK_RELEVANCE,
-    DEFAULT_BLOCK_SIZE,
-    DEFAULT_BLOCKS,
-    DEFAULT_POSITION_POLICY,
-    DEFAULT_RANKING,
-    DEFAULT_RETRIEVAL,
-    DEFAULT_SEARCH,
     DEFAULT_STRIDE,
-    DEFAULT_TOPK,
-    DEFAULT_TOPK_STEP,
     DEFAULT_WINDOW,
-    MEMORY_HEADS,
-    RANKINGS,
-    RETRIEVAL_MODES,
-    SEARCH_MODES,
-    check_generation_options,
+    GenerationOptions,
+    shared_options,
 )
-from extended_mind.engine.positions import POSITION_POLICIES
 from extended_mind.memory.memory import Memory, is_saved_memory
 from extended_mind.memory.precision import STORAGE_DTYPES
 from extended_mind.memory.store import check_save_target, edit_lock
 from extended_mind.parallel.group import ShardError, active_group, init_from_env, launched_distributed
-from extended_mind.retrieval.index import DEFAULT_APPROX_THRESHOLD
 
 DEMO_QUESTION = (
     "Question: How many termites can one aardwolf eat in a single night?\nAnswer: One aardwolf can eat about"
@@ -74,85 +56,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--retrieval",
-        choices=RETRIEVAL_MODES,
-        default=DEFAULT_RETRIEVAL,
-        help=f"blocks: the retrieval heads choose memory blocks that every head reads as context; tokens: every "
-        f"head retrieves its own top-k memory tokens ({DEFAULT_RETRIEVAL})",
-    )
-    p.add_argument("--blocks", type=int, default=DEFAULT_BLOCKS, help=f"memory blocks read ({DEFAULT_BLOCKS})")
-    p.add_argument(
-        "--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help=f"tokens per memory block ({DEFAULT_BLOCK_SIZE})"
-    )
-    p.add_argument(
-        "--block-gate",
-        type=float,
-        default=DEFAULT_BLOCK_GATE,
-        help=f"read a block only if its score is this fraction of the best block's ({DEFAULT_BLOCK_GATE})",
-    )
-    p.add_argument(
-        "--block-relevance",
-        type=float,
-        default=DEFAULT_BLOCK_RELEVANCE,
-        help="read a block only if the question draws it this many spreads above what unrelated questions do; "
-        f"0 reads the best blocks whatever the question ({DEFAULT_BLOCK_RELEVANCE})",
-    )
-    p.add_argument(
-        "--block-choice",
-        choices=BLOCK_CHOICES,
-        default=DEFAULT_BLOCK_CHOICE,
-        help="how blocks are chosen: by the retrieval heads (what to copy), or by a sentence embedding's similarity "
-        "to the question (examples like it, as in many-shot in-context learning; needs `extended-mind data fetch "
-        f"--only minilm`) ({DEFAULT_BLOCK_CHOICE})",
-    )
-    p.add_argument(
-        "--memory-at",
-        choices=MEMORY_AT,
-        default=DEFAULT_MEMORY_AT,
-        help=f"where block memory is read: before the question or before the answer ({DEFAULT_MEMORY_AT})",
-    )
-    p.add_argument(
-        "--memory-heads",
-        choices=MEMORY_HEADS,
-        default=None,
-        help="heads that retrieve from memory: the calibrated retrieval heads or all (blocks: retrieval; tokens: all)",
-    )
-    p.add_argument(
-        "--topk",
-        type=int,
-        default=DEFAULT_TOPK,
-        help=f"memory tokens ranked per query head and token; 0: no memory ({DEFAULT_TOPK})",
-    )
+    for name, default, meta in shared_options():  # how a question reads memory: declared in engine/options.py
+        shown = default if default is not None else ("off" if meta["choices"] is None else None)
+        help_text = meta["help"] + (f" ({shown})" if shown is not None else "")
+        p.add_argument("--" + name.replace("_", "-"), type=None if meta["choices"] else meta["kind"],
+                       choices=meta["choices"], default=default, help=help_text)  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (64)")
     p.add_argument("--no-chat", action="store_true", help="send the question as raw text, without the chat template")
     p.add_argument("--answer-prefix", default="", help="text the answer starts with (helps small models)")
-    p.add_argument(
-        "--ranking", choices=RANKINGS, default=DEFAULT_RANKING, help=f"how memories are ranked ({DEFAULT_RANKING})"
-    )
-    p.add_argument("--similarity-threshold", type=float, default=None, help="drop memories with cosine <= this (off)")
-    p.add_argument(
-        "--position-policy",
-        choices=POSITION_POLICIES,
-        default=DEFAULT_POSITION_POLICY,
-        help=f"token retrieval: rotary positions of retrieved memories ({DEFAULT_POSITION_POLICY})",
-    )
-    p.add_argument(
-        "--uncertainty-threshold",
-        type=float,
-        default=None,
-        help="entropy (nats) above which a step is recomputed with topk + topk-step memories (off)",
-    )
-    p.add_argument(
-        "--topk-step", type=int, default=DEFAULT_TOPK_STEP, help=f"extra memories on re-retrieval ({DEFAULT_TOPK_STEP})"
-    )
     p.add_argument("--stop", action="append", default=[], help="string that ends the answer (repeatable)")
-    p.add_argument(
-        "--search",
-        choices=SEARCH_MODES,
-        default=DEFAULT_SEARCH,
-        help=f"top-k search: auto is approximate from {DEFAULT_APPROX_THRESHOLD:,} memory tokens on ({DEFAULT_SEARCH})",
-    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -342,31 +254,10 @@ def _memory_command(args: argparse.Namespace) -> None:
                 print(f"{k:>16}: {v}")
 
 
-GENERATION_CHECKS = ("topk", "max_new_tokens", "topk_step", "blocks", "block_size", "block_gate", "block_relevance",
-                     "block_choice")  # fmt: skip
-
-
 def _generation_options(args: argparse.Namespace) -> dict:
     """The options of `_add_generation_args` that `ExtendedMind.stream` and `ChatSession` share."""
-    return dict(
-        retrieval=args.retrieval,
-        blocks=args.blocks,
-        block_size=args.block_size,
-        block_gate=args.block_gate,
-        block_relevance=args.block_relevance,
-        block_choice=args.block_choice,
-        memory_at=args.memory_at,
-        memory_heads=args.memory_heads,
-        topk=args.topk,
-        max_new_tokens=args.max_new_tokens,
-        ranking=args.ranking,
-        similarity_threshold=args.similarity_threshold,
-        position_policy=args.position_policy,
-        uncertainty_threshold=args.uncertainty_threshold,
-        topk_step=args.topk_step,
-        stop=args.stop,
-        search=args.search,
-    )
+    shared = {name: getattr(args, name) for name, _, _ in shared_options()}
+    return {**shared, "max_new_tokens": args.max_new_tokens, "stop": args.stop}
 
 
 def _chat(args: argparse.Namespace) -> None:
@@ -417,8 +308,7 @@ def _saved_memories(paths: list[Path], args: argparse.Namespace | None = None) -
         if not p.is_dir():
             read_text_file(p)  # a text file to memorize: readable, text, not empty
     if args is not None:
-        options = _generation_options(args)
-        check_generation_options(**{k: options[k] for k in GENERATION_CHECKS})
+        GenerationOptions.of(**_generation_options(args))
     return {p: Memory.load(p) for p in paths if is_saved_memory(p)}
 
 

@@ -20,14 +20,15 @@ from extended_mind.bench.rag import Retriever
 from extended_mind.bench.yarn import yarn_factor, yarn_scaling
 from extended_mind.engine.memorize import sink_token_id
 from extended_mind.engine.mind import ExtendedMind
+from extended_mind.engine.options import shared_options
 from extended_mind.memory.memory import Memory
 
 METHODS = ("emt", "rag", "context", "yarn", "emt+rag", "none")
+# emt[...] settings: how a question reads memory (engine/options.py), and the harness's own: stride (memorizing),
+# layers (memory_layers as a range) and chunk (scoring).
 EMT_SETTINGS = {
-    "topk": int, "stride": int, "position_policy": str, "similarity_threshold": float, "ranking": str,
-    "uncertainty_threshold": float, "topk_step": int, "search": str, "layers": str, "retrieval": str, "blocks": int,
-    "block_size": int, "block_gate": float, "block_relevance": float, "block_choice": str, "memory_heads": str,
-    "memory_at": str, "chunk": int,
+    **{name: str if meta["choices"] else meta["kind"] for name, _, meta in shared_options()},
+    "stride": int, "layers": str, "chunk": int,
 }  # fmt: skip
 # Settings with another name in ExtendedMind.generate/logits (layers "10-29" -> memory_layers [10, ..., 29]).
 _RENAMED = {"layers": "memory_layers"}

@@ -31,7 +31,6 @@ from extended_mind.attention.session import Session
 from extended_mind.base.compat import with_cache
 from extended_mind.engine.blocks import BlockPlan, select_blocks
 from extended_mind.engine.generation import (
-    DecodeSettings,
     GeneratedToken,
     GenerationResult,
     TokenStream,
@@ -42,6 +41,7 @@ from extended_mind.engine.generation import (
     stop_token_ids,
     token_logprobs,
 )
+from extended_mind.engine.options import GenerationOptions
 from extended_mind.memory.citations import cite, sparse_sum
 from extended_mind.memory.memory import Memory
 from extended_mind.retrieval.layer import LayerMemory, RetrievalSettings
@@ -69,7 +69,7 @@ class BatchRow:
 
 
 def generate_batch(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[BatchRow], s: DecodeSettings
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[BatchRow], s: GenerationOptions
 ) -> list[GenerationResult]:
     """Decode `rows` together from the start, all with settings `s`; the results in the rows' order."""
     results: list[GenerationResult | None] = [None] * len(rows)
@@ -87,7 +87,7 @@ def generate_batch(
 Sink = Callable[[GeneratedToken | GenerationResult], None]
 
 
-def retrieval_key(s: DecodeSettings) -> tuple:
+def retrieval_key(s: GenerationOptions) -> tuple:
     """What rows of one batch must share (retrieval runs inside attention with one set of settings)."""
     return (s.topk, s.ranking, s.similarity_threshold, s.citation_weighting)
 
@@ -108,7 +108,7 @@ def can_merge(model: PreTrainedModel) -> bool:
 @dataclass
 class _Row:
     row: BatchRow
-    s: DecodeSettings
+    s: GenerationOptions
     layers: dict[int, LayerMemory]
     sink: Sink
     cancelled: Callable[[], bool]
@@ -145,7 +145,7 @@ class DecodeBatch:
         """Rows still decoding."""
         return sum(not r.done for r in self.rows)
 
-    def compatible(self, s: DecodeSettings) -> bool:
+    def compatible(self, s: GenerationOptions) -> bool:
         """Whether a stream with settings `s` can join now."""
         if s.uncertainty_threshold is not None:  # recomputes single steps: runs alone
             return not self.rows
@@ -153,11 +153,11 @@ class DecodeBatch:
             return True
         return self.room() > 0 and retrieval_key(s) == self.key
 
-    def join(self, row: BatchRow, s: DecodeSettings, sink: Sink, cancelled: Callable[[], bool]) -> None:
+    def join(self, row: BatchRow, s: GenerationOptions, sink: Sink, cancelled: Callable[[], bool]) -> None:
         """Prefill `row`'s prompt and add it to the batch (the caller checked `compatible`)."""
         self.join_many([(row, s, sink, cancelled)])
 
-    def join_many(self, joining: list[tuple[BatchRow, DecodeSettings, Sink, Callable[[], bool]]]) -> None:
+    def join_many(self, joining: list[tuple[BatchRow, GenerationOptions, Sink, Callable[[], bool]]]) -> None:
         """Prefill several rows' prompts in one left-padded forward pass and add them to the batch (the caller
         checked that each is `compatible` and that they share `retrieval_key`)."""
         rows = [j[0] for j in joining]

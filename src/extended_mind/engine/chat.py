@@ -45,6 +45,7 @@ class ChatSession:
         self.options = {"max_new_tokens": 128} | options
         if "chat" in options or "answer_prefix" in options:
             raise ExtendedMindError("a chat session always uses the chat template; chat/answer_prefix do not apply")
+        mind.options(**self.options)  # a bad option fails here, not at the first message
         self.storage = storage
         self.turns: list[tuple[str, str]] = []  # (user, assistant) still in context
         self.history_path = Path(history) if history is not None else None

@@ -12,6 +12,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from extended_mind.attention.session import Session
 from extended_mind.base.compat import with_cache
 from extended_mind.engine.blocks import BlockPlan, select_blocks
+from extended_mind.engine.options import GenerationOptions
 from extended_mind.memory.citations import Citation, cite, sparse_sum
 from extended_mind.memory.memory import Memory
 from extended_mind.retrieval.layer import LayerMemory, RetrievalSettings
@@ -72,22 +73,6 @@ class GenerationResult:
             "blocks_read": self.blocks_read,
             "warnings": self.warnings,
         }
-
-
-@dataclass
-class DecodeSettings:
-    topk: int
-    ranking: str
-    similarity_threshold: float | None
-    max_new_tokens: int
-    uncertainty_threshold: float | None
-    topk_step: int
-    temperature: float
-    seed: int | None
-    stop: tuple[str, ...] = ()
-    citation_weighting: str = "attention_value"
-    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added before choosing (OpenAI's logit_bias)
-    top_logprobs: int = 0  # alternatives reported with each token's log-probability
 
 
 def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
@@ -155,7 +140,7 @@ class TokenStream:
         memory: Memory | None,
         layers: dict[int, LayerMemory],
         offset: int,
-        settings: DecodeSettings,
+        settings: GenerationOptions,
         plan: BlockPlan | None = None,
     ):
         self.model, self.tokenizer, self.memory = model, tokenizer, memory

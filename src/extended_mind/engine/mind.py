@@ -3,64 +3,37 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from extended_mind.attention.patching import patch_model
 from extended_mind.attention.session import Session
-from extended_mind.base.compat import with_cache
 from extended_mind.base.documents import Document, load_documents
 from extended_mind.base.errors import ExtendedMindError, PromptTooLongError
 from extended_mind.base.identity import ModelIdentity
 from extended_mind.base.loading import load_model
-from extended_mind.base.prompting import DEFAULT_MEMORY_AT, MEMORY_AT, EncodedPrompt, encode, leading_special
+from extended_mind.base.prompting import DEFAULT_MEMORY_AT, EncodedPrompt, encode, leading_special
 from extended_mind.engine.batching import BatchRow, generate_batch
-from extended_mind.engine.blocks import (
-    CALIBRATION_QUESTIONS,
-    NEUTRAL_PROMPTS,
-    BlockLayout,
-    BlockPlan,
-    block_prior,
-    calibrate_relevance,
-    select_blocks,
-    slot_positions,
-)
-from extended_mind.engine.generation import DecodeSettings, GenerationResult, TokenStream
-from extended_mind.engine.heads import head_scores, retrieval_heads
-from extended_mind.engine.memorize import encode_documents, memorize_encoded, memorize_sharded, sink_token_id
+from extended_mind.engine.generation import GenerationResult, TokenStream
+from extended_mind.engine.heads import head_scores
+from extended_mind.engine.memorize import encode_documents, memorize_encoded, memorize_sharded
 from extended_mind.engine.options import (
-    CITATION_WEIGHTINGS,
-    DEFAULT_BLOCK_CHOICE,
-    DEFAULT_BLOCK_GATE,
-    DEFAULT_BLOCK_RELEVANCE,
-    DEFAULT_BLOCK_SIZE,
-    DEFAULT_BLOCKS,
     DEFAULT_POSITION_POLICY,
-    DEFAULT_RANKING,
     DEFAULT_RETRIEVAL,
     DEFAULT_SCORING_CHUNK,
-    DEFAULT_SEARCH,
-    DEFAULT_TOPK,
-    DEFAULT_TOPK_STEP,
     DEFAULT_WINDOW,
-    MEMORY_HEADS,
-    RANKINGS,
-    RETRIEVAL_MODES,
-    SEARCH_MODES,
-    check_block_options,
-    check_generation_options,
+    GenerationOptions,
     check_int,
 )
-from extended_mind.engine.positions import POSITION_POLICIES, prepare_layers, prompt_offset
+from extended_mind.engine.reading import MemoryReader
 from extended_mind.memory.memory import Memory
 from extended_mind.memory.sharded import rank_loads, shard_memory
 from extended_mind.parallel.group import ShardGroup, active_group
-from extended_mind.retrieval.embedding import Embedder, TextEmbedder, text_vectors
+from extended_mind.retrieval.embedding import Embedder, TextEmbedder
 from extended_mind.retrieval.index import DEFAULT_APPROX_THRESHOLD, IndexSettings
-from extended_mind.retrieval.layer import LayerMemory, RetrievalSettings
+from extended_mind.retrieval.layer import RetrievalSettings
 
 MemoryLike = Memory | str | Path  # a Memory, or the directory of a saved one
 
@@ -83,6 +56,7 @@ class ExtendedMind:
         self.identity = ModelIdentity.of(model, tokenizer, source)
         self._head_scores: torch.Tensor | None = None
         self._embedder: TextEmbedder | None = None
+        self.reader = MemoryReader(model, tokenizer, lambda: self.head_scores, lambda: self.embedder)
         if shards not in (None, True, False):
             raise ExtendedMindError(f"shards must be None, True or False, got {shards!r}")
         self.shards = shards
@@ -232,12 +206,14 @@ class ExtendedMind:
         `position_policy`), so that the first question does not wait for them and `memory.save()` stores them.
         With `only_above_threshold`, only when `search="auto"` would use them (token retrieval over a memory of
         `approx_threshold` tokens or more; block memory's auto search is exact). Returns the memory."""
+        options = GenerationOptions.of(position_policy=position_policy, index=index, search="approximate",
+                                       approx_threshold=approx_threshold, retrieval=retrieval)  # fmt: skip
         if not only_above_threshold or (retrieval != "blocks" and memory.num_tokens >= approx_threshold):
-            self._retrieval(memory, DEFAULT_TOPK, DEFAULT_RANKING, position_policy, None, "approximate", 0, index,
-                            retrieval=retrieval)  # fmt: skip
+            self.reader.prepare(self.as_memory(memory), options)
         return memory
 
     def as_memory(self, memory: MemoryLike | list[MemoryLike] | None) -> Memory | None:
+        """One memory for this model from a Memory, a saved memory's directory, or a list of them (merged)."""
         if memory is None:
             return None
         items = [memory] if isinstance(memory, (Memory, str, Path)) else list(memory)
@@ -253,122 +229,10 @@ class ExtendedMind:
             self._shard(m)
         return Memory.merge(memories)
 
-    def _retrieval(
-        self,
-        memory: MemoryLike | list[MemoryLike] | None,
-        topk: int,
-        ranking: str,
-        position_policy: str,
-        memory_layers: list[int] | None,
-        search: str = DEFAULT_SEARCH,
-        approx_threshold: int = DEFAULT_APPROX_THRESHOLD,
-        index: IndexSettings | None = None,
-        retrieval: str = "tokens",
-        memory_heads: str | None = None,
-    ) -> tuple[Memory | None, int, dict[int, LayerMemory]]:
-        """Validate the retrieval options; return (memory, first prompt position, prepared memory layers). Block
-        memory prepares every layer with unrotated keys (the "zero" policy: slots are rotated when chosen)."""
-        if retrieval not in RETRIEVAL_MODES:
-            raise ExtendedMindError(f"unknown retrieval {retrieval!r}; choose one of {RETRIEVAL_MODES}")
-        if memory_heads is not None and memory_heads not in MEMORY_HEADS:
-            raise ExtendedMindError(f"unknown memory_heads {memory_heads!r}; choose one of {MEMORY_HEADS}")
-        if search not in SEARCH_MODES:
-            raise ExtendedMindError(f"unknown search {search!r}; choose one of {SEARCH_MODES}")
-        check_int("approx_threshold", approx_threshold, 0)
-        if index is not None and not isinstance(index, IndexSettings):
-            raise ExtendedMindError(f"index must be an IndexSettings, got {type(index).__name__}")
-        check_int("topk", topk, 0)
-        if ranking not in RANKINGS:
-            raise ExtendedMindError(f"unknown ranking {ranking!r}; choose one of {RANKINGS}")
-        if position_policy not in POSITION_POLICIES:
-            raise ExtendedMindError(f"unknown position policy {position_policy!r}; choose one of {POSITION_POLICIES}")
-        n_layers = self.model.config.num_hidden_layers
-        if memory_layers is not None:
-            bad = [x for x in memory_layers if not isinstance(x, int) or not 0 <= x < n_layers]
-            if bad:
-                raise ExtendedMindError(f"memory_layers {bad} out of range: the model has layers 0..{n_layers - 1}")
-        mem = self.as_memory(memory)
-        if mem is None:
-            return None, 0, {}
-        # block memory's "auto" stays exact: its selection scans a few layers (8 of 30 on SmolLM2), measured within
-        # 2x of no memory at a million tokens, while an index covers every layer (docs/measurements.md)
-        approximate = search == "approximate" or (
-            search == "auto" and retrieval != "blocks" and mem.num_tokens >= approx_threshold
-        )
-        settings = (index or IndexSettings()) if approximate and topk > 0 and mem.num_tokens else None
-        if retrieval == "blocks":  # keys of the layers whose heads choose blocks; slots are read from the memory
-            selecting = None if memory_heads == "all" else sorted(retrieval_heads(self.head_scores))
-            return mem, 0, prepare_layers(mem, "zero", self.device, self.model.dtype, selecting, settings,
-                                          values=False)  # fmt: skip
-        layers = prepare_layers(mem, position_policy, self.device, self.model.dtype, memory_layers, settings)
-        if memory_heads == "retrieval":  # only the retrieval heads read memory; layers without any, none
-            heads = retrieval_heads(self.head_scores)
-            layers = {i: replace(m, heads=heads[i]) for i, m in layers.items() if i in heads}
-        return mem, prompt_offset(mem, position_policy), layers
-
     def memory_positions(self, memory: Memory | None, **options) -> int:
         """Positions a memory takes in front of (or inside) a prompt under generation `options`: the slots kept
         for block memory, or the prompt offset of the token retrieval's position policy."""
-        if memory is None or memory.num_tokens == 0 or options.get("topk", DEFAULT_TOPK) == 0:
-            return 0
-        if options.get("retrieval", DEFAULT_RETRIEVAL) == "blocks":
-            blocks = options.get("blocks", DEFAULT_BLOCKS)
-            if options.get("uncertainty_threshold") is not None:
-                blocks += options.get("topk_step", DEFAULT_TOPK_STEP)
-            return slot_positions(blocks, options.get("block_size", DEFAULT_BLOCK_SIZE))
-        return prompt_offset(memory, options.get("position_policy", DEFAULT_POSITION_POLICY))
-
-    def _block_plan(
-        self,
-        memory: Memory,
-        layers: dict[int, LayerMemory],
-        insert: int,
-        topk: int,
-        ranking: str,
-        similarity_threshold: float | None,
-        memory_layers: list[int] | None,
-        blocks: int,
-        block_size: int,
-        block_gate: float,
-        memory_heads: str | None,
-        extra_blocks: int = 0,
-        min_relevance: float | None = None,
-    ) -> BlockPlan:
-        """The block plan for a question (`min_relevance` given: blocks are read only when relevant, see
-        `Relevance`), or for scoring a long input (None: every chunk reads the blocks most above the prior)."""
-        n_layers = self.model.config.num_hidden_layers
-        if memory_heads == "all":
-            heads = {i: torch.ones(self.model.config.num_attention_heads, dtype=torch.bool) for i in range(n_layers)}
-        else:
-            heads = retrieval_heads(self.head_scores)
-        plan = BlockPlan(
-            memory=memory,
-            layers=layers,
-            read_layers=list(range(n_layers)) if memory_layers is None else list(memory_layers),
-            device=self.device,
-            dtype=self.model.dtype,
-            heads=heads,
-            layout=BlockLayout.of(memory, block_size),
-            blocks=blocks,
-            gate=block_gate,
-            settings=RetrievalSettings(topk, ranking, similarity_threshold),
-            insert=insert,
-            reserve=slot_positions(blocks + extra_blocks, block_size),
-        )
-        # the calibrations are the memory's own (not the prompt's): computed once per memory and setting, kept with it
-        setting = f"{block_size}-{topk}-{ranking}-{similarity_threshold}-{memory_heads}"
-        if min_relevance is None:
-            plan.prior = memory.cached(
-                f"prior-{setting}", lambda: block_prior(self.model, plan, self._neutral_prompts())
-            )
-        else:
-            plan.min_relevance = min_relevance
-            if plan.layout.num_blocks <= blocks and not extra_blocks:  # fits the slots: only its own length
-                plan.reserve = int(plan.layout.lengths.sum())
-            plan.relevance = memory.cached(
-                f"relevance-{setting}", lambda: calibrate_relevance(self.model, plan, self._calibration_prompts())
-            )
-        return plan
+        return self.reader.positions_taken(memory, GenerationOptions.of(**options))
 
     @property
     def embedder(self) -> TextEmbedder:
@@ -382,14 +246,6 @@ class ExtendedMind:
     def embedder(self, embedder: TextEmbedder) -> None:
         self._embedder = embedder
 
-    def _block_similarity(self, memory: Memory, layout: BlockLayout, question: str) -> torch.Tensor:
-        """(blocks,) cosine similarity of every block's text to `question`; the blocks' vectors are computed once
-        per memory, block size and embedding model, and kept with the memory."""
-        embedder = self.embedder
-        vectors = memory.cached(f"embeddings-{layout.size}-{id(embedder)}",
-                              lambda: text_vectors(embedder, layout.texts(memory)))  # fmt: skip
-        return vectors @ text_vectors(embedder, [question])[0]
-
     # ---- generation ----
 
     def encode_prompt(self, prompt: str | list[int], chat: bool = True, answer_prefix: str = "") -> list[int]:
@@ -398,223 +254,79 @@ class ExtendedMind:
         already tokenized and used as it is."""
         return encode(self.tokenizer, prompt, chat, answer_prefix, DEFAULT_MEMORY_AT).ids
 
-    def _neutral_prompts(self) -> list[EncodedPrompt]:
-        return [self._with_sink(encode(self.tokenizer, p, False, "", "question")) for p in NEUTRAL_PROMPTS]
-
-    def _calibration_prompts(self) -> list[EncodedPrompt]:
-        """CALIBRATION_QUESTIONS as users send them: in the chat template (when the model has one), bare, and as
-        "Question: ...\nAnswer:"."""
-        out = []
-        for q in CALIBRATION_QUESTIONS:
-            if getattr(self.tokenizer, "chat_template", None):
-                out.append(encode(self.tokenizer, q, True, "", "question"))
-            for text in (q, f"Question: {q}\nAnswer:"):
-                out.append(self._with_sink(encode(self.tokenizer, text, False, "", "question")))
-        return out
-
-    def _with_sink(self, prompt: EncodedPrompt) -> EncodedPrompt:
-        """Block memory needs a token before its slots that holds the attention sink: a prompt whose memory would
-        come first gets the one memorization starts documents with (BOS, else EOS)."""
-        if prompt.memory_at > 0:
-            return prompt
-        sink = sink_token_id(self.tokenizer)
-        if sink is None:
-            first = min(1, len(prompt.ids))
-            asks_to = None if prompt.asks_to is None else max(first + 1, prompt.asks_to)
-            return replace(prompt, memory_at=first, asks_from=first, asks_to=asks_to)
-        asks_to = None if prompt.asks_to is None else prompt.asks_to + 1
-        return EncodedPrompt([sink, *prompt.ids], 1, prompt.asks_from + 1, asks_to)
+    def options(self, **options) -> GenerationOptions:
+        """Generation options checked against this model (its layers and vocabulary)."""
+        o = GenerationOptions.of(**options)
+        self.reader.check_layers(o.memory_layers)
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        outside = [t for t, _ in o.logit_bias if not 0 <= t < vocab]
+        if outside:
+            raise ExtendedMindError(f"logit_bias token id {outside[0]} is outside the vocabulary (0..{vocab - 1})")
+        return o
 
     def stream(
         self,
         prompt: str | list[int] | EncodedPrompt,
         memory: MemoryLike | list[MemoryLike] | None = None,
-        topk: int = DEFAULT_TOPK,
-        max_new_tokens: int = 128,
-        chat: bool = True,
-        answer_prefix: str = "",
-        ranking: str = DEFAULT_RANKING,
-        similarity_threshold: float | None = None,
-        position_policy: str = DEFAULT_POSITION_POLICY,
-        memory_layers: list[int] | None = None,
-        uncertainty_threshold: float | None = None,
-        topk_step: int = DEFAULT_TOPK_STEP,
-        temperature: float = 0.0,
-        seed: int | None = None,
-        stop: list[str] | None = None,
-        citation_weighting: str = "attention_value",
-        search: str = DEFAULT_SEARCH,
-        approx_threshold: int = DEFAULT_APPROX_THRESHOLD,
-        index: IndexSettings | None = None,
-        retrieval: str = DEFAULT_RETRIEVAL,
-        blocks: int = DEFAULT_BLOCKS,
-        block_size: int = DEFAULT_BLOCK_SIZE,
-        block_gate: float = DEFAULT_BLOCK_GATE,
-        block_relevance: float = DEFAULT_BLOCK_RELEVANCE,
-        block_choice: str = DEFAULT_BLOCK_CHOICE,
-        memory_heads: str | None = None,
-        memory_at: str = DEFAULT_MEMORY_AT,
-        logit_bias: dict[int, float] | None = None,
-        top_logprobs: int = 0,
+        **options,
     ) -> TokenStream:
         """Like `generate`, but returns an iterator of tokens as they are produced (`.result` once exhausted)."""
-        check_generation_options(topk=topk, max_new_tokens=max_new_tokens, topk_step=topk_step, blocks=blocks,
-                                 block_size=block_size, block_gate=block_gate, block_relevance=block_relevance,
-                                 block_choice=block_choice)  # fmt: skip
-        if citation_weighting not in CITATION_WEIGHTINGS:
-            raise ExtendedMindError(
-                f"unknown citation weighting {citation_weighting!r}; choose one of {CITATION_WEIGHTINGS}"
-            )
-        if temperature < 0:
-            raise ExtendedMindError(f"temperature must be >= 0, got {temperature}")
-        bias = self._check_logit_bias(logit_bias)
-        check_int("top_logprobs", top_logprobs, 0)
-        mem, offset, layers = self._retrieval(
-            memory, topk, ranking, position_policy, memory_layers, search, approx_threshold, index, retrieval,
-            memory_heads,
-        )  # fmt: skip
-        if memory_at not in MEMORY_AT:
-            raise ExtendedMindError(f"unknown memory_at {memory_at!r}; choose one of {MEMORY_AT}")
-        encoded = prompt if isinstance(prompt, EncodedPrompt) else encode(self.tokenizer, prompt, chat, answer_prefix,
-                                                                            memory_at)  # fmt: skip
-        ids = encoded.ids
+        o = self.options(**options)
+        mem = self.as_memory(memory)
+        offset, layers = self.reader.prepare(mem, o) if mem is not None else (0, {})
+        encoded = prompt if isinstance(prompt, EncodedPrompt) else encode(self.tokenizer, prompt, o.chat,
+                                                                            o.answer_prefix, o.memory_at)  # fmt: skip
         plan = None
-        if retrieval == "blocks" and mem is not None and topk > 0 and blocks > 0 and mem.num_tokens:
-            encoded = self._with_sink(encoded)
-            sink_added = len(encoded.ids) > len(ids)
-            ids = encoded.ids
-            extra = topk_step if uncertainty_threshold is not None else 0
-            # as many blocks as the window leaves room for (the prompt and the answer come first)
-            room = (self.context_window - len(ids) - max_new_tokens) // block_size - extra
-            if room < 1 and len(ids) <= self.context_window:
-                raise PromptTooLongError(
-                    f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) leave no room for a memory block "
-                    f"of {block_size} tokens (+{extra} for uncertainty retrieval) in the model's window of "
-                    f"{self.context_window} tokens; shorten the prompt, lower max_new_tokens or block_size"
-                )
-            blocks = min(blocks, room)
-            plan = self._block_plan(mem, layers, encoded.memory_at, topk, ranking, similarity_threshold, memory_layers,
-                                    blocks, block_size, block_gate, memory_heads, extra, block_relevance)  # fmt: skip
-            plan.select_from, plan.select_to, plan.sink_added = encoded.asks_from, encoded.asks_to, sink_added
-            if block_choice == "embedding":
-                question = self.tokenizer.decode(ids[encoded.asks_from : encoded.asks_to], skip_special_tokens=True)
-                plan.similarity = self._block_similarity(mem, plan.layout, question)
-            offset = plan.reserve
-        if retrieval == "blocks" and plan is None:
-            layers = {}
+        if o.retrieval == "blocks":
+            if mem is not None and o.topk > 0 and o.blocks > 0 and mem.num_tokens:
+                encoded, plan = self.reader.question_plan(mem, layers, encoded, o, self.context_window)
+                offset = plan.reserve
+            else:
+                layers = {}
+        self._check_window(len(encoded.ids), offset, o.max_new_tokens)
+        return TokenStream(self.model, self.tokenizer, encoded.ids, mem, layers, offset, o, plan)
+
+    def _check_window(self, prompt_tokens: int, offset: int, max_new_tokens: int) -> None:
         window = self.context_window
-        if len(ids) > window:
-            raise PromptTooLongError(f"prompt is {len(ids)} tokens, longer than the model's window of {window} tokens")
-        if offset + len(ids) + max_new_tokens > window:
+        if prompt_tokens > window:
+            raise PromptTooLongError(f"prompt is {prompt_tokens} tokens, longer than the model's window of {window} "
+                                     "tokens")  # fmt: skip
+        if offset + prompt_tokens + max_new_tokens > window:
             raise PromptTooLongError(
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) starting at position {offset} "
+                f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) starting at position {offset} "
                 f"(after the memory's positions) exceed the model's window of {window} tokens; shorten the prompt, "
                 "lower max_new_tokens, or use position_policy='zero'"
             )
-        settings = DecodeSettings(
-            topk=topk,
-            ranking=ranking,
-            similarity_threshold=similarity_threshold,
-            max_new_tokens=max_new_tokens,
-            uncertainty_threshold=uncertainty_threshold,
-            topk_step=topk_step,
-            temperature=temperature,
-            seed=seed,
-            stop=tuple(x for x in (stop or []) if x),
-            citation_weighting=citation_weighting,
-            logit_bias=bias,
-            top_logprobs=top_logprobs,
-        )
-        return TokenStream(self.model, self.tokenizer, ids, mem, layers, offset, settings, plan)
-
-    def _check_logit_bias(self, logit_bias: dict[int, float] | None) -> tuple[tuple[int, float], ...]:
-        """OpenAI's rules: token ids of this vocabulary (ints, or their strings as JSON sends them), biases in
-        [-100, 100]."""
-        if not logit_bias:
-            return ()
-        if not isinstance(logit_bias, dict):
-            raise ExtendedMindError(f"logit_bias must map token ids to biases, got {type(logit_bias).__name__}")
-        vocab = self.model.get_output_embeddings().weight.shape[0]
-        out = []
-        for token, value in logit_bias.items():
-            try:
-                tid, bias = int(token), float(value)
-            except (TypeError, ValueError):
-                raise ExtendedMindError(f"logit_bias entries are token id: number, got {token!r}: {value!r}") from None
-            if not 0 <= tid < vocab:
-                raise ExtendedMindError(f"logit_bias token id {tid} is outside the vocabulary (0..{vocab - 1})")
-            if not -100 <= bias <= 100:
-                raise ExtendedMindError(f"logit_bias values must be in [-100, 100], got {bias} for token {tid}")
-            out.append((tid, bias))
-        return tuple(out)
 
     def logits(
         self,
         input_ids: torch.Tensor,
         memory: MemoryLike | list[MemoryLike] | None = None,
-        topk: int = DEFAULT_TOPK,
-        ranking: str = DEFAULT_RANKING,
-        similarity_threshold: float | None = None,
-        position_policy: str = DEFAULT_POSITION_POLICY,
-        memory_layers: list[int] | None = None,
-        search: str = DEFAULT_SEARCH,
-        approx_threshold: int = DEFAULT_APPROX_THRESHOLD,
-        index: IndexSettings | None = None,
-        retrieval: str = DEFAULT_RETRIEVAL,
-        blocks: int = DEFAULT_BLOCKS,
-        block_size: int = DEFAULT_BLOCK_SIZE,
-        block_gate: float = DEFAULT_BLOCK_GATE,
-        memory_heads: str | None = None,
         chunk: int = DEFAULT_SCORING_CHUNK,
+        **options,
     ) -> torch.Tensor:
         """Next-token logits (B, S, V) for every position of `input_ids` (B, S) with memory attention; for scoring
-        (perplexity, answer log-probabilities). Positions start after the memory as in `generate`. Block memory
-        reads its slots between the leading special tokens (at least the first token) and the rest, and takes
-        the rows in chunks of `chunk`, each reading the blocks its own rows chose."""
-        check_block_options(blocks, block_size, block_gate)
+        (perplexity, answer log-probabilities). Options as in `generate` (those about reading memory apply).
+        Positions start after the memory as in `generate`. Block memory reads its slots between the leading special
+        tokens (at least the first token) and the rest, and takes the rows in chunks of `chunk`, each reading the
+        blocks its own rows chose."""
+        o = self.options(**options)
         check_int("chunk", chunk, 1)
-        mem, offset, layers = self._retrieval(
-            memory, topk, ranking, position_policy, memory_layers, search, approx_threshold, index, retrieval,
-            memory_heads,
-        )  # fmt: skip
+        mem = self.as_memory(memory)
+        offset, layers = self.reader.prepare(mem, o) if mem is not None else (0, {})
         input_ids = input_ids.to(self.device)
-        if retrieval == "blocks":
-            if mem is None or topk == 0 or blocks == 0 or not mem.num_tokens:
+        if o.retrieval == "blocks":
+            if mem is None or o.topk == 0 or o.blocks == 0 or not mem.num_tokens:
                 layers = {}
             else:
                 head = max(1, min(leading_special(self.tokenizer, row.tolist()) for row in input_ids))
-                plan = self._block_plan(mem, layers, head, topk, ranking, similarity_threshold, memory_layers,
-                                        blocks, block_size, block_gate, memory_heads)  # fmt: skip
-                return self._block_logits(input_ids, plan, chunk)
-        session = Session(layers=layers, settings=RetrievalSettings(topk, ranking, similarity_threshold))
+                plan = self.reader.plan(mem, layers, head, o, o.blocks)
+                return self.reader.block_logits(input_ids, plan, chunk)
+        session = Session(layers=layers, settings=RetrievalSettings(o.topk, o.ranking, o.similarity_threshold))
         positions = torch.arange(offset, offset + input_ids.shape[1], device=self.device)[None].expand_as(input_ids)
         session.row_positions = positions
         with session.active(), torch.inference_mode():
             return self.model(input_ids=input_ids, position_ids=positions, use_cache=False).logits
-
-    def _block_logits(self, input_ids: torch.Tensor, plan: BlockPlan, chunk: int) -> torch.Tensor:
-        """`logits` with block memory: a pass without memory chooses blocks per chunk of rows, then the head and
-        every chunk go through the model in turn (a KV cache carries the text), each chunk reading its blocks."""
-        b, n = input_ids.shape
-        positions = torch.tensor(plan.positions(n), device=self.device)[None].expand(b, n)
-        group = torch.full((n,), -1, dtype=torch.long)
-        group[plan.insert :] = torch.arange(n - plan.insert) // chunk
-        rows = [r.tolist() for r in input_ids]
-        masses = select_blocks(self.model, rows, [positions[0].tolist()] * b, [plan] * b, [group] * b)
-        cache = DynamicCache(config=self.model.config)
-        session = Session(settings=plan.settings, rows=[{} for _ in range(b)], row_citations=[[] for _ in range(b)])
-        out = []
-        starts = [0, *range(plan.insert, n, chunk)]
-        for c, start in enumerate(starts):
-            end = plan.insert if c == 0 else min(start + chunk, n)
-            if c > 0:
-                session.rows = [plan.slots(plan.choose(m[c - 1])) for m in masses]
-            session.row_positions = positions[:, start:end]
-            with session.active(), torch.inference_mode():
-                step = self.model(input_ids=input_ids[:, start:end], position_ids=positions[:, start:end],
-                                  use_cache=True, **with_cache(self.model, cache))  # fmt: skip
-            out.append(step.logits)
-        return torch.cat(out, dim=1)
 
     def generate(
         self, prompt: str | list[int] | EncodedPrompt, memory: MemoryLike | list[MemoryLike] | None = None, **options

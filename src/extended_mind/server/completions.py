@@ -23,7 +23,7 @@ from extended_mind.server.errors import APIError
 from extended_mind.server.library import MemoryLibrary, check_name, split_document_id
 from extended_mind.server.ops import ServerMetrics
 from extended_mind.server.scheduler import BatchScheduler
-from extended_mind.server.schemas import ChatCompletionRequest, CompletionRequest, MemoryOptions
+from extended_mind.server.schemas import MEMORY_OPTIONS, ChatCompletionRequest, CompletionRequest, MemoryOptions
 from extended_mind.server.streaming import SSE_HEADERS, event_stream
 from extended_mind.server.worker import ModelWorker
 
@@ -108,22 +108,7 @@ def add_completion_routes(
             "logit_bias": req.logit_bias,
             "top_logprobs": alternatives(req) or 0,
         }
-        for name in (
-            "retrieval",
-            "blocks",
-            "block_size",
-            "block_gate",
-            "block_relevance",
-            "block_choice",
-            "memory_heads",
-            "topk",
-            "uncertainty_threshold",
-            "topk_step",
-            "similarity_threshold",
-            "position_policy",
-            "ranking",
-            "search",
-        ):
+        for name in MEMORY_OPTIONS:  # memory_at is used where the prompt is encoded
             value = getattr(req, name)
             if value is not None:
                 opts[name] = value

@@ -7,56 +7,37 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from extended_mind.engine.options import MAX_TOPK
-from extended_mind.retrieval.index import DEFAULT_APPROX_THRESHOLD
+from extended_mind.engine.options import shared_options
 
 MEMORY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 MemoryName = Annotated[str, Field(pattern=MEMORY_NAME_PATTERN, description="letters, digits, '_', '.', '-'")]
 
 
-class MemoryOptions(BaseModel):
-    """How a request reads its memories (all optional; defaults as in the Python API)."""
+def _memory_option_fields() -> dict[str, Any]:
+    """The request fields of the options that say how a question reads memory (engine/options.py declares them:
+    bounds, choices, help); absent means the Python API's default."""
+    out: dict[str, Any] = {}
+    for name, _, meta in shared_options():
+        kind = Literal[meta["choices"]] if meta["choices"] else meta["kind"]
+        out[name] = (kind | None, Field(default=None, ge=meta["minimum"], le=meta["request_maximum"],
+                                          description=meta["help"]))
+    return out
 
+
+class _Memories(BaseModel):
     memory: MemoryName | list[MemoryName] | None = Field(
         default=None, description="name(s) of stored memories to attend to"
     )
-    retrieval: Literal["blocks", "tokens"] | None = Field(
-        default=None, description="blocks: retrieval heads choose memory blocks read as context; tokens: per-head top-k"
-    )
-    blocks: int | None = Field(default=None, ge=0, le=256, description="memory blocks read")
-    block_size: int | None = Field(default=None, ge=1, le=1024, description="tokens per memory block")
-    block_gate: float | None = Field(
-        default=None, ge=0, le=1, description="read a block only if its score is this fraction of the best block's"
-    )
-    block_relevance: float | None = Field(
-        default=None, ge=0, le=1000,
-        description="read a block only if the question draws it this many spreads above what unrelated questions do",
-    )
-    block_choice: Literal["heads", "embedding"] | None = Field(
-        default=None,
-        description="heads: the retrieval heads choose blocks; embedding: the blocks nearest the question by a "
-        "sentence embedding (examples like it, as for many-shot in-context learning)",
-    )
-    memory_heads: Literal["retrieval", "all"] | None = None
-    memory_at: Literal["question", "answer"] | None = Field(
-        default=None, description="where block memory is read: before the question or between question and answer"
-    )
-    topk: int | None = Field(
-        default=None, ge=0, le=MAX_TOPK, description="memory tokens ranked per query head and token"
-    )
-    uncertainty_threshold: float | None = Field(
-        default=None, ge=0, le=100, description="entropy (nats) above which a step is redone with more memories"
-    )
-    topk_step: int | None = Field(default=None, ge=0, le=1024)
-    similarity_threshold: float | None = Field(default=None, ge=-1, le=1)
-    position_policy: Literal["zero", "stored"] | None = None
-    ranking: Literal["logit", "cosine"] | None = None
-    search: Literal["auto", "exact", "approximate"] | None = Field(
-        default=None,
-        description=f"top-k search: approximate (IVF index) from {DEFAULT_APPROX_THRESHOLD:,} memory tokens when auto",
-    )
+
+
+MemoryOptions = create_model(
+    "MemoryOptions", __base__=_Memories, __doc__="How a request reads its memories (all optional; defaults as in the "
+    "Python API).", **_memory_option_fields()
+)  # fmt: skip
+# passed on to generation as they are (memory_at is used where the prompt is encoded)
+MEMORY_OPTIONS = tuple(name for name, _, _ in shared_options() if name != "memory_at")
 
 
 class SamplingOptions(BaseModel):
