@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from extended_mind.engine.generation import entropy
+from extended_mind.engine.decoding import entropy
 from extended_mind.memory.citations import cite
 
 DOC = "The pass key is 71234. Remember it. " * 3 + "Grass is green and the sky is blue. " * 6

@@ -11,7 +11,7 @@ from extended_mind.base.errors import (
 )
 from extended_mind.base.version import __version__
 from extended_mind.engine.chat import ChatSession
-from extended_mind.engine.generation import GeneratedToken, GenerationResult, Retrieval
+from extended_mind.engine.decoding import GeneratedToken, GenerationResult, Retrieval
 from extended_mind.engine.mind import ExtendedMind
 from extended_mind.memory.citations import Citation
 from extended_mind.memory.memory import Memory

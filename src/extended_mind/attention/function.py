@@ -140,29 +140,54 @@ def _attend(
     h, skv = key.shape[1], key.shape[2]
     g = hq // h
     scaling = d**-0.5 if scaling is None else scaling
-    softcap = kwargs.get("softcap")
-    cdt = mem.keys.dtype
     qg = query.reshape(b, h, g * sq, d)  # query head h*g + j -> kv head h (as repeat_kv), rows ordered (j, t)
+    mem_logits, mem_idx, mem_values = _memory_logits(module, qg, g, mem, session, scaling, attention_mask, positions,
+                                                     skv, kwargs)  # fmt: skip
+    local_logits = _local_logits(qg, key, scaling, attention_mask, g, kwargs)
+    k = mem_logits.shape[-1]
+    probs = torch.softmax(torch.cat([mem_logits.view(b, h, g, sq, k), local_logits], dim=-1), dim=-1)
+    p_mem, p_local = probs[..., :k], probs[..., k:]
 
+    out = torch.matmul(p_local.reshape(b, h, g * sq, skv).to(value.dtype), value)  # (B, H, g*sq, D)
+    if mem.slot_tokens is not None:
+        out = out + torch.matmul(p_mem.reshape(b, h, g * sq, k).to(mem.values.dtype), mem.values).to(out.dtype)
+    else:
+        out = out + torch.matmul(p_mem.reshape(b, h, g * sq, 1, k).to(mem_values.dtype), mem_values).squeeze(-2).to(
+            out.dtype
+        )
+    if session.record_citations:
+        records.append(_citation_record(mem, mem_idx, mem_values, p_mem, session.citation_weighting))
+    out = out.view(b, h, g, sq, d).reshape(b, hq, sq, d).transpose(1, 2).contiguous()
+    return out, None
+
+
+def _memory_logits(module: torch.nn.Module, qg: torch.Tensor, g: int, mem: LayerMemory, session: Session,
+                   scaling: float, attention_mask: torch.Tensor | None, positions: torch.Tensor | None, skv: int,
+                   kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """Logits of the memories each query row reads (B, H, g*sq, k), float: its top-k (values returned too) or the
+    slots; masked where a row reads none, biased under ALiBi, soft-capped like the local logits."""
+    b, h, rows, _ = qg.shape  # rows: g query heads per KV head x sq query positions
+    cdt = mem.keys.dtype
     slots = mem.slot_tokens is not None
+    mem_values = None
     if slots:  # every row reads every slot
         mem_logits = torch.matmul(qg.to(cdt), mem.keys.transpose(1, 2)) * scaling  # (B, H, g*sq, S)
-        mem_idx = mem.slot_tokens.to(query.device).view(1, 1, 1, -1).expand(b, h, g * sq, -1)
+        mem_idx = mem.slot_tokens.to(qg.device).view(1, 1, 1, -1).expand(b, h, rows, -1)
     else:
         mem_logits, mem_idx, mem_values = retrieve(qg.to(cdt), mem, session.settings, scaling)  # (B, H, g*sq, k)
-        if mem.heads is not None:
-            reads = mem.heads.to(query.device).view(1, h, g, 1).expand(b, h, g, sq).reshape(b, h, g * sq, 1)
-            mem_logits = mem_logits.masked_fill(~reads, float("-inf"))
-    local_logits = torch.matmul(qg, key.transpose(-1, -2)).float() * scaling  # (B, H, g*sq, Skv)
+    sq = rows // g
+    if not slots and mem.heads is not None:
+        reads = mem.heads.to(qg.device).view(1, h, g, 1).expand(b, h, g, sq).reshape(b, h, rows, 1)
+        mem_logits = mem_logits.masked_fill(~reads, float("-inf"))
     mem_logits = mem_logits.float()
     k = mem_logits.shape[-1]
     no_memory = _rows_without_memory(mem, attention_mask, positions, b, sq, skv)
     if no_memory is not None:
-        mem_logits = mem_logits.view(b, h, g, sq, k).masked_fill(no_memory, float("-inf")).view(b, h, g * sq, k)
+        mem_logits = mem_logits.view(b, h, g, sq, k).masked_fill(no_memory, float("-inf")).view(b, h, rows, k)
     far = _slots_out_of_window(module, mem, positions, mem_logits.device) if slots else None
     if far is not None:
         mem_logits = mem_logits.view(b, h, g, sq, k).masked_fill(far.view(b, 1, 1, sq, k), float("-inf"))
-        mem_logits = mem_logits.view(b, h, g * sq, k)
+        mem_logits = mem_logits.view(b, h, rows, k)
     alibi = kwargs.get("alibi")
     if alibi is not None:  # ALiBi (attention/alibi.py): a memory at position p is biased as a local key at p would be
         slopes, last = alibi
@@ -171,10 +196,23 @@ def _attend(
         else:
             mem_pos = mem.positions.to(mem_idx.device)[mem_idx].view(b, h, g, sq, k)
         bias = (mem_pos - last.to(mem_logits.device).view(-1, 1, 1, 1, 1)).float() * slopes.view(1, h, g, 1, 1)
-        mem_logits = (mem_logits.view(b, h, g, sq, k) + bias).view(b, h, g * sq, k)
+        mem_logits = (mem_logits.view(b, h, g, sq, k) + bias).view(b, h, rows, k)
+    softcap = kwargs.get("softcap")
+    if softcap is not None:
+        mem_logits = torch.tanh(mem_logits / softcap) * softcap
+    return mem_logits, mem_idx, mem_values
+
+
+def _local_logits(qg: torch.Tensor, key: torch.Tensor, scaling: float, attention_mask: torch.Tensor | None, g: int,
+                  kwargs: dict) -> torch.Tensor:  # fmt: skip
+    """Logits of the local context (B, H, g, sq, Skv), float: soft-capped, biased (ALiBi adapters), masked."""
+    b, h, rows, _ = qg.shape
+    skv = key.shape[2]
+    sq = rows // g
+    local_logits = torch.matmul(qg, key.transpose(-1, -2)).float() * scaling  # (B, H, g*sq, Skv)
+    softcap = kwargs.get("softcap")
     if softcap is not None:
         local_logits = torch.tanh(local_logits / softcap) * softcap
-        mem_logits = torch.tanh(mem_logits / softcap) * softcap
     local_logits = local_logits.view(b, h, g, sq, skv)
     local_bias = kwargs.get("local_bias")
     if local_bias is not None:  # (B or 1, Hq, 1 or Sq, Skv)
@@ -185,33 +223,25 @@ def _attend(
             local_logits = local_logits.masked_fill(~mask, float("-inf"))
         else:
             local_logits = local_logits + mask.float()
-    joint = torch.cat([mem_logits.view(b, h, g, sq, k), local_logits], dim=-1)
-    probs = torch.softmax(joint, dim=-1)
-    p_mem, p_local = probs[..., :k], probs[..., k:]
+    return local_logits
 
-    out = torch.matmul(p_local.reshape(b, h, g * sq, skv).to(value.dtype), value)  # (B, H, g*sq, D)
-    if slots:
-        out = out + torch.matmul(p_mem.reshape(b, h, g * sq, k).to(mem.values.dtype), mem.values).to(out.dtype)
-    else:
-        out = out + torch.matmul(p_mem.reshape(b, h, g * sq, 1, k).to(mem_values.dtype), mem_values).squeeze(-2).to(
-            out.dtype
-        )
 
-    if session.record_citations:
-        # What memory token j adds to the output is p_j * v_j: weigh citations by p_j * |v_j|, so that tokens
-        # that soak up attention but carry near-empty values (sink-like tokens) are not cited.
-        last_idx = mem_idx.view(b, h, g, sq, k)[0, :, :, -1].reshape(hq, k)
-        last_p = p_mem[0, :, :, -1].reshape(hq, k)
-        if session.citation_weighting == "attention_value":
-            if slots:
-                norms = mem.values.float().norm(dim=-1).repeat_interleave(g, dim=0)  # (Hq, S)
-            else:
-                norms = mem_values[0].view(h, g, sq, k, -1)[:, :, -1].reshape(hq, k, -1).float().norm(dim=-1)
-            last_p = last_p * norms
-        records.append((last_idx.detach(), last_p.detach()))
-
-    out = out.view(b, h, g, sq, d).reshape(b, hq, sq, d).transpose(1, 2).contiguous()
-    return out, None
+def _citation_record(mem: LayerMemory, mem_idx: torch.Tensor, mem_values: torch.Tensor | None, p_mem: torch.Tensor,
+                     weighting: str) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(memory indices, weights) of the first row's last query position, (Hq, k). What memory token j adds to the
+    output is p_j * v_j: under "attention_value" citations weigh p_j * |v_j|, so that tokens that soak up attention
+    but carry near-empty values (sink-like tokens) are not cited."""
+    b, h, g, sq, k = p_mem.shape
+    hq = h * g
+    last_idx = mem_idx.view(b, h, g, sq, k)[0, :, :, -1].reshape(hq, k)
+    last_p = p_mem[0, :, :, -1].reshape(hq, k)
+    if weighting == "attention_value":
+        if mem.slot_tokens is not None:
+            norms = mem.values.float().norm(dim=-1).repeat_interleave(g, dim=0)  # (Hq, S)
+        else:
+            norms = mem_values[0].view(h, g, sq, k, -1)[:, :, -1].reshape(hq, k, -1).float().norm(dim=-1)
+        last_p = last_p * norms
+    return last_idx.detach(), last_p.detach()
 
 
 def _slots_by_sdpa(mem: LayerMemory, query: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict) -> bool:

@@ -20,7 +20,7 @@ rows start together or not at all, and finished rows keep their place until all 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -30,23 +30,11 @@ from extended_mind.attention.patching import attention_modules
 from extended_mind.attention.session import Session
 from extended_mind.base.compat import with_cache
 from extended_mind.engine.blocks import BlockPlan, select_blocks
-from extended_mind.engine.generation import (
-    GeneratedToken,
-    GenerationResult,
-    TokenStream,
-    biased,
-    entropy,
-    next_piece,
-    next_token,
-    stop_token_ids,
-    token_logprobs,
-)
+from extended_mind.engine.decoding import Answer, GeneratedToken, GenerationResult, record_weights, stop_token_ids
+from extended_mind.engine.generation import TokenStream
 from extended_mind.engine.options import GenerationOptions
-from extended_mind.memory.citations import cite, sparse_sum
 from extended_mind.memory.memory import Memory
 from extended_mind.retrieval.layer import LayerMemory, RetrievalSettings
-
-_CANCELLED = -2  # the token of a row whose client went away
 
 
 @dataclass
@@ -112,18 +100,15 @@ class _Row:
     layers: dict[int, LayerMemory]
     sink: Sink
     cancelled: Callable[[], bool]
-    generator: torch.Generator | None
+    answer: Answer
     position: int  # position id of the row's next input token
     logits: torch.Tensor | None = None  # (V,) next-token logits
-    idx: torch.Tensor | None = None  # citations of the last forward pass
-    w: torch.Tensor | None = None
-    generated: list[int] = field(default_factory=list)
-    tokens: list[GeneratedToken] = field(default_factory=list)
-    text: str = ""
-    finish: str = "length"
-    done: bool = False
+    read: tuple[torch.Tensor, torch.Tensor] | None = None  # memory tokens the last forward pass read, weights
     reported: bool = False  # its result was handed over
-    blocks_read: int | None = None  # block memory: blocks it reads
+
+    @property
+    def done(self) -> bool:
+        return self.answer.done
 
 
 class DecodeBatch:
@@ -185,13 +170,13 @@ class DecodeBatch:
             m, pos = len(row.prompt_ids), row.positions()
             ids[i, width - m :], mask[i, width - m :] = torch.tensor(row.prompt_ids), 1
             positions[i, width - m :] = torch.tensor(pos)
-            generator = torch.Generator().manual_seed(s.seed) if s.seed is not None else None
-            live.append(_Row(row, s, lay, sink, cancelled, generator, pos[-1] + 1,
-                             blocks_read=None if chosen[i] is None else int(chosen[i].numel())))
+            blocks_read = None if chosen[i] is None else int(chosen[i].numel())
+            answer = Answer(s, row.memory, len(row.prompt_ids), getattr(row.memory, "shard", None), blocks_read)
+            live.append(_Row(row, s, lay, sink, cancelled, answer, pos[-1] + 1))
         cache = DynamicCache(config=self.model.config)
         logits, cites = self._forward(live, ids, positions, mask, cache)
         for i, r in enumerate(live):
-            r.logits, (r.idx, r.w) = logits[i], cites[i]
+            r.logits, r.read = logits[i], cites[i]
         if not self.rows:
             self.cache, self.mask, self.key = cache, mask, retrieval_key(joining[0][1])
         else:
@@ -209,7 +194,7 @@ class DecodeBatch:
         for r in self.rows:
             if r.done and not r.reported:
                 r.reported = True
-                r.sink(self._result(r))
+                r.sink(r.answer.result())
         if all(r.done for r in self.rows):
             self.rows, self.cache, self.mask, self.key = [], None, None, None
             return
@@ -224,45 +209,16 @@ class DecodeBatch:
         self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long)], dim=1)
         logits, cites = self._forward(self.rows, ids, positions, self.mask, self.cache)
         for i, r in enumerate(self.rows):
-            r.logits, (r.idx, r.w) = logits[i], cites[i]
+            r.logits, r.read = logits[i], cites[i]
             r.position += 1
 
     def _advance(self, r: _Row) -> int | None:
-        """Choose and hand over row r's next token; marks the row done when it finishes. None: no token."""
-        s = r.s
-        token = _CANCELLED if r.cancelled() else next_token(biased(r.logits, s.logit_bias), s.temperature, r.generator)
-        group = getattr(r.row.memory, "shard", None)
-        if group is not None:  # ranks of a sharded memory follow rank 0 (its sampling, its client's cancellation)
-            token = group.agree([token])[0]
-        if token == _CANCELLED:
-            r.done, r.finish = True, "cancelled"
+        """Choose and hand over row r's next token (the step of decoding.py); None: the row ended, no token."""
+        tok = r.answer.add(r.answer.choose(r.logits, r.cancelled()), r.logits, r.read, self.tokenizer, self.stop_ids)
+        if tok is None:
             return None
-        if token in self.stop_ids:
-            r.done, r.finish = True, "stop"
-            return None
-        r.generated.append(token)
-        last = len(r.generated) == s.max_new_tokens
-        piece, r.text, hit = next_piece(self.tokenizer, r.generated, r.text, s.stop, last)
-        memory = r.row.memory
-        citations = cite(memory, r.idx, r.w, max_spans=3) if memory is not None and len(r.idx) else []
-        logprob, top = token_logprobs(r.logits, token, s.top_logprobs)
-        tok = GeneratedToken(token, piece, entropy(r.logits), s.topk, citations, memory_indices=r.idx,
-                             memory_weights=r.w, logprob=logprob, top_logprobs=top)  # fmt: skip
-        r.tokens.append(tok)
         r.sink(tok)
-        if hit >= 0:
-            r.done, r.finish = True, "stop"
-        elif last:
-            r.done = True
-        return token
-
-    def _result(self, r: _Row) -> GenerationResult:
-        citations = []
-        if r.row.memory is not None and r.tokens:
-            idx, w = sparse_sum([t.memory_indices for t in r.tokens], [t.memory_weights for t in r.tokens])
-            citations = cite(r.row.memory, idx, w / len(r.tokens))
-        finish = "stop" if r.finish == "cancelled" else r.finish
-        return GenerationResult(r.text, r.tokens, citations, [], len(r.row.prompt_ids), finish, r.blocks_read)
+        return tok.id
 
     def _forward(self, rows: list[_Row], ids, positions, mask, cache) -> tuple[torch.Tensor, list]:
         layers = [r.layers for r in rows]
@@ -279,11 +235,7 @@ class DecodeBatch:
             out = self.model(input_ids=ids.to(self.device), position_ids=positions.to(self.device),
                              attention_mask=mask.to(self.device), use_cache=True, logits_to_keep=1,
                              **with_cache(self.model, cache))  # fmt: skip
-        cites = []
-        for records in session.row_citations:
-            idx, w = sparse_sum([x[0] for x in records], [x[1] for x in records])
-            cites.append((idx.cpu(), (w / (len(records) * self.n_heads)).cpu() if records else w.cpu()))
-        return out.logits[:, -1].float(), cites
+        return out.logits[:, -1].float(), [record_weights(records, self.n_heads) for records in session.row_citations]
 
     def _trim(self) -> None:
         """Drop leading key columns that are padding in every row (left by rows that left)."""

@@ -198,8 +198,8 @@ class BlockPlan:
         out = {}
         dev = self.device
         for layer in self.read_layers:
-            table = self.memory.layer_rope[layer]
-            cos, sin = extend_table(self.memory.rope_cos[table], self.memory.rope_sin[table], self.slot_end)
+            table = self.memory.rope.layer_rope[layer]
+            cos, sin = extend_table(self.memory.rope.cos[table], self.memory.rope.sin[table], self.slot_end)
             chosen_keys, chosen_values = fetched[layer]
             raw = chosen_keys.float()  # stored keys are pre-RoPE: what the "zero" policy rotates to position 0
             keys = apply_rope(raw, cos[positions].to(dev), sin[positions].to(dev)).to(self.dtype)

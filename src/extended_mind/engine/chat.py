@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from extended_mind.base.errors import ExtendedMindError
 from extended_mind.base.prompting import DEFAULT_MEMORY_AT, EncodedPrompt, encode_messages
-from extended_mind.engine.generation import GeneratedToken, GenerationResult
+from extended_mind.engine.decoding import GeneratedToken, GenerationResult
 from extended_mind.memory.memory import Memory, is_saved_memory
 
 if TYPE_CHECKING:

@@ -16,7 +16,8 @@ from extended_mind.base.identity import ModelIdentity
 from extended_mind.base.loading import load_model
 from extended_mind.base.prompting import DEFAULT_MEMORY_AT, EncodedPrompt, encode, leading_special
 from extended_mind.engine.batching import BatchRow, generate_batch
-from extended_mind.engine.generation import GenerationResult, TokenStream
+from extended_mind.engine.decoding import GenerationResult
+from extended_mind.engine.generation import TokenStream
 from extended_mind.engine.heads import head_scores
 from extended_mind.engine.memorize import encode_documents, memorize_encoded, memorize_sharded
 from extended_mind.engine.options import (

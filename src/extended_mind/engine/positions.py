@@ -102,8 +102,8 @@ def _prepare(
     memory.open_all()
     prepared = {}
     for layer in tqdm(wanted, desc="preparing memory", unit="layer", disable=memory.num_tokens < (1 << 19)):
-        table = memory.layer_rope[layer]
-        cos, sin = memory.rope_cos[table], memory.rope_sin[table]
+        table = memory.rope.layer_rope[layer]
+        cos, sin = memory.rope.cos[table], memory.rope.sin[table]
         keys = memory.layer_keys(layer)
         if not (policy == "zero" and bool((cos[0] == 1).all()) and bool((sin[0] == 0).all())):
             keys = apply_rope(keys.float(), cos[pos], sin[pos])  # (at position 0 the rotation is the identity)

@@ -77,18 +77,6 @@ class Memory:
         return len(self.rope.layer_rope)
 
     @property
-    def rope_cos(self) -> list[torch.Tensor]:
-        return self.rope.cos
-
-    @property
-    def rope_sin(self) -> list[torch.Tensor]:
-        return self.rope.sin
-
-    @property
-    def layer_rope(self) -> list[int]:
-        return self.rope.layer_rope
-
-    @property
     def nbytes(self) -> int:
         """Bytes of stored keys and values (the part that grows with the memory)."""
         return sum(s.nbytes for s in self.segments)

@@ -136,11 +136,6 @@ class ShardGroup:
         self._run(what, lambda: dist.all_gather_object(out, obj))
         return out
 
-    def broadcast_object(self, obj: Any, what: str = "broadcast") -> Any:
-        box = [obj]
-        self._run(what, lambda: dist.broadcast_object_list(box, src=0))
-        return box[0]
-
     def agree(self, values: list[int], what: str = "agreeing on the next token") -> list[int]:
         """Rank 0's `values` on every rank (the same length everywhere)."""
         t = self._to_comm(torch.tensor(values, dtype=torch.long))

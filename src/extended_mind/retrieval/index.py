@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from extended_mind.base.errors import ExtendedMindError
-from extended_mind.retrieval.exact import exact_scores
+from extended_mind.retrieval.exact import SCORE_BLOCK, exact_scores
 from extended_mind.retrieval.scan import KeyScan, fast_topk, shortlist_size
 from extended_mind.retrieval.scan_select import build_scan
 
@@ -41,9 +41,6 @@ DEFAULT_APPROX_THRESHOLD = 1_048_576
 # than gathering the cells' keys first.
 _FULL_SCAN_SHARE = 0.6
 
-
-# Bound on the (query rows x scanned keys) block of scores computed at once per KV head.
-SCORE_BLOCK = 1 << 24
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from extended_mind.base.prompting import DEFAULT_MEMORY_AT, EncodedPrompt, encode, encode_messages
-from extended_mind.engine.generation import GeneratedToken, GenerationResult
+from extended_mind.engine.decoding import GeneratedToken, GenerationResult
 from extended_mind.engine.mind import ExtendedMind
 from extended_mind.memory.citations import Citation
 from extended_mind.server.config import ServerConfig

@@ -15,7 +15,7 @@ from prometheus_client.core import GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from extended_mind.engine.generation import GeneratedToken
+from extended_mind.engine.decoding import GeneratedToken
 from extended_mind.server.errors import APIError, error_response
 
 if TYPE_CHECKING:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from extended_mind.engine.batching import BatchRow, DecodeBatch, retrieval_key
-from extended_mind.engine.generation import GenerationResult, TokenStream
+from extended_mind.engine.decoding import GenerationResult
+from extended_mind.engine.generation import TokenStream
 from extended_mind.server.worker import END, Channel, ModelWorker
 
 if TYPE_CHECKING:
