@@ -11,18 +11,19 @@ from importlib.resources import files
 from fastapi import FastAPI
 from fastapi.responses import FileResponse
 
+from extended_mind.base.version import __version__
 from extended_mind.engine.mind import ExtendedMind
-from extended_mind.server.completions import add_completion_routes, served_model_id
 from extended_mind.server.config import ServerConfig
 from extended_mind.server.errors import APIError, install_error_handlers
 from extended_mind.server.guard import GuardMiddleware
 from extended_mind.server.library import MemoryLibrary
-from extended_mind.server.memory_routes import add_memory_routes
-from extended_mind.server.ops import MetricsMiddleware, ServerMetrics, add_ops_routes, add_token_routes
+from extended_mind.server.ops import MetricsMiddleware, ServerMetrics, TokenServing
+from extended_mind.server.routes import router
+from extended_mind.server.scheduler import BatchScheduler
+from extended_mind.server.serving_completions import ChatServing, CompletionServing, served_model_id
+from extended_mind.server.serving_memories import MemoryServing
 from extended_mind.server.sharded import Mirror, open_memories
 from extended_mind.server.worker import ModelWorker
-
-from .. import __version__
 
 log = logging.getLogger(__name__)
 STATIC = files("extended_mind.server") / "static"
@@ -56,7 +57,7 @@ def create_app(mind: ExtendedMind | Callable[[], ExtendedMind], config: ServerCo
     app.add_middleware(MetricsMiddleware, metrics=metrics, state=app.state)  # outermost: counts refusals too
     app.state.ready, app.state.loading, app.state.load_error, app.state.metrics = False, False, None, metrics
     app.state.mirror = None
-    add_ops_routes(app, metrics)
+    app.include_router(router)
 
     def install(loaded: ExtendedMind) -> None:
         mirror = None
@@ -67,9 +68,11 @@ def create_app(mind: ExtendedMind | Callable[[], ExtendedMind], config: ServerCo
             open_memories(library)
         app.state.library, app.state.worker, app.state.model_id = library, worker, served_model_id(loaded)
         metrics.library = library
-        add_completion_routes(app, loaded, library, worker, config, metrics, mirror)
-        add_memory_routes(app, loaded, library, worker, config)
-        add_token_routes(app, loaded)
+        scheduler = BatchScheduler(worker, loaded.model, loaded.tokenizer, config.max_batch, metrics.batch.set, mirror)
+        app.state.completions = CompletionServing(loaded, library, scheduler, config, metrics, mirror)
+        app.state.chat = ChatServing(loaded, library, scheduler, config, metrics, mirror)
+        app.state.memories = MemoryServing(loaded, library, worker, config)
+        app.state.tokens = TokenServing(loaded)
         app.state.ready = True
 
     def load() -> None:

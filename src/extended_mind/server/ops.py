@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Response
+from fastapi import Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -105,18 +105,17 @@ class MetricsMiddleware:
             self.metrics.requests.labels(getattr(route, "path", "unmatched"), str(status)).inc()
 
 
-def add_ops_routes(app: FastAPI, metrics: ServerMetrics) -> None:
-    @app.get("/health", summary="200 when the model is ready, 503 while it loads")
-    async def health():
-        if app.state.ready:
-            return {"status": "ok"}
-        if app.state.load_error:
-            return JSONResponse({"status": "error", "error": app.state.load_error}, status_code=503)
-        return JSONResponse({"status": "loading"}, status_code=503)
+def health(state: Any) -> JSONResponse | dict:
+    """200 when the model is ready; 503 while it loads or when loading failed (with the error)."""
+    if state.ready:
+        return {"status": "ok"}
+    if state.load_error:
+        return JSONResponse({"status": "error", "error": state.load_error}, status_code=503)
+    return JSONResponse({"status": "loading"}, status_code=503)
 
-    @app.get("/metrics", summary="Prometheus metrics")
-    async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+def prometheus(metrics: ServerMetrics) -> Response:
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 class TokenizeRequest(BaseModel):
@@ -136,23 +135,24 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int] = Field(max_length=1_000_000)
 
 
-def add_token_routes(app: FastAPI, mind: ExtendedMind) -> None:
-    vocab = len(mind.tokenizer)
+class TokenServing:
+    """/tokenize and /detokenize with the served model's tokenizer (vLLM's and llama.cpp's bodies)."""
 
-    @app.post("/tokenize", summary="Token ids of a text")
-    async def tokenize(req: TokenizeRequest) -> dict:
+    def __init__(self, mind: ExtendedMind):
+        self.mind, self.vocab = mind, len(mind.tokenizer)
+
+    def tokenize(self, req: TokenizeRequest) -> dict:
         text = req.prompt if req.prompt is not None else req.content
         if text is None:
             raise APIError(400, "send the text as 'prompt' (or 'content')", "invalid_value", "prompt")
         special = req.add_special_tokens if req.add_special_tokens is not None else bool(req.add_special)
-        ids = mind.tokenizer(text, add_special_tokens=special)["input_ids"]
-        return {"tokens": ids, "count": len(ids), "max_model_len": mind.context_window}
+        ids = self.mind.tokenizer(text, add_special_tokens=special)["input_ids"]
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.mind.context_window}
 
-    @app.post("/detokenize", summary="The text of token ids")
-    async def detokenize(req: DetokenizeRequest) -> dict:
-        bad = [t for t in req.tokens if not 0 <= t < vocab]
+    def detokenize(self, req: DetokenizeRequest) -> dict:
+        bad = [t for t in req.tokens if not 0 <= t < self.vocab]
         if bad:
-            raise APIError(400, f"token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}", "invalid_value",
+            raise APIError(400, f"token ids outside the vocabulary (0..{self.vocab - 1}): {bad[:5]}", "invalid_value",
                            "tokens")  # fmt: skip
-        text = mind.tokenizer.decode(req.tokens)
+        text = self.mind.tokenizer.decode(req.tokens)
         return {"prompt": text, "content": text}

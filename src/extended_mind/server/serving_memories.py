@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -26,10 +26,15 @@ def no_document(memory: str, doc_id: str) -> APIError:
     return APIError(404, f"no document {doc_id!r} in memory {memory!r}", "document_not_found", "doc_id")
 
 
-def add_memory_routes(
-    app: FastAPI, mind: ExtendedMind, library: MemoryLibrary, worker: ModelWorker, config: ServerConfig
-) -> None:
-    def memory_json(name: str, memory: Memory, documents: bool = False) -> dict:
+class MemoryServing:
+    """The memory API (routes in routes.py): named memories created from JSON or uploaded files (with streamed
+    progress), listed, shown and deleted; single documents added, read or removed. Everything that memorizes or
+    edits runs on the model worker."""
+
+    def __init__(self, mind: ExtendedMind, library: MemoryLibrary, worker: ModelWorker, config: ServerConfig):
+        self.mind, self.library, self.worker, self.config = mind, library, worker, config
+
+    def memory_json(self, name: str, memory: Memory, documents: bool = False) -> dict:
         info = memory.info()
         out = {
             "id": name,
@@ -49,7 +54,7 @@ def add_memory_routes(
             ]
         return out
 
-    async def read_documents(request: Request, model: type[DocumentsIn]) -> tuple[DocumentsIn, list[Document]]:
+    async def read_documents(self, request: Request, model: type[DocumentsIn]) -> tuple[DocumentsIn, list[Document]]:
         """Documents from a JSON body, or from a multipart form (fields as in JSON, files in `files`)."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         pasted: Document | None = None  # the document of the `text` field
@@ -65,7 +70,7 @@ def add_memory_routes(
             if body.text is not None:
                 docs.append(pasted := Document("", body.text))
         elif ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-            form = await request.form(max_files=1000, max_fields=1000, max_part_size=config.max_body_bytes)
+            form = await request.form(max_files=1000, max_fields=1000, max_part_size=self.config.max_body_bytes)
             fields: dict[str, Any] = {}
             docs = []
             for key, value in form.multi_items():
@@ -106,31 +111,31 @@ def add_memory_routes(
                     "empty_document",
                     "documents",
                 )
-            if len(d.text) > config.max_document_chars:
+            if len(d.text) > self.config.max_document_chars:
                 raise APIError(
                     413,
                     f"document {d.id or d.name or ''!r} has {len(d.text)} characters; the limit is "
-                    f"{config.max_document_chars}",
+                    f"{self.config.max_document_chars}",
                     "document_too_large",
                     "documents",
                 )
         return body, docs
 
-    def check_memory_size(docs: list[Document], existing: int) -> None:
+    def check_memory_size(self, docs: list[Document], existing: int) -> None:
         """Refuse before memorizing when the memory would pass its token limit (tokenizing is cheap)."""
-        n = existing + sum(len(mind.tokenizer(d.text, add_special_tokens=False)["input_ids"]) for d in docs)
-        if n > config.max_memory_tokens:
+        n = existing + sum(len(self.mind.tokenizer(d.text, add_special_tokens=False)["input_ids"]) for d in docs)
+        if n > self.config.max_memory_tokens:
             raise APIError(
                 413,
-                f"the memory would hold {n} tokens; the limit is {config.max_memory_tokens}",
+                f"the memory would hold {n} tokens; the limit is {self.config.max_memory_tokens}",
                 "memory_too_large",
                 "documents",
             )
 
-    async def memorize_response(job: Callable[[Callable[[int, int], None]], dict], stream: bool, status: int):
+    async def memorize_response(self, job: Callable[[Callable[[int, int], None]], dict], stream: bool, status: int):
         """Run a memorizing job; stream progress events when asked."""
         if not stream:
-            result = await worker.run(lambda: job(lambda done, total: None))
+            result = await self.worker.run(lambda: job(lambda done, total: None))
             return JSONResponse(result, status_code=status)
 
         def streamed(emit: Callable[[Any], None], cancelled: Callable[[], bool]) -> None:
@@ -146,68 +151,54 @@ def add_memory_routes(
 
             emit(job(progress))
 
-        events = event_stream(worker.stream(streamed))
+        events = event_stream(self.worker.stream(streamed))
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS, status_code=status)
 
-    body_doc = _documents_body("MemoryCreate", {"name": "string", "storage": "string"}, required=["name"])
-    add_doc = _documents_body("DocumentsIn", {}, required=[])
 
-    @app.post(
-        "/v1/memories", status_code=201, summary="Memorize documents into a new named memory", openapi_extra=body_doc
-    )
-    async def create_memory(request: Request):
-        library.check_writable()
-        body, docs = await read_documents(request, MemoryCreate)
+    async def create(self, request: Request):
+        self.library.check_writable()
+        body, docs = await self.read_documents(request, MemoryCreate)
         assert isinstance(body, MemoryCreate)
         name = check_name(body.name)
-        if library.exists(name):
+        if self.library.exists(name):
             raise APIError(
                 409, f"a memory named {name!r} exists; add documents to it or delete it first", "memory_exists", "name"
             )
 
         def job(progress: Callable[[int, int], None]) -> dict:
-            if library.exists(name):  # created by a request queued before this one
+            if self.library.exists(name):  # created by a request queued before this one
                 raise APIError(409, f"a memory named {name!r} exists", "memory_exists", "name")
-            check_memory_size(docs, 0)
-            memory = mind.memorize(docs, storage=body.storage, progress=False, on_progress=progress)
-            mind.build_index(memory, only_above_threshold=True)  # saved with it: the first question does not wait
-            library.put(name, memory)
-            return memory_json(name, memory, documents=True)
+            self.check_memory_size(docs, 0)
+            memory = self.mind.memorize(docs, storage=body.storage, progress=False, on_progress=progress)
+            self.mind.build_index(memory, only_above_threshold=True)  # saved with it: the first question does not wait
+            self.library.put(name, memory)
+            return self.memory_json(name, memory, documents=True)
 
-        return await memorize_response(job, body.stream, 201)
+        return await self.memorize_response(job, body.stream, 201)
 
-    @app.get("/v1/memories", summary="Stored memories")
-    async def list_memories() -> dict:
+    async def list_all(self) -> dict:
         data = []
-        for name in library.names():
+        for name in self.library.names():
             try:
-                data.append(memory_json(name, library.get(name)))
+                data.append(self.memory_json(name, self.library.get(name)))
             except Exception as exc:  # one unreadable memory must not hide the others
                 data.append({"id": name, "object": "memory", "error": as_api_error(exc).message})
         return {"object": "list", "data": data}
 
-    @app.get("/v1/memories/{name}", summary="One memory and its documents")
-    async def get_memory(name: str) -> dict:
-        return memory_json(check_name(name), library.get(name), documents=True)
+    async def get(self, name: str) -> dict:
+        return self.memory_json(check_name(name), self.library.get(name), documents=True)
 
-    @app.delete("/v1/memories/{name}", summary="Delete a memory (from disk too)")
-    async def delete_memory(name: str) -> dict:
-        library.check_writable()
+    async def delete(self, name: str) -> dict:
+        self.library.check_writable()
         check_name(name)
-        await worker.run(lambda: library.delete(name))
+        await self.worker.run(lambda: self.library.delete(name))
         return {"id": name, "object": "memory.deleted", "deleted": True}
 
-    @app.post(
-        "/v1/memories/{name}/documents",
-        status_code=201,
-        summary="Memorize more documents into a memory",
-        openapi_extra=add_doc,
-    )
-    async def add_documents(name: str, request: Request):
-        library.check_writable()
+    async def add_documents(self, name: str, request: Request):
+        self.library.check_writable()
         check_name(name)
-        memory = library.get(name)
-        body, docs = await read_documents(request, DocumentsIn)
+        memory = self.library.get(name)
+        body, docs = await self.read_documents(request, DocumentsIn)
         taken = {d.id for d in memory.documents}
         clash = sorted({d.id for d in docs if d.id} & taken)
         if clash:
@@ -219,18 +210,17 @@ def add_memory_routes(
             )
 
         def job(progress: Callable[[int, int], None]) -> dict:
-            current = library.get(name)
-            check_memory_size(docs, current.num_tokens)
-            mind.add(current, docs, on_progress=progress)
-            mind.build_index(current, only_above_threshold=True)
-            library.saved(name)
-            return memory_json(name, current, documents=True)
+            current = self.library.get(name)
+            self.check_memory_size(docs, current.num_tokens)
+            self.mind.add(current, docs, on_progress=progress)
+            self.mind.build_index(current, only_above_threshold=True)
+            self.library.saved(name)
+            return self.memory_json(name, current, documents=True)
 
-        return await memorize_response(job, body.stream, 201)
+        return await self.memorize_response(job, body.stream, 201)
 
-    @app.get("/v1/memories/{name}/documents/{doc_id:path}", summary="One document's text")
-    async def get_document(name: str, doc_id: str) -> dict:
-        memory = library.get(check_name(name))
+    async def get_document(self, name: str, doc_id: str) -> dict:
+        memory = self.library.get(check_name(name))
         for s in memory.segments:
             if s.document.id == doc_id:
                 d = s.document
@@ -244,23 +234,22 @@ def add_memory_routes(
                 }
         raise no_document(name, doc_id)
 
-    @app.delete("/v1/memories/{name}/documents/{doc_id:path}", summary="Remove a document from a memory")
-    async def delete_document(name: str, doc_id: str) -> dict:
-        library.check_writable()
-        library.get(check_name(name))  # an unknown memory answers 404 before waiting for the model thread
+    async def delete_document(self, name: str, doc_id: str) -> dict:
+        self.library.check_writable()
+        self.library.get(check_name(name))  # an unknown memory answers 404 before waiting for the model thread
 
         def job() -> None:
-            current = library.get(name)
+            current = self.library.get(name)
             if doc_id not in current:  # checked here, on the model thread: a delete that ran first is seen
                 raise no_document(name, doc_id)
             current.remove(doc_id)
-            library.saved(name)
+            self.library.saved(name)
 
-        await worker.run(job)
+        await self.worker.run(job)
         return {"id": doc_id, "object": "memory.document.deleted", "memory": name, "deleted": True}
 
 
-def _documents_body(json_schema: str, fields: dict[str, str], required: list[str]) -> dict:
+def documents_body(json_schema: str, fields: dict[str, str], required: list[str]) -> dict:
     """OpenAPI request body of a route that takes documents as JSON (`json_schema`) or as a form with `fields`,
     pasted `text` and uploaded `files` (the routes parse the body themselves, so FastAPI cannot describe it)."""
     properties = {name: {"type": kind} for name, kind in fields.items()}
