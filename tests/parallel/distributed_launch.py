@@ -1,4 +1,4 @@
-"""Start N local ranks of tests/sharded_worker.py on gloo, as torchrun would (but without torchrun's agent, which
+"""Start N local ranks of sharded_worker.py on gloo, as torchrun would (but without torchrun's agent, which
 kills the other ranks when one dies: the fault tests need to see what rank 0 reports)."""
 
 from __future__ import annotations

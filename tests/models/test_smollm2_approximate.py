@@ -6,8 +6,7 @@ from __future__ import annotations
 from importlib.resources import files
 
 from extended_mind.retrieval.index import LayerIndex
-
-from .test_smollm2_memory import FILLER, PASSKEY, TERMITES, passkey
+from tests.models.test_smollm2_memory import FILLER, PASSKEY, TERMITES, passkey
 
 
 def test_smollm2_approximate_search_answers_like_exact_search(smol, tmp_path, monkeypatch):

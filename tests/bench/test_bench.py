@@ -20,8 +20,7 @@ from extended_mind.bench.report import markdown_table
 from extended_mind.bench.runner import run_task
 from extended_mind.bench.tasks import TaskSpec
 from extended_mind.bench.yarn import yarn_factor, yarn_scaling
-
-from .conftest import WordEmbedder
+from tests.conftest import WordEmbedder
 
 
 def words(text: str) -> int:

@@ -10,9 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, BloomConfig, FalconConfig, GPT2Config
 
 from extended_mind import ExtendedMind, ExtendedMindError
-
-from .conftest import VOCAB, byte_tokenizer, tiny_model
-from .test_oracles import FULL_CONTEXT_ATOL, memorize_ids
+from tests.attention.test_oracles import FULL_CONTEXT_ATOL, memorize_ids
+from tests.conftest import VOCAB, byte_tokenizer, tiny_model
 
 
 def test_zero_policy_puts_a_memory_just_before_the_prompt():

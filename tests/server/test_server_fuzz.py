@@ -11,8 +11,7 @@ from hypothesis import HealthCheck, settings
 
 from extended_mind import ExtendedMind
 from extended_mind.server import ServerConfig, create_app
-
-from .conftest import byte_tokenizer, tiny_model
+from tests.conftest import byte_tokenizer, tiny_model
 
 _root = Path(tempfile.mkdtemp(prefix="extended-mind-fuzz-"))
 _mind = ExtendedMind(tiny_model("llama"), byte_tokenizer(), "tiny-llama")

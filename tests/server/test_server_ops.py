@@ -14,8 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from extended_mind import ExtendedMind
 from extended_mind.server import ServerConfig, create_app
 from extended_mind.server.background import BackgroundServer
-
-from .conftest import byte_tokenizer, tiny_model
+from tests.conftest import byte_tokenizer, tiny_model
 
 MODEL = "tiny-llama"
 

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from extended_mind import ExtendedMind, Memory, MemoryFileError, MemoryMismatchError
-
-from .conftest import byte_tokenizer, tiny_model
+from tests.conftest import byte_tokenizer, tiny_model
 
 
 def test_provenance_maps_tokens_to_character_spans(tiny_mind):

@@ -8,8 +8,7 @@ import pytest
 
 from extended_mind import Memory
 from extended_mind.cli import main
-
-from .conftest import byte_tokenizer, tiny_model
+from tests.conftest import byte_tokenizer, tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,10 @@ import pytest
 from extended_mind import ExtendedMind
 from extended_mind.server import ServerConfig, create_app
 from extended_mind.server.background import HEADLESS_CHROMIUM_ARGS, BackgroundServer, chromium_path
-
-from .conftest import byte_tokenizer, tiny_model
+from tests.conftest import byte_tokenizer, tiny_model
 
 CHROMIUM = chromium_path()
-SCREENSHOTS = Path(__file__).resolve().parents[1] / "runs" / "test-screenshots"
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "runs" / "test-screenshots"
 
 if CHROMIUM is None:
     if os.environ.get("CI"):

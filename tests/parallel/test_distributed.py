@@ -1,6 +1,6 @@
 """A memory sharded over 2 gloo processes on localhost gives the unsharded answers, logits and citations.
 
-Each test starts the ranks as separate processes (tests/distributed_launch.py) running tests/sharded_worker.py, and
+Each test starts the ranks as separate processes (distributed_launch.py) running sharded_worker.py, and
 compares with the same scenario run here in one process."""
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from extended_mind.memory.store import MANIFEST, TENSOR_DIR
-
-from .distributed_launch import launch
-from .sharded_worker import CONFIGS, DOCS, TIES, run
+from tests.parallel.distributed_launch import launch
+from tests.parallel.sharded_worker import CONFIGS, DOCS, TIES, run
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -136,7 +135,7 @@ def test_cli_ask_under_torchrun_prints_the_single_process_answer(smol, tmp_path)
     import subprocess
     import sys
 
-    from .distributed_launch import free_port
+    from tests.parallel.distributed_launch import free_port
 
     docs = _smol_memory_dir(tmp_path)
     memory = smol.memorize(sorted(docs.iterdir()))
@@ -252,7 +251,7 @@ def test_server_under_torchrun_answers_as_one_process(smol, tmp_path):
     import time
     import urllib.request
 
-    from .distributed_launch import free_port
+    from tests.parallel.distributed_launch import free_port
 
     docs = _smol_memory_dir(tmp_path)
     smol.memorize(sorted(docs.iterdir())).save(tmp_path / "memories" / "aard")

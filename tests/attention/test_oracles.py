@@ -16,8 +16,7 @@ import torch
 
 from extended_mind.base.documents import Document
 from extended_mind.engine.memorize import EncodedDocument, memorize_encoded
-
-from .conftest import WordEmbedder
+from tests.conftest import WordEmbedder
 
 # Full-context equality is exact in real arithmetic; float32 reassociation (one softmax over memory + local
 # instead of one over the concatenation) leaves differences around 1e-6 on these tiny models.

@@ -13,9 +13,8 @@ from extended_mind import ExtendedMind
 from extended_mind.engine.batching import DecodeBatch
 from extended_mind.server import ServerConfig, create_app
 from extended_mind.server.background import BackgroundServer
-
-from .conftest import byte_tokenizer, tiny_model
-from .test_server_ops import _samples, wait_until
+from tests.conftest import byte_tokenizer, tiny_model
+from tests.server.test_server_ops import _samples, wait_until
 
 MODEL = "tiny-llama"
 DOCS = {"cats": ["The cat sat on the mat. It was a red mat."], "rain": ["Rain fell for nine days in Oru."]}

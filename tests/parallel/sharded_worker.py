@@ -1,6 +1,6 @@
-"""One rank of a sharded-memory test (tests/test_distributed.py), or the single-process reference of it.
+"""One rank of a sharded-memory test (tests/parallel/test_distributed.py), or the single-process reference of it.
 
-    python tests/sharded_worker.py SCENARIO OUT_DIR [MEMORY_DIR]
+    python tests/parallel/sharded_worker.py SCENARIO OUT_DIR [MEMORY_DIR]
 
 Run as rank r of N (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set), it joins the gloo group, runs the scenario and
 writes OUT_DIR/rank{r}.json. The test runs the same scenario in its own process with shards=False and compares.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from extended_mind import ExtendedMind  # noqa: E402
 from extended_mind.parallel.group import init_from_env  # noqa: E402

@@ -11,8 +11,7 @@ import torch
 from extended_mind.engine import heads as heads_module
 from extended_mind.engine.blocks import BlockLayout, Relevance, select_blocks
 from extended_mind.engine.heads import calibration_sequences, head_scores, retrieval_heads
-
-from .conftest import WordEmbedder
+from tests.conftest import WordEmbedder
 
 DOCS = ["The cat sat on the mat. " * 5, "Ships sail at dawn.", "A third document, of medium length here."]
 

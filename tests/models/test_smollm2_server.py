@@ -10,8 +10,7 @@ import openai
 
 from extended_mind.server import ServerConfig, create_app
 from extended_mind.server.background import BackgroundServer
-
-from .test_smollm2_memory import TERMITES
+from tests.models.test_smollm2_memory import TERMITES
 
 
 def test_smollm2_server_answers_from_an_uploaded_document_with_citations(smol, tmp_path):

@@ -16,8 +16,7 @@ from extended_mind import ExtendedMind
 from extended_mind.cli import main
 from extended_mind.server import ServerConfig, create_app
 from extended_mind.server.background import BackgroundServer
-
-from .conftest import byte_tokenizer, tiny_model
+from tests.conftest import byte_tokenizer, tiny_model
 
 MODEL = "tiny-llama"
 DOCS = {

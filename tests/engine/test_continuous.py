@@ -8,8 +8,7 @@ import torch
 
 from extended_mind import ExtendedMind
 from extended_mind.engine.batching import BatchRow, DecodeBatch, can_merge
-
-from .conftest import byte_tokenizer, tiny_model
+from tests.conftest import byte_tokenizer, tiny_model
 
 REQUESTS = [
     ("The cat sat on the", "cats", dict(max_new_tokens=7)),
