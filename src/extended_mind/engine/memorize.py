@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -195,10 +194,10 @@ def memorize_encoded(
 def memorize_sharded(
     group: ShardGroup,
     docs: list,
-    memorize: Callable[[list], Any],
+    memorize: Callable[[list], Memory],
     loads: list[int],
     owners: list[int] | None = None,
-) -> tuple[list, Any]:
+) -> tuple[list[Segment], RopeTables]:
     """Memorize new documents of a sharded memory: each goes to the least loaded rank (by `loads`, tokens per rank;
     or to `owners`), which memorizes it with `memorize(docs) -> Memory`; the other ranks get its positions and spans
     only. Returns (segments in the order of `docs`, the longest rotary tables any rank used)."""
@@ -212,7 +211,7 @@ def memorize_sharded(
     local: list = []
     rope: list = []
 
-    def memorize_mine() -> tuple[list[tuple], Any]:
+    def memorize_mine() -> tuple[list[tuple], RopeTables | None]:
         picked = [d for d, r in zip(docs, owners) if r == group.rank]
         if picked:
             memory = memorize(picked)

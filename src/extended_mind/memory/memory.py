@@ -22,7 +22,9 @@ from extended_mind.base.identity import ModelIdentity
 from extended_mind.memory.precision import check_storage
 from extended_mind.memory.segment import RopeTables, Segment, concat, longest_rope, text_sha
 from extended_mind.memory.sharded import save_sharded
-from extended_mind.memory.store import MANIFEST, load_memory, save_memory
+from extended_mind.memory.store import MANIFEST, SavedIndex, load_memory, save_memory
+from extended_mind.parallel.group import ShardGroup
+from extended_mind.retrieval.index import LayerIndex
 
 
 class Memory:
@@ -53,10 +55,10 @@ class Memory:
         self.prepared_layers: dict = {}
         # approximate-search indexes by fingerprint (index.memory_fingerprint): per layer LayerIndex, or a loader
         # of them when they were saved with the memory
-        self.indexes: dict[str, Any] = {}
+        self.indexes: dict[str, list[LayerIndex] | SavedIndex] = {}
         # distributed.ShardGroup when this memory is sharded over processes (each holds the keys and values of
         # the documents assigned to its rank); None: every document is held here
-        self.shard: Any = None
+        self.shard: ShardGroup | None = None
 
     # ---- what it holds ----
 

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from extended_mind.memory.files import store_segment
+from extended_mind.memory.files import StoredFile, store_segment
 from extended_mind.memory.store import TENSOR_DIR, check_save_target, save_memory
 from extended_mind.parallel.group import ShardError, ShardGroup
+
+if TYPE_CHECKING:  # the memory imports this module to save itself sharded
+    from extended_mind.memory.memory import Memory
 
 
 def least_loaded(loads: list[int]) -> int:
     return min(range(len(loads)), key=lambda r: (loads[r], r))
 
 
-def rank_loads(memory: Any, world: int) -> list[int]:
+def rank_loads(memory: Memory, world: int) -> list[int]:
     loads = [0] * world
     for s in memory.segments:
         if s.rank is not None:
@@ -24,7 +27,7 @@ def rank_loads(memory: Any, world: int) -> list[int]:
     return loads
 
 
-def shard_memory(memory: Any, group: ShardGroup) -> Any:
+def shard_memory(memory: Memory, group: ShardGroup) -> Memory:
     """Shard `memory` over `group` in place (same call on every rank): documents without a rank go to the least
     loaded rank, each rank reads (and checksums) only its documents' tensor files, and the ranks exchange the
     positions and spans of their documents. Returns the memory."""
@@ -53,7 +56,7 @@ def shard_memory(memory: Any, group: ShardGroup) -> Any:
     return memory
 
 
-def save_sharded(memory: Any, path: Path) -> Path:
+def save_sharded(memory: Memory, path: Path) -> Path:
     """`Memory.save` for a sharded memory: each rank writes its documents' tensor files, rank 0 the manifest."""
 
     group: ShardGroup = memory.shard
@@ -64,7 +67,7 @@ def save_sharded(memory: Any, path: Path) -> Path:
             check_save_target(path)
             (path / TENSOR_DIR).mkdir(parents=True, exist_ok=True)
 
-    def write_mine() -> dict[int, Any]:
+    def write_mine() -> dict[int, StoredFile]:
         return {i: store_segment(s, path / TENSOR_DIR) for i, s in enumerate(memory.segments) if not s.remote}
 
     group.everywhere(check_target, "checking where to save the memory")
