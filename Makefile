@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # torch first, pinned to the CPU build this machine serves: a bare `torch` requirement would pull the CUDA stack.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test lint bench eval clean browser lock
+.PHONY: install demo test lint bench eval clean browser lock peer
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,13 @@ bench: install
 # The evaluation harness on every task, small (under 20 minutes here); `extended-mind bench all` is the full run.
 eval: install
 	$(BIN)/extended-mind bench all --quick --threads 2 --out runs/quick
+
+# llama.cpp beside us on the same GGUF (benchmarks/peer_llamacpp.py, docs/measurements.md): llama-cpp-python built
+# from its source for this CPU (about 5 minutes on 2 cores), then the benchmark at 1 and 2 threads.
+peer: install
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/python -m pip install -q -c constraints.txt --no-binary llama-cpp-python -e ".[peer]"
+	$(BIN)/python benchmarks/peer_llamacpp.py --threads 1 2 --prompt-tokens 500 --new-tokens 64 --repeats 3 --out runs/peer
 
 # Re-pin constraints.txt to what is installed now (after changing dependencies and passing `make test`).
 lock: install

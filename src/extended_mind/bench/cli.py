@@ -54,6 +54,7 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
         help="ask without the answer prefix (chat: the question alone; completion: 'Question: ...\\nAnswer:')",
     )  # fmt: skip
     p.add_argument("--model", default=None, help="local model directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default=None, help="model weights: float32, bfloat16, float16 or int8 (CPU only)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (fix it for comparable timings)")
     p.add_argument("--no-progress", action="store_true")
 
@@ -78,7 +79,7 @@ def _harness(args: argparse.Namespace):
     from extended_mind.bench.methods import Harness
     from extended_mind.engine.mind import ExtendedMind
 
-    return Harness(ExtendedMind.from_pretrained(args.model), chat=args.chat, prefix=not args.no_prefix)
+    return Harness(ExtendedMind.from_pretrained(args.model, dtype=args.dtype), chat=args.chat, prefix=not args.no_prefix)
 
 
 def _ensure_data() -> None:

@@ -259,7 +259,7 @@ class ExtendedMind:
         """Generation options checked against this model (its layers and vocabulary)."""
         o = GenerationOptions.of(**options)
         self.reader.check_layers(o.memory_layers)
-        vocab = self.model.get_output_embeddings().weight.shape[0]
+        vocab = self.model.get_input_embeddings().weight.shape[0]  # (the output layer may be quantized)
         outside = [t for t, _ in o.logit_bias if not 0 <= t < vocab]
         if outside:
             raise ExtendedMindError(f"logit_bias token id {outside[0]} is outside the vocabulary (0..{vocab - 1})")

@@ -1,0 +1,248 @@
+"""Plain generation (no memory) of the same GGUF, side by side: llama.cpp (PyPI `llama-cpp-python`, built from its
+source by `make peer`) against extended-mind's PyTorch model at each weight precision.
+
+    python benchmarks/peer_llamacpp.py --threads 1 2 --prompt-tokens 500 --new-tokens 64 --repeats 3 --out runs/peer
+
+Both read the same prompt token ids (a paragraph of the demo article, repeated to `--prompt-tokens`) and decode
+exactly `--new-tokens` greedy tokens (end of sequence banned, so no run stops early). Per engine, precision and
+thread count: prefill tokens/s (the prompt's tokens over the time to the first token) and decode tokens/s (the median
+interval between later tokens), medians over `--repeats`; and the weight bytes each decoded token reads (the bound
+on decode speed: bytes per token over the memory bandwidth the run reached). Our precisions: float32 (the default
+today), bfloat16, and int8 weight-only dynamic quantization of the linear layers (torch.ao `quantize_dynamic`) where
+this torch build supports it. Writes results.json, table.md and peer.png; prints the CPU model and flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Iterator
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+
+from extended_mind import ExtendedMind
+from extended_mind.base.loading import default_gguf
+from extended_mind.retrieval.scan_select import cpu_info
+
+PRECISIONS = ("float32", "bfloat16", "int8-dynamic")
+
+
+def prompt_ids(tokenizer, tokens: int) -> list[int]:
+    """`tokens` token ids of the demo article's text (repeated when shorter)."""
+    text = (files("extended_mind") / "data" / "aardwolf.txt").read_text()
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    while len(ids) < tokens:
+        ids = ids + ids
+    return ids[:tokens]
+
+
+def rates(stamps: list[float], start: float, prompt_tokens: int) -> dict:
+    """Prefill tokens/s (prompt over time to the first token) and decode tokens/s (median later interval)."""
+    first = stamps[0] - start
+    intervals = [b - a for a, b in zip(stamps, stamps[1:])]
+    decode = statistics.median(intervals) if intervals else float("nan")
+    return {"prefill_tok_s": prompt_tokens / first, "decode_tok_s": 1.0 / decode, "decode_ms": decode * 1000}
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: every parameter and quantized weight once (the embedding table is
+    read for one row only, so it is left out unless it is the output layer's weight too, read whole)."""
+    total = 0
+    table = model.get_input_embeddings().weight
+    output = getattr(model.get_output_embeddings(), "weight", None)
+    for p in model.parameters():
+        if p is table and p is not output:  # one row per token; read whole only as the (tied) output layer
+            continue
+        total += p.numel() * p.element_size()
+    for module in model.modules():  # dynamically quantized linears keep their int8 weights outside parameters
+        packed = getattr(module, "_packed_params", None)
+        if packed is not None and hasattr(module, "weight"):
+            w = module.weight()
+            total += w.numel() * w.element_size()
+    return total
+
+
+def ours(precision: str, threads: int, ids: list[int], new_tokens: int) -> tuple[list[float], float, list[int]]:
+    """Time stamps of each generated token, the start time and the tokens, for one run of our model."""
+    return _OURS[precision].run(threads, ids, new_tokens)
+
+
+class _Ours:
+    def __init__(self, precision: str):
+        self.precision = precision
+        self.mind: ExtendedMind | None = None
+
+    def load(self) -> ExtendedMind:
+        if self.mind is None:
+            dtype = "bfloat16" if self.precision == "bfloat16" else "float32"
+            mind = ExtendedMind.from_pretrained(dtype=dtype)
+            if self.precision == "int8-dynamic":
+                mind.model = torch.ao.quantization.quantize_dynamic(mind.model, {torch.nn.Linear}, dtype=torch.qint8)
+            self.mind = mind
+        return self.mind
+
+    def run(self, threads: int, ids: list[int], new_tokens: int) -> tuple[list[float], float, list[int]]:
+        mind = self.load()
+        torch.set_num_threads(threads)
+        eos = mind.tokenizer.eos_token_id
+        start = time.perf_counter()
+        stamps, tokens = [], []
+        for tok in mind.stream(ids, max_new_tokens=new_tokens, chat=False, logit_bias={eos: -100}):
+            stamps.append(time.perf_counter())
+            tokens.append(tok.id)
+        return stamps, start, tokens
+
+
+_OURS = {p: _Ours(p) for p in PRECISIONS}
+
+
+def llamacpp_stream(llm, ids: list[int], new_tokens: int, eos: int) -> Iterator[int]:
+    import numpy as np
+
+    def ban_eos(_, scores):
+        scores[eos] = -np.inf
+        return scores
+
+    llm.reset()
+    for i, tok in enumerate(llm.generate(ids, temp=0.0, top_k=1, reset=True, logits_processor=[ban_eos])):
+        yield int(tok)
+        if i + 1 == new_tokens:
+            break
+
+
+def llamacpp(gguf: Path, threads: int, ids: list[int], new_tokens: int, eos: int):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), n_ctx=max(2048, len(ids) + new_tokens + 8), n_threads=threads,
+                n_threads_batch=threads, n_batch=512, verbose=False)  # fmt: skip
+
+    def run() -> tuple[list[float], float, list[int]]:
+        start = time.perf_counter()
+        stamps, tokens = [], []
+        for tok in llamacpp_stream(llm, ids, new_tokens, eos):
+            stamps.append(time.perf_counter())
+            tokens.append(tok)
+        return stamps, start, tokens
+
+    return run
+
+
+def measure(run, repeats: int, prompt_tokens: int) -> dict:
+    run()  # warm-up: first-call allocations and kernel choices are not what a user waits for every time
+    samples = []
+    tokens = None
+    for _ in range(repeats):
+        stamps, start, tokens = run()
+        samples.append(rates(stamps, start, prompt_tokens))
+    out = {key: statistics.median(s[key] for s in samples) for key in samples[0]}
+    out["tokens"] = tokens
+    return out
+
+
+def available_precisions() -> list[str]:
+    try:
+        torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(8, 8)), {torch.nn.Linear},
+                                               dtype=torch.qint8)(torch.randn(1, 8))  # fmt: skip
+        return list(PRECISIONS)
+    except Exception:  # no quantized engine in this build
+        return [p for p in PRECISIONS if p != "int8-dynamic"]
+
+
+def markdown(results: dict) -> str:
+    cpu = results["cpu"]
+    lines = [f"CPU: {cpu['model']}; flags: {', '.join(cpu['flags']) or 'none of interest'}; torch "
+             f"{results['torch']}, llama-cpp-python {results.get('llama_cpp', 'not installed')}", "",
+             f"Prompt {results['prompt_tokens']} tokens, {results['new_tokens']} new tokens (EOS banned), greedy; "
+             f"medians of {results['repeats']} runs after a warm-up.", "",
+             "| engine | weights | threads | prefill tok/s | decode tok/s | decode ms/token | weight MB read per token "
+             "| GB/s reached | same tokens as float32 |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in results["rows"]:
+        mb = r["weight_bytes"] / 1e6
+        gbs = r["weight_bytes"] * r["decode_tok_s"] / 1e9
+        lines.append(f"| {r['engine']} | {r['weights']} | {r['threads']} | {r['prefill_tok_s']:.0f} | "
+                     f"{r['decode_tok_s']:.1f} | {r['decode_ms']:.1f} | {mb:.0f} | {gbs:.1f} | "
+                     f"{r.get('same_tokens', '')} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    short = {"extended-mind": "ours", "llama.cpp": "llama.cpp"}
+    labels = [f"{short[r['engine']]}\n{r['weights'].split(' ')[0].replace('-dynamic', '')}\n{r['threads']} thr"
+              for r in rows]  # fmt: skip
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, len(rows) * 1.2), 4.2))
+    for ax, key, title in zip(axes, ("decode_tok_s", "prefill_tok_s"), ("decode tokens/s", "prefill tokens/s")):
+        colors = ["#d62" if r["engine"] == "llama.cpp" else "#37a" for r in rows]
+        ax.bar(range(len(rows)), [r[key] for r in rows], color=colors)
+        ax.set_xticks(range(len(rows)), labels, fontsize=7)
+        ax.set_title(title)
+    cpu = results["cpu"]
+    fig.suptitle(f"SmolLM2-135M, no memory: llama.cpp vs extended-mind ({cpu['model']}; {', '.join(cpu['flags'])})",
+                 fontsize=9)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--prompt-tokens", type=int, default=500)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--precisions", nargs="+", default=None, choices=PRECISIONS)
+    parser.add_argument("--out", type=Path, default=Path("runs/peer"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    cpu = cpu_info()
+    print(f"CPU: {cpu['model']}; flags: {', '.join(cpu['flags'])}", flush=True)
+    reference = _OURS["float32"].load()
+    ids = prompt_ids(reference.tokenizer, args.prompt_tokens)
+    eos = reference.tokenizer.eos_token_id
+    results = {"cpu": cpu, "torch": torch.__version__, "prompt_tokens": len(ids), "new_tokens": args.new_tokens,
+               "repeats": args.repeats, "rows": []}  # fmt: skip
+    try:
+        import llama_cpp
+
+        results["llama_cpp"] = llama_cpp.__version__
+    except ImportError:
+        print("llama-cpp-python is not installed (make peer builds it): its rows are left out", flush=True)
+        llama_cpp = None
+    gguf = default_gguf()
+    precisions = args.precisions or available_precisions()
+    for threads in args.threads:
+        float32_tokens = None
+        for precision in precisions:
+            r = measure(lambda p=precision, t=threads: ours(p, t, ids, args.new_tokens), args.repeats, len(ids))
+            float32_tokens = r["tokens"] if precision == "float32" else float32_tokens
+            results["rows"].append({"engine": "extended-mind", "weights": precision, "threads": threads, **r,
+                                    "weight_bytes": weight_bytes(_OURS[precision].load().model)})  # fmt: skip
+            print(markdown(results).splitlines()[-1], flush=True)
+        if llama_cpp is not None:
+            r = measure(llamacpp(gguf, threads, ids, args.new_tokens, eos), args.repeats, len(ids))
+            results["rows"].append({"engine": "llama.cpp", "weights": f"GGUF ({gguf.name})", "threads": threads,
+                                    **r, "weight_bytes": gguf.stat().st_size})  # fmt: skip
+            print(markdown(results).splitlines()[-1], flush=True)
+        for row in results["rows"]:
+            if row["threads"] == threads:
+                same = float32_tokens is not None and row["tokens"] == float32_tokens
+                agree = sum(a == b for a, b in zip(row["tokens"], float32_tokens or []))
+                row["same_tokens"] = "yes" if same else f"{agree}/{len(row['tokens'])}"
+    for row in results["rows"]:
+        row.pop("tokens", None)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    (args.out / "table.md").write_text(markdown(results))
+    plot(results, args.out / "peer.png")
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
