@@ -79,7 +79,8 @@ def _harness(args: argparse.Namespace):
     from extended_mind.bench.methods import Harness
     from extended_mind.engine.mind import ExtendedMind
 
-    return Harness(ExtendedMind.from_pretrained(args.model, dtype=args.dtype), chat=args.chat, prefix=not args.no_prefix)
+    mind = ExtendedMind.from_pretrained(args.model, dtype=args.dtype)
+    return Harness(mind, chat=args.chat, prefix=not args.no_prefix)
 
 
 def _ensure_data() -> None:
