@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pydoc_data.topics
 import statistics
 import time
@@ -31,7 +32,7 @@ from extended_mind import ExtendedMind, Memory
 from extended_mind.base.documents import Document
 from extended_mind.retrieval import search as search_module
 from extended_mind.retrieval.layer import LayerMemory
-from extended_mind.retrieval.scan_select import kernels, scan_report
+from extended_mind.retrieval.scan_select import SCAN_ENV, kernels, scan_path, scan_report
 
 PROMPTS = [
     "Explain what the yield statement does in a function.",
@@ -218,6 +219,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=12, help="decoded tokens per run")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--topk", type=int, default=10)
+    ap.add_argument("--retrieval", default="tokens", choices=("tokens", "blocks"),
+                    help="tokens: per-head top-k, what the exact/approximate search rows measure (block memory: "
+                    "benchmarks/prefill_ratio.py)")  # fmt: skip
     ap.add_argument("--storage", default="bfloat16", help="precision of the stored memory")
     ap.add_argument("--skip-reference-above", type=int, default=65536, help="the copying reference is slow")
     ap.add_argument("--skip-memorize", action="store_true", help="skip the memorization throughput measurement")
@@ -229,11 +233,15 @@ def main() -> None:
     docs = real_documents(mind.tokenizer, args.real_tokens)
     # how exact search scans keys here: chosen by measuring every path this CPU offers (retrieval/scan_select.py)
     scan = scan_report()
-    print(f"CPU {scan['machine']['model']} ({', '.join(scan['machine']['flags'])}); exact scan: {scan['choice']} "
-          f"(ms per decode-step shortlist over 16k keys: {scan['ms']}; kernels per call: {kernels(scan)})",
-          flush=True)  # fmt: skip
-    results: dict = {"threads": args.threads, "topk": args.topk, "storage": args.storage, "exact_scan": scan["choice"],
-                     "scan_ms": scan["ms"], "scan_kernels": scan.get("kernels"), "cpu": scan["machine"]}  # fmt: skip
+    pinned = os.environ.get(SCAN_ENV, "").strip() not in ("", "auto")  # a path set by hand: its own kernel
+    in_force = scan_path()
+    kernels_used = "the scan's own (pinned)" if pinned else kernels(scan)
+    print(f"CPU {scan['machine']['model']} ({', '.join(scan['machine']['flags'])}); exact scan: {in_force}"
+          f"{' (pinned by ' + SCAN_ENV + ')' if pinned else ''} (measured ms per decode-step shortlist over 16k "
+          f"keys: {scan['ms']}; kernels per call: {kernels_used})", flush=True)  # fmt: skip
+    results: dict = {"threads": args.threads, "topk": args.topk, "retrieval": args.retrieval, "storage": args.storage,
+                     "exact_scan": in_force + (" (pinned)" if pinned else ""), "scan_ms": scan["ms"],
+                     "scan_kernels": None if pinned else scan.get("kernels"), "cpu": scan["machine"]}  # fmt: skip
     results["rows"] = []
     if not args.skip_memorize:
         print("memorization throughput ...", flush=True)
@@ -243,7 +251,7 @@ def main() -> None:
     start = time.perf_counter()
     real = mind.memorize(docs, storage=args.storage, progress=True)
     results["real_memory"] = {"tokens": real.num_tokens, "documents": len(docs), "seconds": time.perf_counter() - start}
-    opts = {"topk": args.topk}
+    opts = {"topk": args.topk, "retrieval": args.retrieval}
     base_ms, base_first = decode_ms(mind, None, args.tokens, args.repeats, **opts)
     base_prefill = prefill_ms(mind, None, args.repeats, **opts)
     results["no_memory"] = {"decode_ms": base_ms, "first_token_ms": base_first, "prefill_500_ms": base_prefill}
