@@ -1,7 +1,7 @@
 """Generation options: one frozen, self-validating object (`GenerationOptions`).
 
 Every option is declared once, here, with its default, its bounds or choices and its help. The CLI's flags
-(cli.py), the server's request fields (server/schemas.py) and the harness's `emt[name=value]` settings
+(cli/parser.py), the server's request fields (server/schemas.py) and the harness's `emt[name=value]` settings
 (bench/methods.py) are derived from the options marked `shared` (how a question reads memory); adding an option
 means adding a field below."""
 
