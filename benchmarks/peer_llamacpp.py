@@ -66,11 +66,6 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def ours(precision: str, threads: int, ids: list[int], new_tokens: int) -> tuple[list[float], float, list[int]]:
-    """Time stamps of each generated token, the start time and the tokens, for one run of our model."""
-    return _OURS[precision].run(threads, ids, new_tokens)
-
-
 class _Ours:
     def __init__(self, precision: str):
         self.precision = precision
@@ -86,6 +81,7 @@ class _Ours:
         return self.mind
 
     def run(self, threads: int, ids: list[int], new_tokens: int) -> tuple[list[float], float, list[int]]:
+        """Time stamps of each generated token, the start time and the tokens, for one run of our model."""
         mind = self.load()
         torch.set_num_threads(threads)
         eos = mind.tokenizer.eos_token_id
@@ -221,7 +217,7 @@ def main() -> None:
     for threads in args.threads:
         float32_tokens = None
         for precision in precisions:
-            r = measure(lambda p=precision, t=threads: ours(p, t, ids, args.new_tokens), args.repeats, len(ids))
+            r = measure(lambda p=precision, t=threads: _OURS[p].run(t, ids, args.new_tokens), args.repeats, len(ids))
             float32_tokens = r["tokens"] if precision == "float32" else float32_tokens
             results["rows"].append({"engine": "extended-mind", "weights": precision, "threads": threads, **r,
                                     "weight_bytes": weight_bytes(_OURS[precision].load().model)})  # fmt: skip

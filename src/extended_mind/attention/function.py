@@ -16,8 +16,6 @@ model family.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from extended_mind.attention.plain import call_base
@@ -26,9 +24,6 @@ from extended_mind.base.errors import ExtendedMindError
 from extended_mind.base.rope import invert_rope
 from extended_mind.retrieval.layer import LayerMemory
 from extended_mind.retrieval.search import retrieve
-
-if TYPE_CHECKING:
-    pass
 
 
 def memory_attention(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -13,10 +11,6 @@ from extended_mind.attention.function import memory_attention
 from extended_mind.attention.plain import BASE_ATTENTION_ATTR
 from extended_mind.attention.session import Session, active_session
 from extended_mind.base.errors import ExtendedMindError
-
-if TYPE_CHECKING:
-    pass
-
 
 ATTENTION_NAME = "extended_mind"
 

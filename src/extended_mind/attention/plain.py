@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-if TYPE_CHECKING:
-    pass
-
 
 BASE_ATTENTION_ATTR = "_extended_mind_base_attention"
 

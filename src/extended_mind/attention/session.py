@@ -7,16 +7,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from extended_mind.retrieval.layer import LayerMemory, RetrievalSettings
 from extended_mind.retrieval.selection import BlockSelection
-
-if TYPE_CHECKING:
-    pass
-
 
 _active: ContextVar[Session | None] = ContextVar("extended_mind_session", default=None)
 

@@ -96,7 +96,6 @@ def can_merge(model: PreTrainedModel) -> bool:
 @dataclass
 class _Row:
     row: BatchRow
-    s: GenerationOptions
     layers: dict[int, LayerMemory]
     sink: Sink
     cancelled: Callable[[], bool]
@@ -172,7 +171,7 @@ class DecodeBatch:
             positions[i, width - m :] = torch.tensor(pos)
             blocks_read = None if chosen[i] is None else int(chosen[i].numel())
             answer = Answer(s, row.memory, len(row.prompt_ids), getattr(row.memory, "shard", None), blocks_read)
-            live.append(_Row(row, s, lay, sink, cancelled, answer, pos[-1] + 1))
+            live.append(_Row(row, lay, sink, cancelled, answer, pos[-1] + 1))
         cache = DynamicCache(config=self.model.config)
         logits, cites = self._forward(live, ids, positions, mask, cache)
         for i, r in enumerate(live):
@@ -222,7 +221,7 @@ class DecodeBatch:
 
     def _forward(self, rows: list[_Row], ids, positions, mask, cache) -> tuple[torch.Tensor, list]:
         layers = [r.layers for r in rows]
-        s = rows[0].s
+        s = rows[0].answer.options
         session = Session(
             settings=RetrievalSettings(s.topk, s.ranking, s.similarity_threshold),
             record_citations=any(layers),

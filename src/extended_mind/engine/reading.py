@@ -115,7 +115,7 @@ class MemoryReader:
         the window leaves room for after the prompt and the answer."""
         encoded = self.with_sink(prompt)
         ids = encoded.ids
-        extra = o.topk_step if o.uncertainty_threshold is not None else 0
+        extra = _retry_blocks(o)
         room = (window - len(ids) - o.max_new_tokens) // o.block_size - extra
         if room < 1 and len(ids) <= window:
             raise PromptTooLongError(
@@ -197,6 +197,10 @@ class MemoryReader:
         if memory is None or memory.num_tokens == 0 or o.topk == 0:
             return 0
         if o.retrieval == "blocks":
-            extra = o.topk_step if o.uncertainty_threshold is not None else 0
-            return slot_positions(o.blocks + extra, o.block_size)
+            return slot_positions(o.blocks + _retry_blocks(o), o.block_size)
         return prompt_offset(memory, o.position_policy)
+
+
+def _retry_blocks(o: GenerationOptions) -> int:
+    """Blocks kept in reserve for a step that uncertainty-triggered retrieval recomputes with more of them."""
+    return o.topk_step if o.uncertainty_threshold is not None else 0

@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
-
-if TYPE_CHECKING:
-    pass
-
 
 # Bound on the (query rows x memory tokens) score block computed at once per KV head, to cap temporary memory.
 SCORE_BLOCK = 1 << 24

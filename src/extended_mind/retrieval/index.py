@@ -42,7 +42,6 @@ DEFAULT_APPROX_THRESHOLD = 1_048_576
 _FULL_SCAN_SHARE = 0.6
 
 
-
 @dataclass(frozen=True)
 class IndexSettings:
     """How approximate search is built and queried."""

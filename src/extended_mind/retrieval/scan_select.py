@@ -61,8 +61,6 @@ KERNEL_PROBES = {
 }
 
 
-
-
 _FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "asimd", "sve")
 
 

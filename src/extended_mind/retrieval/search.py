@@ -3,8 +3,6 @@ sharded memory (every rank's top-k merged, so the result equals the unsharded on
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from extended_mind.parallel.group import pack, unpack
@@ -12,9 +10,6 @@ from extended_mind.retrieval.exact import SCORE_BLOCK, exact_scores, gather_rows
 from extended_mind.retrieval.index import approximate_candidates
 from extended_mind.retrieval.layer import LayerMemory, RetrievalSettings
 from extended_mind.retrieval.scan import fast_topk, shortlist_size
-
-if TYPE_CHECKING:
-    pass
 
 
 def retrieve(

@@ -4,15 +4,11 @@ without memory (blocks are then read by every layer, engine/blocks.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from extended_mind.retrieval.layer import LayerMemory, RetrievalSettings
 from extended_mind.retrieval.search import retrieve
-
-if TYPE_CHECKING:
-    pass
 
 
 @dataclass
