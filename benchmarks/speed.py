@@ -27,12 +27,14 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from extended_mind import ExtendedMind, Memory
 from extended_mind.base.documents import Document
+from extended_mind.base.loading import resolve_device, resolve_dtype
 from extended_mind.retrieval import search as search_module
 from extended_mind.retrieval.layer import LayerMemory
-from extended_mind.retrieval.scan_select import SCAN_ENV, kernels, scan_path, scan_report
+from extended_mind.retrieval.scan_select import SCAN_ENV, scan_path, scan_report
 
 PROMPTS = [
     "Explain what the yield statement does in a function.",
@@ -48,6 +50,20 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def reset_peak(mind: ExtendedMind) -> None:
+    reset_peak_rss()
+    if mind.model.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(mind.model.device)
+
+
+def peaks(mind: ExtendedMind, name: str) -> dict[str, float]:
+    """Peak process RSS since the last reset, and on a GPU its peak allocated memory, in MB."""
+    found = {f"{name}_peak_rss_mb": peak_rss_mb()}
+    if mind.model.device.type == "cuda":
+        found[f"{name}_peak_gpu_mb"] = torch.cuda.max_memory_allocated(mind.model.device) / 2**20
+    return found
 
 
 def peak_rss_mb() -> float:
@@ -93,13 +109,22 @@ def tiled(memory: Memory, size: int) -> Memory:
     return Memory(memory.identity, segments, memory.rope, memory.stride, memory.window, memory.storage)
 
 
+def no_eos(mind: ExtendedMind) -> dict[int, float]:
+    """A logit bias banning end-of-sequence: every timed run decodes exactly the tokens asked for (a run that stops
+    early would look fast)."""
+    eos = mind.tokenizer.eos_token_id
+    return {} if eos is None else {int(eos): -100.0}
+
+
 def decode_ms(mind: ExtendedMind, memory, tokens: int, repeats: int, **options) -> tuple[float, float]:
-    """(median ms per decoded token, median ms to the first token) over `repeats` runs of one prompt."""
+    """(median ms per decoded token, median ms to the first token) over `repeats` runs of one prompt, each exactly
+    `tokens` tokens long (each token is read back to Python as it comes, so a GPU has finished it)."""
     steps, firsts = [], []
     for r in range(repeats):
         start = time.perf_counter()
         last = None
-        stream = mind.stream(PROMPTS[r % len(PROMPTS)], memory=memory, max_new_tokens=tokens, **options)
+        stream = mind.stream(PROMPTS[r % len(PROMPTS)], memory=memory, max_new_tokens=tokens,
+                             logit_bias=no_eos(mind), **options)  # fmt: skip
         for _ in stream:
             now = time.perf_counter()
             if last is None:
@@ -107,6 +132,8 @@ def decode_ms(mind: ExtendedMind, memory, tokens: int, repeats: int, **options) 
             else:
                 steps.append(now - last)
             last = now
+        if len(steps) != (r + 1) * (tokens - 1):
+            raise RuntimeError(f"a timed run decoded fewer than {tokens} tokens")
     return 1000 * statistics.median(steps), 1000 * statistics.median(firsts)
 
 
@@ -178,15 +205,51 @@ class RecallProbe:
         return self.decode_hits / max(self.decode_total, 1)
 
 
+def synchronize(mind: ExtendedMind) -> None:
+    """Wait for the GPU's queued work before reading a clock (a no-op on the CPU)."""
+    if mind.model.device.type == "cuda":
+        torch.cuda.synchronize(mind.model.device)
+
+
+def load(args: argparse.Namespace) -> ExtendedMind:
+    """The model to time: the embedded default, a model directory, or (`--random-weights`) a directory's
+    configuration and tokenizer with random weights of the same shapes, for a machine its weights cannot reach
+    (times do not depend on the weights' values: every run decodes exactly `--tokens` tokens)."""
+    if not args.random_weights:
+        return ExtendedMind.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    if args.model is None:
+        raise SystemExit("--random-weights needs --model DIR (a directory with config.json and the tokenizer)")
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model),
+                                             dtype=resolve_dtype(args.dtype, device))  # fmt: skip
+    return ExtendedMind(model.to(device), AutoTokenizer.from_pretrained(args.model), f"random:{args.model}")
+
+
+def machine(mind: ExtendedMind) -> tuple[dict, str]:
+    """What the timings ran on (CPU model and flags, or the GPU), and how exact search scans keys there."""
+    if mind.model.device.type == "cuda":
+        name = torch.cuda.get_device_name(mind.model.device)
+        return {"gpu": name, "torch": torch.__version__, "cuda": torch.version.cuda}, "scores on the GPU"
+    scan = scan_report()
+    pinned = os.environ.get(SCAN_ENV, "").strip() not in ("", "auto")  # a path set by hand: its own kernel
+    in_force = scan_path()
+    info = {"cpu": scan["machine"], "scan_ms": scan["ms"], "scan_kernels": None if pinned else scan.get("kernels")}
+    return info, in_force + (" (pinned)" if pinned else "")
+
+
 def memorize_ratio(mind: ExtendedMind, docs: list[str], repeats: int) -> dict:
     ids = torch.tensor([mind.tokenizer("\n\n".join(docs))["input_ids"][:8192]])
     window = 2048
     text = mind.tokenizer.decode(ids[0])
 
+    ids = ids.to(mind.model.device)
+
     def plain():
         with torch.inference_mode():
             for s in range(0, ids.shape[1], window):
                 mind.model(input_ids=ids[:, s : s + window], use_cache=False)
+        synchronize(mind)
 
     def memorize():
         mind.memorize(text, progress=False)
@@ -196,6 +259,7 @@ def memorize_ratio(mind: ExtendedMind, docs: list[str], repeats: int) -> dict:
         with torch.inference_mode():
             for end in range(window, ids.shape[1] + stride, stride):
                 mind.model(input_ids=ids[:, max(0, min(end, ids.shape[1]) - window) : end], use_cache=False)
+        synchronize(mind)
 
     times = {}
     for name, fn in (("forward", plain), ("memorize", memorize), ("reference", reference)):
@@ -225,23 +289,30 @@ def main() -> None:
     ap.add_argument("--storage", default="bfloat16", help="precision of the stored memory")
     ap.add_argument("--skip-reference-above", type=int, default=65536, help="the copying reference is slow")
     ap.add_argument("--skip-memorize", action="store_true", help="skip the memorization throughput measurement")
+    ap.add_argument("--no-approximate", action="store_true", help="time exact search only (no faiss index)")
+    ap.add_argument("--model", default=None, help="a model directory (default: the embedded SmolLM2)")
+    ap.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="--model's configuration and tokenizer with random weights (times only)",
+    )
+    ap.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
+    ap.add_argument("--dtype", default=None, help="model weights (default: float32 on a CPU, bfloat16 on a GPU)")
     ap.add_argument("--out", type=Path, default=Path("runs/speed"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    mind = ExtendedMind.from_pretrained()
+    mind = load(args)
     docs = real_documents(mind.tokenizer, args.real_tokens)
-    # how exact search scans keys here: chosen by measuring every path this CPU offers (retrieval/scan_select.py)
-    scan = scan_report()
-    pinned = os.environ.get(SCAN_ENV, "").strip() not in ("", "auto")  # a path set by hand: its own kernel
-    in_force = scan_path()
-    kernels_used = "the scan's own (pinned)" if pinned else kernels(scan)
-    print(f"CPU {scan['machine']['model']} ({', '.join(scan['machine']['flags'])}); exact scan: {in_force}"
-          f"{' (pinned by ' + SCAN_ENV + ')' if pinned else ''} (measured ms per decode-step shortlist over 16k "
-          f"keys: {scan['ms']}; kernels per call: {kernels_used})", flush=True)  # fmt: skip
+    # how exact search scans keys here: on a CPU chosen by measuring every path it offers (retrieval/scan_select.py)
+    info, in_force = machine(mind)
+    where = (f"GPU {info['gpu']} (torch {info['torch']}, CUDA {info['cuda']})" if "gpu" in info else
+             f"CPU {info['cpu']['model']} ({', '.join(info['cpu']['flags'])}); measured ms per decode-step "
+             f"shortlist over 16k keys: {info['scan_ms']}")  # fmt: skip
+    print(f"{where}; exact scan: {in_force}; model {mind.source}, {mind.model.dtype}", flush=True)
     results: dict = {"threads": args.threads, "topk": args.topk, "retrieval": args.retrieval, "storage": args.storage,
-                     "exact_scan": in_force + (" (pinned)" if pinned else ""), "scan_ms": scan["ms"],
-                     "scan_kernels": None if pinned else scan.get("kernels"), "cpu": scan["machine"]}  # fmt: skip
+                     "exact_scan": in_force, "model": mind.source, "dtype": str(mind.model.dtype).split(".")[-1],
+                     "device": str(mind.model.device), **info}  # fmt: skip
     results["rows"] = []
     if not args.skip_memorize:
         print("memorization throughput ...", flush=True)
@@ -263,19 +334,20 @@ def main() -> None:
         else:
             memory = _prefix(real, size)
         row: dict = {"size": memory.num_tokens}
-        reset_peak_rss()
+        reset_peak(mind)
         row["exact_ms"], _ = decode_ms(mind, memory, args.tokens, args.repeats, search="exact", **opts)
-        prefill_repeats = args.repeats if memory.num_tokens <= 65536 else 1  # minutes each beyond that
+        prefill_repeats = args.repeats if memory.num_tokens <= 65536 else 1  # minutes each beyond that on a CPU
         row["exact_prefill_500_ms"] = prefill_ms(mind, memory, prefill_repeats, search="exact", **opts)
-        row["exact_peak_rss_mb"] = peak_rss_mb()
-        start = time.perf_counter()
-        mind.generate("x", memory=memory, max_new_tokens=1, search="approximate", **opts)  # builds the index
-        row["index_build_s"] = time.perf_counter() - start
-        reset_peak_rss()
-        row["approx_ms"], _ = decode_ms(mind, memory, args.tokens, args.repeats, search="approximate", **opts)
-        row["approx_prefill_500_ms"] = prefill_ms(mind, memory, prefill_repeats, search="approximate", **opts)
-        row["approx_peak_rss_mb"] = peak_rss_mb()
-        if memory.num_tokens <= real.num_tokens:
+        row.update(peaks(mind, "exact"))
+        if not args.no_approximate:
+            start = time.perf_counter()
+            mind.generate("x", memory=memory, max_new_tokens=1, search="approximate", **opts)  # builds the index
+            row["index_build_s"] = time.perf_counter() - start
+            reset_peak(mind)
+            row["approx_ms"], _ = decode_ms(mind, memory, args.tokens, args.repeats, search="approximate", **opts)
+            row["approx_prefill_500_ms"] = prefill_ms(mind, memory, prefill_repeats, search="approximate", **opts)
+            row.update(peaks(mind, "approx"))
+        if memory.num_tokens <= real.num_tokens and not args.no_approximate:
             config = mind.model.config
             with RecallProbe(config.num_attention_heads // config.num_key_value_heads) as probe:
                 for p in PROMPTS:
@@ -289,7 +361,8 @@ def main() -> None:
             if key in row:
                 row[key.replace("_ms", "_ratio")] = row[key] / base_ms
         for key in ("exact_prefill_500_ms", "approx_prefill_500_ms"):
-            row[key.replace("_ms", "_ratio")] = row[key] / base_prefill
+            if key in row:
+                row[key.replace("_ms", "_ratio")] = row[key] / base_prefill
         results["rows"].append(row)
         print(row, flush=True)
         memory.prepared_layers.clear()
@@ -311,27 +384,39 @@ def _prefix(memory: Memory, size: int) -> Memory:
 
 def write_table(results: dict, out: Path) -> None:
     nm = results["no_memory"]
-    cpu = results.get("cpu", {})
+    if "gpu" in results:
+        where = f"GPU: {results['gpu']} (torch {results['torch']}, CUDA {results['cuda']}); keys scored on the GPU."
+    else:
+        cpu = results.get("cpu", {})
+        where = (f"CPU: {cpu.get('model', '?')}, flags {', '.join(cpu.get('flags', [])) or 'none of AVX2/AVX512/VNNI'}"
+                 f"; scan chosen by measuring (ms per decode-step shortlist over 16k keys): "
+                 f"{results.get('scan_ms', '?')}.")  # fmt: skip
+    gpu = "gpu" in results
     lines = [
-        f"CPU: {cpu.get('model', '?')}, flags {', '.join(cpu.get('flags', [])) or 'none of AVX2/AVX512/VNNI'}; "
-        f"scan chosen by measuring (ms per decode-step shortlist over 16k keys): {results.get('scan_ms', '?')}.",
+        where,
         "",
-        f"No memory: {nm['decode_ms']:.1f} ms/token, 500-token prefill {nm['prefill_500_ms']:.0f} ms "
-        f"({results['threads']} thread(s), top-k {results['topk']}, {results['storage']} memory, exact scan: "
-        f"{results.get('exact_scan', '?')}).",
+        f"Model {results.get('model', '?')} ({results.get('dtype', '?')}). No memory: {nm['decode_ms']:.1f} ms/token, "
+        f"500-token prefill {nm['prefill_500_ms']:.0f} ms ({results['threads']} thread(s), top-k {results['topk']}, "
+        f"{results['storage']} memory, exact scan: {results.get('exact_scan', '?')}).",
         "",
         "| memory tokens | exact ms/token (x) | approx ms/token (x) | reference copy (x) | recall@k all / decode | "
-        "prefill 500 exact / approx (x) | index build s | peak RSS exact / approx MB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "prefill 500 exact / approx (x) | index build s | peak RSS exact / approx MB |"
+        + (" peak GPU MB |" if gpu else ""),
+        f"| --- | --- | --- | --- | --- | --- | --- | --- |{' --- |' if gpu else ''}",
     ]
+
+    def cell(r: dict, key: str, digits: int = 0) -> str:
+        return f"{r[key]:.{digits}f}" if key in r else "-"
+
     for r in results["rows"]:
         ref = f"{r['reference_copy_ms']:.0f} ({r['reference_copy_ratio']:.2f})" if "reference_copy_ms" in r else "-"
         rec = f"{r['recall_at_k']:.3f} / {r['decode_recall_at_k']:.3f}" if "recall_at_k" in r else "-"
+        approx = f"{r['approx_ms']:.0f} ({r['approx_ratio']:.2f})" if "approx_ms" in r else "-"
         lines.append(
-            f"| {r['size']:,} | {r['exact_ms']:.0f} ({r['exact_ratio']:.2f}) | {r['approx_ms']:.0f} "
-            f"({r['approx_ratio']:.2f}) | {ref} | {rec} | {r['exact_prefill_500_ratio']:.2f} / "
-            f"{r['approx_prefill_500_ratio']:.2f} | {r['index_build_s']:.1f} | {r['exact_peak_rss_mb']:.0f} / "
-            f"{r['approx_peak_rss_mb']:.0f} |"
+            f"| {r['size']:,} | {r['exact_ms']:.1f} ({r['exact_ratio']:.2f}) | {approx} | {ref} | {rec} | "
+            f"{r['exact_prefill_500_ratio']:.2f} / {cell(r, 'approx_prefill_500_ratio', 2)} | "
+            f"{cell(r, 'index_build_s', 1)} | {r['exact_peak_rss_mb']:.0f} / {cell(r, 'approx_peak_rss_mb')} |"
+            + (f" {cell(r, 'exact_peak_gpu_mb')} |" if gpu else "")
         )
     m = results.get("memorize")
     if m is not None:
@@ -353,14 +438,17 @@ def plot(results: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.axhline(results["no_memory"]["decode_ms"], color="gray", ls="--", label="no memory")
     ax.plot(sizes, [r["exact_ms"] for r in rows], "o-", label="exact search")
-    ax.plot(sizes, [r["approx_ms"] for r in rows], "s-", label="approximate (IVF + re-rank)")
+    approx = [(r["size"], r["approx_ms"]) for r in rows if "approx_ms" in r]
+    if approx:
+        ax.plot(*zip(*approx), "s-", label="approximate (IVF + re-rank)")
     ref = [(r["size"], r["reference_copy_ms"]) for r in rows if "reference_copy_ms" in r]
     if ref:
         ax.plot(*zip(*ref), "x:", label="reference (memory copied per call)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("memory tokens")
     ax.set_ylabel("ms per generated token")
-    ax.set_title(f"SmolLM2-135M decode latency, {results['threads']} thread(s), top-k {results['topk']}")
+    where = results.get("gpu") or f"{results['threads']} CPU thread(s)"
+    ax.set_title(f"{results.get('model', 'SmolLM2-135M')} decode latency, {where}, top-k {results['topk']}")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -8,8 +8,10 @@ import warnings
 import pytest
 import torch
 
+from extended_mind import ExtendedMind
 from extended_mind.engine.decoding import entropy
 from extended_mind.memory.citations import cite
+from tests.conftest import byte_tokenizer, tiny_model
 
 DOC = "The pass key is 71234. Remember it. " * 3 + "Grass is green and the sky is blue. " * 6
 
@@ -178,3 +180,20 @@ def test_an_empty_answer_says_why(tiny_mind):
     assert unread.to_dict()["warnings"] == unread.warnings
     spoken = tiny_mind.generate("Question?", max_new_tokens=4)
     assert spoken.warnings == []
+
+
+@pytest.mark.parametrize("retrieval", ["tokens", "blocks"])
+def test_a_bfloat16_model_reads_its_memory(retrieval):
+    """bfloat16 is the default on a GPU: block selection scores float32 queries against the stored bfloat16 keys
+    (shortlisted in bfloat16, then scored exactly), and the answer cites the memory."""
+    mind = ExtendedMind(tiny_model("qwen3").to(torch.bfloat16), byte_tokenizer(), "tiny-qwen3-bf16")
+    memory = mind.memorize("The keeper of the lighthouse is Ada. " * 4, progress=False)
+    options = (
+        dict(retrieval="tokens", topk=4)
+        if retrieval == "tokens"
+        else dict(blocks=2, block_size=16, block_relevance=0.0)
+    )
+    result = mind.generate("Who keeps the light?", memory=memory, max_new_tokens=6, chat=False, block_gate=0.0,
+                           **options)  # fmt: skip
+    assert len(result.tokens) == 6
+    assert result.citations and {c.doc for c in result.citations} == {memory.documents[0].id}

@@ -104,9 +104,10 @@ def _prepare(
     for layer in tqdm(wanted, desc="preparing memory", unit="layer", disable=memory.num_tokens < (1 << 19)):
         table = memory.rope.layer_rope[layer]
         cos, sin = memory.rope.cos[table], memory.rope.sin[table]
-        keys = memory.layer_keys(layer)
+        keys = memory.layer_keys(layer).to(device)  # rotated where the model runs (a GPU rotates 1M keys at once)
         if not (policy == "zero" and bool((cos[0] == 1).all()) and bool((sin[0] == 0).all())):
-            keys = apply_rope(keys.float(), cos[pos], sin[pos])  # (at position 0 the rotation is the identity)
+            at = pos.to(device)  # (at position 0 the rotation is the identity)
+            keys = apply_rope(keys.float(), cos.to(device)[at], sin.to(device)[at])
         keep_stored = not values and scanned and keys.dtype != dtype and keys.dtype.itemsize < dtype.itemsize
         keys = keys.to(device=device, dtype=keys.dtype if keep_stored else dtype)
         scan = build_scan(keys) if scanned else None

@@ -83,9 +83,14 @@ def _retrieve(
     logits, indices = [], []
     for r0 in range(0, rows, step):
         qc = q[:, :, r0 : r0 + step]
-        if mem.scan is None:
+        if mem.scan is None and qc.dtype == mem.keys.dtype:
             scores = torch.matmul(qc, mem.keys.transpose(1, 2))  # (B, H, r, N) = q.k, all keys
             raw, idx = _select(qc, scores, None, mem, settings, scaling, k)
+        elif mem.scan is None:  # keys narrower than the queries (a bfloat16 model's block selection): the keys
+            # themselves are the scan, in their own dtype; the shortlist is then scored exactly, like any scan's
+            scores = torch.matmul(qc.to(mem.keys.dtype), mem.keys.transpose(1, 2)).float()
+            cand = fast_topk(scores * mem.inv_norms[:, None, :] if cosine else scores, shortlist_size(k, n))
+            raw, idx = _select(qc, exact_scores(qc, mem.keys, cand), cand, mem, settings, scaling, k)
         else:
             size = shortlist_size(k, n)
             if cosine:

@@ -1,0 +1,107 @@
+"""The correctness oracles on a GPU (skipped where CUDA is absent; run on a lent GPU machine by scripts/gpu_check.sh).
+
+The model, the memory's prepared keys and the scores live on the GPU; the memory's stored tensors stay on the CPU
+(files, memory maps). The same equalities hold there as on the CPU: top-k 0 is the unmodified model, reading every
+memory at its document positions is the full context, block memory reading every block is the full context; a
+memory saved and loaded answers the same; batched generation equals one by one; and the default bfloat16 model
+generates with memory and citations.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from extended_mind import ExtendedMind, Memory
+from tests.attention.test_oracles import FULL_CONTEXT_ATOL, memorize_ids
+from tests.conftest import byte_tokenizer, tiny_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = torch.device("cuda")
+FAMILIES_ON_GPU = ["gemma3", "llama", "mpt", "phi3", "qwen3"]  # two RoPE kinds, ALiBi, partial rotary, q/k norms
+
+
+@pytest.fixture(params=FAMILIES_ON_GPU)
+def gpu_pair(request) -> tuple[ExtendedMind, torch.nn.Module]:
+    """(mind, reference) on the GPU in float32: full-context equality is checked to float32 tolerance."""
+    model = tiny_model(request.param)
+    reference = copy.deepcopy(model).to(CUDA)
+    return ExtendedMind(model.to(CUDA), byte_tokenizer(), f"tiny-{request.param}"), reference
+
+
+def test_topk_zero_is_the_unmodified_model_on_gpu(gpu_pair):
+    mind, reference = gpu_pair
+    torch.manual_seed(1)
+    memory = memorize_ids(mind, [torch.randint(0, 256, (90,))])
+    prompt = torch.randint(0, 256, (1, 24))
+    with torch.inference_mode():
+        expected = reference(prompt.to(CUDA)).logits
+    for options in (dict(topk=0, retrieval="tokens", position_policy="zero"), dict(topk=0), dict(blocks=0)):
+        got = mind.logits(prompt, memory=memory, **options)
+        assert got.device.type == "cuda"
+        assert torch.equal(got, expected)
+
+
+def test_all_memories_at_document_positions_equal_full_context_on_gpu(gpu_pair):
+    mind, reference = gpu_pair
+    torch.manual_seed(2)
+    doc = torch.randint(0, 256, (48,))
+    prompt = torch.randint(0, 256, (1, 20))
+    memory = memorize_ids(mind, [doc], window=64)
+    full = torch.cat([doc[None], prompt], dim=1).to(CUDA)
+    mask = torch.ones(68, 68, dtype=torch.bool).tril()
+    mask[48, :48] = False  # the prompt's first token is the sink: it reads no memory
+    additive = torch.zeros(68, 68).masked_fill(~mask, torch.finfo(torch.float32).min).to(CUDA)
+    with torch.inference_mode():
+        expected = reference(full, attention_mask=additive[None, None]).logits[:, 48:]
+    options = dict(retrieval="tokens", position_policy="stored")
+    got = mind.logits(prompt, memory=memory, topk=48, **options)
+    assert (got - expected).abs().max().item() < FULL_CONTEXT_ATOL
+    fewer = mind.logits(prompt, memory=memory, topk=2, **options)
+    assert (fewer - expected).abs().max().item() > 1e-3
+
+
+def test_block_memory_reading_every_block_equals_full_context_on_gpu(gpu_pair):
+    mind, reference = gpu_pair
+    torch.manual_seed(4)
+    sink = torch.tensor([256])
+    doc = torch.randint(0, 256, (48,))
+    prompt = torch.cat([sink, torch.randint(0, 256, (20,))])[None]
+    memory = memorize_ids(mind, [torch.cat([sink, doc])], window=64, sink=True)
+    with torch.inference_mode():
+        full = reference(torch.cat([sink, doc, prompt[0, 1:]])[None].to(CUDA)).logits
+    expected = torch.cat([full[:, :1], full[:, 49:]], dim=1)
+    for chunk in (64, 6):
+        got = mind.logits(prompt, memory=memory, topk=48, blocks=3, block_size=16, block_gate=0.0, chunk=chunk)
+        assert (got - expected).abs().max().item() < FULL_CONTEXT_ATOL
+
+
+def test_saved_memory_answers_the_same_and_batch_equals_one_by_one_on_gpu(tmp_path):
+    mind = ExtendedMind(tiny_model("llama").to(CUDA), byte_tokenizer(), "tiny-llama")
+    memory = mind.memorize(["The cat sat on the mat. Its name is Orlo. " * 3, "Ships sail at dawn. " * 5],
+                           progress=False)  # fmt: skip
+    options = dict(max_new_tokens=8, chat=False, topk=3)
+    before = mind.generate("Who sat on the mat?", memory=memory, **options)
+    loaded = Memory.load(memory.save(tmp_path / "m"))
+    after = mind.generate("Who sat on the mat?", memory=loaded, **options)
+    assert [t.id for t in after.tokens] == [t.id for t in before.tokens]
+    assert [(c.doc, c.start) for c in after.citations] == [(c.doc, c.start) for c in before.citations]
+    prompts = ["Who sat on the mat?", "When do ships sail?", "Hello"]
+    alone = [mind.generate(p, memory=m, **options) for p, m in zip(prompts, [memory, loaded, None])]
+    batch = mind.generate_batch(prompts, [memory, loaded, None], **options)
+    assert [[t.id for t in b.tokens] for b in batch] == [[t.id for t in a.tokens] for a in alone]
+
+
+def test_bfloat16_default_on_gpu_generates_with_memory_and_citations():
+    model = tiny_model("qwen3").to(CUDA, torch.bfloat16)
+    mind = ExtendedMind(model, byte_tokenizer(), "tiny-qwen3-bf16")
+    memory = mind.memorize("The keeper of the lighthouse is Ada. " * 4, progress=False)
+    for options in (
+        dict(retrieval="tokens", topk=4),
+        dict(blocks=2, block_size=16, block_gate=0.0, block_relevance=0.0),
+    ):
+        result = mind.generate("Who keeps the light?", memory=memory, max_new_tokens=6, chat=False, **options)
+        assert len(result.tokens) == 6
+        assert result.citations and all(c.doc == memory.documents[0].id for c in result.citations)
