@@ -18,7 +18,7 @@ export PYTHONPATH="$PWD/src:$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/machine.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'CUDA', torch.version.cuda,
 'transformers', transformers.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/machine.txt"
-timeout "${TESTS_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider tests/attention/test_cuda.py \
+timeout "${TESTS_TIMEOUT:-150}" python3 -m pytest -q -s -p no:cacheprovider tests/attention/test_cuda.py \
     "tests/engine/test_generation.py::test_a_bfloat16_model_reads_its_memory" 2>&1 | tee "$OUT/tests.log"
 tests=${PIPESTATUS[0]}
 timeout "${SPEED_TIMEOUT:-330}" python3 benchmarks/speed.py --model .gpu/smollm2 --random-weights --device cuda \

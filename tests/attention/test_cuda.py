@@ -1,10 +1,10 @@
 """The correctness oracles on a GPU (skipped where CUDA is absent; run on a lent GPU machine by scripts/gpu_check.sh).
 
 The model, the memory's prepared keys and the scores live on the GPU; the memory's stored tensors stay on the CPU
-(files, memory maps). The same equalities hold there as on the CPU: top-k 0 is the unmodified model, reading every
-memory at its document positions is the full context, block memory reading every block is the full context; a
-memory saved and loaded answers the same; batched generation equals one by one; and the default bfloat16 model
-generates with memory and citations.
+(files, memory maps). The equalities of the CPU hold there: top-k 0 is the unmodified model (to float32 rounding:
+sdpa may pick another kernel), reading every memory at its document positions is the full context, block memory
+reading every block is the full context; a memory saved and loaded answers the same; batched generation equals
+one by one; and the default bfloat16 model generates with memory and citations.
 """
 
 from __future__ import annotations
@@ -41,7 +41,12 @@ def test_topk_zero_is_the_unmodified_model_on_gpu(gpu_pair):
     for options in (dict(topk=0, retrieval="tokens", position_policy="zero"), dict(topk=0), dict(blocks=0)):
         got = mind.logits(prompt, memory=memory, **options)
         assert got.device.type == "cuda"
-        assert torch.equal(got, expected)
+        # the same attention function, but on a GPU sdpa may pick another kernel for an explicit mask than for
+        # is_causal: equal to float32 rounding rather than bit for bit (on the CPU, tests/attention/test_oracles.py)
+        diff = (got - expected).abs().max().item()
+        print(f"top-k 0 against the unmodified model, {options}: max |diff| {diff:.2e}")
+        assert diff < 1e-5
+        assert torch.equal(got.argmax(-1), expected.argmax(-1))
 
 
 def test_all_memories_at_document_positions_equal_full_context_on_gpu(gpu_pair):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from extended_mind.parallel.group import pack, unpack
-from extended_mind.retrieval.exact import SCORE_BLOCK, exact_scores, gather_rows
+from extended_mind.retrieval.exact import exact_scores, gather_rows, score_block
 from extended_mind.retrieval.index import approximate_candidates
 from extended_mind.retrieval.layer import LayerMemory, RetrievalSettings
 from extended_mind.retrieval.scan import fast_topk, shortlist_size
@@ -79,7 +79,7 @@ def _retrieve(
     cosine = settings.ranking == "cosine"
     # Only a full (rows x N) score block needs bounding: the kernel's shortlist never materializes one.
     fused = mem.scan is not None and mem.scan.packed is not None and not cosine
-    step = rows if fused else max(1, SCORE_BLOCK // max(1, n * h))
+    step = rows if fused else max(1, score_block(q.device) // max(1, n * h))
     logits, indices = [], []
     for r0 in range(0, rows, step):
         qc = q[:, :, r0 : r0 + step]
