@@ -6,7 +6,9 @@
 # That machine cannot download: the model there has SmolLM2-135M's configuration and tokenizer (copied into
 # .gpu/smollm2 beforehand) with random weights of the same shapes; every timed run decodes exactly --tokens tokens,
 # so times do not depend on the weights' values. Wheels in .whl/ (this project's pinned transformers) are installed
-# first when present. Results go to $OUT (default runs/gpu).
+# first when present. Results go to $OUT (default runs/gpu). Prepared here, before the run (both folders are ignored):
+#   mkdir -p .gpu/smollm2 && cp ~/.cache/extended-mind/models/SmolLM2-135M-Instruct-*/{config.json,generation_config.json,tokenizer.json,tokenizer_config.json,chat_template.jinja} .gpu/smollm2/
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl transformers==5.24.0
 set -uo pipefail
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
