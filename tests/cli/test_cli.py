@@ -66,6 +66,8 @@ def test_cli_errors_are_one_clear_line(model_dir, tmp_path, capsys):
     assert "binary" in err and "Traceback" not in err
     assert main(["ask", "--model", str(model_dir), "--topk", "-2", "q"]) == 2
     assert "topk must be an integer >= 0" in capsys.readouterr().err
+    assert main(["serve", "--model", str(model_dir), "--prefill-chunk", "-1"]) == 2  # refused before serving
+    assert "--prefill-chunk must be 0" in capsys.readouterr().err
 
 
 def test_memory_commands_edit_a_saved_memory(model_dir, tmp_path, capsys):

@@ -110,3 +110,39 @@ def test_rows_prefilled_together_answer_as_alone(tiny_mind):
     for got, expected in zip(out, alone):
         assert [t.id for t in got[:-1]] == [t.id for t in expected.tokens]
         assert [c.text for c in got[-1].citations] == [c.text for c in expected.citations]
+
+
+@pytest.mark.parametrize("options", [dict(), dict(retrieval="tokens", topk=4)])
+def test_a_long_prompt_joining_is_prefilled_in_chunks_while_the_running_rows_go_on(options):
+    """With `prefill_chunk`, a long prompt that joins a running batch is prefilled a chunk per step: the running
+    row gets a token at every one of those steps, and both answer as they do alone."""
+    mind = ExtendedMind(tiny_model("llama"), byte_tokenizer(), "tiny-llama")
+    memory = mind.memorize(["The cat sat on the mat. It was a red mat.", "Rain fell for nine days in Oru."])
+    short, long = "The cat sat", "A much longer prompt about the cat and the mat and the rain, " * 2
+    asks = [(short, dict(max_new_tokens=30, **options)), (long, dict(max_new_tokens=6, **options))]
+    alone = [mind.generate(p, memory=memory, chat=False, block_relevance=0.0, **o) for p, o in asks]
+    batch = DecodeBatch(mind.model, mind.tokenizer, max_batch=4, prefill_chunk=16)
+    got: list[list] = [[], []]
+    for i, (p, o) in enumerate(asks):
+        stream = mind.stream(p, memory=memory, chat=False, block_relevance=0.0, **o)
+        batch.join(_row(stream), stream.settings, got[i].append, lambda: False)
+        if i == 0:
+            batch.step()
+    chunks = -(-len(_row(stream).prompt_ids) // 16)
+    assert chunks >= 5 and len(batch.prefilling) == 1 and len(batch) == 2
+    for step in range(chunks):
+        before = len(got[0])
+        batch.step()
+        assert len(got[0]) == before + 1  # the running row never waits for the whole prompt
+        assert len(batch.prefilling) == (0 if step == chunks - 1 else 1)
+    while len(batch):
+        batch.step()
+    for out, expected in zip(got, alone):
+        assert [t.id for t in out[:-1]] == [t.id for t in expected.tokens]
+        assert out[-1].text == expected.text
+        assert [c.text for c in out[-1].citations] == [c.text for c in expected.citations]
+
+
+def test_prefill_chunk_must_be_positive(tiny_mind):
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        DecodeBatch(tiny_mind.model, tiny_mind.tokenizer, prefill_chunk=0)

@@ -1,5 +1,6 @@
 """Continuous batching in the server: concurrent requests with their own memories and options decode together
-and get the answers they get one by one; a client that disconnects leaves the batch."""
+(prompts joining running rows prefilled in chunks) and get the answers they get one by one; a client that
+disconnects leaves the batch."""
 
 from __future__ import annotations
 
@@ -26,10 +27,15 @@ def mind() -> ExtendedMind:
 
 
 def test_concurrent_requests_are_batched_and_answer_as_sequential_ones(mind, tmp_path, monkeypatch):
-    sizes = []
+    sizes, prefilling = [], []
     step = DecodeBatch.step
-    monkeypatch.setattr(DecodeBatch, "step", lambda self: sizes.append(len(self)) or step(self))
-    app = create_app(mind, ServerConfig(memory_dir=tmp_path / "mem", max_tokens=32, max_batch=4))
+    monkeypatch.setattr(
+        DecodeBatch,
+        "step",
+        lambda self: sizes.append(len(self)) or prefilling.append(len(self.prefilling)) or step(self),
+    )
+    # prompts longer than 8 tokens that join a running batch are prefilled 8 tokens per step (chunked prefill)
+    app = create_app(mind, ServerConfig(memory_dir=tmp_path / "mem", max_tokens=32, max_batch=4, prefill_chunk=8))
     bodies = [
         {"model": MODEL, "prompt": f"Question {i}: where", "max_tokens": 6 + i % 5,
          "memory": ["cats", "rain", None][i % 3], **({"temperature": 0.7, "seed": i} if i % 4 == 3 else {})}
@@ -45,6 +51,7 @@ def test_concurrent_requests_are_batched_and_answer_as_sequential_ones(mind, tmp
         with ThreadPoolExecutor(12) as pool:
             concurrent = list(pool.map(lambda b: client.post("/v1/completions", json=b).json(), bodies))
     assert max(sizes) == 4  # decoded together, up to --max-batch
+    assert max(prefilling) >= 1  # requests joined running rows and were prefilled in chunks
     for a, b in zip(sequential, concurrent):
         assert a["choices"][0]["text"] == b["choices"][0]["text"]
         assert a["usage"] == b["usage"] and a["citations"] == b["citations"]

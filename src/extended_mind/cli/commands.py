@@ -48,6 +48,8 @@ def serve_command(args: argparse.Namespace) -> None:
     )
     if bad:
         raise ExtendedMindError(f"{', '.join(bad)} must be positive")
+    if args.prefill_chunk < 0:
+        raise ExtendedMindError("--prefill-chunk must be 0 (whole prompts at once) or a positive number of tokens")
     import uvicorn
 
     from extended_mind.server import create_app
@@ -57,6 +59,7 @@ def serve_command(args: argparse.Namespace) -> None:
         api_key=key,
         max_body_bytes=int(args.max_body_mb * 2**20),
         default_max_tokens=min(256, args.max_tokens),
+        prefill_chunk=args.prefill_chunk or None,
         **limits,
     )
     group = active_group()

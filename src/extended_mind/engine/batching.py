@@ -3,13 +3,15 @@ running batch at any decode step (continuous batching, as the server uses it).
 
 The model's dense layers run on the whole batch (left-padded, with an attention mask and per-row positions, so a
 prompt whose memory shifts its positions keeps them); memory retrieval runs per row inside attention
-(`Session.rows`). Prompts that join together are prefilled in one left-padded pass (each with its own block
-choice); prompts that join a running batch have their KV cache merged into the batch's (the shorter left-padded,
-the padding masked). A row that finishes (stop token, stop string, token budget) or whose consumer is gone
-(`cancelled()`) leaves at the next step. Each row has its own decoding options (temperature, seed, stop strings,
-logit bias, token budget); rows share the retrieval settings (top-k, ranking, threshold, citation weighting):
-`compatible` tells whether a stream can join. Greedy rows give the tokens they give alone, up to float rounding
-differences between batched and unbatched matmuls.
+(`Session.rows`). Prompts that join together are prefilled in one left-padded pass (each with its own block choice);
+prompts that join a running batch have their KV cache merged into the batch's (the shorter left-padded, the padding
+masked). With `prefill_chunk`, a prompt longer than that which joins a running batch is prefilled a chunk per step
+instead, alone, before each decode step of the running rows, and joins when its last chunk is in: the running rows'
+streams never stall for a whole prompt (as vLLM's chunked prefill). A row that finishes (stop token, stop string,
+token budget) or whose consumer is gone (`cancelled()`) leaves at the next step. Each row has its own decoding
+options (temperature, seed, stop strings, logit bias, token budget); rows share the retrieval settings (top-k,
+ranking, threshold, citation weighting): `compatible` tells whether a stream can join. Greedy rows give the tokens
+they give alone, up to float rounding differences between batched and unbatched matmuls.
 
 Models with sliding-window layers or the ALiBi adapter keep per-row state in their caches (what a sliding layer
 kept; alibi.py's key positions) that merging caches of different lengths would break: there, `can_merge` is false,
@@ -110,11 +112,32 @@ class _Row:
         return self.answer.done
 
 
+@dataclass
+class _Prefill:
+    """A row whose prompt is being prefilled a chunk per step; it joins the batch when the last chunk is in."""
+
+    live: _Row
+    cache: DynamicCache
+    done: int = 0  # prompt tokens prefilled so far
+
+
 class DecodeBatch:
     """A running batch (see the module docstring). Not thread-safe: one thread (the model's) calls it."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_batch: int = 16):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        max_batch: int = 16,
+        prefill_chunk: int | None = None,
+    ):
+        """`prefill_chunk`: prompt tokens prefilled per decode step for a row joining a running batch (None: the
+        whole prompt at once)."""
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk must be a positive number of tokens or None, not {prefill_chunk!r}")
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.prefill_chunk = prefill_chunk
+        self.prefilling: list[_Prefill] = []  # joined, prompts not yet all in (in arrival order)
         self.device = next(model.parameters()).device
         self.merge = can_merge(model)
         self.rows: list[_Row] = []
@@ -126,14 +149,14 @@ class DecodeBatch:
         self.n_heads = model.config.num_attention_heads
 
     def __len__(self) -> int:
-        """Rows still decoding."""
-        return sum(not r.done for r in self.rows)
+        """Rows still decoding or being prefilled."""
+        return sum(not r.done for r in self.rows) + len(self.prefilling)
 
     def compatible(self, s: GenerationOptions) -> bool:
         """Whether a stream with settings `s` can join now."""
         if s.uncertainty_threshold is not None:  # recomputes single steps: runs alone
-            return not self.rows
-        if not self.rows:
+            return not self.rows and not self.prefilling
+        if not self.rows and not self.prefilling:
             return True
         return self.room() > 0 and retrieval_key(s) == self.key
 
@@ -143,59 +166,95 @@ class DecodeBatch:
 
     def join_many(self, joining: list[tuple[BatchRow, GenerationOptions, Sink, Callable[[], bool]]]) -> None:
         """Prefill several rows' prompts in one left-padded forward pass and add them to the batch (the caller
-        checked that each is `compatible` and that they share `retrieval_key`)."""
-        rows = [j[0] for j in joining]
+        checked that each is `compatible` and that they share `retrieval_key`); with `prefill_chunk`, prompts
+        longer than a chunk that join a running batch are prefilled in chunks by the next steps instead."""
+        rows, layers, chosen = self._choose_blocks([j[0] for j in joining])
+        live = []
+        for (_, s, sink, cancelled), row, lay, c in zip(joining, rows, layers, chosen):
+            blocks_read = None if c is None else int(c.numel())
+            answer = Answer(s, row.memory, len(row.prompt_ids), getattr(row.memory, "shard", None), blocks_read)
+            live.append(_Row(row, lay, sink, cancelled, answer, row.positions()[-1] + 1))
+        if self.prefill_chunk is not None and self.rows:  # the running rows go on while these are prefilled
+            long = [r for r in live if len(r.row.prompt_ids) > self.prefill_chunk]
+            self.prefilling.extend(_Prefill(r, DynamicCache(config=self.model.config)) for r in long)
+            live = [r for r in live if len(r.row.prompt_ids) <= self.prefill_chunk]
+        if live:
+            self._prefill_together(live, retrieval_key(joining[0][1]))
+
+    def _choose_blocks(self, rows: list[BatchRow]) -> tuple[list[BatchRow], list[dict], list[torch.Tensor | None]]:
+        """Block memory: each row's blocks, chosen by one pass over the prompts; a row that reads nothing becomes
+        the plain model (its own prompt and positions). Returns the rows, their layers and their chosen blocks."""
         layers = [r.layers for r in rows]
         plans = [r.plan for r in rows]
-        if any(p is not None for p in plans):  # each row's blocks, chosen by one pass over the prompts
-            by_heads = [p if p is not None and p.similarity is None else None for p in plans]
-            masses: list[torch.Tensor | None] = [None] * len(rows)
-            if any(p is not None for p in by_heads):  # (blocks chosen by similarity need no pass)
-                masses = select_blocks(self.model, [r.prompt_ids for r in rows], [r.positions() for r in rows],
-                                       by_heads)  # fmt: skip
-            chosen = [p.choose(m) if p is not None else None for p, m in zip(plans, masses)]
-            layers = [p.slots(c) if p is not None else lay for p, c, lay in zip(plans, chosen, layers)]
-            # a row that reads nothing is the plain model: its own prompt and positions
-            rows = [replace(r, prompt_ids=r.plan.plain(r.prompt_ids), offset=0, plan=None)
-                    if c is not None and c.numel() == 0 else r for r, c in zip(rows, chosen)]  # fmt: skip
-        else:
-            chosen = [None] * len(rows)
-        width = max(len(r.prompt_ids) for r in rows)
-        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        positions = torch.zeros((len(rows), width), dtype=torch.long)
-        live = []
-        for i, ((_, s, sink, cancelled), row, lay) in enumerate(zip(joining, rows, layers)):
-            m, pos = len(row.prompt_ids), row.positions()
-            ids[i, width - m :], mask[i, width - m :] = torch.tensor(row.prompt_ids), 1
-            positions[i, width - m :] = torch.tensor(pos)
-            blocks_read = None if chosen[i] is None else int(chosen[i].numel())
-            answer = Answer(s, row.memory, len(row.prompt_ids), getattr(row.memory, "shard", None), blocks_read)
-            live.append(_Row(row, lay, sink, cancelled, answer, pos[-1] + 1))
+        if all(p is None for p in plans):
+            return rows, layers, [None] * len(rows)
+        by_heads = [p if p is not None and p.similarity is None else None for p in plans]
+        masses: list[torch.Tensor | None] = [None] * len(rows)
+        if any(p is not None for p in by_heads):  # (blocks chosen by similarity need no pass)
+            masses = select_blocks(self.model, [r.prompt_ids for r in rows], [r.positions() for r in rows],
+                                   by_heads)  # fmt: skip
+        chosen = [p.choose(m) if p is not None else None for p, m in zip(plans, masses)]
+        layers = [p.slots(c) if p is not None else lay for p, c, lay in zip(plans, chosen, layers)]
+        rows = [replace(r, prompt_ids=r.plan.plain(r.prompt_ids), offset=0, plan=None)
+                if c is not None and c.numel() == 0 else r for r, c in zip(rows, chosen)]  # fmt: skip
+        return rows, layers, chosen
+
+    def _prefill_together(self, live: list[_Row], key: tuple) -> None:
+        """One left-padded forward pass over the rows' prompts; the rows join the batch."""
+        width = max(len(r.row.prompt_ids) for r in live)
+        ids = torch.full((len(live), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(live), width), dtype=torch.long)
+        positions = torch.zeros((len(live), width), dtype=torch.long)
+        for i, r in enumerate(live):
+            m = len(r.row.prompt_ids)
+            ids[i, width - m :], mask[i, width - m :] = torch.tensor(r.row.prompt_ids), 1
+            positions[i, width - m :] = torch.tensor(r.row.positions())
         cache = DynamicCache(config=self.model.config)
         logits, cites = self._forward(live, ids, positions, mask, cache)
         for i, r in enumerate(live):
             r.logits, r.read = logits[i], cites[i]
+        self._add(live, cache, mask, key)
+
+    def _prefill_chunk(self) -> None:
+        """The next chunk of the first prompt being prefilled; with its last chunk in, the row joins the batch."""
+        p = self.prefilling[0]
+        prompt, positions = p.live.row.prompt_ids, p.live.row.positions()
+        end = min(p.done + self.prefill_chunk, len(prompt))
+        mask = torch.ones((1, end), dtype=torch.long)
+        logits, cites = self._forward([p.live], torch.tensor([prompt[p.done : end]]),
+                                      torch.tensor([positions[p.done : end]]), mask, p.cache)  # fmt: skip
+        p.done = end
+        if end == len(prompt):
+            self.prefilling.pop(0)
+            p.live.logits, p.live.read = logits[0], cites[0]
+            self._add([p.live], p.cache, mask, self.key)
+
+    def _add(self, live: list[_Row], cache: DynamicCache, mask: torch.Tensor, key: tuple | None) -> None:
+        """Rows whose prompts are in join the running rows (their caches merged)."""
         if not self.rows:
-            self.cache, self.mask, self.key = cache, mask, retrieval_key(joining[0][1])
+            self.cache, self.mask, self.key = cache, mask, key
         else:
             self.cache, self.mask = _merge(self.cache, self.mask, cache, mask, self.model.config)
         self.rows.extend(live)
 
     def room(self) -> int:
         """How many more rows may join now."""
-        return self.max_batch - len(self.rows) if self.merge or not self.rows else 0
+        return self.max_batch - len(self.rows) - len(self.prefilling) if self.merge or not self.rows else 0
 
     def step(self) -> None:
-        """Give every row its next token, then run one forward pass for the rows still running. Finished rows leave
-        the batch where caches can be merged; elsewhere they stay in place, fed padding, until every row is done."""
+        """Prefill the next chunk of a joining prompt (`prefill_chunk`), then give every row its next token and run
+        one forward pass for the rows still running. Finished rows leave the batch where caches can be merged;
+        elsewhere they stay in place, fed padding, until every row is done."""
+        if self.prefilling:
+            self._prefill_chunk()
         next_ids = [self._advance(r) if not r.done else None for r in self.rows]
         for r in self.rows:
             if r.done and not r.reported:
                 r.reported = True
                 r.sink(r.answer.result())
         if all(r.done for r in self.rows):
-            self.rows, self.cache, self.mask, self.key = [], None, None, None
+            key = self.key if self.prefilling else None  # the rows being prefilled share it
+            self.rows, self.cache, self.mask, self.key = [], None, None, key
             return
         keep = [i for i, r in enumerate(self.rows) if not r.done] if self.merge else list(range(len(self.rows)))
         if len(keep) < len(self.rows):

@@ -68,7 +68,8 @@ def create_app(mind: ExtendedMind | Callable[[], ExtendedMind], config: ServerCo
             open_memories(library)
         app.state.library, app.state.worker, app.state.model_id = library, worker, served_model_id(loaded)
         metrics.library = library
-        scheduler = BatchScheduler(worker, loaded.model, loaded.tokenizer, config.max_batch, metrics.batch.set, mirror)
+        scheduler = BatchScheduler(worker, loaded.model, loaded.tokenizer, config.max_batch, metrics.batch.set, mirror,
+                                   config.prefill_chunk)  # fmt: skip
         app.state.completions = CompletionServing(loaded, library, scheduler, config, metrics, mirror)
         app.state.chat = ChatServing(loaded, library, scheduler, config, metrics, mirror)
         app.state.memories = MemoryServing(loaded, library, worker, config)

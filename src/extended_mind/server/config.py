@@ -18,6 +18,9 @@ class ServerConfig:
     default_max_tokens: int = 256
     max_queue: int = 128  # requests waiting for the model; more get 429
     max_batch: int = 16  # generations decoded together (continuous batching)
+    # prompt tokens prefilled per decode step when a long prompt joins a running batch (None: all at once, stalling
+    # the running streams for the whole prompt)
+    prefill_chunk: int | None = 128
     max_memories_per_request: int = 8
 
 

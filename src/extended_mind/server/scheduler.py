@@ -40,8 +40,10 @@ class BatchScheduler:
         max_batch: int,
         on_batch: Callable[[int], None],
         mirror: Mirror | None = None,
+        prefill_chunk: int | None = None,
     ):
         self.worker, self.model, self.tokenizer, self.max_batch = worker, model, tokenizer, max_batch
+        self.prefill_chunk = prefill_chunk  # long prompts joining a running batch: prefilled a chunk per step
         self.mirror = mirror  # sharded serving: the followers do what this loop does (sharded.py)
         self.on_batch = on_batch  # told the batch size after every step (metrics)
         self._waiting: deque[_Request] = deque()
@@ -92,7 +94,7 @@ class BatchScheduler:
 
     def _new_batch(self) -> DecodeBatch:
         self._announce("batch")
-        return DecodeBatch(self.model, self.tokenizer, self.max_batch)
+        return DecodeBatch(self.model, self.tokenizer, self.max_batch, self.prefill_chunk)
 
     def _loop(self) -> None:
         batch = self._new_batch()

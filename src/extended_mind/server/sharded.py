@@ -70,7 +70,7 @@ def follow(mind: ExtendedMind, config: ServerConfig) -> None:
     library = MemoryLibrary(config.memory_dir, mind)
     open_memories(library)
     streams: dict[int, Any] = {}
-    batch = DecodeBatch(mind.model, mind.tokenizer, config.max_batch)
+    batch = DecodeBatch(mind.model, mind.tokenizer, config.max_batch, config.prefill_chunk)
     while True:
         box: list[Any] = [None]
         try:
@@ -85,7 +85,7 @@ def follow(mind: ExtendedMind, config: ServerConfig) -> None:
                 rid, prompt, names, options = args
                 streams[rid] = mind.stream(prompt, memory=library.memory_for(names), **options)
             elif op == "batch":
-                batch = DecodeBatch(mind.model, mind.tokenizer, config.max_batch)
+                batch = DecodeBatch(mind.model, mind.tokenizer, config.max_batch, config.prefill_chunk)
             elif op == "join":
                 joining = []
                 for rid in args[0]:
