@@ -97,9 +97,9 @@ def _add_serve_command(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=1024, help="most tokens one request may generate (1024)")
     p.add_argument("--max-body-mb", type=float, default=16, help="largest request body in MiB (16)")
     p.add_argument("--max-batch", type=int, default=16, help="generations decoded together (continuous batching; 16)")
-    p.add_argument("--prefill-chunk", type=int, default=128,
+    p.add_argument("--prefill-chunk", type=int, default=256,
                    help="prompt tokens prefilled per decode step when a long prompt joins running generations, so "
-                   "their streams never stall for a whole prompt (128; 0: whole prompts at once)")  # fmt: skip
+                   "their streams never stall for a whole prompt (256; 0: whole prompts at once)")  # fmt: skip
     p.add_argument("--max-document-chars", type=int, default=4_000_000, help="largest document (4,000,000 chars)")
     p.add_argument("--max-memory-tokens", type=int, default=1_000_000, help="largest memory (1,000,000 tokens)")
     p.add_argument("--model", default=None, help="local model directory or hub id (default: SmolLM2-135M-Instruct)")

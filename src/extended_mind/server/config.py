@@ -20,7 +20,7 @@ class ServerConfig:
     max_batch: int = 16  # generations decoded together (continuous batching)
     # prompt tokens prefilled per decode step when a long prompt joins a running batch (None: all at once, stalling
     # the running streams for the whole prompt)
-    prefill_chunk: int | None = 128
+    prefill_chunk: int | None = 256
     max_memories_per_request: int = 8
 
 
