@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from extended_mind import ExtendedMind
+from extended_mind.base.machine import cpu_info
 from extended_mind.engine.batching import BatchRow, DecodeBatch
-from extended_mind.retrieval.scan_select import cpu_info
 
 SHORT = ["The capital of France is", "A list of prime numbers: 2, 3,", "Water boils at", "The first month is"]
 

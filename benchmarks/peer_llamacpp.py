@@ -26,7 +26,7 @@ import torch
 
 from extended_mind import ExtendedMind
 from extended_mind.base.loading import default_gguf
-from extended_mind.retrieval.scan_select import cpu_info
+from extended_mind.base.machine import cpu_info
 
 PRECISIONS = ("float32", "bfloat16", "int8-dynamic")
 

@@ -107,7 +107,7 @@ def main() -> None:
     article = article_path.read_text()
     mind = ExtendedMind.from_pretrained()
     root = Path(tempfile.mkdtemp(prefix="extended-mind-server-"))
-    from extended_mind.retrieval.scan_select import cpu_info
+    from extended_mind.base.machine import cpu_info
 
     results: dict = {"threads": args.threads, "clients": args.clients, "max_tokens": args.max_tokens,
                      "max_batch": args.max_batch, "cpu": cpu_info()}  # fmt: skip

@@ -26,6 +26,10 @@ from transformers import (
 
 from extended_mind import ExtendedMind
 
+# Tests compare exact answers: the model precision is float32 unless a test asks for another (the default, "auto",
+# measures which precision is fastest on the machine, so answers could differ between machines; tests/base covers it)
+os.environ.setdefault("EXTENDED_MIND_DTYPE", "float32")
+
 VOCAB = 260  # 256 bytes + <s>, </s>, and room
 COMMON = dict(
     vocab_size=VOCAB,

@@ -19,8 +19,11 @@ from transformers.utils import logging as hf_logging
 
 from extended_mind.base.errors import ModelLoadError
 from extended_mind.base.paths import cache_dir
+from extended_mind.base.weights import choose as choose_weights
+from extended_mind.base.weights import int8_decode_available, use_int8_decode
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DTYPE_ENV = "EXTENDED_MIND_DTYPE"  # the precision used when none is asked for (default: auto)
 
 
 def default_gguf() -> Path:
@@ -54,7 +57,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
             "fp16": torch.float16,
         }
         if dtype not in named:
-            raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {sorted(named)}")
+            raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {sorted(named) + ['auto', 'int8']}")
         return named[dtype]
     return dtype
 
@@ -90,9 +93,21 @@ def _converted_default() -> Path:
 def load_model(
     model: str | None = None, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
-    """Return (model, tokenizer, source name). `model` is None (the default), a local directory or a hub id."""
+    """Return (model, tokenizer, source name). `model` is None (the default), a local directory or a hub id.
+    `dtype`: a torch dtype or its name, "int8" (float32 weights with int8 copies for decoding, on a CPU) or "auto"
+    (the default, or $EXTENDED_MIND_DTYPE when set: on a CPU the fastest of float32, bfloat16 and int8 whose
+    answers agree with float32's, measured once per CPU and cached, base/weights.py; bfloat16 on a GPU)."""
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    dtype = (os.environ.get(DTYPE_ENV) or "auto") if dtype is None else dtype
+    weights = dtype if dtype in ("auto", "int8") else None
+    if weights == "int8" and dev.type != "cpu":
+        raise ModelLoadError("dtype 'int8' (int8 decode weights) runs on a CPU; on a GPU use bfloat16")
+    if weights == "int8" and not int8_decode_available():
+        raise ModelLoadError("dtype 'int8' needs torch's int8 weight-only kernel, which this torch build lacks")
+    if weights is not None:
+        dt = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    else:
+        dt = resolve_dtype(dtype, dev)
     if model is None or model == DEFAULT_MODEL:
         path, source = _converted_default(), DEFAULT_MODEL
     else:
@@ -109,7 +124,15 @@ def load_model(
         raise ModelLoadError(
             f"unknown model {model!r}: not a loadable local model directory, and not fetchable from the hub ({exc})"
         ) from None
-    return net.to(dev).eval(), tokenizer, source
+    net = net.to(dev).eval()
+    if weights == "auto":
+        weights = choose_weights(net, tokenizer) if dev.type == "cpu" else "bfloat16"
+        if weights == "bfloat16" and net.dtype != torch.bfloat16:
+            net = net.to(torch.bfloat16)
+    if weights == "int8":
+        use_int8_decode(net)
+    net.extended_mind_weights = weights or str(dt).removeprefix("torch.")  # what `ExtendedMind.weights` reports
+    return net, tokenizer, source
 
 
 @contextmanager

@@ -23,7 +23,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument(
-        "--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)"
+        "--dtype",
+        default=None,
+        help="auto (default: on a CPU the fastest of float32, bfloat16 and int8 decode weights whose "
+        "answers agree with float32's, measured once per CPU; bfloat16 on CUDA), float32, bfloat16, float16 or int8",
     )
     p.add_argument(
         "--stride", type=int, default=None, help=f"new tokens per memorization step ({DEFAULT_STRIDE}: window/4)"
@@ -104,7 +107,7 @@ def _add_serve_command(sub) -> None:
     p.add_argument("--max-memory-tokens", type=int, default=1_000_000, help="largest memory (1,000,000 tokens)")
     p.add_argument("--model", default=None, help="local model directory or hub id (default: SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    p.add_argument("--dtype", default=None, help="auto (default; see `ask --help`), float32, bfloat16, float16 or int8")
 
 
 def _add_memory_commands(sub) -> None:

@@ -76,7 +76,9 @@ class ExtendedMind:
         dtype: str | torch.dtype | None = None,
         shards: bool | None = None,
     ) -> ExtendedMind:
-        """Load `model` (None: the embedded SmolLM2-135M-Instruct; or a local model directory or hub id)."""
+        """Load `model` (None: the embedded SmolLM2-135M-Instruct; or a local model directory or hub id). `dtype`:
+        None or "auto" (on a CPU the fastest precision whose answers agree with float32's, measured once per CPU:
+        float32, bfloat16 or "int8" decode weights; bfloat16 on a GPU), or one of those by name."""
         return cls(*load_model(model, device=device, dtype=dtype), shards=shards)
 
     @property
@@ -87,6 +89,12 @@ class ExtendedMind:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def weights(self) -> str:
+        """The precision the weights run in: "float32", "bfloat16", "float16" or "int8" (float32 with int8 decode
+        weights; base/weights.py)."""
+        return getattr(self.model, "extended_mind_weights", None) or str(self.model.dtype).removeprefix("torch.")
 
     @property
     def context_window(self) -> int:

@@ -72,17 +72,6 @@ def int8_matmul_available() -> bool:
         return False
 
 
-def fast_bfloat16(device: torch.device) -> bool:
-    """Whether bfloat16 matmuls are fast here: CUDA, or a CPU with AVX512-BF16 / AMX (else they are emulated)."""
-    if device.type == "cuda":
-        return True
-    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None) or getattr(torch.cpu, "_is_amx_tile_supported", None)
-    try:
-        return bool(check and check())
-    except RuntimeError:
-        return False
-
-
 def quantize_int8(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric absmax int8 over dimension `dim`: (codes, scales), x ~ codes * scales (scales keep `dim`, size 1)."""
     xf = x.float()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import statistics
 import time
 from dataclasses import replace
@@ -23,13 +22,13 @@ from pathlib import Path
 
 import torch
 
+from extended_mind.base.machine import cpu_info, fast_bfloat16
 from extended_mind.base.paths import cache_dir
 from extended_mind.retrieval.exact import exact_scores
 from extended_mind.retrieval.native import scan_kernel, scan_kernel_avx2
 from extended_mind.retrieval.scan import (
     PACKED_KINDS,
     KeyScan,
-    fast_bfloat16,
     fast_topk,
     int8_matmul_available,
     shortlist_size,
@@ -61,23 +60,6 @@ KERNEL_PROBES = {
 }
 
 
-_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "asimd", "sve")
-
-
-def cpu_info() -> dict:
-    """The CPU model and the instruction-set flags that decide the scan's speed (from /proc/cpuinfo on Linux)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key in ("model name", "Model") and model in ("", platform.machine(), platform.processor()):
-                model = value.strip()
-            elif key in ("flags", "Features"):
-                flags.update(value.split())
-    except OSError:
-        pass
-    return {"model": model, "flags": [f for f in _FLAGS if f in flags]}
 
 
 def available_paths() -> list[str]:

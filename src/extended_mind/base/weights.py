@@ -1,0 +1,230 @@
+"""The precision of the model's weights on a CPU: float32, bfloat16, or int8 for decoding, chosen by measurement.
+
+Decoding one token multiplies a few rows by every weight matrix, so its time is the time to read the weights: 540 MB
+per token for SmolLM2 in float32. `int8` keeps the model in float32 and gives each dense layer a copy of its weight
+as int8 codes with one scale per output channel; inputs of at most DECODE_ROWS rows (decode steps, small batches)
+are multiplied with the codes by torch's packed int8 weight-only kernel (`torch._weight_int8pack_mm`, the CPU kernel
+behind torchao's int8 weight-only quantization; checked on this machine before use), larger ones (prefill,
+memorization, scoring) with the float32 weights. So memories, prompts and the first answer token are float32's, and
+the model's parameters, state dict and identity are unchanged.
+
+`auto` measures, once per CPU, thread count and model (cached in the cache directory): float32's greedy answers to
+PROBE_PROMPTS, then bfloat16 (where the CPU has AVX512-BF16 or AMX, and a copy of the model fits in memory) and int8
+(applied in place, then undone) fed those answers token by token through the decode path. A candidate counts only
+when it picks float32's token at PROBE_AGREEMENT of the steps, its decode step takes at most MIN_GAIN of float32's
+and its prefill of 256 tokens is no slower than float32's (within PREFILL_SLACK; int8 prefills with the float32
+weights); the fastest such decode wins, else float32. On a GPU `auto` is bfloat16.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from functools import lru_cache
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from extended_mind.base.compat import with_cache
+from extended_mind.base.identity import config_hash, weights_sample
+from extended_mind.base.machine import cpu_info, fast_bfloat16
+from extended_mind.base.paths import cache_dir
+
+DECODE_ROWS = 16  # int8 up to here: 1.4x faster than float32 at 16 rows, even up to 32 (1 thread) and 64 (2)
+PROBE_PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):\n",
+    "Once upon a time, a small robot",
+    "Water boils at a temperature of",
+    "The three primary colors are",
+    "Q: What is the largest planet?\nA:",
+    "import numpy as np\nx =",
+    "In 1492, Christopher Columbus",
+)
+PROBE_TOKENS = 16
+# the share of steps at which a candidate, fed float32's greedy answers token by token, picks float32's token
+PROBE_AGREEMENT = 0.9
+PREFILL_SLACK = 1.1
+MIN_GAIN = 0.95  # a candidate's decode step must take at most this share of float32's
+WEIGHTS = ("float32", "bfloat16", "int8")
+METHOD = 1  # part of the cache key: a change to the probe or the rule measures again
+
+
+@lru_cache(maxsize=1)
+def int8_decode_available() -> bool:
+    """Whether torch's packed int8 weight-only kernel runs here and computes what it should (a private op:
+    checked, not assumed; in_features must be a multiple of 16, see `use_int8_decode`)."""
+    try:
+        codes = torch.tensor([[1, -2] * 8, [3, 0] * 8], dtype=torch.int8)
+        x = torch.ones(1, 16, dtype=torch.bfloat16)
+        got = torch._weight_int8pack_mm(x, codes, torch.tensor([0.5, 2.0], dtype=torch.bfloat16))
+        return got.float().tolist() == [[-4.0, 48.0]]
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+class Int8DecodeLinear(torch.nn.Linear):
+    """A float Linear that multiplies inputs of few rows by int8 codes of its weight (see the module docstring).
+    Made by changing a Linear's class in place: its parameters, state dict and hooks stay."""
+
+    int8_codes: torch.Tensor  # (out, in) int8
+    int8_scales: torch.Tensor  # (out,) bfloat16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // max(1, x.shape[-1])
+        if rows > DECODE_ROWS or x.device != self.int8_codes.device:
+            return super().forward(x)
+        y = torch._weight_int8pack_mm(x.reshape(rows, -1).to(torch.bfloat16), self.int8_codes, self.int8_scales)
+        y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+def use_int8_decode(model: PreTrainedModel) -> int:
+    """Give the model's dense layers int8 decode weights (those on the CPU whose in_features is a multiple of 16,
+    what the kernel handles correctly); returns how many. Raises RuntimeError where the kernel is unavailable."""
+    if not int8_decode_available():
+        raise RuntimeError("torch's int8 weight-only kernel (torch._weight_int8pack_mm) is not available here")
+    done = 0
+    for module in model.modules():
+        if type(module) is not torch.nn.Linear or module.in_features % 16 or module.weight.device.type != "cpu":
+            continue
+        w = module.weight.detach().float()
+        scales = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+        module.int8_codes = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
+        module.int8_scales = scales.to(torch.bfloat16)
+        module.__class__ = Int8DecodeLinear
+        done += 1
+    return done
+
+
+def drop_int8_decode(model: PreTrainedModel) -> None:
+    """Undo `use_int8_decode`: plain Linears again, the codes freed."""
+    for module in model.modules():
+        if type(module) is Int8DecodeLinear:
+            module.__class__ = torch.nn.Linear
+            del module.int8_codes, module.int8_scales
+
+
+def _copy_fits(model: PreTrainedModel) -> bool:
+    """Whether a bfloat16 copy of the model fits twice over in the memory available now (Linux; elsewhere: no)."""
+    need = sum(p.numel() for p in model.parameters()) * 2 * 2
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 > need
+    except OSError:
+        pass
+    return False
+
+
+def _probe(model: PreTrainedModel, prompts: list[list[int]], long: list[int], forced: list[list[int]] | None) -> dict:
+    """Greedy answers to the probe prompts (or, with `forced`, the model's choice at each step of those answers fed
+    token by token through the decode path), the median decode step and the prefill of `long`, in seconds."""
+    answers, steps = [], []
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for i, ids in enumerate(prompts):
+            cache = DynamicCache(config=model.config)
+            out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, **with_cache(model, cache))
+            chosen = [int(out.logits[0, -1].argmax())]
+            for j in range(PROBE_TOKENS - 1):
+                fed = chosen[-1] if forced is None else forced[i][j]
+                start = time.perf_counter()
+                out = model(input_ids=torch.tensor([[fed]], device=device), use_cache=True,
+                            **with_cache(model, cache))  # fmt: skip
+                chosen.append(int(out.logits[0, -1].argmax()))
+                steps.append(time.perf_counter() - start)
+            answers.append(chosen)
+        prefill = []
+        for _ in range(2):
+            start = time.perf_counter()
+            model(input_ids=torch.tensor([long], device=device), use_cache=False)
+            prefill.append(time.perf_counter() - start)
+    return {"answers": answers, "decode_s": statistics.median(steps), "prefill_s": min(prefill)}
+
+
+def measure(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
+    """Time float32 (the loaded model) and each candidate here; returns {"choice": ..., per candidate: timings,
+    answers equal to float32's, whether it counts}."""
+    prompts = [tokenizer(p)["input_ids"] for p in PROBE_PROMPTS]
+    long = (sum(prompts, []) * 64)[:256]
+    base = _probe(model, prompts, long, None)
+    found: dict = {"float32": {"decode_ms": 1000 * base["decode_s"], "prefill_ms": 1000 * base["prefill_s"]}}
+    candidates = []
+    if fast_bfloat16(torch.device("cpu")):
+        candidates.append("bfloat16")
+    if int8_decode_available():
+        candidates.append("int8")
+    best, best_s = "float32", base["decode_s"]
+    for name in candidates:
+        if name == "int8":  # measured in place and undone: prefill keeps the float32 weights, so it is float32's
+            use_int8_decode(model)
+            got = _probe(model, prompts, long, base["answers"])
+            drop_int8_decode(model)
+            prefill_ok = True
+        elif _copy_fits(model):
+            trial = copy.deepcopy(model).to(torch.bfloat16)
+            got = _probe(trial, prompts, long, base["answers"])
+            del trial
+            prefill_ok = got["prefill_s"] <= PREFILL_SLACK * base["prefill_s"]
+        else:
+            found[name] = {"skipped": "a second copy of the model would not fit in the memory available"}
+            continue
+        pairs = [(a, b) for x, y in zip(got["answers"], base["answers"]) for a, b in zip(x, y)]
+        agree = sum(a == b for a, b in pairs) / len(pairs)
+        counts = agree >= PROBE_AGREEMENT and prefill_ok and got["decode_s"] <= MIN_GAIN * base["decode_s"]
+        found[name] = {"decode_ms": 1000 * got["decode_s"], "prefill_ms": 1000 * got["prefill_s"],
+                       "agreement": agree, "counts": counts}  # fmt: skip
+        if counts and got["decode_s"] < best_s:
+            best, best_s = name, got["decode_s"]
+    found["choice"] = best
+    return found
+
+
+def _summary(found: dict) -> str:
+    parts = []
+    for name in WEIGHTS:
+        if "decode_ms" in found.get(name, {}):
+            agree = f", {found[name]['agreement']:.0%} of float32's tokens" if "agreement" in found[name] else ""
+            parts.append(f"{name} {found[name]['decode_ms']:.0f} ms/token{agree}")
+    return "; ".join(parts)
+
+
+def _choice_file():
+    return cache_dir() / "weights-choice.json"
+
+
+def _key(model: PreTrainedModel) -> str:
+    cpu = cpu_info()
+    return json.dumps([METHOD, cpu["model"], cpu["flags"], torch.get_num_threads(), torch.__version__,
+                       config_hash(model), weights_sample(model)])  # fmt: skip
+
+
+def choose(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str:
+    """The measured weight precision for `model` (float32, loaded on the CPU) here: from the cache, else measured
+    now (seconds, once) and cached."""
+    path, key = _choice_file(), _key(model)
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(key), dict) and known[key].get("choice") in WEIGHTS:
+        return known[key]["choice"]
+    print("extended-mind: measuring once which weight precision decodes fastest on this CPU ...", file=sys.stderr)
+    found = measure(model, tokenizer)
+    print(f"extended-mind: {found['choice']} weights ({_summary(found)}; cached in {path})", file=sys.stderr)
+    known[key] = found
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".weights-choice.")
+        with os.fdopen(fd, "w") as f:
+            json.dump(known, f, indent=1)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache measures again next time
+    return found["choice"]
