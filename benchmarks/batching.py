@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pydoc_data.topics
 import statistics
 import time
@@ -19,6 +20,9 @@ from pathlib import Path
 import torch
 
 from extended_mind import ExtendedMind
+
+# tables in float32 unless --dtype or $EXTENDED_MIND_DTYPE asks otherwise: what a timing picks ("auto") varies
+os.environ.setdefault("EXTENDED_MIND_DTYPE", "float32")
 
 TOPICS = sorted(pydoc_data.topics.topics, key=lambda t: -len(pydoc_data.topics.topics[t]))[:16]  # the longest
 

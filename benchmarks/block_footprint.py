@@ -11,6 +11,7 @@ the 500-token prefill and the decode speed, with the CPU model and flags. 1 thre
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import time
 
@@ -19,6 +20,9 @@ from speed import decode_ms, prefill_ms, real_documents, tiled
 
 from extended_mind import ExtendedMind
 from extended_mind.retrieval.scan_select import scan_report
+
+# tables in float32 unless --dtype or $EXTENDED_MIND_DTYPE asks otherwise: what a timing picks ("auto") varies
+os.environ.setdefault("EXTENDED_MIND_DTYPE", "float32")
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import random
 import re
 import statistics
@@ -29,6 +30,9 @@ from tqdm import tqdm
 
 from extended_mind import ExtendedMind
 from extended_mind.bench.synthetic import PASSKEY_FILLER
+
+# tables in float32 unless --dtype or $EXTENDED_MIND_DTYPE asks otherwise: what a timing picks ("auto") varies
+os.environ.setdefault("EXTENDED_MIND_DTYPE", "float32")
 
 FILLER = PASSKEY_FILLER + " "
 # (true text, counterfactual, question, answer prefix)

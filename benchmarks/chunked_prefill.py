@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pydoc_data.topics
 import statistics
 import time
@@ -25,6 +26,9 @@ import torch
 from extended_mind import ExtendedMind
 from extended_mind.base.machine import cpu_info
 from extended_mind.engine.batching import BatchRow, DecodeBatch
+
+# tables in float32 unless --dtype or $EXTENDED_MIND_DTYPE asks otherwise: what a timing picks ("auto") varies
+os.environ.setdefault("EXTENDED_MIND_DTYPE", "float32")
 
 SHORT = ["The capital of France is", "A list of prime numbers: 2, 3,", "Water boils at", "The first month is"]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import random
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from tqdm import tqdm
 
 from extended_mind import ExtendedMind
 from extended_mind.engine.options import CITATION_WEIGHTINGS
+
+# tables in float32 unless --dtype or $EXTENDED_MIND_DTYPE asks otherwise: what a timing picks ("auto") varies
+os.environ.setdefault("EXTENDED_MIND_DTYPE", "float32")
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -32,6 +33,9 @@ from extended_mind.memory.segment import Segment
 
 sys.path.insert(0, str(Path(__file__).parent))
 from choose_defaults import answer_logprob, correct, passkey_items, qa_items  # noqa: E402
+
+# tables in float32 unless --dtype or $EXTENDED_MIND_DTYPE asks otherwise: what a timing picks ("auto") varies
+os.environ.setdefault("EXTENDED_MIND_DTYPE", "float32")
 
 STORAGES = ("float32", "bfloat16", "float16", "int8")
 

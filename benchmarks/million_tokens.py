@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pydoc_data.topics
 import resource
 import sysconfig
@@ -32,6 +33,9 @@ from extended_mind.bench.data import source_dir, wikipedia
 from extended_mind.memory.memory import is_saved_memory
 from extended_mind.retrieval import selection
 from extended_mind.retrieval.scan_select import kernels, scan_report
+
+# tables in float32 unless --dtype or $EXTENDED_MIND_DTYPE asks otherwise: what a timing picks ("auto") varies
+os.environ.setdefault("EXTENDED_MIND_DTYPE", "float32")
 
 
 def real_texts() -> list[tuple[str, str]]:

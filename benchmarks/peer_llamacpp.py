@@ -7,9 +7,10 @@ Both read the same prompt token ids (a paragraph of the demo article, repeated t
 exactly `--new-tokens` greedy tokens (end of sequence banned, so no run stops early). Per engine, precision and
 thread count: prefill tokens/s (the prompt's tokens over the time to the first token) and decode tokens/s (the median
 interval between later tokens), medians over `--repeats`; and the weight bytes each decoded token reads (the bound
-on decode speed: bytes per token over the memory bandwidth the run reached). Our precisions: float32 (the default
-today), bfloat16, and int8 weight-only dynamic quantization of the linear layers (torch.ao `quantize_dynamic`) where
-this torch build supports it. Writes results.json, table.md and peer.png; prints the CPU model and flags.
+on decode speed: bytes per token over the memory bandwidth the run reached). Our precisions: float32, bfloat16 and
+int8 (int8 decode weights, base/weights.py), those this torch build runs; `--precisions int8-dynamic` adds torch.ao's
+dynamic quantization of the linear layers (activations quantized too; it lost answers). Writes results.json,
+table.md and peer.png; prints the CPU model and flags.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ import torch
 from extended_mind import ExtendedMind
 from extended_mind.base.loading import default_gguf
 from extended_mind.base.machine import cpu_info
+from extended_mind.base.weights import int8_decode_available
 
-PRECISIONS = ("float32", "bfloat16", "int8-dynamic")
+PRECISIONS = ("float32", "bfloat16", "int8", "int8-dynamic")
+DEFAULT_PRECISIONS = ("float32", "bfloat16", "int8")  # int8-dynamic lost answers (docs/measurements.md): on request
 
 
 def prompt_ids(tokenizer, tokens: int) -> list[int]:
@@ -54,10 +57,16 @@ def weight_bytes(model: torch.nn.Module) -> int:
     total = 0
     table = model.get_input_embeddings().weight
     output = getattr(model.get_output_embeddings(), "weight", None)
+    decoded_int8 = {id(m.weight) for m in model.modules() if hasattr(m, "int8_codes")}  # base/weights.py
     for p in model.parameters():
         if p is table and p is not output:  # one row per token; read whole only as the (tied) output layer
             continue
+        if id(p) in decoded_int8:  # decode steps read the int8 codes instead (counted below)
+            continue
         total += p.numel() * p.element_size()
+    for module in model.modules():
+        if hasattr(module, "int8_codes"):
+            total += module.int8_codes.numel() + module.int8_scales.numel() * module.int8_scales.element_size()
     for module in model.modules():  # dynamically quantized linears keep their int8 weights outside parameters
         packed = getattr(module, "_packed_params", None)
         if packed is not None and hasattr(module, "weight"):
@@ -73,7 +82,7 @@ class _Ours:
 
     def load(self) -> ExtendedMind:
         if self.mind is None:
-            dtype = "bfloat16" if self.precision == "bfloat16" else "float32"
+            dtype = self.precision if self.precision in ("bfloat16", "int8") else "float32"
             mind = ExtendedMind.from_pretrained(dtype=dtype)
             if self.precision == "int8-dynamic":
                 mind.model = torch.ao.quantization.quantize_dynamic(mind.model, {torch.nn.Linear}, dtype=torch.qint8)
@@ -139,13 +148,16 @@ def measure(run, repeats: int, prompt_tokens: int) -> dict:
     return out
 
 
-def available_precisions() -> list[str]:
-    try:
-        torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(8, 8)), {torch.nn.Linear},
-                                               dtype=torch.qint8)(torch.randn(1, 8))  # fmt: skip
-        return list(PRECISIONS)
-    except Exception:  # no quantized engine in this build
-        return [p for p in PRECISIONS if p != "int8-dynamic"]
+def available_precisions(wanted: tuple[str, ...] = DEFAULT_PRECISIONS) -> list[str]:
+    """The precisions of `wanted` this torch build runs."""
+    found = [p for p in wanted if p != "int8" or int8_decode_available()]
+    if "int8-dynamic" in wanted:
+        try:
+            torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(8, 8)), {torch.nn.Linear},
+                                                   dtype=torch.qint8)(torch.randn(1, 8))  # fmt: skip
+        except Exception:  # no quantized engine in this build
+            found.remove("int8-dynamic")
+    return found
 
 
 def markdown(results: dict) -> str:
@@ -213,7 +225,7 @@ def main() -> None:
         print("llama-cpp-python is not installed (make peer builds it): its rows are left out", flush=True)
         llama_cpp = None
     gguf = default_gguf()
-    precisions = args.precisions or available_precisions()
+    precisions = available_precisions(tuple(args.precisions)) if args.precisions else available_precisions()
     for threads in args.threads:
         float32_tokens = None
         for precision in precisions:

@@ -10,6 +10,7 @@ and with exact token retrieval, and prints the ratios with the CPU model, its fl
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -17,6 +18,9 @@ from speed import decode_ms, prefill_ms, real_documents
 
 from extended_mind import ExtendedMind
 from extended_mind.retrieval.scan_select import kernels, scan_report
+
+# tables in float32 unless --dtype or $EXTENDED_MIND_DTYPE asks otherwise: what a timing picks ("auto") varies
+os.environ.setdefault("EXTENDED_MIND_DTYPE", "float32")
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import statistics
@@ -27,6 +28,9 @@ import torch
 from tqdm import tqdm
 
 from extended_mind import ExtendedMind
+
+# tables in float32 unless --dtype or $EXTENDED_MIND_DTYPE asks otherwise: what a timing picks ("auto") varies
+os.environ.setdefault("EXTENDED_MIND_DTYPE", "float32")
 
 FIRST = "Ada Bruno Clara Dmitri Elena Farid Greta Hugo Ines Jonas Kaori Lars Mira Nils Olga Pavel Rosa Sven Tara Umar"
 LAST = "Abbott Berger Castillo Dunmore Eklund Ferreira Gallo Haddad Ivanova Jansen Kowalski Lindqvist Moreau Novak"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -33,6 +34,9 @@ import torch
 from extended_mind import ExtendedMind
 from extended_mind.server import ServerConfig, create_app
 from extended_mind.server.background import HEADLESS_CHROMIUM_ARGS, BackgroundServer, chromium_path
+
+# tables in float32 unless --dtype or $EXTENDED_MIND_DTYPE asks otherwise: what a timing picks ("auto") varies
+os.environ.setdefault("EXTENDED_MIND_DTYPE", "float32")
 
 QUESTIONS = [
     "Question: How many termites can one aardwolf eat in a single night?\nAnswer: One aardwolf can eat about",

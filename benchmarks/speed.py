@@ -36,6 +36,9 @@ from extended_mind.retrieval import search as search_module
 from extended_mind.retrieval.layer import LayerMemory
 from extended_mind.retrieval.scan_select import SCAN_ENV, scan_path, scan_report
 
+# tables in float32 unless --dtype or $EXTENDED_MIND_DTYPE asks otherwise: what a timing picks ("auto") varies
+os.environ.setdefault("EXTENDED_MIND_DTYPE", "float32")
+
 PROMPTS = [
     "Explain what the yield statement does in a function.",
     "How do I format a floating point number with two decimals?",

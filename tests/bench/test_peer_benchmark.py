@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from extended_mind.base.weights import use_int8_decode
 from tests.conftest import byte_tokenizer, tiny_model
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "peer_llamacpp.py"
@@ -37,6 +38,11 @@ def test_weight_bytes_count_the_output_layer_once_and_skip_an_untied_embedding_t
     assert peer.weight_bytes(model) == expected
     half = tiny_model("llama").to(torch.bfloat16)
     assert peer.weight_bytes(half) * 2 == expected
+    int8 = tiny_model("llama")
+    use_int8_decode(int8)  # decode steps read one byte per weight of each linear layer, plus its scales
+    linears = [m for m in int8.modules() if hasattr(m, "int8_codes")]
+    read = expected - sum(m.weight.numel() * 4 - m.weight.numel() - 2 * m.out_features for m in linears)
+    assert peer.weight_bytes(int8) == read
 
 
 def test_prompt_ids_have_the_asked_length(peer):
