@@ -7,10 +7,10 @@ Both read the same prompt token ids (a paragraph of the demo article, repeated t
 exactly `--new-tokens` greedy tokens (end of sequence banned, so no run stops early). Per engine, precision and
 thread count: prefill tokens/s (the prompt's tokens over the time to the first token) and decode tokens/s (the median
 interval between later tokens), medians over `--repeats`; and the weight bytes each decoded token reads (the bound
-on decode speed: bytes per token over the memory bandwidth the run reached). Our precisions: float32, bfloat16 and
-int8 (int8 decode weights, base/weights.py), those this torch build runs; `--precisions int8-dynamic` adds torch.ao's
-dynamic quantization of the linear layers (activations quantized too; it lost answers). Writes results.json,
-table.md and peer.png; prints the CPU model and flags.
+on decode speed: bytes per token over the memory bandwidth the run reached). Our precisions: float32, bfloat16,
+int8 and bfloat16-int8 (int8 decode weights over float32 or bfloat16 ones, base/weights.py), those this torch build
+runs; `--precisions int8-dynamic` adds torch.ao's dynamic quantization of the linear layers (activations quantized
+too; it lost answers). Writes results.json, table.md and peer.png; prints the CPU model and flags.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from extended_mind.base.loading import default_gguf
 from extended_mind.base.machine import cpu_info
 from extended_mind.base.weights import int8_decode_available
 
-PRECISIONS = ("float32", "bfloat16", "int8", "int8-dynamic")
-DEFAULT_PRECISIONS = ("float32", "bfloat16", "int8")  # int8-dynamic lost answers (docs/measurements.md): on request
+PRECISIONS = ("float32", "bfloat16", "int8", "bfloat16-int8", "int8-dynamic")
+# int8-dynamic lost answers (docs/measurements.md): on request only
+DEFAULT_PRECISIONS = ("float32", "bfloat16", "int8", "bfloat16-int8")
 
 
 def prompt_ids(tokenizer, tokens: int) -> list[int]:
@@ -82,7 +83,7 @@ class _Ours:
 
     def load(self) -> ExtendedMind:
         if self.mind is None:
-            dtype = self.precision if self.precision in ("bfloat16", "int8") else "float32"
+            dtype = "float32" if self.precision == "int8-dynamic" else self.precision
             mind = ExtendedMind.from_pretrained(dtype=dtype)
             if self.precision == "int8-dynamic":
                 mind.model = torch.ao.quantization.quantize_dynamic(mind.model, {torch.nn.Linear}, dtype=torch.qint8)
@@ -150,7 +151,7 @@ def measure(run, repeats: int, prompt_tokens: int) -> dict:
 
 def available_precisions(wanted: tuple[str, ...] = DEFAULT_PRECISIONS) -> list[str]:
     """The precisions of `wanted` this torch build runs."""
-    found = [p for p in wanted if p != "int8" or int8_decode_available()]
+    found = [p for p in wanted if "int8" not in p or p == "int8-dynamic" or int8_decode_available()]
     if "int8-dynamic" in wanted:
         try:
             torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(8, 8)), {torch.nn.Linear},

@@ -57,7 +57,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
             "fp16": torch.float16,
         }
         if dtype not in named:
-            raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {sorted(named) + ['auto', 'int8']}")
+            raise ModelLoadError(
+                f"unknown dtype {dtype!r}; choose one of {sorted(named) + ['auto', 'bfloat16-int8', 'int8']}"
+            )
         return named[dtype]
     return dtype
 
@@ -94,18 +96,19 @@ def load_model(
     model: str | None = None, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
     """Return (model, tokenizer, source name). `model` is None (the default), a local directory or a hub id.
-    `dtype`: a torch dtype or its name, "int8" (float32 weights with int8 copies for decoding, on a CPU) or "auto"
+    `dtype`: a torch dtype or its name, "int8" (float32 weights with int8 copies for decoding, on a CPU),
+    "bfloat16-int8" (the same over bfloat16 weights) or "auto"
     (the default, or $EXTENDED_MIND_DTYPE when set: on a CPU the fastest of float32, bfloat16 and int8 whose
     answers agree with float32's, measured once per CPU and cached, base/weights.py; bfloat16 on a GPU)."""
     dev = resolve_device(device)
     dtype = (os.environ.get(DTYPE_ENV) or "auto") if dtype is None else dtype
-    weights = dtype if dtype in ("auto", "int8") else None
-    if weights == "int8" and dev.type != "cpu":
-        raise ModelLoadError("dtype 'int8' (int8 decode weights) runs on a CPU; on a GPU use bfloat16")
-    if weights == "int8" and not int8_decode_available():
-        raise ModelLoadError("dtype 'int8' needs torch's int8 weight-only kernel, which this torch build lacks")
+    weights = dtype if dtype in ("auto", "int8", "bfloat16-int8") else None
+    if weights in ("int8", "bfloat16-int8") and dev.type != "cpu":
+        raise ModelLoadError(f"dtype {weights!r} (int8 decode weights) runs on a CPU; on a GPU use bfloat16")
+    if weights in ("int8", "bfloat16-int8") and not int8_decode_available():
+        raise ModelLoadError(f"dtype {weights!r} needs torch's int8 weight-only kernel, which this torch build lacks")
     if weights is not None:
-        dt = torch.float32 if dev.type == "cpu" else torch.bfloat16
+        dt = torch.bfloat16 if dev.type != "cpu" or weights == "bfloat16-int8" else torch.float32
     else:
         dt = resolve_dtype(dtype, dev)
     if model is None or model == DEFAULT_MODEL:
@@ -127,9 +130,9 @@ def load_model(
     net = net.to(dev).eval()
     if weights == "auto":
         weights = choose_weights(net, tokenizer) if dev.type == "cpu" else "bfloat16"
-        if weights == "bfloat16" and net.dtype != torch.bfloat16:
+        if weights.startswith("bfloat16") and net.dtype != torch.bfloat16:
             net = net.to(torch.bfloat16)
-    if weights == "int8":
+    if weights in ("int8", "bfloat16-int8"):
         use_int8_decode(net)
     net.extended_mind_weights = weights or str(dt).removeprefix("torch.")  # what `ExtendedMind.weights` reports
     return net, tokenizer, source

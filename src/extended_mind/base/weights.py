@@ -1,24 +1,23 @@
-"""The precision of the model's weights on a CPU: float32, bfloat16, or int8 for decoding, chosen by measurement.
+"""The precision of the model's weights on a CPU: float32, or int8 for decoding, chosen by measurement.
 
 Decoding one token multiplies a few rows by every weight matrix, so its time is the time to read the weights: 540 MB
 per token for SmolLM2 in float32. `int8` keeps the model in float32 and gives each dense layer a copy of its weight
-as int8 codes with one scale per output channel; inputs of at most DECODE_ROWS rows (decode steps, small batches)
-are multiplied with the codes by torch's packed int8 weight-only kernel (`torch._weight_int8pack_mm`, the CPU kernel
-behind torchao's int8 weight-only quantization; checked on this machine before use), larger ones (prefill,
-memorization, scoring) with the float32 weights. So memories, prompts and the first answer token are float32's, and
-the model's parameters, state dict and identity are unchanged.
+as int8 codes with one scale per output channel; decode steps (one token per row, at most DECODE_ROWS rows) are
+multiplied with the codes by torch's packed int8 weight-only kernel (`torch._weight_int8pack_mm`, the CPU kernel
+behind torchao's int8 weight-only quantization; checked on this machine before use); prompts, memorization and
+scoring keep the float32 weights. So memories, block selection and the relevance test are float32's, and the
+model's parameters, state dict and identity are unchanged. `bfloat16-int8` is the same over a bfloat16 model.
 
 `auto` measures, once per CPU, thread count and model (cached in the cache directory): float32's greedy answers to
-PROBE_PROMPTS, then bfloat16 (where the CPU has AVX512-BF16 or AMX, and a copy of the model fits in memory) and int8
-(applied in place, then undone) fed those answers token by token through the decode path. A candidate counts only
-when it picks float32's token at PROBE_AGREEMENT of the steps, its decode step takes at most MIN_GAIN of float32's
-and its prefill of 256 tokens is no slower than float32's (within PREFILL_SLACK; int8 prefills with the float32
-weights); the fastest such decode wins, else float32. On a GPU `auto` is bfloat16.
+PROBE_PROMPTS, then int8 (applied in place, then undone) fed those answers token by token through its decode path.
+int8 is chosen when it picks float32's token at PROBE_AGREEMENT of the steps and its decode step takes at most
+MIN_GAIN of float32's; else float32. bfloat16 is not a candidate: computing prompts and memories in bfloat16 moves
+block memory's relevance scores (SmolLM2's demo question read no block in bfloat16, docs/measurements.md), which
+decoding agreement does not see. On a GPU `auto` is bfloat16.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import statistics
@@ -32,7 +31,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from extended_mind.base.compat import with_cache
 from extended_mind.base.identity import config_hash, weights_sample
-from extended_mind.base.machine import cpu_info, fast_bfloat16
+from extended_mind.base.machine import cpu_info
 from extended_mind.base.paths import cache_dir
 
 DECODE_ROWS = 16  # int8 up to here: 1.4x faster than float32 at 16 rows, even up to 32 (1 thread) and 64 (2)
@@ -49,10 +48,9 @@ PROBE_PROMPTS = (
 PROBE_TOKENS = 16
 # the share of steps at which a candidate, fed float32's greedy answers token by token, picks float32's token
 PROBE_AGREEMENT = 0.9
-PREFILL_SLACK = 1.1
 MIN_GAIN = 0.95  # a candidate's decode step must take at most this share of float32's
-WEIGHTS = ("float32", "bfloat16", "int8")
-METHOD = 1  # part of the cache key: a change to the probe or the rule measures again
+WEIGHTS = ("float32", "int8")  # what `auto` chooses from
+METHOD = 3  # part of the cache key: a change to the probe or the rule measures again
 
 
 @lru_cache(maxsize=1)
@@ -69,7 +67,7 @@ def int8_decode_available() -> bool:
 
 
 class Int8DecodeLinear(torch.nn.Linear):
-    """A float Linear that multiplies inputs of few rows by int8 codes of its weight (see the module docstring).
+    """A float Linear that multiplies decode steps by int8 codes of its weight (see the module docstring).
     Made by changing a Linear's class in place: its parameters, state dict and hooks stay."""
 
     int8_codes: torch.Tensor  # (out, in) int8
@@ -77,7 +75,8 @@ class Int8DecodeLinear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(1, x.shape[-1])
-        if rows > DECODE_ROWS or x.device != self.int8_codes.device:
+        one_token_rows = x.dim() < 3 or x.shape[-2] == 1  # a decode step (a prompt's rows are float32's)
+        if rows > DECODE_ROWS or not one_token_rows or x.device != self.int8_codes.device:
             return super().forward(x)
         y = torch._weight_int8pack_mm(x.reshape(rows, -1).to(torch.bfloat16), self.int8_codes, self.int8_scales)
         y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
@@ -110,21 +109,9 @@ def drop_int8_decode(model: PreTrainedModel) -> None:
             del module.int8_codes, module.int8_scales
 
 
-def _copy_fits(model: PreTrainedModel) -> bool:
-    """Whether a bfloat16 copy of the model fits twice over in the memory available now (Linux; elsewhere: no)."""
-    need = sum(p.numel() for p in model.parameters()) * 2 * 2
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024 > need
-    except OSError:
-        pass
-    return False
-
-
-def _probe(model: PreTrainedModel, prompts: list[list[int]], long: list[int], forced: list[list[int]] | None) -> dict:
+def _probe(model: PreTrainedModel, prompts: list[list[int]], forced: list[list[int]] | None) -> dict:
     """Greedy answers to the probe prompts (or, with `forced`, the model's choice at each step of those answers fed
-    token by token through the decode path), the median decode step and the prefill of `long`, in seconds."""
+    token by token through the decode path) and the median decode step in seconds."""
     answers, steps = [], []
     device = next(model.parameters()).device
     with torch.inference_mode():
@@ -140,49 +127,27 @@ def _probe(model: PreTrainedModel, prompts: list[list[int]], long: list[int], fo
                 chosen.append(int(out.logits[0, -1].argmax()))
                 steps.append(time.perf_counter() - start)
             answers.append(chosen)
-        prefill = []
-        for _ in range(2):
-            start = time.perf_counter()
-            model(input_ids=torch.tensor([long], device=device), use_cache=False)
-            prefill.append(time.perf_counter() - start)
-    return {"answers": answers, "decode_s": statistics.median(steps), "prefill_s": min(prefill)}
+    return {"answers": answers, "decode_s": statistics.median(steps)}
 
 
 def measure(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
-    """Time float32 (the loaded model) and each candidate here; returns {"choice": ..., per candidate: timings,
-    answers equal to float32's, whether it counts}."""
+    """Time float32 (the loaded model) and int8 decode weights here; returns {"choice": ..., per precision: the
+    decode step in ms, and for int8 the share of float32's tokens it agrees with and whether it counts}."""
     prompts = [tokenizer(p)["input_ids"] for p in PROBE_PROMPTS]
-    long = (sum(prompts, []) * 64)[:256]
-    base = _probe(model, prompts, long, None)
-    found: dict = {"float32": {"decode_ms": 1000 * base["decode_s"], "prefill_ms": 1000 * base["prefill_s"]}}
-    candidates = []
-    if fast_bfloat16(torch.device("cpu")):
-        candidates.append("bfloat16")
-    if int8_decode_available():
-        candidates.append("int8")
-    best, best_s = "float32", base["decode_s"]
-    for name in candidates:
-        if name == "int8":  # measured in place and undone: prefill keeps the float32 weights, so it is float32's
-            use_int8_decode(model)
-            got = _probe(model, prompts, long, base["answers"])
-            drop_int8_decode(model)
-            prefill_ok = True
-        elif _copy_fits(model):
-            trial = copy.deepcopy(model).to(torch.bfloat16)
-            got = _probe(trial, prompts, long, base["answers"])
-            del trial
-            prefill_ok = got["prefill_s"] <= PREFILL_SLACK * base["prefill_s"]
-        else:
-            found[name] = {"skipped": "a second copy of the model would not fit in the memory available"}
-            continue
-        pairs = [(a, b) for x, y in zip(got["answers"], base["answers"]) for a, b in zip(x, y)]
-        agree = sum(a == b for a, b in pairs) / len(pairs)
-        counts = agree >= PROBE_AGREEMENT and prefill_ok and got["decode_s"] <= MIN_GAIN * base["decode_s"]
-        found[name] = {"decode_ms": 1000 * got["decode_s"], "prefill_ms": 1000 * got["prefill_s"],
-                       "agreement": agree, "counts": counts}  # fmt: skip
-        if counts and got["decode_s"] < best_s:
-            best, best_s = name, got["decode_s"]
-    found["choice"] = best
+    base = _probe(model, prompts, None)
+    found: dict = {"float32": {"decode_ms": 1000 * base["decode_s"]}, "choice": "float32"}
+    if not int8_decode_available():
+        return found
+    use_int8_decode(model)  # measured in place, then undone
+    try:
+        got = _probe(model, prompts, base["answers"])
+    finally:
+        drop_int8_decode(model)
+    pairs = [(a, b) for x, y in zip(got["answers"], base["answers"]) for a, b in zip(x, y)]
+    agree = sum(a == b for a, b in pairs) / len(pairs)
+    counts = agree >= PROBE_AGREEMENT and got["decode_s"] <= MIN_GAIN * base["decode_s"]
+    found["int8"] = {"decode_ms": 1000 * got["decode_s"], "agreement": agree, "counts": counts}
+    found["choice"] = "int8" if counts else "float32"
     return found
 
 

@@ -92,8 +92,8 @@ class ExtendedMind:
 
     @property
     def weights(self) -> str:
-        """The precision the weights run in: "float32", "bfloat16", "float16" or "int8" (float32 with int8 decode
-        weights; base/weights.py)."""
+        """The precision the weights run in: "float32", "bfloat16", "float16", "int8" (float32 with int8 decode
+        weights; base/weights.py) or "bfloat16-int8"."""
         return getattr(self.model, "extended_mind_weights", None) or str(self.model.dtype).removeprefix("torch.")
 
     @property
