@@ -98,8 +98,8 @@ def load_model(
     """Return (model, tokenizer, source name). `model` is None (the default), a local directory or a hub id.
     `dtype`: a torch dtype or its name, "int8" (float32 weights with int8 copies for decoding, on a CPU),
     "bfloat16-int8" (the same over bfloat16 weights) or "auto"
-    (the default, or $EXTENDED_MIND_DTYPE when set: on a CPU the fastest of float32, bfloat16 and int8 whose
-    answers agree with float32's, measured once per CPU and cached, base/weights.py; bfloat16 on a GPU)."""
+    (the default, or $EXTENDED_MIND_DTYPE when set: on a CPU int8 where it agrees with float32's answers and decodes
+    faster, else float32, measured once per CPU and cached, base/weights.py; bfloat16 on a GPU)."""
     dev = resolve_device(device)
     dtype = (os.environ.get(DTYPE_ENV) or "auto") if dtype is None else dtype
     weights = dtype if dtype in ("auto", "int8", "bfloat16-int8") else None

@@ -25,8 +25,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
         default=None,
-        help="auto (default: on a CPU the fastest of float32, bfloat16 and int8 decode weights whose "
-        "answers agree with float32's, measured once per CPU; bfloat16 on CUDA), float32, bfloat16, float16 or int8",
+        help="auto (default: on a CPU int8 decode weights where they agree with float32 and decode faster, measured "
+        "once per CPU; bfloat16 on CUDA), float32, bfloat16, float16, int8 or bfloat16-int8",
     )
     p.add_argument(
         "--stride", type=int, default=None, help=f"new tokens per memorization step ({DEFAULT_STRIDE}: window/4)"

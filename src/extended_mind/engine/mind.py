@@ -77,8 +77,8 @@ class ExtendedMind:
         shards: bool | None = None,
     ) -> ExtendedMind:
         """Load `model` (None: the embedded SmolLM2-135M-Instruct; or a local model directory or hub id). `dtype`:
-        None or "auto" (on a CPU the fastest precision whose answers agree with float32's, measured once per CPU:
-        float32, bfloat16 or "int8" decode weights; bfloat16 on a GPU), or one of those by name."""
+        None or "auto" (on a CPU "int8" decode weights where they agree with float32's answers and decode faster,
+        measured once per CPU, else float32; bfloat16 on a GPU), or a precision by name (base/loading.py)."""
         return cls(*load_model(model, device=device, dtype=dtype), shards=shards)
 
     @property
