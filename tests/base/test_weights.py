@@ -72,18 +72,18 @@ def test_loading_with_a_named_precision(tmp_path, monkeypatch):
     path = tmp_path / "tiny"
     tiny_model("llama").save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
-    mind = ExtendedMind.from_pretrained(str(path), dtype="int8")
+    mind = ExtendedMind.from_pretrained(str(path), device="cpu", dtype="int8")  # (int8 is refused on a GPU)
     assert mind.weights == "int8" and mind.model.dtype == torch.float32
-    both = ExtendedMind.from_pretrained(str(path), dtype="bfloat16-int8")
+    both = ExtendedMind.from_pretrained(str(path), device="cpu", dtype="bfloat16-int8")
     assert both.weights == "bfloat16-int8" and both.model.dtype == torch.bfloat16
     assert any(type(m) is weights.Int8DecodeLinear for m in both.model.modules())
     memory = mind.memorize("The keeper of the lighthouse is Ada. " * 4)
     assert mind.generate("Who keeps the light?", memory=memory, max_new_tokens=4, chat=False).tokens
     monkeypatch.setenv("EXTENDED_MIND_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("EXTENDED_MIND_DTYPE")  # the default: auto
-    auto = ExtendedMind.from_pretrained(str(path))
+    auto = ExtendedMind.from_pretrained(str(path), device="cpu")
     assert auto.weights in weights.WEIGHTS and (tmp_path / "cache" / "weights-choice.json").is_file()
-    assert ExtendedMind.from_pretrained(str(path), dtype="float32").weights == "float32"  # explicit wins
+    assert ExtendedMind.from_pretrained(str(path), device="cpu", dtype="float32").weights == "float32"  # explicit
     with pytest.raises(ModelLoadError, match="auto"):
         load_model(str(path), dtype="int4")
 
