@@ -15,7 +15,11 @@ import pytest
 import torch
 
 from extended_mind import ExtendedMind, Memory
-from tests.attention.test_oracles import FULL_CONTEXT_ATOL, memorize_ids
+from tests.attention.test_oracles import (
+    check_all_memories_equal_full_context,
+    check_every_block_equals_full_context,
+    memorize_ids,
+)
 from tests.conftest import byte_tokenizer, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -50,37 +54,11 @@ def test_topk_zero_is_the_unmodified_model_on_gpu(gpu_pair):
 
 
 def test_all_memories_at_document_positions_equal_full_context_on_gpu(gpu_pair):
-    mind, reference = gpu_pair
-    torch.manual_seed(2)
-    doc = torch.randint(0, 256, (48,))
-    prompt = torch.randint(0, 256, (1, 20))
-    memory = memorize_ids(mind, [doc], window=64)
-    full = torch.cat([doc[None], prompt], dim=1).to(CUDA)
-    mask = torch.ones(68, 68, dtype=torch.bool).tril()
-    mask[48, :48] = False  # the prompt's first token is the sink: it reads no memory
-    additive = torch.zeros(68, 68).masked_fill(~mask, torch.finfo(torch.float32).min).to(CUDA)
-    with torch.inference_mode():
-        expected = reference(full, attention_mask=additive[None, None]).logits[:, 48:]
-    options = dict(retrieval="tokens", position_policy="stored")
-    got = mind.logits(prompt, memory=memory, topk=48, **options)
-    assert (got - expected).abs().max().item() < FULL_CONTEXT_ATOL
-    fewer = mind.logits(prompt, memory=memory, topk=2, **options)
-    assert (fewer - expected).abs().max().item() > 1e-3
+    check_all_memories_equal_full_context(*gpu_pair, CUDA)
 
 
 def test_block_memory_reading_every_block_equals_full_context_on_gpu(gpu_pair):
-    mind, reference = gpu_pair
-    torch.manual_seed(4)
-    sink = torch.tensor([256])
-    doc = torch.randint(0, 256, (48,))
-    prompt = torch.cat([sink, torch.randint(0, 256, (20,))])[None]
-    memory = memorize_ids(mind, [torch.cat([sink, doc])], window=64, sink=True)
-    with torch.inference_mode():
-        full = reference(torch.cat([sink, doc, prompt[0, 1:]])[None].to(CUDA)).logits
-    expected = torch.cat([full[:, :1], full[:, 49:]], dim=1)
-    for chunk in (64, 6):
-        got = mind.logits(prompt, memory=memory, topk=48, blocks=3, block_size=16, block_gate=0.0, chunk=chunk)
-        assert (got - expected).abs().max().item() < FULL_CONTEXT_ATOL
+    check_every_block_equals_full_context(*gpu_pair, CUDA)
 
 
 def test_saved_memory_answers_the_same_and_batch_equals_one_by_one_on_gpu(tmp_path):

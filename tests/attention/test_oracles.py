@@ -21,6 +21,7 @@ from tests.conftest import WordEmbedder
 # Full-context equality is exact in real arithmetic; float32 reassociation (one softmax over memory + local
 # instead of one over the concatenation) leaves differences around 1e-6 on these tiny models.
 FULL_CONTEXT_ATOL = 1e-4
+CPU = torch.device("cpu")
 
 
 def raw_document(ids: torch.Tensor, sink: bool = False) -> EncodedDocument:
@@ -61,42 +62,52 @@ def test_topk_zero_is_the_unmodified_model(tiny_pair):
         assert [t.id for t in result.tokens] == greedy
 
 
-def test_all_memories_at_document_positions_equal_full_context(tiny_pair):
-    mind, reference = tiny_pair
+def check_all_memories_equal_full_context(mind, reference, device: torch.device = CPU) -> None:
+    """Token retrieval of every memory at its document position equals the full context (the oracle; also run with
+    the model on a GPU by tests/attention/test_cuda.py)."""
     torch.manual_seed(2)
     doc = torch.randint(0, 256, (48,))
     prompt = torch.randint(0, 256, (1, 20))
     memory = memorize_ids(mind, [doc], window=64)  # one window: memories keep positions 0..47
     assert memory.positions.tolist() == list(range(48))
-    full = torch.cat([doc[None], prompt], dim=1)
+    full = torch.cat([doc[None], prompt], dim=1).to(device)
     mask = torch.ones(68, 68, dtype=torch.bool).tril()
     mask[48, :48] = False  # the prompt's first token is the sink: it reads no memory
     additive = torch.zeros(68, 68).masked_fill(~mask, torch.finfo(torch.float32).min)  # eager (Gemma 2) takes this
     with torch.inference_mode():
-        expected = reference(full, attention_mask=additive[None, None]).logits[:, 48:]
+        expected = reference(full, attention_mask=additive[None, None].to(device)).logits[:, 48:]
     options = dict(retrieval="tokens", position_policy="stored")
     got = mind.logits(prompt, memory=memory, topk=48, **options)
+    assert got.device.type == device.type
     assert (got - expected).abs().max().item() < FULL_CONTEXT_ATOL
     # and fewer memories really do change the result (the oracle is not vacuous)
     fewer = mind.logits(prompt, memory=memory, topk=2, **options)
     assert (fewer - expected).abs().max().item() > 1e-3
 
 
-def test_block_memory_reading_every_block_equals_full_context(tiny_pair):
-    mind, reference = tiny_pair
+def test_all_memories_at_document_positions_equal_full_context(tiny_pair):
+    check_all_memories_equal_full_context(*tiny_pair)
+
+
+def check_every_block_equals_full_context(mind, reference, device: torch.device = CPU) -> None:
+    """Block memory reading every block equals the full context (sink, document, prompt), chunked scoring too."""
     torch.manual_seed(4)
     sink = torch.tensor([256])  # <s>: memorized documents and the prompt both start with it
     doc = torch.randint(0, 256, (48,))
     prompt = torch.cat([sink, torch.randint(0, 256, (20,))])[None]
     memory = memorize_ids(mind, [torch.cat([sink, doc])], window=64, sink=True)  # doc tokens at positions 1..48
     with torch.inference_mode():
-        full = reference(torch.cat([sink, doc, prompt[0, 1:]])[None]).logits
+        full = reference(torch.cat([sink, doc, prompt[0, 1:]])[None].to(device)).logits
     expected = torch.cat([full[:, :1], full[:, 49:]], dim=1)  # the sink's row, then the prompt's rows
     for chunk in (64, 6):  # one chunk, and chunks that each choose (all) blocks anew
         got = mind.logits(prompt, memory=memory, topk=48, blocks=3, block_size=16, block_gate=0.0, chunk=chunk)
         assert (got - expected).abs().max().item() < FULL_CONTEXT_ATOL
     fewer = mind.logits(prompt, memory=memory, topk=48, blocks=2, block_size=16, block_gate=0.0)
     assert (fewer - expected).abs().max().item() > 1e-3
+
+
+def test_block_memory_reading_every_block_equals_full_context(tiny_pair):
+    check_every_block_equals_full_context(*tiny_pair)
 
 
 # A chat template whose head is the sink alone: memories are computed with the sink as their only context, so the
