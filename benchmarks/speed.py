@@ -312,9 +312,9 @@ def main() -> None:
     where = (f"GPU {info['gpu']} (torch {info['torch']}, CUDA {info['cuda']})" if "gpu" in info else
              f"CPU {info['cpu']['model']} ({', '.join(info['cpu']['flags'])}); measured ms per decode-step "
              f"shortlist over 16k keys: {info['scan_ms']}")  # fmt: skip
-    print(f"{where}; exact scan: {in_force}; model {mind.source}, {mind.model.dtype}", flush=True)
+    print(f"{where}; exact scan: {in_force}; model {mind.source}, {mind.weights} weights", flush=True)
     results: dict = {"threads": args.threads, "topk": args.topk, "retrieval": args.retrieval, "storage": args.storage,
-                     "exact_scan": in_force, "model": mind.source, "dtype": str(mind.model.dtype).split(".")[-1],
+                     "exact_scan": in_force, "model": mind.source, "dtype": mind.weights,
                      "device": str(mind.model.device), **info}  # fmt: skip
     results["rows"] = []
     if not args.skip_memorize:
