@@ -24,6 +24,7 @@ from extended_mind.base.weights import int8_decode_available, use_int8_decode
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DTYPE_ENV = "EXTENDED_MIND_DTYPE"  # the precision used when none is asked for (default: auto)
+INT8_DECODE = ("int8", "bfloat16-int8")  # int8 decode weights over float32 or bfloat16 ones (base/weights.py)
 
 
 def default_gguf() -> Path:
@@ -58,7 +59,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         }
         if dtype not in named:
             raise ModelLoadError(
-                f"unknown dtype {dtype!r}; choose one of {sorted(named) + ['auto', 'bfloat16-int8', 'int8']}"
+                f"unknown dtype {dtype!r}; choose one of {sorted(named) + ['auto', *INT8_DECODE]}"
             )
         return named[dtype]
     return dtype
@@ -102,10 +103,10 @@ def load_model(
     faster, else float32, measured once per CPU and cached, base/weights.py; bfloat16 on a GPU)."""
     dev = resolve_device(device)
     dtype = (os.environ.get(DTYPE_ENV) or "auto") if dtype is None else dtype
-    weights = dtype if dtype in ("auto", "int8", "bfloat16-int8") else None
-    if weights in ("int8", "bfloat16-int8") and dev.type != "cpu":
+    weights = dtype if dtype == "auto" or dtype in INT8_DECODE else None
+    if weights in INT8_DECODE and dev.type != "cpu":
         raise ModelLoadError(f"dtype {weights!r} (int8 decode weights) runs on a CPU; on a GPU use bfloat16")
-    if weights in ("int8", "bfloat16-int8") and not int8_decode_available():
+    if weights in INT8_DECODE and not int8_decode_available():
         raise ModelLoadError(f"dtype {weights!r} needs torch's int8 weight-only kernel, which this torch build lacks")
     if weights is not None:
         dt = torch.bfloat16 if dev.type != "cpu" or weights == "bfloat16-int8" else torch.float32
@@ -128,11 +129,9 @@ def load_model(
             f"unknown model {model!r}: not a loadable local model directory, and not fetchable from the hub ({exc})"
         ) from None
     net = net.to(dev).eval()
-    if weights == "auto":
+    if weights == "auto":  # loaded in float32 on a CPU (choose: float32 or int8), in bfloat16 on a GPU
         weights = choose_weights(net, tokenizer) if dev.type == "cpu" else "bfloat16"
-        if weights.startswith("bfloat16") and net.dtype != torch.bfloat16:
-            net = net.to(torch.bfloat16)
-    if weights in ("int8", "bfloat16-int8"):
+    if weights in INT8_DECODE:
         use_int8_decode(net)
     net.extended_mind_weights = weights or str(dt).removeprefix("torch.")  # what `ExtendedMind.weights` reports
     return net, tokenizer, source
