@@ -9,8 +9,10 @@ thread count: prefill tokens/s (the prompt's tokens over the time to the first t
 interval between later tokens), medians over `--repeats`; and the weight bytes each decoded token reads (the bound
 on decode speed: bytes per token over the memory bandwidth the run reached). Our precisions: float32, bfloat16,
 int8 and bfloat16-int8 (int8 decode weights over float32 or bfloat16 ones, base/weights.py), those this torch build
-runs; `--precisions int8-dynamic` adds torch.ao's dynamic quantization of the linear layers (activations quantized
-too; it lost answers). Writes results.json, table.md and peer.png; prints the CPU model and flags.
+runs; "-compiled" rows decode with the compiled step (engine/compiled.py; compiled during the warm-up run, whose
+seconds each row reports); `--precisions int8-dynamic` adds torch.ao's dynamic quantization of the linear layers
+(activations quantized too; it lost answers). Writes results.json, table.md and peer.png; prints the CPU model and
+flags.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ from extended_mind.base.loading import default_gguf
 from extended_mind.base.machine import cpu_info
 from extended_mind.base.weights import int8_decode_available
 
-PRECISIONS = ("float32", "bfloat16", "int8", "bfloat16-int8", "int8-dynamic")
+PRECISIONS = ("float32", "bfloat16", "int8", "bfloat16-int8", "float32-compiled", "int8-compiled", "int8-dynamic")
 # int8-dynamic lost answers (docs/measurements.md): on request only
-DEFAULT_PRECISIONS = ("float32", "bfloat16", "int8", "bfloat16-int8")
+DEFAULT_PRECISIONS = ("float32", "bfloat16", "int8", "bfloat16-int8", "int8-compiled")
 
 
 def prompt_ids(tokenizer, tokens: int) -> list[int]:
@@ -83,8 +85,8 @@ class _Ours:
 
     def load(self) -> ExtendedMind:
         if self.mind is None:
-            dtype = "float32" if self.precision == "int8-dynamic" else self.precision
-            mind = ExtendedMind.from_pretrained(dtype=dtype)
+            dtype = "float32" if self.precision == "int8-dynamic" else self.precision.removesuffix("-compiled")
+            mind = ExtendedMind.from_pretrained(dtype=dtype, compile=self.precision.endswith("-compiled"))
             if self.precision == "int8-dynamic":
                 mind.model = torch.ao.quantization.quantize_dynamic(mind.model, {torch.nn.Linear}, dtype=torch.qint8)
             self.mind = mind
@@ -138,7 +140,9 @@ def llamacpp(gguf: Path, threads: int, ids: list[int], new_tokens: int, eos: int
 
 
 def measure(run, repeats: int, prompt_tokens: int) -> dict:
-    run()  # warm-up: first-call allocations and kernel choices are not what a user waits for every time
+    start = time.perf_counter()
+    run()  # warm-up: first-call allocations, kernel choices and compiling are not what a user waits for every time
+    warmup = time.perf_counter() - start
     samples = []
     tokens = None
     for _ in range(repeats):
@@ -146,6 +150,7 @@ def measure(run, repeats: int, prompt_tokens: int) -> dict:
         samples.append(rates(stamps, start, prompt_tokens))
     out = {key: statistics.median(s[key] for s in samples) for key in samples[0]}
     out["tokens"] = tokens
+    out["warmup_s"] = warmup
     return out
 
 
@@ -168,13 +173,13 @@ def markdown(results: dict) -> str:
              f"Prompt {results['prompt_tokens']} tokens, {results['new_tokens']} new tokens (EOS banned), greedy; "
              f"medians of {results['repeats']} runs after a warm-up.", "",
              "| engine | weights | threads | prefill tok/s | decode tok/s | decode ms/token | weight MB read per token "
-             "| GB/s reached | same tokens as float32 |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| GB/s reached | same tokens as float32 | warm-up run s |", "|" + "---|" * 10]  # fmt: skip
     for r in results["rows"]:
         mb = r["weight_bytes"] / 1e6
         gbs = r["weight_bytes"] * r["decode_tok_s"] / 1e9
         lines.append(f"| {r['engine']} | {r['weights']} | {r['threads']} | {r['prefill_tok_s']:.0f} | "
                      f"{r['decode_tok_s']:.1f} | {r['decode_ms']:.1f} | {mb:.0f} | {gbs:.1f} | "
-                     f"{r.get('same_tokens', '')} |")  # fmt: skip
+                     f"{r.get('same_tokens', '')} | {r.get('warmup_s', float('nan')):.1f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -186,7 +191,8 @@ def plot(results: dict, path: Path) -> None:
 
     rows = results["rows"]
     short = {"extended-mind": "ours", "llama.cpp": "llama.cpp"}
-    labels = [f"{short[r['engine']]}\n{r['weights'].split(' ')[0].replace('-dynamic', '')}\n{r['threads']} thr"
+    labels = [f"{short[r['engine']]}\n{r['weights'].split(' ')[0].replace('-dynamic', '').replace('-compiled', '+c')}"
+              f"\n{r['threads']} thr"
               for r in rows]  # fmt: skip
     fig, axes = plt.subplots(1, 2, figsize=(max(8, len(rows) * 1.2), 4.2))
     for ax, key, title in zip(axes, ("decode_tok_s", "prefill_tok_s"), ("decode tokens/s", "prefill tokens/s")):
@@ -232,7 +238,9 @@ def main() -> None:
         for precision in precisions:
             r = measure(lambda p=precision, t=threads: _OURS[p].run(t, ids, args.new_tokens), args.repeats, len(ids))
             float32_tokens = r["tokens"] if precision == "float32" else float32_tokens
-            results["rows"].append({"engine": "extended-mind", "weights": precision, "threads": threads, **r,
+            step = _OURS[precision].load().compiled_step
+            weights = f"{precision} (compile failed: eager)" if step is not None and step.failure else precision
+            results["rows"].append({"engine": "extended-mind", "weights": weights, "threads": threads, **r,
                                     "weight_bytes": weight_bytes(_OURS[precision].load().model)})  # fmt: skip
             print(markdown(results).splitlines()[-1], flush=True)
         if llama_cpp is not None:

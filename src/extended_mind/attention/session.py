@@ -48,5 +48,8 @@ class Session:
 
 
 def active_session() -> Session | None:
-    """The session of the forward pass running in this context, if any."""
+    """The session of the forward pass running in this context, if any. None inside a compiled graph: only the
+    plain decode step is compiled (engine/compiled.py), and a context variable cannot be traced."""
+    if torch.compiler.is_compiling():
+        return None
     return _active.get()

@@ -66,6 +66,17 @@ def int8_decode_available() -> bool:
         return False
 
 
+@torch.library.custom_op("extended_mind::int8_weight_mm", mutates_args=())
+def int8_weight_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """torch's int8 weight-only kernel as an opaque op for compiled graphs."""
+    return torch._weight_int8pack_mm(x, codes, scales)
+
+
+@int8_weight_mm.register_fake
+def _(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], codes.shape[0]))
+
+
 class Int8DecodeLinear(torch.nn.Linear):
     """A float Linear that multiplies decode steps by int8 codes of its weight (see the module docstring).
     Made by changing a Linear's class in place: its parameters, state dict and hooks stay."""
@@ -78,7 +89,11 @@ class Int8DecodeLinear(torch.nn.Linear):
         one_token_rows = x.dim() < 3 or x.shape[-2] == 1  # a decode step (a prompt's rows are float32's)
         if rows > DECODE_ROWS or not one_token_rows or x.device != self.int8_codes.device:
             return super().forward(x)
-        y = torch._weight_int8pack_mm(x.reshape(rows, -1).to(torch.bfloat16), self.int8_codes, self.int8_scales)
+        x2 = x.reshape(rows, -1).to(torch.bfloat16)
+        if torch.compiler.is_compiling():  # the same kernel as eager: inductor's own lowering differs and is slower
+            y = int8_weight_mm(x2, self.int8_codes, self.int8_scales)
+        else:
+            y = torch._weight_int8pack_mm(x2, self.int8_codes, self.int8_scales)
         y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
         return y if self.bias is None else y + self.bias
 

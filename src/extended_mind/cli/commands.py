@@ -202,7 +202,7 @@ def _load_mind(args: argparse.Namespace, saved: list[Memory]) -> ExtendedMind:
     if model is None and saved:
         model = saved[0].model_source  # the model that built the memory
     print(f"loading model {model or 'SmolLM2-135M-Instruct'} ...", file=sys.stderr)
-    return ExtendedMind.from_pretrained(model, args.device, args.dtype)
+    return ExtendedMind.from_pretrained(model, args.device, args.dtype, compile=getattr(args, "compile", None))
 
 
 def _memories(mind: ExtendedMind, paths: list[Path], saved: dict[Path, Memory], args) -> list[Memory]:

@@ -29,6 +29,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "once per CPU; bfloat16 on CUDA), float32, bfloat16, float16, int8 or bfloat16-int8",
     )
     p.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="decode steps that read no memory run a torch.compile'd forward (20 s to a few minutes to compile "
+        "per process, steps about 1.1x faster at best; default: $EXTENDED_MIND_COMPILE, else off)",
+    )
+    p.add_argument(
         "--stride", type=int, default=None, help=f"new tokens per memorization step ({DEFAULT_STRIDE}: window/4)"
     )
     p.add_argument(

@@ -13,6 +13,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from extended_mind.attention.session import Session
 from extended_mind.base.compat import with_cache
 from extended_mind.engine.blocks import BlockPlan, select_blocks
+from extended_mind.engine.compiled import CompiledStep
 from extended_mind.engine.decoding import (
     Answer,
     GeneratedToken,
@@ -59,8 +60,10 @@ class TokenStream:
         offset: int,
         settings: GenerationOptions,
         plan: BlockPlan | None = None,
+        step: CompiledStep | None = None,
     ):
         self.model, self.tokenizer, self.memory = model, tokenizer, memory
+        self.step = step  # the compiled one-token forward for steps that read no memory (compiled.py), or None
         self.prompt_ids, self.layers, self.offset, self.settings = prompt_ids, layers, offset, settings
         self.plan = plan  # block memory: the slots are chosen when the stream starts
         self.result: GenerationResult | None = None
@@ -121,9 +124,13 @@ class TokenStream:
             session.citation_records = []
             positions = torch.tensor([pos], device=device)
             session.row_positions = positions
+            inputs = dict(input_ids=torch.tensor([ids], device=device), position_ids=positions, use_cache=True,
+                          logits_to_keep=1, **with_cache(self.model, cache))  # fmt: skip
             with session.active(), torch.inference_mode():
-                out = self.model(input_ids=torch.tensor([ids], device=device), position_ids=positions,
-                                 use_cache=True, logits_to_keep=1, **with_cache(self.model, cache))  # fmt: skip
+                if self.step is not None and len(ids) == 1 and not session.layers:
+                    out = self.step(cache, **inputs)
+                else:
+                    out = self.model(**inputs)
             return out.logits[0, -1].float(), record_weights(session.citation_records, n_heads)
 
         stop_ids = stop_token_ids(self.model, self.tokenizer)

@@ -16,6 +16,7 @@ from extended_mind.base.identity import ModelIdentity
 from extended_mind.base.loading import load_model
 from extended_mind.base.prompting import DEFAULT_MEMORY_AT, EncodedPrompt, encode, leading_special
 from extended_mind.engine.batching import BatchRow, generate_batch
+from extended_mind.engine.compiled import CompiledStep, compile_requested
 from extended_mind.engine.decoding import GenerationResult
 from extended_mind.engine.generation import TokenStream
 from extended_mind.engine.heads import head_scores
@@ -48,9 +49,12 @@ class ExtendedMind:
         tokenizer: PreTrainedTokenizerBase,
         source: str = "custom",
         shards: bool | None = None,
+        compile: bool | None = None,
     ):
         """`shards`: shard memories over the initialised torch.distributed process group (parallel/group.py): None
-        (default) when one of more than one rank is initialised, True to require it, False never."""
+        (default) when one of more than one rank is initialised, True to require it, False never. `compile`: decode
+        steps that read no memory run a torch.compile'd forward (engine/compiled.py; None: `$EXTENDED_MIND_COMPILE`,
+        off by default)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.source = source
@@ -67,6 +71,7 @@ class ExtendedMind:
                 "the program with torchrun --nproc-per-node N, or call torch.distributed.init_process_group)"
             )
         patch_model(model)
+        self.compiled_step = CompiledStep(model) if compile_requested(compile) else None
 
     @classmethod
     def from_pretrained(
@@ -75,11 +80,13 @@ class ExtendedMind:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         shards: bool | None = None,
+        compile: bool | None = None,
     ) -> ExtendedMind:
         """Load `model` (None: the embedded SmolLM2-135M-Instruct; or a local model directory or hub id). `dtype`:
         None or "auto" (on a CPU "int8" decode weights where they agree with float32's answers and decode faster,
-        measured once per CPU, else float32; bfloat16 on a GPU), or a precision by name (base/loading.py)."""
-        return cls(*load_model(model, device=device, dtype=dtype), shards=shards)
+        measured once per CPU, else float32; bfloat16 on a GPU), or a precision by name (base/loading.py).
+        `compile`: a compiled decode step for answers that read no memory (see `__init__`)."""
+        return cls(*load_model(model, device=device, dtype=dtype), shards=shards, compile=compile)
 
     @property
     def shard_group(self) -> ShardGroup | None:
@@ -293,7 +300,7 @@ class ExtendedMind:
             else:
                 layers = {}
         self._check_window(len(encoded.ids), offset, o.max_new_tokens)
-        return TokenStream(self.model, self.tokenizer, encoded.ids, mem, layers, offset, o, plan)
+        return TokenStream(self.model, self.tokenizer, encoded.ids, mem, layers, offset, o, plan, self.compiled_step)
 
     def _check_window(self, prompt_tokens: int, offset: int, max_new_tokens: int) -> None:
         window = self.context_window

@@ -1,0 +1,85 @@
+"""The framework's cost per decoded token (Python, dispatch, small ops), eager against the compiled step.
+
+    python benchmarks/decode_overhead.py --threads 1 --new-tokens 64 --repeats 5 --out runs/overhead
+
+A random model with SmolLM2-135M's depth and attention layout (30 layers, 9 query heads over 3 key/value heads) but
+widths so small (hidden 72, head 8; SmolLM2's tokenizer and vocabulary) that its kernels take next to no time: a
+decode step of it is what every step of the real model pays on top of reading the weights. Both paths run our
+generation loop (`ExtendedMind.stream`, no memory, exactly `--new-tokens` tokens, end of sequence banned); ms per
+token are medians over `--repeats` runs taken in turn (eager, compiled, eager, ...) after a warm-up that also
+compiles. Writes results.json and prints a table with the CPU model and flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from extended_mind import ExtendedMind
+from extended_mind.base.loading import load_model
+from extended_mind.base.machine import cpu_info
+from extended_mind.engine.compiled import CompiledStep
+
+
+def skinny_smollm2(vocab: int) -> torch.nn.Module:
+    config = LlamaConfig(vocab_size=vocab, hidden_size=72, intermediate_size=192, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=8, max_position_embeddings=8192,
+                         tie_word_embeddings=True)  # fmt: skip
+    config.eos_token_id = None  # a random model would stop at random
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def ms_per_token(mind: ExtendedMind, ids: list[int], new_tokens: int) -> float:
+    stamps = []
+    for _ in mind.stream(ids, max_new_tokens=new_tokens, chat=False, logit_bias={mind.tokenizer.eos_token_id: -100}):
+        stamps.append(time.perf_counter())
+    return statistics.median(b - a for a, b in zip(stamps, stamps[1:])) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--prompt-tokens", type=int, default=100)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path("runs/overhead"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cpu = cpu_info()
+    print(f"CPU: {cpu['model']}; flags: {', '.join(cpu['flags'])}; torch {torch.__version__}", flush=True)
+    tokenizer = load_model(None, dtype="float32")[1]  # SmolLM2's tokenizer (and vocabulary size)
+    mind = ExtendedMind(skinny_smollm2(len(tokenizer)), tokenizer, "skinny-smollm2")
+    text = (files("extended_mind") / "data" / "aardwolf.txt").read_text()  # the demo article: a real prompt
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][: args.prompt_tokens]
+    step = CompiledStep(mind.model)
+    start = time.perf_counter()
+    mind.compiled_step = step
+    ms_per_token(mind, ids, args.new_tokens)  # compiles
+    compile_s = time.perf_counter() - start
+    if step.failure:
+        raise SystemExit(f"the compiled step failed here: {step.failure}")
+    samples: dict[str, list[float]] = {"eager": [], "compiled": []}
+    for _ in range(args.repeats):
+        for path in samples:
+            mind.compiled_step = step if path == "compiled" else None
+            samples[path].append(ms_per_token(mind, ids, args.new_tokens))
+    medians = {f"{k}_ms_per_token": statistics.median(v) for k, v in samples.items()}
+    result = {"cpu": cpu, "torch": torch.__version__, "threads": args.threads, "new_tokens": args.new_tokens,
+              "repeats": args.repeats, "compile_s": compile_s, **medians, "samples": samples}  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(result, indent=1))
+    print(f"| path | ms per token (framework only; {args.threads} thread(s)) |\n|---|---|\n"
+          f"| eager | {result['eager_ms_per_token']:.2f} |\n| compiled | {result['compiled_ms_per_token']:.2f} |\n"
+          f"compiling took {compile_s:.1f} s")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
