@@ -143,6 +143,34 @@ def test_a_long_prompt_joining_is_prefilled_in_chunks_while_the_running_rows_go_
         assert [c.text for c in out[-1].citations] == [c.text for c in expected.citations]
 
 
+def test_a_prompt_cancelled_while_prefilled_in_chunks_leaves_at_the_next_step(tiny_mind):
+    """Its client gone, a prompt still being prefilled chunk by chunk is not prefilled to the end: it leaves at the
+    next step with its (empty) result, and the running row goes on alone."""
+    batch = DecodeBatch(tiny_mind.model, tiny_mind.tokenizer, max_batch=4, prefill_chunk=16)
+    running = tiny_mind.stream("The cat sat", chat=False, max_new_tokens=12)
+    joining = tiny_mind.stream("A much longer prompt about the cat and the mat, " * 3, chat=False, max_new_tokens=6)
+    got: list[list] = [[], []]
+    gone = [False]
+    batch.join(_row(running), running.settings, got[0].append, lambda: False)
+    batch.step()
+    batch.join(_row(joining), joining.settings, got[1].append, lambda: gone[0])
+    chunks = -(-len(joining.prompt_ids) // 16)
+    assert chunks >= 5
+    batch.step()  # its first chunk
+    assert len(batch.prefilling) == 1
+    forwards = []
+    forward = batch._forward
+    batch._forward = lambda rows, *a: forwards.append(len(rows)) or forward(rows, *a)
+    gone[0] = True
+    batch.step()
+    assert not batch.prefilling and len(batch) == 1
+    assert forwards == [1]  # the running row's step only: no more chunks of the cancelled prompt
+    assert len(got[1]) == 1 and got[1][0].tokens == [] and got[1][0].finish_reason == "stop"
+    while len(batch):
+        batch.step()
+    assert len(got[0]) == 12 + 1  # the running row's tokens, then its result
+
+
 def test_prefill_chunk_must_be_positive(tiny_mind):
     with pytest.raises(ValueError, match="prefill_chunk"):
         DecodeBatch(tiny_mind.model, tiny_mind.tokenizer, prefill_chunk=0)

@@ -215,6 +215,14 @@ class DecodeBatch:
             r.logits, r.read = logits[i], cites[i]
         self._add(live, cache, mask, key)
 
+    def _drop_cancelled_prefills(self) -> None:
+        """Rows whose client went away while their prompts were prefilled in chunks leave now, with no token."""
+        for p in [p for p in self.prefilling if p.live.cancelled()]:
+            self.prefilling.remove(p)
+            p.live.answer.cancel()
+            p.live.reported = True
+            p.live.sink(p.live.answer.result())
+
     def _prefill_chunk(self) -> None:
         """The next chunk of the first prompt being prefilled; with its last chunk in, the row joins the batch."""
         p = self.prefilling[0]
@@ -245,6 +253,7 @@ class DecodeBatch:
         """Prefill the next chunk of a joining prompt (`prefill_chunk`), then give every row its next token and run
         one forward pass for the rows still running. Finished rows leave the batch where caches can be merged;
         elsewhere they stay in place, fed padding, until every row is done."""
+        self._drop_cancelled_prefills()
         if self.prefilling:
             self._prefill_chunk()
         next_ids = [self._advance(r) if not r.done else None for r in self.rows]

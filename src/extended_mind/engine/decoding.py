@@ -167,6 +167,10 @@ class Answer:
             token = self.group.agree([token])[0]
         return token
 
+    def cancel(self) -> None:
+        """End the answer where it stands: its client went away."""
+        self.done, self.finish = True, "cancelled"
+
     def add(self, token: int, logits: torch.Tensor, read: tuple[torch.Tensor, torch.Tensor],
             tokenizer: PreTrainedTokenizerBase, stop_ids: set[int], entropy_now: float | None = None,
             topk: int | None = None) -> GeneratedToken | None:  # fmt: skip
