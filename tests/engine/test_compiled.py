@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 
 from extended_mind import ExtendedMind
 from extended_mind.base import weights
@@ -39,6 +40,18 @@ def test_compiled_step_gives_the_eager_tokens_and_never_runs_a_memory_step():
     with_memory = mind.generate(PROMPT, memory=memory, chat=False, max_new_tokens=8, retrieval="tokens")
     assert step.compiled_calls == calls  # memory attention stays eager: a compiled graph cannot see the session
     assert _ids(with_memory) == _ids(eager) and with_memory.citations
+
+
+def test_a_model_compiled_by_its_user_still_reads_memory():
+    """Only our plain step hides the session from the graph: a user's own torch.compile keeps memory attention."""
+    mind = ExtendedMind(tiny_model("llama"), byte_tokenizer(), "tiny-llama")
+    memory = mind.memorize("The pass key is 4512. Remember it. " * 4, progress=False)
+    ask = dict(memory=memory, chat=False, max_new_tokens=4, retrieval="tokens")
+    eager = mind.generate(PROMPT, **ask)
+    mind.model.forward = torch.compile(mind.model.forward)
+    compiled = mind.generate(PROMPT, **ask)
+    assert _ids(compiled) == _ids(eager)
+    assert [c.text for c in compiled.citations] == [c.text for c in eager.citations] and eager.citations
 
 
 def _failing_compiler(run_first: bool):

@@ -47,9 +47,24 @@ class Session:
             _active.reset(token)
 
 
+_in_plain_step = False  # set while engine/compiled.py runs its compiled step (dynamo guards on this global)
+
+
 def active_session() -> Session | None:
-    """The session of the forward pass running in this context, if any. None inside a compiled graph: only the
-    plain decode step is compiled (engine/compiled.py), and a context variable cannot be traced."""
-    if torch.compiler.is_compiling():
+    """The session of the forward pass running in this context, if any. None inside our compiled decode step
+    (engine/compiled.py), which runs only where no memory is read: a context variable cannot be traced. A model
+    compiled by its user still sees its session (dynamo breaks the graph here)."""
+    if _in_plain_step and torch.compiler.is_compiling():
         return None
     return _active.get()
+
+
+@contextmanager
+def plain_step() -> Iterator[None]:
+    """Mark a compiled forward that reads no memory (see `active_session`)."""
+    global _in_plain_step
+    _in_plain_step = True
+    try:
+        yield
+    finally:
+        _in_plain_step = False

@@ -19,6 +19,8 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedModel
 
+from extended_mind.attention.session import plain_step
+
 logger = logging.getLogger(__name__)
 
 COMPILE_ENV = "EXTENDED_MIND_COMPILE"
@@ -57,7 +59,8 @@ class CompiledStep:
             try:
                 if self._compiled is None:
                     self._compiled = self._compiler(self.model.forward, dynamic=True, options=self._options())
-                out = self._compiled(**inputs)
+                with plain_step():
+                    out = self._compiled(**inputs)
                 self.compiled_calls += 1
                 return out
             except Exception as exc:  # noqa: BLE001 - any compiler failure leaves the eager forward, as correct
