@@ -5,9 +5,9 @@
 A random model with SmolLM2-135M's depth and attention layout (30 layers, 9 query heads over 3 key/value heads) but
 widths so small (hidden 72, head 8; SmolLM2's tokenizer and vocabulary) that its kernels take next to no time: a
 decode step of it is what every step of the real model pays on top of reading the weights. Both paths run our
-generation loop (`ExtendedMind.stream`, no memory, exactly `--new-tokens` tokens, end of sequence banned); ms per
-token are medians over `--repeats` runs taken in turn (eager, compiled, eager, ...) after a warm-up that also
-compiles. Writes results.json and prints a table with the CPU model and flags.
+generation loop, timed as benchmarks/speed.py times decoding (`decode_ms`: no memory, exactly `--new-tokens`
+tokens, end of sequence banned); ms per token are medians over `--repeats` runs taken in turn (eager, compiled,
+eager, ...) after a warm-up that also compiles. Writes results.json and prints a table with the CPU model and flags.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import argparse
 import json
 import statistics
 import time
-from importlib.resources import files
 from pathlib import Path
 
 import torch
+from speed import decode_ms
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from extended_mind import ExtendedMind
@@ -37,17 +37,9 @@ def skinny_smollm2(vocab: int) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-def ms_per_token(mind: ExtendedMind, ids: list[int], new_tokens: int) -> float:
-    stamps = []
-    for _ in mind.stream(ids, max_new_tokens=new_tokens, chat=False, logit_bias={mind.tokenizer.eos_token_id: -100}):
-        stamps.append(time.perf_counter())
-    return statistics.median(b - a for a, b in zip(stamps, stamps[1:])) * 1000
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--prompt-tokens", type=int, default=100)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("runs/overhead"))
@@ -57,12 +49,10 @@ def main() -> None:
     print(f"CPU: {cpu['model']}; flags: {', '.join(cpu['flags'])}; torch {torch.__version__}", flush=True)
     tokenizer = load_model(None, dtype="float32")[1]  # SmolLM2's tokenizer (and vocabulary size)
     mind = ExtendedMind(skinny_smollm2(len(tokenizer)), tokenizer, "skinny-smollm2")
-    text = (files("extended_mind") / "data" / "aardwolf.txt").read_text()  # the demo article: a real prompt
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][: args.prompt_tokens]
     step = CompiledStep(mind.model)
     start = time.perf_counter()
     mind.compiled_step = step
-    ms_per_token(mind, ids, args.new_tokens)  # compiles
+    decode_ms(mind, None, args.new_tokens, 1)  # compiles
     compile_s = time.perf_counter() - start
     if step.failure:
         raise SystemExit(f"the compiled step failed here: {step.failure}")
@@ -70,7 +60,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for path in samples:
             mind.compiled_step = step if path == "compiled" else None
-            samples[path].append(ms_per_token(mind, ids, args.new_tokens))
+            samples[path].append(decode_ms(mind, None, args.new_tokens, 1)[0])
     medians = {f"{k}_ms_per_token": statistics.median(v) for k, v in samples.items()}
     result = {"cpu": cpu, "torch": torch.__version__, "threads": args.threads, "new_tokens": args.new_tokens,
               "repeats": args.repeats, "compile_s": compile_s, **medians, "samples": samples}  # fmt: skip

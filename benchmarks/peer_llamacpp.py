@@ -238,10 +238,11 @@ def main() -> None:
         for precision in precisions:
             r = measure(lambda p=precision, t=threads: _OURS[p].run(t, ids, args.new_tokens), args.repeats, len(ids))
             float32_tokens = r["tokens"] if precision == "float32" else float32_tokens
-            step = _OURS[precision].load().compiled_step
-            weights = f"{precision} (compile failed: eager)" if step is not None and step.failure else precision
+            mind = _OURS[precision].load()
+            failed = mind.compiled_step is not None and mind.compiled_step.failure
+            weights = f"{precision} (compile failed: eager)" if failed else precision
             results["rows"].append({"engine": "extended-mind", "weights": weights, "threads": threads, **r,
-                                    "weight_bytes": weight_bytes(_OURS[precision].load().model)})  # fmt: skip
+                                    "weight_bytes": weight_bytes(mind.model)})  # fmt: skip
             print(markdown(results).splitlines()[-1], flush=True)
         if llama_cpp is not None:
             r = measure(llamacpp(gguf, threads, ids, args.new_tokens, eos), args.repeats, len(ids))

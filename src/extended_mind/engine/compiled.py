@@ -64,7 +64,8 @@ class CompiledStep:
                 self.compiled_calls += 1
                 return out
             except Exception as exc:  # noqa: BLE001 - any compiler failure leaves the eager forward, as correct
-                self.failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc) else ''}"
+                first_line = (str(exc).strip().splitlines() or [""])[0]
+                self.failure = f"{type(exc).__name__}: {first_line[:300]}"
                 logger.warning("the compiled decode step is unavailable here, decoding eagerly: %s", self.failure)
                 for layer, length in zip(kv_cache.layers, before):  # a graph that ran in part: its entries go
                     grown = layer.get_seq_length() - length
