@@ -1,7 +1,9 @@
-"""Saved memories are memory-mapped, not read into the process, and a file's checksum is verified once per version."""
+"""Saved memories are memory-mapped, not read into the process, and each tensor's checksum is verified when it is
+first used, once per version of its file."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ import torch
 
 from extended_mind import Memory
 from extended_mind.base.errors import MemoryFileError
-from extended_mind.memory import mapped
+from extended_mind.memory import files, mapped
 
 
 @pytest.fixture
@@ -32,30 +34,82 @@ def test_documents_are_views_of_the_mapped_file(saved):
         assert str(loaded.segments[0].file.path) in Path("/proc/self/maps").read_text()
 
 
-def test_a_checked_file_is_not_hashed_again_until_it_changes(saved, monkeypatch):
+def _hash_counter(monkeypatch) -> list[tuple[str, int]]:
+    """Every tensor hashed from now on, as (file name, start byte)."""
+    hashed: list[tuple[str, int]] = []
+    real = files.range_sha256
+    monkeypatch.setattr(files, "range_sha256", lambda p, a, b: hashed.append((p.name, a)) or real(p, a, b))
+    return hashed
+
+
+def test_a_tensor_is_hashed_when_first_used_and_not_again_until_the_file_changes(saved, monkeypatch):
     _, path = saved
-    hashed = []
-    real = mapped.file_sha256
-    monkeypatch.setattr(mapped, "file_sha256", lambda p: hashed.append(p) or real(p))
-    Memory.load(path).segments[0].tensors  # noqa: B018
-    assert len(hashed) == 1
-    Memory.load(path).segments[0].tensors  # noqa: B018 - just written: a same-size rewrite could look unchanged
+    hashed = _hash_counter(monkeypatch)
+    tensors = Memory.load(path).segments[0].tensors
+    assert isinstance(tensors, files.CheckedTensors) and hashed == []  # mapped, header checked: nothing hashed yet
+    tensors["keys.0"]  # noqa: B018
+    tensors["keys.0"]  # noqa: B018
+    assert len(hashed) == 1  # the tensor used, once
+    Memory.load(path).segments[0].tensors["keys.0"]  # noqa: B018 - just written: a same-size rewrite could look unchanged
     assert len(hashed) == 2
     monkeypatch.setattr(mapped, "_RACY_S", 0.0)  # as if the file were older
-    Memory.load(path).segments[0].tensors  # noqa: B018
-    Memory.load(path).segments[0].tensors  # noqa: B018
+    Memory.load(path).segments[0].tensors["keys.0"]  # noqa: B018
+    Memory.load(path).segments[0].tensors["keys.0"]  # noqa: B018
     assert len(hashed) == 3  # remembered after the check
-    Memory.load(path).verify()  # verify always hashes (its own reader)
+    Memory.load(path).segments[0].tensors["values.1"]  # noqa: B018
+    assert len(hashed) == 4  # another tensor: hashed when used
+    whole = []
+    real = mapped.file_sha256
+    monkeypatch.setattr(mapped, "file_sha256", lambda p: whole.append(p) or real(p))
+    Memory.load(path).verify()  # verify always hashes: every file, and every tensor against its own checksum
+    assert len(whole) == 2 and len(hashed) == 4 + sum(len(s.tensors) for s in Memory.load(path).segments)
+
+
+def test_a_damaged_tensor_fails_when_used_and_a_damaged_header_when_opened(saved, monkeypatch):
+    _, path = saved
     file = Memory.load(path).segments[0].file.path
+    ranges = mapped.data_ranges(mapped.header_bytes(file))
+    damaged = next(n for n, (a, b) in ranges.items() if b == file.stat().st_size)  # the tensor holding the last byte
+    intact = next(n for n, (a, b) in ranges.items() if n != damaged and b > a)
     data = bytearray(file.read_bytes())
     data[-1] ^= 0xFF
     st = file.stat()
     file.write_bytes(bytes(data))
     os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    with pytest.raises(MemoryFileError, match="checksum"):
-        Memory.load(path).segments[0].tensors  # noqa: B018
+    tensors = Memory.load(path).segments[0].tensors
+    tensors[intact]  # noqa: B018 - not the damaged bytes
+    with pytest.raises(MemoryFileError, match=f"tensor {damaged} fails its checksum"):
+        tensors[damaged]  # noqa: B018
     with pytest.raises(MemoryFileError, match="checksum"):
         Memory.load(path).verify()
+    data[-1] ^= 0xFF
+    data[20] = ord("X") if data[20] != ord("X") else ord("Y")  # inside the header's JSON
+    file.write_bytes(bytes(data))
+    with pytest.raises(MemoryFileError, match="corrupt memory file"):
+        Memory.load(path).segments[0].tensors  # noqa: B018
+
+
+def test_a_format_2_memory_loads_checked_whole_and_saves_as_format_3(saved, tmp_path, monkeypatch):
+    memory, path = saved
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["version"] = 2
+    for d in manifest["documents"]:
+        del d["tensors"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    whole = []
+    real = mapped.file_sha256
+    monkeypatch.setattr(mapped, "file_sha256", lambda p: whole.append(p) or real(p))
+    old = Memory.load(path)
+    tensors = old.segments[0].tensors
+    assert not isinstance(tensors, files.CheckedTensors) and len(whole) == 1  # checked whole on first use
+    assert all(torch.equal(tensors[n], memory.segments[0].tensors[n]) for n in tensors)
+    old.save(tmp_path / "again")
+    saved_again = json.loads((tmp_path / "again" / "manifest.json").read_text())
+    assert saved_again["version"] == 3
+    assert all(set(d["tensors"]) > {"__header__", "keys.0"} for d in saved_again["documents"])
+    loaded, built = Memory.load(tmp_path / "again").segments[1].tensors, memory.segments[1].tensors
+    assert isinstance(loaded, files.CheckedTensors)
+    assert all(torch.equal(loaded[n], built[n]) for n in built)
 
 
 def test_malformed_tensor_files_are_named(tmp_path):

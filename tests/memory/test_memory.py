@@ -114,7 +114,7 @@ def test_corrupt_memory_files_give_clear_errors(tiny_mind, tmp_path):
         tiny_mind.memorize("overwrite").save(path)
     manifest["version"] = "2"  # a string: the message must not read "version 2; this reads version 2"
     (path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(MemoryFileError, match="format version '2'; this extended-mind reads version 2"):
+    with pytest.raises(MemoryFileError, match="format version '2'; this extended-mind reads versions 2, 3"):
         Memory.load(path)
     manifest["version"] = 2
     manifest["documents"][0]["text"] = "edited by hand"

@@ -99,7 +99,9 @@ def _prepare(
     values: bool,
 ) -> dict[int, LayerMemory]:
     """`prepare_layers` for one setting, computed."""
-    memory.open_all()
+    # the tensors read below, hashed on several threads first (files with per-tensor checksums: only these)
+    kinds = ("keys", "key_scales", "values", "value_scales") if values else ("keys", "key_scales")
+    memory.open_all(check=[f"{kind}.{layer}" for layer in wanted for kind in kinds] + ["positions", "spans"])
     prepared = {}
     for layer in tqdm(wanted, desc="preparing memory", unit="layer", disable=memory.num_tokens < (1 << 19)):
         table = memory.rope.layer_rope[layer]

@@ -5,11 +5,14 @@ block memory reads a small part (the selection layers' keys and the chosen block
 views of a private memory map: pages are read from disk when used and can be dropped again by the OS, writes (none
 are made) would stay private to the process, and no file descriptor is held.
 
-Checksums: a file is hashed (streamed, not through the map, so the hash does not count as memory in use) the first
-time it is used, as before; a successful check is remembered in the cache directory for that version of the file
-(device, inode, size, mtime and ctime), so a large memory is not hashed again by every process that opens it. Any
-write to the file changes its mtime/ctime and the file is hashed again; files changed in the last few seconds are
-never remembered, since a same-size rewrite within the filesystem's timestamp granularity would look unchanged.
+Checksums: a document's file saved with per-tensor checksums (memory format 3) has its header checked when it is
+mapped and each tensor hashed the first time it is used, so a question hashes what it reads (block memory: the
+selection layers' keys, the chosen blocks' tensors), not the whole memory. Older files are hashed whole. Hashing is
+streamed from the file, not through the map, so it does not count as memory in use. A successful check (of a file
+or of its tensors) is remembered in the cache directory for that version of the file (device, inode, size, mtime and
+ctime), so a large memory is not hashed again by every process that opens it. Any write to the file changes its
+mtime/ctime and the file is hashed again; files changed in the last few seconds are never remembered, since a
+same-size rewrite within the filesystem's timestamp granularity would look unchanged.
 `Memory.verify()` always hashes.
 """
 
@@ -19,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -51,6 +55,42 @@ class MappedFileError(ValueError):
     """A file is not a well-formed safetensors file (the caller names the memory file in its error)."""
 
 
+def parse_header(head: bytes, size: int) -> dict:
+    """The header of a safetensors file of `size` bytes from its first bytes `head` (at least the length and the
+    header), checked to fit the file."""
+    n = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+    if n <= 0 or 8 + n > size or 8 + n > len(head):
+        raise MappedFileError(f"header length {n} does not fit the file ({size} bytes)")
+    try:
+        header = json.loads(head[8 : 8 + n])
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MappedFileError(f"unreadable header: {exc}") from None
+    if not isinstance(header, dict):
+        raise MappedFileError("the header is not a table of tensors")
+    return header
+
+
+def header_bytes(path: Path) -> bytes:
+    """The length field and the header of safetensors file `path` (the bytes before its first tensor)."""
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        if n <= 0 or n > (100 << 20):
+            raise MappedFileError(f"header length {n} is not plausible")
+        fh.seek(0)
+        return fh.read(8 + n)
+
+
+def data_ranges(head: bytes) -> dict[str, tuple[int, int]]:
+    """Byte range [start, end) in the file of every tensor named in header bytes `head` (header_bytes)."""
+    header = parse_header(head, 1 << 62)
+    base = len(head)
+    try:
+        return {k: (base + int(v["data_offsets"][0]), base + int(v["data_offsets"][1]))
+                for k, v in header.items() if k != "__metadata__"}  # fmt: skip
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise MappedFileError("a tensor has a malformed header entry") from None
+
+
 def map_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of safetensors file `path`, as views of one private read-on-demand memory map of the file."""
     size = path.stat().st_size
@@ -60,10 +100,7 @@ def map_safetensors(path: Path) -> dict[str, torch.Tensor]:
     n = int.from_bytes(raw[:8].numpy().tobytes(), "little")
     if n <= 0 or 8 + n > size:
         raise MappedFileError(f"header length {n} does not fit the file ({size} bytes)")
-    try:
-        header = json.loads(raw[8 : 8 + n].numpy().tobytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MappedFileError(f"unreadable header: {exc}") from None
+    header = parse_header(raw[: 8 + n].numpy().tobytes(), size)
     base, out = 8 + n, {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -85,10 +122,7 @@ def map_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def tensor_sizes(path: Path) -> dict[str, int]:
     """Bytes of each tensor of safetensors file `path`, from its header alone (nothing else is read or checked)."""
-    with open(path, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(n))
-    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+    return {k: end - start for k, (start, end) in data_ranges(header_bytes(path)).items()}
 
 
 def _version(path: Path) -> str:
@@ -114,6 +148,56 @@ def file_sha256(path: Path) -> str:
         while chunk := fh.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def range_sha256(path: Path, start: int, end: int) -> str:
+    """sha256 of bytes [start, end) of `path`, streamed from the file (not through a map)."""
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as fh:
+        fh.seek(start)
+        left = end - start
+        while left > 0 and (chunk := fh.read(min(_CHUNK, left))):
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
+
+
+def _tensor_stamp(sha256: str) -> Path:
+    return cache_dir() / "verified" / f"{sha256}.tensors"
+
+
+def tensors_checked_before(path: Path, sha256: str) -> set[str]:
+    """Names of the tensors of this version of `path` (the file whose bytes hash to `sha256`) checked before."""
+    try:
+        lines = _tensor_stamp(sha256).read_text().split("\n")
+    except OSError:
+        return set()
+    if lines[:2] != [str(path.resolve()), _version(path)]:
+        return set()
+    return set(lines[2:]) - {""}
+
+
+def remember_tensors_checked(path: Path, sha256: str, names: Iterable[str], version: str) -> None:
+    """Record that tensors `names` of `path` hashed right, unless the file is no longer `version` (its stat from
+    before they were hashed) or changed too recently to tell a later change apart. Two processes recording at once
+    may lose one's names: that costs only hashing them again."""
+    try:
+        now = _version(path)
+        if now != version or time.time() - max(path.stat().st_mtime, path.stat().st_ctime) < _RACY_S:
+            return
+        names = tensors_checked_before(path, sha256) | set(names)
+        stamp = _tensor_stamp(sha256)
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        tmp = stamp.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{stamp.name}")
+        tmp.write_text("\n".join([str(path.resolve()), now, *sorted(names)]))
+        os.replace(tmp, stamp)
+    except OSError:  # a read-only cache only costs hashing again
+        pass
+
+
+def file_version(path: Path) -> str:
+    """What identifies this version of `path` (a write changes it)."""
+    return _version(path)
 
 
 def matches(path: Path, sha256: str, remembered_ok: bool = True) -> bool:

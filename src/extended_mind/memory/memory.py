@@ -19,6 +19,7 @@ import torch
 from extended_mind.base.documents import Document
 from extended_mind.base.errors import DocumentError, ExtendedMindError, MemoryMismatchError
 from extended_mind.base.identity import ModelIdentity
+from extended_mind.memory.files import CheckedTensors
 from extended_mind.memory.precision import check_storage
 from extended_mind.memory.segment import RopeTables, Segment, concat, longest_rope, text_sha
 from extended_mind.memory.sharded import save_sharded
@@ -174,15 +175,24 @@ class Memory:
         """(N, 2) int32: character [start, end) of each token in its document."""
         return self.cached("spans", lambda: concat([s.tensors["spans"] for s in self.segments], (0, 2)))
 
-    def open_all(self) -> None:
-        """Map every document held here now, checking files not checked before on several threads (hashing releases
-        the GIL): a large memory's first use reads all of them anyway, one at a time otherwise."""
-        todo = [s for s in self.segments if not s.is_open and not s.remote]
+    def open_all(self, check: list[str] | None = None) -> None:
+        """Map every document held here now, and check the tensors named in `check` (keys.3, ...) of each, on
+        several threads (hashing releases the GIL): a large memory's first use reads all of them anyway, one at a
+        time otherwise. Files without per-tensor checksums are checked whole when mapped."""
+        todo = [s for s in self.segments if not s.remote and (check or not s.is_open)]
+
+        def open_one(s: Segment) -> None:
+            tensors = s.tensors
+            if check and isinstance(tensors, CheckedTensors):
+                tensors.check(check)
+
         if len(todo) > 1:
             from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-                list(pool.map(lambda s: s.tensors, todo))
+                list(pool.map(open_one, todo))
+        elif todo and check:
+            open_one(todo[0])
 
     def layer_keys(self, layer: int) -> torch.Tensor:
         """(H, N, D) pre-RoPE keys of one layer as float, built fresh (not cached)."""
@@ -361,7 +371,9 @@ class Memory:
         for s in self.segments:
             if s.file is not None and not s.remote:
                 s.file.check(remembered_ok=False)
-            s.tensors  # noqa: B018 - reading is the check
+            tensors = s.tensors  # reading is the check (shapes, header)
+            if isinstance(tensors, CheckedTensors):  # and each tensor against the manifest's checksum
+                tensors.check(list(tensors), remembered_ok=False)
 
 
 def is_saved_memory(path: str | Path) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
@@ -30,8 +30,8 @@ class Segment:
     stride: int
     window: int
     storage: str
-    _tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)
-    load: Callable[[], dict[str, torch.Tensor]] | None = field(default=None, repr=False)
+    _tensors: Mapping[str, torch.Tensor] | None = field(default=None, repr=False)
+    load: Callable[[], Mapping[str, torch.Tensor]] | None = field(default=None, repr=False)
     file: StoredFile | None = field(default=None, repr=False)  # where this segment is saved, if it is
     # Sharded memories (parallel/group.py): the rank that holds this document's keys and values. On the other ranks
     # the segment is `remote`: it keeps only positions and spans (for positions and citations), never keys/values.
@@ -60,7 +60,7 @@ class Segment:
         return cls(document, int(positions.shape[0]), stride, window, storage, tensors)
 
     @property
-    def tensors(self) -> dict[str, torch.Tensor]:
+    def tensors(self) -> Mapping[str, torch.Tensor]:
         if self._tensors is None:
             assert self.load is not None
             self._tensors = self.load()

@@ -1,7 +1,8 @@
 """Saved memories: a directory with a manifest and content-addressed safetensors files, written crash-safely.
 
     DIR/manifest.json                  format, version, model identity, settings, and per document: id, name, text,
-                                       length, text checksum, token range, tensor file and its checksum
+                                       length, text checksum, token range, tensor file and its checksum, and the
+                                       checksum of each of its tensors (format 3; format 2 memories still load)
     DIR/tensors/<sha256>.safetensors   one file per document (keys, values, positions, spans), and the rotary tables
     DIR/.lock                          held while a save is in progress
 
@@ -9,8 +10,8 @@ A save writes only the tensor files that are not there yet (a file's name is the
 that exists holds exactly the wanted bytes), fsyncs them, replaces manifest.json atomically (write aside, fsync,
 rename, fsync the directory), and only then deletes files the new manifest does not name. A kill at any moment
 leaves either the old manifest with all its files or the new one with all of its. Opening reads the manifest and
-checks file sizes; a document's tensors are memory-mapped (mapped.py), their file's checksum verified, the first time
-they are used.
+checks file sizes; a document's tensors are memory-mapped (mapped.py), each tensor's checksum verified the first
+time it is used (a format-2 memory: the whole file's, on first use).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import contextlib
 import hashlib
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,7 +32,7 @@ from extended_mind.base.documents import Document
 from extended_mind.base.errors import MemoryConflictError, MemoryFileError
 from extended_mind.base.identity import ModelIdentity
 from extended_mind.base.version import __version__
-from extended_mind.memory.files import StoredFile, fsync_dir, put_bytes, store_segment
+from extended_mind.memory.files import CheckedTensors, StoredFile, fsync_dir, put_bytes, store_segment
 from extended_mind.memory.mapped import write_atomic
 from extended_mind.memory.precision import STORAGE_DTYPES
 from extended_mind.memory.segment import RopeTables, Segment
@@ -49,7 +50,11 @@ except ImportError:  # pragma: no cover - Windows: no advisory lock
 FORMAT_NAME = "extended-mind-memory"
 
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+
+
+# versions this extended-mind reads: 2 has no per-tensor checksums (its documents' files are checked whole)
+READABLE_VERSIONS = (2, 3)
 
 
 MANIFEST = "manifest.json"
@@ -176,6 +181,7 @@ def save_memory(memory: Memory, path: Path, checked: bool = False) -> Path:
                     "file": f"{TENSOR_DIR}/{f.path.name}",
                     "sha256": f.sha256,
                     "bytes": f.size,
+                    "tensors": dict(f.tensor_sha256 or {}),
                     "text": d.text,
                 }
             )
@@ -239,24 +245,31 @@ def _parse_manifest(path: Path, raw: bytes) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise MemoryFileError(f"{path / MANIFEST} is not an extended-mind memory manifest")
     version = manifest.get("version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         hint = (
             "written by a newer extended-mind: upgrade to read it"
             if isinstance(version, int) and version > FORMAT_VERSION
             else "memorize the documents again to rebuild it"
         )
         raise MemoryFileError(
-            f"memory {path} has format version {version!r}; this extended-mind reads version {FORMAT_VERSION} ({hint})"
+            f"memory {path} has format version {version!r}; this extended-mind reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))} ({hint})"
         )
     return manifest
 
 
-def _stored(path: Path, entry: dict, what: str) -> StoredFile:
+def _stored(path: Path, entry: dict, what: str, per_tensor: bool = False) -> StoredFile:
+    """The tensor file a manifest entry names (`per_tensor`: with the checksum of each of its tensors)."""
     name = str(entry["file"])
     file = (path / name).resolve()
     if file.parent != (path / TENSOR_DIR).resolve():
         raise MemoryFileError(f"corrupt memory manifest in {path}: {what} points outside the memory ({name!r})")
-    stored = StoredFile(file, str(entry["sha256"]), int(entry["bytes"]))
+    sums = entry["tensors"] if per_tensor else None
+    if sums is not None and not (
+        isinstance(sums, dict) and "__header__" in sums and all(isinstance(v, str) for v in sums.values())
+    ):
+        raise MemoryFileError(f"corrupt memory manifest in {path}: the tensor checksums of {what} are malformed")
+    stored = StoredFile(file, str(entry["sha256"]), int(entry["bytes"]), sums)
     if not file.is_file():
         raise MemoryFileError(f"corrupt memory at {path}: the tensor file of {what} is missing ({name})")
     size = file.stat().st_size
@@ -269,8 +282,12 @@ def _stored(path: Path, entry: dict, what: str) -> StoredFile:
 
 
 def _segment_loader(stored: StoredFile, n: int, shapes: list, storage: str, what: str):
-    def load() -> dict[str, torch.Tensor]:
+    def load() -> Mapping[str, torch.Tensor]:
         tensors = stored.map()
+        if isinstance(tensors, CheckedTensors):  # from the header: no tensor is read to check its shape
+            shapes_found = tensors.shapes
+        else:
+            shapes_found = {k: tuple(t.shape) for k, t in tensors.items()}
         expected = {"positions": (n,), "spans": (n, 2)}
         for layer, (h, dk, dv) in enumerate(shapes):
             expected[f"keys.{layer}"] = (h, n, dk)
@@ -279,7 +296,7 @@ def _segment_loader(stored: StoredFile, n: int, shapes: list, storage: str, what
                 expected[f"key_scales.{layer}"] = (h, n)
                 expected[f"value_scales.{layer}"] = (h, n)
         for name, shape in expected.items():
-            if name not in tensors or tuple(tensors[name].shape) != shape:
+            if shapes_found.get(name) != shape:
                 raise MemoryFileError(f"corrupt memory file {stored.path} ({what}): tensor {name} missing or misshapen")
         return tensors
 
@@ -322,7 +339,7 @@ def load_memory(path: Path) -> LoadedMemory:
                 raise ValueError(f"bad token range or storage for {what}")
             if hashlib.sha256(text.encode()).hexdigest() != entry["text_sha256"]:
                 raise MemoryFileError(f"corrupt memory manifest in {path}: the text of {what} fails its checksum")
-            stored = _stored(path, entry, what)
+            stored = _stored(path, entry, what, per_tensor=int(manifest["version"]) >= 3)
             segment = Segment(
                 Document(str(entry["id"]), text, entry["name"]),
                 hi - lo,

@@ -1,0 +1,148 @@
+"""The first open ever of a saved memory, with per-tensor checksums (format 3) and with whole-file checksums (format
+2, the same files under a manifest without per-tensor checksums), each in a fresh process:
+
+    python benchmarks/million_tokens.py build --dir runs/m262k --tokens 270000
+    python benchmarks/first_open.py --dir runs/m262k --threads 1 --repeats 2
+
+"First open ever": no check of the memory's files remembered and nothing prepared for it (each run gets a cache
+directory of its own, linking the real one's converted model, kernels and heads), and the page cache dropped first
+when this process may (root on Linux; said in the output otherwise). Reported per run: the time to open the manifest,
+to answer the first question (1 token, block memory: calibration, selection, reading), the bytes and seconds spent
+hashing, and the seconds spent preparing the selection layers' keys. With the CPU model and flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# kept out of the per-run cache: what a first open ever has not got yet
+FRESH = ("verified", "prepared")
+
+
+def drop_page_cache() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        return True
+    except OSError:
+        return False
+
+
+def format2_view(memory_dir: Path, into: Path) -> Path:
+    """`memory_dir` as a format-2 memory: its manifest without per-tensor checksums, its tensor files linked."""
+    into.mkdir(parents=True)
+    manifest = json.loads((memory_dir / "manifest.json").read_text())
+    manifest["version"] = 2
+    for d in manifest["documents"]:
+        d.pop("tensors", None)
+    (into / "manifest.json").write_text(json.dumps(manifest))
+    (into / "tensors").symlink_to((memory_dir / "tensors").resolve())
+    return into
+
+
+def child(args: argparse.Namespace) -> None:
+    """One open and first question in this process; prints a JSON line."""
+    import torch
+
+    from extended_mind import ExtendedMind
+    from extended_mind.engine import positions
+    from extended_mind.memory import files, mapped
+
+    torch.set_num_threads(args.threads)
+    hashed = {"bytes": 0, "s": 0.0}
+
+    def timed_hash(real, size):
+        def run(*a):
+            start = time.perf_counter()
+            out = real(*a)
+            hashed["s"] += time.perf_counter() - start
+            hashed["bytes"] += size(*a)
+            return out
+
+        return run
+
+    files.range_sha256 = timed_hash(files.range_sha256, lambda p, a, b: b - a)
+    mapped.file_sha256 = timed_hash(mapped.file_sha256, lambda p: p.stat().st_size)
+    prepared = {"s": 0.0}
+    real_prepare = positions._prepare  # noqa: SLF001 - timing the preparation alone
+
+    def timed_prepare(*a, **k):
+        start = time.perf_counter()
+        out = real_prepare(*a, **k)
+        prepared["s"] += time.perf_counter() - start
+        return out
+
+    positions._prepare = timed_prepare  # noqa: SLF001
+    mind = ExtendedMind.from_pretrained()
+    start = time.perf_counter()
+    memory = mind.load_memory(args.dir)
+    opened = time.perf_counter() - start
+    start = time.perf_counter()
+    answer = mind.generate(f"Question: {args.question}\nAnswer:", memory=memory, max_new_tokens=1, chat=False)
+    first = time.perf_counter() - start
+    print(json.dumps({"open_s": round(opened, 3), "first_question_s": round(first, 2),
+                      "hashed_gb": round(hashed["bytes"] / 1e9, 2), "hashing_s": round(hashed["s"], 2),
+                      "prepare_s": round(prepared["s"], 2), "blocks_read": answer.blocks_read,
+                      "memory_gb": round(memory.nbytes / 1e9, 2), "tokens": memory.num_tokens}))  # fmt: skip
+
+
+def fresh_cache(real: Path, into: Path) -> Path:
+    """A cache directory with the real one's contents linked, except what a first open has not got (FRESH)."""
+    into.mkdir(parents=True)
+    if real.is_dir():
+        for p in real.iterdir():
+            if p.name not in FRESH:
+                (into / p.name).symlink_to(p.resolve())
+    return into
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", required=True, help="a saved memory (benchmarks/million_tokens.py build)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--question", default="What does the aardwolf eat?")
+    parser.add_argument("--out", default="docs/first_open.json")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    from extended_mind.base.paths import CACHE_ENV, cache_dir
+    from extended_mind.retrieval.scan_select import scan_report
+
+    machine = scan_report()["machine"]
+    print(f"CPU {machine['model']} ({', '.join(machine['flags'])}), {args.threads} thread(s)", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="first-open-") as tmp:
+        variants = {"format 3 (per-tensor checksums)": Path(args.dir),
+                    "format 2 (whole-file checksums)": format2_view(Path(args.dir), Path(tmp) / "format2")}  # fmt: skip
+        for r in range(args.repeats):
+            for name, path in variants.items():
+                cache = fresh_cache(cache_dir(), Path(tmp) / f"cache-{r}-{len(rows)}")
+                dropped = drop_page_cache()
+                env = {**os.environ, CACHE_ENV: str(cache)}
+                cmd = [sys.executable, __file__, "--child", "--dir", str(path), "--threads", str(args.threads),
+                       "--question", args.question]  # fmt: skip
+                done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+                if done.returncode:
+                    raise SystemExit(f"{name}: the run failed:\n{done.stderr[-3000:]}")
+                row = {"variant": name, "repeat": r, "page_cache_dropped": dropped,
+                       **json.loads(done.stdout.strip().splitlines()[-1])}  # fmt: skip
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                shutil.rmtree(cache, ignore_errors=True)
+    Path(args.out).write_text(json.dumps({"machine": machine, "threads": args.threads, "runs": rows}, indent=1))
+    print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
