@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
@@ -23,6 +25,13 @@ app = create_app(
 )
 _mind.memorize("A memory the fuzzer can name: the sky is green.", progress=False).save(_root / "m")
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_memory_dir():
+    """The app's memory directory is made at import (the schema needs the app): removed after this module."""
+    yield
+    shutil.rmtree(_root, ignore_errors=True)
 
 
 @schema.parametrize()
