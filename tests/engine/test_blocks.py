@@ -11,6 +11,7 @@ import torch
 from extended_mind.engine import heads as heads_module
 from extended_mind.engine.blocks import BlockLayout, Relevance, select_blocks
 from extended_mind.engine.heads import calibration_sequences, head_scores, retrieval_heads
+from extended_mind.engine.words import content_words
 from tests.conftest import WordEmbedder
 
 DOCS = ["The cat sat on the mat. " * 5, "Ships sail at dawn.", "A third document, of medium length here."]
@@ -93,6 +94,42 @@ def test_relevance_reads_only_blocks_far_above_what_unrelated_questions_draw(tin
     plan.gate = 0.5
     assert plan.choose(typical).tolist() == [0, 1]  # nothing stands out: the best (a tie: the first), its successor
     assert plan.choose(asked).tolist() == [3, 4]
+
+
+def test_a_relevant_block_must_share_a_word_with_the_question_unless_it_stands_far_out(tiny_mind):
+    docs = ["State song: Alaska's Flag. Index of Alaska-related articles. " * 3, "The pass key is 71432. " * 4]
+    memory = tiny_mind.memorize(docs, ids=["list", "key"])
+    plan = _plan(tiny_mind, memory, blocks=3, block_size=32)
+    n = plan.layout.num_blocks
+    first_key_block = int((plan.memory.token_doc[plan.layout.starts] == 0).sum())
+    assert n > 3 and plan.layout.text(memory, first_key_block) == plan.layout.texts(memory)[first_key_block]
+    assert plan.layout.text(memory, first_key_block).startswith("The pass key is")
+    mean, spread = torch.full((n,), 1.0 / n), torch.full((n,), 0.01)
+    plan.relevance, plan.min_relevance = Relevance(mean, spread), 4.0
+    plan.question_words = content_words("What is the capital of Italy?")
+    attracted = mean.clone()
+    attracted[0] += 0.06  # a list block drawn six spreads beyond its usual share, sharing no word with the question
+    assert plan.choose(attracted).tolist() == []
+    attracted[0] += 0.04  # ten spreads: past words_override (8), read on the heads' word alone
+    assert plan.choose(attracted).tolist() == [0, 1]
+    asked = mean.clone()
+    asked[first_key_block] += 0.06
+    assert plan.choose(asked).tolist() == []  # no shared word
+    plan.question_words = content_words("What is the pass key?")
+    assert plan.choose(asked).tolist() == [first_key_block, first_key_block + 1]  # "pass", "key"
+    both = mean.clone()
+    both[0] += 0.4  # 22 spreads out, but vetoed here (no shared word, override 100): not the bar the gate sets
+    both[first_key_block] += 0.12  # 4.1 spreads (shares of the larger total)
+    plan.gate, plan.words_override = 0.5, 100.0
+    assert plan.choose(both).tolist() == [first_key_block, first_key_block + 1]
+    plan.min_relevance = 0.0  # block_relevance=0: the best blocks whatever the question, words or not
+    assert plan.choose(both).tolist() == [0, 1]
+
+
+def test_content_words_leave_out_stopwords_and_fold_plurals():
+    assert content_words("What is the capital of the United States?") == {"capital", "united", "state"}
+    assert content_words("Who wrote Romeo and Juliet in 1597?") == {"wrote", "romeo", "juliet", "1597"}
+    assert content_words("a I 7 x") == {"7"} and content_words("") == frozenset()
 
 
 def test_slots_sit_right_before_the_rest_of_the_prompt(tiny_mind):

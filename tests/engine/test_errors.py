@@ -73,7 +73,8 @@ def test_question_longer_than_the_window(tiny_mind):
         tiny_mind.generate("x" * 300, memory=memory, retrieval="tokens")
     tiny_mind.generate("x" * 300, memory=memory, retrieval="tokens", position_policy="zero", max_new_tokens=2)
     # block memory reads as many blocks as the window leaves room for: 512 - 301 - 2 leaves 3 of 64 tokens
-    result = tiny_mind.generate("x" * 300, memory=memory, max_new_tokens=2, blocks=8, block_size=64)
+    result = tiny_mind.generate("x" * 300, memory=memory, max_new_tokens=2, blocks=8, block_size=64,
+                                block_words=0)  # the question shares no word with the memory: no word test here
     assert result.citations and {c.doc for c in result.citations} == {"doc0"}
     with pytest.raises(PromptTooLongError, match="leave no room for a memory block of 300 tokens"):
         tiny_mind.generate("x" * 300, memory=memory, max_new_tokens=2, blocks=1, block_size=300)

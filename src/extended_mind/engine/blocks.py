@@ -21,15 +21,15 @@ rows chose.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
 
 from extended_mind.attention.patching import attention_modules
 from extended_mind.attention.session import Session
-from extended_mind.base.prompting import EncodedPrompt
 from extended_mind.base.rope import apply_rope, extend_table
+from extended_mind.engine.words import content_words
 from extended_mind.memory.memory import Memory
 from extended_mind.memory.precision import float_dtype
 from extended_mind.retrieval.layer import LayerMemory, RetrievalSettings
@@ -37,6 +37,8 @@ from extended_mind.retrieval.selection import BlockSelection
 
 # a block is read when a question draws it this many spreads above what unrelated questions do (Relevance)
 DEFAULT_MIN_RELEVANCE = 4.0
+# ... and shares a content word with the question, unless it stands this many spreads out (BlockPlan.choose)
+DEFAULT_WORDS_OVERRIDE = 8.0
 
 
 def slot_positions(blocks: int, block_size: int) -> int:
@@ -84,6 +86,13 @@ class BlockLayout:
                 out.append(text[int(spans[s, 0]) : int(spans[last, 1])])
         return out
 
+    def text(self, memory: Memory, block: int) -> str:
+        """The text of one block (texts()[block], without reading the others)."""
+        start, length = int(self.starts[block]), int(self.lengths[block])
+        doc = int(memory.token_doc[start])
+        spans = memory.token_spans
+        return memory.segments[doc].document.text[int(spans[start, 0]) : int(spans[start + length - 1, 1])]
+
     def tokens(self, blocks: torch.Tensor) -> torch.Tensor:
         """Memory token indices of `blocks` (in the order given)."""
         if blocks.numel() == 0:
@@ -121,6 +130,10 @@ class BlockPlan:
     # block_choice="embedding": (blocks,) cosine similarity of every block's text to the question's; blocks are then
     # ranked by it alone (the retrieval heads are not asked, and no selection pass is run)
     similarity: torch.Tensor | None = None
+    # the question's content words (engine/words.py): a block the relevance test passes is read only when it (or
+    # the block after it) shares one, unless it stands `words_override` spreads out (None: no word test)
+    question_words: frozenset[str] | None = None
+    words_override: float = DEFAULT_WORDS_OVERRIDE
 
     def positions(self, n_tokens: int) -> list[int]:
         """Position ids of a prompt of `n_tokens`: its head, then a gap for the slots, then the rest."""
@@ -166,14 +179,34 @@ class BlockPlan:
         keep = torch.isfinite(top.values)
         if self.relevance is not None and not small:
             keep &= top.values >= self.min_relevance
-        if self.gate and float(top.values[0]) > 0:  # only blocks nearly as telling as the best one
-            keep &= top.values >= self.gate * float(top.values[0])
+            if self.question_words is not None and self.min_relevance > 0:
+                keep &= self._shares_words(top.indices, top.values)
+        best = float(top.values[keep][0]) if bool(keep.any()) else float(top.values[0])
+        if self.gate and best > 0:  # only blocks nearly as telling as the best one read
+            keep &= top.values >= self.gate * best
         elif self.gate and small and self.relevance is not None:  # nothing stands out: the best one alone
             keep &= torch.arange(len(keep)) == 0
         chosen = top.indices[keep]
         if self.relevance is not None:
             chosen = self._with_successors(chosen, n)
         return chosen.sort().values
+
+    def _shares_words(self, blocks: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Per block (ranked with `scores`): whether it, or the block after it in its document, shares a content word
+        with the question, or scores `words_override` or more."""
+        words = self.question_words or frozenset()
+        doc_of = self.memory.token_doc
+        out = []
+        for b, score in zip(blocks.tolist(), scores.tolist()):
+            if score >= self.words_override:
+                out.append(True)
+                continue
+            text = self.layout.text(self.memory, b)
+            nxt = b + 1
+            if nxt < self.layout.num_blocks and doc_of[self.layout.starts[nxt]] == doc_of[self.layout.starts[b]]:
+                text += self.layout.text(self.memory, nxt)
+            out.append(bool(content_words(text) & words))
+        return torch.tensor(out, dtype=torch.bool)
 
     def _with_successors(self, chosen: torch.Tensor, n: int) -> torch.Tensor:
         """`chosen` (best first) and, while fewer than `n`, the block after each one in its document: a passage
@@ -300,33 +333,6 @@ def select_blocks(
     return out
 
 
-# Prompts that ask nothing in particular: what the retrieval heads attend to in memory for them is the prior.
-NEUTRAL_PROMPTS = ("The", "It is", "Tell me more.\nIt is", "What is it?\nIt is")
-
-
-def _shares(
-    model: PreTrainedModel, plan: BlockPlan, prompts: list[EncodedPrompt], to_end: bool = False, batch: int = 16
-) -> torch.Tensor:
-    """(prompts that drew any mass, blocks) the share of the retrieval heads' mass each block gets per prompt, from
-    the question's rows (`to_end`: every row from the question on)."""
-    plans = [replace(plan, insert=p.memory_at, select_from=p.asks_from, select_to=None if to_end else p.asks_to,
-                     prior=None, relevance=None) for p in prompts]  # fmt: skip
-    positions = [plan.positions(len(p.ids)) for plan, p in zip(plans, prompts)]
-    masses: list[torch.Tensor | None] = []
-    for i in range(0, len(prompts), batch):
-        masses += select_blocks(model, [p.ids for p in prompts[i : i + batch]], positions[i : i + batch],
-                                plans[i : i + batch])  # fmt: skip
-    shares = [m / m.sum() for m in masses if m is not None and float(m.sum()) > 0]
-    return torch.stack(shares) if shares else torch.zeros(0, plan.layout.num_blocks)
-
-
-def block_prior(model: PreTrainedModel, plan: BlockPlan, prompts: list[EncodedPrompt]) -> torch.Tensor:
-    """(blocks,) the mean share of mass each block gets for `prompts` (questions that ask nothing); ranking is by
-    content (rotation undone), so positions do not matter here."""
-    shares = _shares(model, plan, prompts, to_end=True)
-    return shares.mean(0) if len(shares) else torch.zeros(plan.layout.num_blocks)
-
-
 @dataclass(frozen=True)
 class Relevance:
     """How much of the retrieval heads' mass unrelated questions give each block of one memory: its mean and
@@ -341,34 +347,3 @@ class Relevance:
         if total <= 0:
             return torch.full_like(self.mean, float("-inf"))
         return (mass / total - self.mean) / self.spread
-
-
-# Questions about nothing in particular, in the styles users send (facts, chit-chat, requests, code, arithmetic):
-# what they draw from a memory calibrates the relevance test. Kept apart from bench/general.py's questions, which
-# measure it.
-CALIBRATION_QUESTIONS = (
-    "Who wrote Pride and Prejudice?", "How many wheels does a bicycle have?", "Can you give me a recipe for pancakes?",
-    "Write a haiku about autumn.", "Translate 'good morning' into Spanish.", "Why do cats purr?", "What is 7 times 8?",
-    "Tell me a joke.", "How do I reverse a list in Python?", "Summarize the plot of Cinderella.",
-    "What should I eat for dinner tonight?", "Explain how a rainbow forms.", "Hi! How are you today?",
-    "Which metal is liquid at room temperature?", "What does DNA stand for?", "Give me three tips for better sleep.",
-    "Who composed the Four Seasons?", "How many strings does a violin have?", "What is the plural of mouse?",
-    "What is the square root of 81?", "What is the speed of light?", "Suggest a name for a pet goldfish.",
-    "How do you say thank you in Japanese?", "What are the primary colors?",
-)  # fmt: skip
-
-
-# A spread is at least this fraction of the spread of all shares: a block no calibration question drew (the
-# passkey sentence, a rare name) must not look relevant on a trace of mass
-SPREAD_FLOOR = 0.3
-
-
-def calibrate_relevance(model: PreTrainedModel, plan: BlockPlan, prompts: list[EncodedPrompt]) -> Relevance:
-    """The relevance calibration of `plan`'s memory from `prompts` (CALIBRATION_QUESTIONS in every prompt form)."""
-    shares = _shares(model, plan, prompts)
-    if len(shares) < 2:
-        ones = torch.ones(plan.layout.num_blocks)
-        return Relevance(torch.zeros_like(ones), ones)
-    floor = SPREAD_FLOOR * float(shares.std())
-    spread = (shares.std(0) ** 2 + floor**2).sqrt().clamp_min(1e-12)
-    return Relevance(shares.mean(0), spread)

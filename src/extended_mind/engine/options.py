@@ -14,7 +14,7 @@ from typing import Any
 
 from extended_mind.base.errors import ExtendedMindError
 from extended_mind.base.prompting import DEFAULT_MEMORY_AT, MEMORY_AT
-from extended_mind.engine.blocks import DEFAULT_MIN_RELEVANCE
+from extended_mind.engine.blocks import DEFAULT_MIN_RELEVANCE, DEFAULT_WORDS_OVERRIDE
 from extended_mind.engine.positions import POSITION_POLICIES
 from extended_mind.retrieval.index import DEFAULT_APPROX_THRESHOLD, IndexSettings
 
@@ -28,6 +28,7 @@ DEFAULT_BLOCKS = 8
 DEFAULT_BLOCK_SIZE = 64
 DEFAULT_BLOCK_GATE = 0.5
 DEFAULT_BLOCK_RELEVANCE = DEFAULT_MIN_RELEVANCE
+DEFAULT_BLOCK_WORDS = DEFAULT_WORDS_OVERRIDE
 # How block memory chooses blocks: "heads", the retrieval heads' attention from the question (what to copy);
 # "embedding", the blocks whose text is nearest the question's by a sentence embedding model (what is like it: the
 # demonstrations of many-shot in-context learning), always the `blocks` nearest, with no relevance test.
@@ -74,6 +75,10 @@ class GenerationOptions:
     block_relevance: float = _option(DEFAULT_BLOCK_RELEVANCE, "read a block only if the question draws it this many "
                                      "spreads above what unrelated questions do; 0 reads the best blocks whatever the "
                                      "question", minimum=0, request_maximum=1000, shared=True)  # fmt: skip
+    block_words: float = _option(DEFAULT_BLOCK_WORDS, "read a block the relevance test passes only if it shares a "
+                                 "word with the question (stopwords aside), unless the question draws it this many "
+                                 "spreads out; 0: no word test", minimum=0, request_maximum=1000,
+                                 shared=True)  # fmt: skip
     block_choice: str = _option(DEFAULT_BLOCK_CHOICE, "how blocks are chosen: by the retrieval heads (what to copy), "
                                 "or by a sentence embedding's similarity to the question (examples like it, as in "
                                 "many-shot in-context learning; needs `extended-mind data fetch --only minilm`)",

@@ -13,20 +13,18 @@ from extended_mind.attention.session import Session
 from extended_mind.base.compat import with_cache
 from extended_mind.base.errors import ExtendedMindError, PromptTooLongError
 from extended_mind.base.prompting import EncodedPrompt, encode
-from extended_mind.engine.blocks import (
+from extended_mind.engine.blocks import BlockLayout, BlockPlan, select_blocks, slot_positions
+from extended_mind.engine.calibration import (
     CALIBRATION_QUESTIONS,
     NEUTRAL_PROMPTS,
-    BlockLayout,
-    BlockPlan,
     block_prior,
     calibrate_relevance,
-    select_blocks,
-    slot_positions,
 )
 from extended_mind.engine.heads import retrieval_heads
 from extended_mind.engine.memorize import sink_token_id
 from extended_mind.engine.options import GenerationOptions
 from extended_mind.engine.positions import prepare_layers, prompt_offset
+from extended_mind.engine.words import content_words
 from extended_mind.memory.memory import Memory
 from extended_mind.retrieval.embedding import TextEmbedder, text_vectors
 from extended_mind.retrieval.index import IndexSettings
@@ -126,9 +124,11 @@ class MemoryReader:
         plan = self.plan(memory, layers, encoded.memory_at, o, min(o.blocks, room), extra, o.block_relevance)
         plan.select_from, plan.select_to = encoded.asks_from, encoded.asks_to
         plan.sink_added = len(ids) > len(prompt.ids)
+        question = self.tokenizer.decode(ids[encoded.asks_from : encoded.asks_to], skip_special_tokens=True)
         if o.block_choice == "embedding":
-            question = self.tokenizer.decode(ids[encoded.asks_from : encoded.asks_to], skip_special_tokens=True)
             plan.similarity = self.block_similarity(memory, plan.layout, question)
+        elif o.block_words > 0:
+            plan.question_words, plan.words_override = content_words(question), o.block_words
         return encoded, plan
 
     def block_similarity(self, memory: Memory, layout: BlockLayout, question: str) -> torch.Tensor:
