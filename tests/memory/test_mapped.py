@@ -121,3 +121,24 @@ def test_malformed_tensor_files_are_named(tmp_path):
         bad.write_bytes(data)
         with pytest.raises(mapped.MappedFileError, match=why):
             mapped.map_safetensors(bad)
+
+
+def test_a_question_hashes_the_tensors_it_reads_not_the_whole_memory(tiny_mind, tmp_path, monkeypatch):
+    monkeypatch.setenv("EXTENDED_MIND_CACHE", str(tmp_path / "cache"))
+    docs = ["The cat sat on the mat. " * 6, "Ships sail at dawn. " * 6, "A third document, of medium length here. " * 4]
+    path = tiny_mind.memorize(docs, ids=["a", "b", "c"]).save(tmp_path / "m")
+    hashed = _hash_counter(monkeypatch)
+    memory = Memory.load(path)
+    result = tiny_mind.generate("Where do ships sail?", memory=memory, blocks=1, block_size=16, block_relevance=0.0,
+                                max_new_tokens=1)  # fmt: skip
+    assert result.blocks_read >= 1
+    read_docs = {c.doc for c in result.citations}
+    names = {}  # (file name, start) -> tensor name
+    for s in memory.segments:
+        for name, (start, _) in mapped.data_ranges(mapped.header_bytes(s.file.path)).items():
+            names[(s.file.path.name, start)] = (s.document.id, name)
+    seen = [names[h] for h in hashed]
+    total = sum(len(s.tensors) for s in memory.segments)
+    assert 0 < len(seen) < total  # not every tensor of the memory
+    unread = {s.document.id for s in memory.segments} - read_docs
+    assert unread and not [n for doc, n in seen if doc in unread and n.startswith("values.")]  # no values unread
