@@ -273,6 +273,35 @@ def test_prepared_selection_is_kept_and_reused(tiny_mind, tmp_path, monkeypatch)
         scan_select.scan_path.cache_clear()
 
 
+def test_a_large_memorys_calibration_is_kept_and_reused(tiny_mind, tmp_path, monkeypatch):
+    """The relevance calibration of a large saved memory is computed once, kept in the cache and read by later
+    processes (here: later loads) instead of 144 selection passes; a damaged or foreign one is computed again."""
+    from extended_mind import Memory
+    from extended_mind.engine import prepared, reading
+
+    monkeypatch.setattr(prepared, "cache_dir", lambda: tmp_path / "cache")
+    monkeypatch.setattr(prepared, "PERSIST_MIN", 0)
+    calibrated = []
+    real = reading.calibrate_relevance
+    monkeypatch.setattr(reading, "calibrate_relevance", lambda *a: calibrated.append(1) or real(*a))
+    path = tiny_mind.memorize(DOCS).save(tmp_path / "m")
+    options = dict(max_new_tokens=3, blocks=2, block_size=8, chat=False)
+    first = tiny_mind.generate("The cat", memory=Memory.load(path), **options)
+    kept = list((tmp_path / "cache" / "prepared" / "calibrations").glob("*.json"))
+    assert calibrated == [1] and len(kept) == 1
+    again = tiny_mind.generate("The cat", memory=Memory.load(path), **options)
+    ids = [t.id for t in first.tokens]
+    assert calibrated == [1] and [t.id for t in again.tokens] == ids  # read from the cache: not calibrated again
+    kept[0].write_text("{not json")
+    assert [t.id for t in tiny_mind.generate("The cat", memory=Memory.load(path), **options).tokens] == ids
+    assert calibrated == [1, 1]  # unreadable: calibrated again (and kept again)
+    tiny_mind.generate("The cat", memory=Memory.load(path), block_size=16, max_new_tokens=1, chat=False)
+    assert calibrated == [1, 1, 1]  # another setting is another calibration
+    monkeypatch.setenv(prepared.KEEP_ENV, "0")
+    tiny_mind.generate("The cat", memory=Memory.load(path), **options)
+    assert calibrated == [1, 1, 1, 1]  # nothing kept is read when the cache is turned off
+
+
 def test_embedding_choice_reads_the_blocks_nearest_the_question(tiny_mind):
     tiny_mind.embedder = WordEmbedder()
     docs = ["Apples pears plums grow in orchards. " * 2, "Ships sail from harbours at dawn. " * 2,

@@ -9,6 +9,11 @@ codes) and memory-mapped on later opens, which then cost no preparation and read
 touches. Only saved memories of at least PERSIST_MIN tokens are kept, under a key made of their files' checksums;
 beyond $EXTENDED_MIND_PREPARED_KEEP files (4; 0 keeps none) the least recently used are deleted. The file's
 checksum is verified like a memory's own files (memory/mapped.py).
+
+The relevance calibration of such a memory (what 48 unrelated questions draw from each block, engine/calibration.py)
+is kept beside them in `<cache>/prepared/calibrations/`: 144 selection passes over the whole memory, a minute on one
+thread at 270k tokens, that every process would otherwise repeat on its first question. It is two floats per block,
+keyed by the files' checksums, the model, the setting and the calibration prompts' token ids.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 import torch
 
 from extended_mind.base.paths import cache_dir
+from extended_mind.engine.blocks import Relevance
 from extended_mind.memory.mapped import MappedFileError, map_safetensors, matches, remember_checked, write_safetensors
 from extended_mind.memory.memory import Memory
 from extended_mind.retrieval.layer import LayerMemory
@@ -120,3 +126,49 @@ def _evict(folder: Path) -> None:
     for old in files[keep_count() :]:
         for suffix in (".safetensors", ".json", ".sha256"):
             old.with_suffix(suffix).unlink(missing_ok=True)
+
+
+CALIBRATIONS_KEPT = 64  # a few KB each: least recently used deleted beyond this many
+
+
+def relevance_key(memory: Memory, setting: str, prompts: list[list[int]]) -> str:
+    """What a memory's relevance calibration depends on: its saved files, the model, the setting and the prompts."""
+    files = [s.file.sha256 for s in memory.segments]
+    parts = [FORMAT, "relevance", files, memory.identity.to_dict(), setting, prompts]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
+
+
+def _relevance_path(key: str) -> Path:
+    return cache_dir() / "prepared" / "calibrations" / f"{key}.json"
+
+
+def load_relevance(key: str, num_blocks: int) -> Relevance | None:
+    """The calibration kept under `key`, or None (none kept, or unreadable: calibrated again)."""
+    path = _relevance_path(key)
+    try:
+        data = json.loads(path.read_text())
+        mean, spread = torch.tensor(data["mean"]), torch.tensor(data["spread"])
+        if mean.shape != (num_blocks,) or spread.shape != (num_blocks,) or not bool((spread > 0).all()):
+            raise ValueError("does not fit the memory's blocks")
+        os.utime(path)
+        return Relevance(mean, spread)
+    except FileNotFoundError:
+        return None
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        log.warning("kept calibration %s is unreadable (%s): calibrating again", path, exc)
+        return None
+
+
+def store_relevance(key: str, relevance: Relevance) -> None:
+    """Keep a calibration under `key` (written aside and renamed: a reader never sees half a file)."""
+    path = _relevance_path(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+        tmp.write_text(json.dumps({"mean": relevance.mean.tolist(), "spread": relevance.spread.tolist()}))
+        os.replace(tmp, path)
+        kept = sorted(path.parent.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in kept[CALIBRATIONS_KEPT:]:
+            old.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("could not keep the calibration in %s: %s", path.parent, exc)

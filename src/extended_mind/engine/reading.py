@@ -13,7 +13,8 @@ from extended_mind.attention.session import Session
 from extended_mind.base.compat import with_cache
 from extended_mind.base.errors import ExtendedMindError, PromptTooLongError
 from extended_mind.base.prompting import EncodedPrompt, encode
-from extended_mind.engine.blocks import BlockLayout, BlockPlan, select_blocks, slot_positions
+from extended_mind.engine import prepared as prepared_store
+from extended_mind.engine.blocks import BlockLayout, BlockPlan, Relevance, select_blocks, slot_positions
 from extended_mind.engine.calibration import (
     CALIBRATION_QUESTIONS,
     NEUTRAL_PROMPTS,
@@ -102,9 +103,7 @@ class MemoryReader:
             plan.min_relevance = min_relevance
             if plan.layout.num_blocks <= blocks and not extra_blocks:  # fits the slots: only its own length
                 plan.reserve = int(plan.layout.lengths.sum())
-            plan.relevance = memory.cached(
-                f"relevance-{setting}", lambda: calibrate_relevance(self.model, plan, self._calibration_prompts())
-            )
+            plan.relevance = memory.cached(f"relevance-{setting}", lambda: self._relevance(plan, setting))
         return plan
 
     def question_plan(self, memory: Memory, layers: dict[int, LayerMemory], prompt: EncodedPrompt,
@@ -138,6 +137,22 @@ class MemoryReader:
         vectors = memory.cached(f"embeddings-{layout.size}-{id(embedder)}",
                                 lambda: text_vectors(embedder, layout.texts(memory)))  # fmt: skip
         return vectors @ text_vectors(embedder, [question])[0]
+
+    def _relevance(self, plan: BlockPlan, setting: str) -> Relevance:
+        """The memory's relevance calibration: kept in the cache directory for large saved memories
+        (engine/prepared.py), else computed."""
+        prompts = self._calibration_prompts()
+        memory = plan.memory
+        key = None
+        if prepared_store.keepable(memory) and memory.shard is None and prepared_store.keep_count() > 0:
+            key = prepared_store.relevance_key(memory, setting, [p.ids for p in prompts])
+            found = prepared_store.load_relevance(key, plan.layout.num_blocks)
+            if found is not None:
+                return found
+        relevance = calibrate_relevance(self.model, plan, prompts)
+        if key is not None:
+            prepared_store.store_relevance(key, relevance)
+        return relevance
 
     def _neutral_prompts(self) -> list[EncodedPrompt]:
         return [self.with_sink(encode(self.tokenizer, p, False, "", "question")) for p in NEUTRAL_PROMPTS]
