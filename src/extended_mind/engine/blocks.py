@@ -77,17 +77,10 @@ class BlockLayout:
 
     def texts(self, memory: Memory) -> list[str]:
         """The text of every block: the characters its tokens came from in their document."""
-        out = []
-        for seg in memory.segments:
-            spans = seg.tensors["spans"]
-            text = seg.document.text
-            for s in range(0, seg.num_tokens, self.size):
-                last = min(s + self.size, seg.num_tokens) - 1
-                out.append(text[int(spans[s, 0]) : int(spans[last, 1])])
-        return out
+        return [self.text(memory, b) for b in range(self.num_blocks)]
 
     def text(self, memory: Memory, block: int) -> str:
-        """The text of one block (texts()[block], without reading the others)."""
+        """The text of one block."""
         start, length = int(self.starts[block]), int(self.lengths[block])
         doc = int(memory.token_doc[start])
         spans = memory.token_spans

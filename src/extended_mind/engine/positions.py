@@ -68,7 +68,6 @@ def prepare_layers(
         bias_positions = torch.full_like(pos, -1) if policy == "zero" else pos
         # block selection over a large memory: kept in the cache directory once prepared (engine/prepared.py)
         keep = not values and scanned and device.type == "cpu" and prepared_store.keepable(memory)
-        keep = keep and prepared_store.keep_count() > 0
         key = prepared_store.prepared_key(memory, policy, dtype, list(wanted), scan_path()) if keep else None
         found = prepared_store.load(key, bias_positions) if key else None
         prepared = found or {}

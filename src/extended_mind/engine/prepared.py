@@ -28,7 +28,14 @@ import torch
 
 from extended_mind.base.paths import cache_dir
 from extended_mind.engine.blocks import Relevance
-from extended_mind.memory.mapped import MappedFileError, map_safetensors, matches, remember_checked, write_safetensors
+from extended_mind.memory.mapped import (
+    MappedFileError,
+    map_safetensors,
+    matches,
+    remember_checked,
+    write_atomic,
+    write_safetensors,
+)
 from extended_mind.memory.memory import Memory
 from extended_mind.retrieval.layer import LayerMemory
 from extended_mind.retrieval.scan import PACKED_KINDS, KeyScan
@@ -50,9 +57,11 @@ _SCAN_TENSORS = ("codes", "scales", "packed", "colsums")  # KeyScan's tensors
 
 
 def keepable(memory: Memory) -> bool:
-    """Whether prepared keys of `memory` are worth keeping: a large memory whose every document is saved (the
-    files' checksums name exactly the keys; an unsaved memory cannot be reopened anyway)."""
-    return memory.num_tokens >= PERSIST_MIN and all(s.file is not None for s in memory.segments)
+    """Whether prepared keys (and the calibration) of `memory` are worth keeping: a large memory whose every
+    document is saved (the files' checksums name exactly the keys; an unsaved memory cannot be reopened anyway),
+    unless $EXTENDED_MIND_PREPARED_KEEP keeps none."""
+    return (memory.num_tokens >= PERSIST_MIN and all(s.file is not None for s in memory.segments)
+            and keep_count() > 0)  # fmt: skip
 
 
 def prepared_key(memory: Memory, policy: str, dtype: torch.dtype, layers: list[int], scan_kind: str) -> str:
@@ -109,7 +118,7 @@ def store(key: str, prepared: dict[int, LayerMemory]) -> None:
         path.with_suffix(".json").write_text(json.dumps(meta))
         path.with_suffix(".sha256").write_text(sha)  # written last: without it the file is never used
         remember_checked(path, sha, recent_ok=True)
-        _evict(path.parent)
+        _evict(path.parent, keep_count(), (".safetensors", ".json", ".sha256"))
     except OSError as exc:
         log.warning("could not keep the prepared memory in %s: %s", path.parent, exc)
 
@@ -121,10 +130,11 @@ def keep_count() -> int:
         return 4
 
 
-def _evict(folder: Path) -> None:
+def _evict(folder: Path, keep: int, suffixes: tuple[str, ...]) -> None:
+    """Delete all but the `keep` most recently used entries of `folder` (each a .json file and its `suffixes`)."""
     files = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in files[keep_count() :]:
-        for suffix in (".safetensors", ".json", ".sha256"):
+    for old in files[keep:]:
+        for suffix in suffixes:
             old.with_suffix(suffix).unlink(missing_ok=True)
 
 
@@ -164,11 +174,8 @@ def store_relevance(key: str, relevance: Relevance) -> None:
     path = _relevance_path(key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        tmp.write_text(json.dumps({"mean": relevance.mean.tolist(), "spread": relevance.spread.tolist()}))
-        os.replace(tmp, path)
-        kept = sorted(path.parent.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in kept[CALIBRATIONS_KEPT:]:
-            old.unlink(missing_ok=True)
+        data = json.dumps({"mean": relevance.mean.tolist(), "spread": relevance.spread.tolist()}).encode()
+        write_atomic(path, [data], digest=False)
+        _evict(path.parent, CALIBRATIONS_KEPT, (".json",))
     except OSError as exc:
         log.warning("could not keep the calibration in %s: %s", path.parent, exc)

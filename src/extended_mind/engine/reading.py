@@ -144,7 +144,7 @@ class MemoryReader:
         prompts = self._calibration_prompts()
         memory = plan.memory
         key = None
-        if prepared_store.keepable(memory) and memory.shard is None and prepared_store.keep_count() > 0:
+        if prepared_store.keepable(memory) and memory.shard is None:
             key = prepared_store.relevance_key(memory, setting, [p.ids for p in prompts])
             found = prepared_store.load_relevance(key, plan.layout.num_blocks)
             if found is not None:

@@ -51,13 +51,16 @@ class StoredFile:
             f"memory file missing: {self.path} (the memory was changed or damaged after it was opened)"
         )
 
+    def _check_size(self, size: int) -> None:
+        if size != self.size:
+            raise MemoryFileError(f"corrupt memory file {self.path}: {size} bytes, the manifest says {self.size}")
+
     def read_bytes(self) -> bytes:
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
             raise self._missing() from None
-        if len(data) != self.size:
-            raise MemoryFileError(f"corrupt memory file {self.path}: {len(data)} bytes, the manifest says {self.size}")
+        self._check_size(len(data))
         if hashlib.sha256(data).hexdigest() != self.sha256:
             raise MemoryFileError(f"corrupt memory file {self.path}: its checksum does not match the manifest")
         return data
@@ -72,9 +75,7 @@ class StoredFile:
         """Raise MemoryFileError unless the file has the manifest's size and checksum; a check of this very version
         of the file remembered from before counts unless `remembered_ok` is False (mapped.matches)."""
         try:
-            size = self.path.stat().st_size
-            if size != self.size:
-                raise MemoryFileError(f"corrupt memory file {self.path}: {size} bytes, the manifest says {self.size}")
+            self._check_size(self.path.stat().st_size)
             if not matches(self.path, self.sha256, remembered_ok):
                 raise MemoryFileError(f"corrupt memory file {self.path}: its checksum does not match the manifest")
         except FileNotFoundError:
@@ -88,9 +89,7 @@ class StoredFile:
         try:
             if self.tensor_sha256 is None:
                 return map_safetensors(self.path)
-            size = self.path.stat().st_size
-            if size != self.size:
-                raise MemoryFileError(f"corrupt memory file {self.path}: {size} bytes, the manifest says {self.size}")
+            self._check_size(self.path.stat().st_size)
             version = file_version(self.path)  # before anything is hashed: a later change is not recorded as checked
             head = header_bytes(self.path)
             if hashlib.sha256(head).hexdigest() != self.tensor_sha256.get("__header__"):

@@ -125,7 +125,8 @@ def tensor_sizes(path: Path) -> dict[str, int]:
     return {k: end - start for k, (start, end) in data_ranges(header_bytes(path)).items()}
 
 
-def _version(path: Path) -> str:
+def file_version(path: Path) -> str:
+    """What identifies this version of `path` (device, inode, size, mtime, ctime: a write changes it)."""
     st = path.stat()
     return f"{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"
 
@@ -134,29 +135,48 @@ def _stamp(sha256: str) -> Path:
     return cache_dir() / "verified" / sha256
 
 
+def _stamp_lines(stamp: Path, path: Path) -> list[str] | None:
+    """The lines `stamp` records after naming this version of `path`; None when it names no such thing."""
+    try:
+        lines = stamp.read_text().split("\n")
+        return lines[2:] if lines[:2] == [str(path.resolve()), file_version(path)] else None
+    except OSError:
+        return None
+
+
+def _record(stamp: Path, path: Path, version: str | None, recent_ok: bool, lines: Iterable[str] = ()) -> None:
+    """Write `stamp` naming this version of `path` (then `lines`), unless the file is no longer `version` (its stat
+    from before it was hashed) or changed too recently to tell a later change apart (unless `recent_ok`)."""
+    try:
+        now = file_version(path)
+        if version is not None and now != version:
+            return  # changed while it was being hashed: what was hashed is not what is there
+        if not recent_ok and time.time() - max(path.stat().st_mtime, path.stat().st_ctime) < _RACY_S:
+            return
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        tmp = stamp.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{stamp.name}")
+        tmp.write_text("\n".join([str(path.resolve()), now, *lines]))
+        os.replace(tmp, stamp)
+    except OSError:  # a read-only cache only costs hashing again
+        pass
+
+
 def checked_before(path: Path, sha256: str) -> bool:
     """Whether this version of `path` was hashed to `sha256` before (by any process using this cache)."""
-    try:
-        return _stamp(sha256).read_text() == f"{path.resolve()}\n{_version(path)}"
-    except OSError:
-        return False
+    return _stamp_lines(_stamp(sha256), path) == []
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    return range_sha256(path)
 
 
-def range_sha256(path: Path, start: int, end: int) -> str:
-    """sha256 of bytes [start, end) of `path`, streamed from the file (not through a map)."""
+def range_sha256(path: Path, start: int = 0, end: int | None = None) -> str:
+    """sha256 of bytes [start, end) of `path` (to its end by default), streamed from the file (not through a map)."""
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as fh:
         fh.seek(start)
-        left = end - start
-        while left > 0 and (chunk := fh.read(min(_CHUNK, left))):
+        left = math.inf if end is None else end - start
+        while left > 0 and (chunk := fh.read(int(min(_CHUNK, left)))):
             h.update(chunk)
             left -= len(chunk)
     return h.hexdigest()
@@ -168,36 +188,14 @@ def _tensor_stamp(sha256: str) -> Path:
 
 def tensors_checked_before(path: Path, sha256: str) -> set[str]:
     """Names of the tensors of this version of `path` (the file whose bytes hash to `sha256`) checked before."""
-    try:
-        lines = _tensor_stamp(sha256).read_text().split("\n")
-    except OSError:
-        return set()
-    if lines[:2] != [str(path.resolve()), _version(path)]:
-        return set()
-    return set(lines[2:]) - {""}
+    return set(_stamp_lines(_tensor_stamp(sha256), path) or ()) - {""}
 
 
 def remember_tensors_checked(path: Path, sha256: str, names: Iterable[str], version: str) -> None:
-    """Record that tensors `names` of `path` hashed right, unless the file is no longer `version` (its stat from
-    before they were hashed) or changed too recently to tell a later change apart. Two processes recording at once
-    may lose one's names: that costs only hashing them again."""
-    try:
-        now = _version(path)
-        if now != version or time.time() - max(path.stat().st_mtime, path.stat().st_ctime) < _RACY_S:
-            return
-        names = tensors_checked_before(path, sha256) | set(names)
-        stamp = _tensor_stamp(sha256)
-        stamp.parent.mkdir(parents=True, exist_ok=True)
-        tmp = stamp.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{stamp.name}")
-        tmp.write_text("\n".join([str(path.resolve()), now, *sorted(names)]))
-        os.replace(tmp, stamp)
-    except OSError:  # a read-only cache only costs hashing again
-        pass
-
-
-def file_version(path: Path) -> str:
-    """What identifies this version of `path` (a write changes it)."""
-    return _version(path)
+    """Record that tensors `names` of `path` hashed right (unless the file is no longer `version`, or changed too
+    recently: `_record`). Two processes recording at once may lose one's names: that costs only hashing again."""
+    names = tensors_checked_before(path, sha256) | set(names)
+    _record(_tensor_stamp(sha256), path, version, recent_ok=False, lines=sorted(names))
 
 
 def matches(path: Path, sha256: str, remembered_ok: bool = True) -> bool:
@@ -205,7 +203,7 @@ def matches(path: Path, sha256: str, remembered_ok: bool = True) -> bool:
     (unless `remembered_ok` is False); a passing hash is remembered."""
     if remembered_ok and checked_before(path, sha256):
         return True
-    before = _version(path)  # the version hashed: a change made while hashing must not be recorded as checked
+    before = file_version(path)  # the version hashed: a change made while hashing must not be recorded as checked
     if file_sha256(path) != sha256:
         return False
     remember_checked(path, sha256, version=before)
@@ -216,19 +214,7 @@ def remember_checked(path: Path, sha256: str, recent_ok: bool = False, version: 
     """Record that `path` hashed to `sha256`, unless it changed too recently to tell a later change apart
     (`recent_ok`: this process just wrote those bytes and hashed them as it wrote), or is no longer `version` (the
     file's stat from before it was hashed)."""
-    try:
-        now = _version(path)
-        if version is not None and now != version:
-            return  # changed while it was being hashed: what was hashed is not what is there
-        if not recent_ok and time.time() - max(path.stat().st_mtime, path.stat().st_ctime) < _RACY_S:
-            return
-        stamp = _stamp(sha256)
-        stamp.parent.mkdir(parents=True, exist_ok=True)
-        tmp = stamp.with_name(f".tmp-{os.getpid()}-{sha256}")
-        tmp.write_text(f"{path.resolve()}\n{now}")
-        os.replace(tmp, stamp)
-    except OSError:  # a read-only cache only costs hashing again
-        pass
+    _record(_stamp(sha256), path, version, recent_ok)
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
