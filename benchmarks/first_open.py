@@ -4,13 +4,15 @@
     python benchmarks/million_tokens.py build --dir runs/m262k --tokens 270000
     python benchmarks/first_open.py --dir runs/m262k --threads 1 --repeats 2
 
-"First open ever": no check of the memory's files remembered and nothing prepared or calibrated for it (each run
-gets a cache directory of its own, linking the real one's converted model, kernels and heads); "reopened": a new
+"First open ever": no check of the memory's files remembered and nothing prepared or calibrated for it in the cache
+(each run gets a cache directory of its own, linking the real one's converted model, kernels and heads); the
+relevance calibration saved with the memory by the build, or not (the manifest without it, as memories saved before
+it was); "reopened": a new
 process with the cache the first open left (checks, prepared keys and the calibration kept). The page cache is
 dropped before every run when this process may (root on Linux; `page_cache_dropped` says). Reported per run: the
 time to open the manifest, to answer the first question (1 token, block memory: calibration, selection, reading),
-the bytes and seconds spent hashing, and the seconds spent preparing the selection layers' keys. With the CPU model
-and flags.
+the bytes and seconds spent hashing, and the seconds spent preparing the selection layers' keys and calibrating.
+With the CPU model and flags.
 """
 
 from __future__ import annotations
@@ -37,13 +39,17 @@ def drop_page_cache() -> bool:
         return False
 
 
-def format2_view(memory_dir: Path, into: Path) -> Path:
-    """`memory_dir` as a format-2 memory: its manifest without per-tensor checksums, its tensor files linked."""
+def manifest_view(memory_dir: Path, into: Path, version: int = 3, calibrated: bool = True) -> Path:
+    """`memory_dir` as another memory: its manifest in format `version` (2: without per-tensor checksums), without
+    the saved calibration unless `calibrated`, its tensor files linked."""
     into.mkdir(parents=True)
     manifest = json.loads((memory_dir / "manifest.json").read_text())
-    manifest["version"] = 2
-    for d in manifest["documents"]:
-        d.pop("tensors", None)
+    manifest["version"] = version
+    if version < 3:
+        for d in manifest["documents"]:
+            d.pop("tensors", None)
+    if not calibrated:
+        manifest.pop("calibrations", None)
     (into / "manifest.json").write_text(json.dumps(manifest))
     (into / "tensors").symlink_to((memory_dir / "tensors").resolve())
     return into
@@ -54,7 +60,7 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     from extended_mind import ExtendedMind
-    from extended_mind.engine import positions
+    from extended_mind.engine import positions, reading
     from extended_mind.memory import files, mapped
 
     torch.set_num_threads(args.threads)
@@ -82,6 +88,16 @@ def child(args: argparse.Namespace) -> None:
         return out
 
     positions._prepare = timed_prepare  # noqa: SLF001
+    calibrated = {"s": 0.0}
+    real_calibrate = reading.calibrate_relevance
+
+    def timed_calibrate(*a, **k):
+        start = time.perf_counter()
+        out = real_calibrate(*a, **k)
+        calibrated["s"] += time.perf_counter() - start
+        return out
+
+    reading.calibrate_relevance = timed_calibrate
     mind = ExtendedMind.from_pretrained()
     start = time.perf_counter()
     memory = mind.load_memory(args.dir)
@@ -91,7 +107,8 @@ def child(args: argparse.Namespace) -> None:
     first = time.perf_counter() - start
     print(json.dumps({"open_s": round(opened, 3), "first_question_s": round(first, 2),
                       "hashed_gb": round(hashed["bytes"] / 1e9, 2), "hashing_s": round(hashed["s"], 2),
-                      "prepare_s": round(prepared["s"], 2), "blocks_read": answer.blocks_read,
+                      "prepare_s": round(prepared["s"], 2), "calibrate_s": round(calibrated["s"], 2),
+                      "blocks_read": answer.blocks_read,
                       "memory_gb": round(memory.nbytes / 1e9, 2), "tokens": memory.num_tokens}))  # fmt: skip
 
 
@@ -124,11 +141,15 @@ def main() -> None:
     print(f"CPU {machine['model']} ({', '.join(machine['flags'])}), {args.threads} thread(s)", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="first-open-") as tmp:
-        format2 = format2_view(Path(args.dir), Path(tmp) / "format2")
+        if "calibrations" not in json.loads((Path(args.dir) / "manifest.json").read_text()):
+            raise SystemExit(f"{args.dir} was saved without its calibration: build it again (million_tokens.py build)")
+        uncalibrated = manifest_view(Path(args.dir), Path(tmp) / "uncalibrated", calibrated=False)
+        format2 = manifest_view(Path(args.dir), Path(tmp) / "format2", version=2, calibrated=False)
         # (name, memory, whether the run starts with the cache the run before it left: a later process)
-        variants = [("format 3 (per-tensor checksums)", Path(args.dir), False),
+        variants = [("format 3, calibration saved with the memory", Path(args.dir), False),
                     ("format 3, reopened by a new process", Path(args.dir), True),
-                    ("format 2 (whole-file checksums)", format2, False)]  # fmt: skip
+                    ("format 3, calibration not saved", uncalibrated, False),
+                    ("format 2 (whole-file checksums), calibration not saved", format2, False)]  # fmt: skip
         for r in range(args.repeats):
             for name, path, reopen in variants:
                 if not reopen:

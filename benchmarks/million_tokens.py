@@ -81,6 +81,10 @@ def build(args: argparse.Namespace) -> None:
                   "left", flush=True)  # fmt: skip
     if batch:
         memory, total = _save_batch(mind, memory, batch, path, args.storage)
+    if not memory.calibrations:  # as `extended-mind memorize` does: the calibration is saved with the memory
+        calibrating = time.perf_counter()
+        mind.calibrate(memory).save(path)
+        print(f"relevance calibration saved with the memory ({time.perf_counter() - calibrating:.1f} s)")
     print(f"done: {total:,} tokens in {len(memory.documents)} documents at {path}")
 
 

@@ -24,6 +24,7 @@ def test_memorize_then_ask_json(model_dir, tmp_path, capsys):
     doc.write_text("The museum opens at nine. Tickets cost four euros.")
     assert main(["memorize", str(doc), "--out", str(tmp_path / "mem"), "--model", str(model_dir)]) == 0
     assert "saved" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "mem" / "manifest.json").read_text())["calibrations"]) == 1  # saved with it
     # the memory remembers its model: no --model needed
     assert main(["ask", "--memory", str(tmp_path / "mem"), "--json", "--max-new-tokens", "4", "When?"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -81,6 +82,7 @@ def test_memory_commands_edit_a_saved_memory(model_dir, tmp_path, capsys):
     assert "already holds a memory" in capsys.readouterr().err
     assert main(["memory", "add", mem, str(b), "--id", "beta"]) == 0  # the model comes from the memory
     assert main(["memory", "replace", mem, "beta", str(b2)]) == 0
+    assert len(json.loads((tmp_path / "mem" / "manifest.json").read_text())["calibrations"]) == 1  # of the new text
     assert main(["memory", "ls", mem, "--json"]) == 0
     capsys.readouterr()
     assert main(["memory", "ls", mem, "--json"]) == 0

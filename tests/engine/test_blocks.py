@@ -3,6 +3,7 @@ its cache, the sink rule and retrieval-head-only token retrieval."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -300,6 +301,42 @@ def test_a_large_memorys_calibration_is_kept_and_reused(tiny_mind, tmp_path, mon
     monkeypatch.setenv(prepared.KEEP_ENV, "0")
     tiny_mind.generate("The cat", memory=Memory.load(path), **options)
     assert calibrated == [1, 1, 1, 1]  # nothing kept is read when the cache is turned off
+
+
+def test_the_calibration_is_saved_with_the_memory(tiny_mind, tmp_path, monkeypatch, caplog):
+    """`calibrate` computes the relevance calibration now; a save writes it into the manifest and a load reads it
+    back (in any process: the cache is off here), so no question calibrates again; editing the documents drops it,
+    and a damaged one is computed again with a warning."""
+    from extended_mind import Memory
+    from extended_mind.engine import prepared, reading
+
+    monkeypatch.setenv(prepared.KEEP_ENV, "0")  # the cache keeps nothing: only the memory can hold it
+    calibrated = []
+    real = reading.calibrate_relevance
+    monkeypatch.setattr(reading, "calibrate_relevance", lambda *a: calibrated.append(1) or real(*a))
+    options = dict(max_new_tokens=3, blocks=2, block_size=8)
+    memory = tiny_mind.calibrate(tiny_mind.memorize(DOCS), block_size=8)
+    assert calibrated == [1] and len(memory.calibrations) == 1
+    path = memory.save(tmp_path / "m")
+    first = tiny_mind.generate("The cat", memory=memory, chat=False, **options)
+    loaded = Memory.load(path)
+    assert loaded.calibrations == memory.calibrations
+    again = tiny_mind.generate("The cat", memory=loaded, chat=False, **options)
+    assert calibrated == [1] and [t.id for t in again.tokens] == [t.id for t in first.tokens]
+    tiny_mind.generate("The cat", memory=loaded, chat=True, **options)  # the same calibration serves every form
+    assert calibrated == [1]
+    tiny_mind.add(loaded, ["A new document about boats and the sea."], ids=["new"])
+    assert loaded.calibrations == {}  # about the old documents
+    tiny_mind.generate("The cat", memory=loaded, chat=False, **options)
+    assert calibrated == [1, 1]
+    manifest = json.loads((path / "manifest.json").read_text())
+    key = next(iter(manifest["calibrations"]))
+    manifest["calibrations"][key]["spread"][0] = -1.0
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING"):
+        damaged = tiny_mind.generate("The cat", memory=Memory.load(path), chat=False, **options)
+    assert calibrated == [1, 1, 1] and "calibrating again" in caplog.text
+    assert [t.id for t in damaged.tokens] == [t.id for t in first.tokens]
 
 
 def test_embedding_choice_reads_the_blocks_nearest_the_question(tiny_mind):

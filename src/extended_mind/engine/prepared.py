@@ -10,10 +10,12 @@ touches. Only saved memories of at least PERSIST_MIN tokens are kept, under a ke
 beyond $EXTENDED_MIND_PREPARED_KEEP files (4; 0 keeps none) the least recently used are deleted. The file's
 checksum is verified like a memory's own files (memory/mapped.py).
 
-The relevance calibration of such a memory (what 48 unrelated questions draw from each block, engine/calibration.py)
-is kept beside them in `<cache>/prepared/calibrations/`: 144 selection passes over the whole memory, a minute on one
-thread at 270k tokens, that every process would otherwise repeat on its first question. It is two floats per block,
-keyed by the files' checksums, the model, the setting and the calibration prompts' token ids.
+The relevance calibration of a memory (what 48 unrelated questions draw from each block, engine/calibration.py) is
+144 selection passes over the whole memory, a minute on one thread at 270k tokens, that every process would otherwise
+repeat on its first question. It is two floats per block, keyed by the documents (`Memory.content_key`), the model,
+the setting and the calibration prompts' token ids: held by the memory (`Memory.calibrations`, saved in its manifest,
+so a memory built by `extended-mind memorize` opens calibrated anywhere) and, for large saved memories, kept beside
+the prepared keys in `<cache>/prepared/calibrations/`.
 """
 
 from __future__ import annotations
@@ -142,10 +144,25 @@ CALIBRATIONS_KEPT = 64  # a few KB each: least recently used deleted beyond this
 
 
 def relevance_key(memory: Memory, setting: str, prompts: list[list[int]]) -> str:
-    """What a memory's relevance calibration depends on: its saved files, the model, the setting and the prompts."""
-    files = [s.file.sha256 for s in memory.segments]
-    parts = [FORMAT, "relevance", files, memory.identity.to_dict(), setting, prompts]
+    """What a memory's relevance calibration depends on: its documents, the model, the setting and the prompts."""
+    parts = [FORMAT, "relevance", memory.content_key(), memory.identity.to_dict(), setting, prompts]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
+
+
+def relevance_to_dict(relevance: Relevance) -> dict:
+    return {"mean": relevance.mean.tolist(), "spread": relevance.spread.tolist()}
+
+
+def relevance_from_dict(data: object, num_blocks: int) -> Relevance:
+    """A calibration read back (from the cache or a memory's manifest), checked to fit `num_blocks` blocks."""
+    if not isinstance(data, dict):
+        raise TypeError("not a calibration")
+    mean, spread = torch.tensor(data["mean"], dtype=torch.float32), torch.tensor(data["spread"], dtype=torch.float32)
+    if mean.shape != (num_blocks,) or spread.shape != (num_blocks,):
+        raise ValueError("does not fit the memory's blocks")
+    if not bool(torch.isfinite(mean).all()) or not bool((spread > 0).all()) or not bool(torch.isfinite(spread).all()):
+        raise ValueError("holds values a calibration cannot have")
+    return Relevance(mean, spread)
 
 
 def _relevance_path(key: str) -> Path:
@@ -156,12 +173,9 @@ def load_relevance(key: str, num_blocks: int) -> Relevance | None:
     """The calibration kept under `key`, or None (none kept, or unreadable: calibrated again)."""
     path = _relevance_path(key)
     try:
-        data = json.loads(path.read_text())
-        mean, spread = torch.tensor(data["mean"]), torch.tensor(data["spread"])
-        if mean.shape != (num_blocks,) or spread.shape != (num_blocks,) or not bool((spread > 0).all()):
-            raise ValueError("does not fit the memory's blocks")
+        found = relevance_from_dict(json.loads(path.read_text()), num_blocks)
         os.utime(path)
-        return Relevance(mean, spread)
+        return found
     except FileNotFoundError:
         return None
     except (OSError, KeyError, TypeError, ValueError) as exc:
@@ -174,7 +188,7 @@ def store_relevance(key: str, relevance: Relevance) -> None:
     path = _relevance_path(key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = json.dumps({"mean": relevance.mean.tolist(), "spread": relevance.spread.tolist()}).encode()
+        data = json.dumps(relevance_to_dict(relevance)).encode()
         write_atomic(path, [data], digest=False)
         _evict(path.parent, CALIBRATIONS_KEPT, (".json",))
     except OSError as exc:

@@ -3,6 +3,7 @@ blocks are read (chosen by the retrieval heads, or by a sentence embedding) and 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -30,6 +31,8 @@ from extended_mind.memory.memory import Memory
 from extended_mind.retrieval.embedding import TextEmbedder, text_vectors
 from extended_mind.retrieval.index import IndexSettings
 from extended_mind.retrieval.layer import LayerMemory, RetrievalSettings
+
+log = logging.getLogger(__name__)
 
 
 class MemoryReader:
@@ -139,19 +142,28 @@ class MemoryReader:
         return vectors @ text_vectors(embedder, [question])[0]
 
     def _relevance(self, plan: BlockPlan, setting: str) -> Relevance:
-        """The memory's relevance calibration: kept in the cache directory for large saved memories
-        (engine/prepared.py), else computed."""
+        """The memory's relevance calibration: the one it holds (saved with it), else the one kept in the cache
+        directory for a large saved memory (engine/prepared.py), else computed now and held by the memory (a save
+        writes it)."""
         prompts = self._calibration_prompts()
         memory = plan.memory
-        key = None
-        if prepared_store.keepable(memory) and memory.shard is None:
-            key = prepared_store.relevance_key(memory, setting, [p.ids for p in prompts])
-            found = prepared_store.load_relevance(key, plan.layout.num_blocks)
-            if found is not None:
-                return found
-        relevance = calibrate_relevance(self.model, plan, prompts)
-        if key is not None:
-            prepared_store.store_relevance(key, relevance)
+        if memory.shard is not None:  # each rank holds part of the documents: nothing to key it by here
+            return calibrate_relevance(self.model, plan, prompts)
+        key = prepared_store.relevance_key(memory, setting, [p.ids for p in prompts])
+        held = memory.calibrations.get(key)
+        if held is not None:
+            try:
+                return prepared_store.relevance_from_dict(held, plan.layout.num_blocks)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("the memory's saved calibration is unusable (%s): calibrating again", exc)
+        keep = prepared_store.keepable(memory)
+        relevance = prepared_store.load_relevance(key, plan.layout.num_blocks) if keep else None
+        if relevance is None:
+            relevance = calibrate_relevance(self.model, plan, prompts)
+            if keep:
+                prepared_store.store_relevance(key, relevance)
+        memory.calibrations.pop(key, None)  # the latest last: a save keeps the latest few
+        memory.calibrations[key] = prepared_store.relevance_to_dict(relevance)
         return relevance
 
     def _neutral_prompts(self) -> list[EncodedPrompt]:

@@ -57,6 +57,9 @@ class Memory:
         # approximate-search indexes by fingerprint (index.memory_fingerprint): per layer LayerIndex, or a loader
         # of them when they were saved with the memory
         self.indexes: dict[str, list[LayerIndex] | SavedIndex] = {}
+        # tables the engine derived from these documents and saved with them (its relevance calibrations: costly to
+        # compute at a million tokens), by a key that names the documents; plain JSON, checked by the engine on use
+        self.calibrations: dict[str, dict] = {}
         # distributed.ShardGroup when this memory is sharded over processes (each holds the keys and values of
         # the documents assigned to its rank); None: every document is held here
         self.shard: ShardGroup | None = None
@@ -232,6 +235,7 @@ class Memory:
         self._flat.clear()
         self.prepared_layers.clear()
         self.indexes.clear()  # built over the old documents
+        self.calibrations.clear()
 
     def content_key(self) -> list[tuple]:
         """What determines the memory's keys, per document in order (see index.memory_fingerprint); ids and names
@@ -363,6 +367,7 @@ class Memory:
         memory = cls(loaded.identity, loaded.segments, loaded.rope, loaded.stride, loaded.window, loaded.storage, path)
         memory.saved_state = loaded.saved_state
         memory.indexes.update(loaded.indexes)
+        memory.calibrations.update(loaded.calibrations)
         return memory
 
     def verify(self) -> None:

@@ -66,6 +66,10 @@ TENSOR_DIR = "tensors"
 _LOCK = ".lock"
 
 
+# the engine's relevance calibrations saved in the manifest (one per block setting and prompt set: the latest few)
+CALIBRATIONS_SAVED = 4
+
+
 @dataclass(frozen=True)
 class SavedIndex:
     """Approximate-search indexes saved with a memory: read (checksum verified) when first called."""
@@ -218,6 +222,7 @@ def save_memory(memory: Memory, path: Path, checked: bool = False) -> Path:
                 }
                 for fp, ix in indexes
             ],  # fmt: skip
+            "calibrations": dict(list(memory.calibrations.items())[-CALIBRATIONS_SAVED:]),
         }
         raw = json.dumps(manifest, ensure_ascii=False, indent=1).encode()
         write_atomic(path / MANIFEST, [raw], digest=False)
@@ -315,6 +320,7 @@ class LoadedMemory:
     storage: str
     saved_state: str
     indexes: dict[str, SavedIndex]
+    calibrations: dict[str, dict]
 
 
 def load_memory(path: Path) -> LoadedMemory:
@@ -365,8 +371,12 @@ def load_memory(path: Path) -> LoadedMemory:
         for entry in manifest.get("indexes", []):
             stored = _stored(path, entry, "a search index")
             indexes[str(entry["fingerprint"])] = SavedIndex(stored, int(entry["layers"]), int(entry["heads"]))
+        calibrations = manifest.get("calibrations", {})
+        if not isinstance(calibrations, dict) or not all(isinstance(v, dict) for v in calibrations.values()):
+            raise ValueError("malformed calibrations")
         return LoadedMemory(ModelIdentity.from_dict(manifest["model"]), segments, rope, int(manifest["stride"]),
-                            int(manifest["window"]), str(manifest["storage"]), state, indexes)  # fmt: skip
+                            int(manifest["window"]), str(manifest["storage"]), state, indexes,
+                            calibrations)  # fmt: skip
     except MemoryFileError:
         raise
     except (KeyError, TypeError, ValueError) as exc:

@@ -149,6 +149,7 @@ class MemoryLibrary:
                 rope = longest_rope([m.rope for m in memories])
                 view = Memory(first.identity, segments, rope, first.stride, first.window, first.storage)
                 view.indexes = dict(first.indexes) if len(memories) == 1 else {}  # same keys: share saved indexes
+                view.calibrations = dict(first.calibrations) if len(memories) == 1 else {}
                 view.mind = self.mind
                 view.shard = first.shard  # segments keep their ranks
                 self._views = {key: view}  # one view at a time: its prepared keys are as large as the memories
