@@ -97,6 +97,35 @@ def test_relevance_reads_only_blocks_far_above_what_unrelated_questions_draw(tin
     assert plan.choose(asked).tolist() == [3, 4]
 
 
+def test_a_block_below_the_bar_is_read_when_it_stands_out_from_the_questions_other_blocks(tiny_mind):
+    """block_outlier: a needle that unrelated questions draw too (repeated filler, a short memory) stays under the
+    relevance bar but stands far above the question's other blocks; one that stands among as varied blocks does
+    not, nor one under the floor (OUTLIER_FLOOR spreads)."""
+    from extended_mind.engine.blocks import OUTLIER_FLOOR
+
+    memory = tiny_mind.memorize(DOCS)
+    plan = _plan(tiny_mind, memory, blocks=3, block_size=4)
+    n = plan.layout.num_blocks
+    assert n >= 12
+    mean, spread = torch.full((n,), 1.0 / n), torch.full((n,), 0.01)
+    plan.relevance, plan.min_relevance = Relevance(mean, spread), 4.0
+    wiggle = torch.tensor([0.001 * (-1) ** i for i in range(n)])  # the other blocks: +-0.1 spreads
+    needle = mean + wiggle
+    needle[5] += 0.025  # about 2.5 spreads: under the bar of 4
+    needle = needle / needle.sum()
+    assert plan.choose(needle).tolist() == []  # outlier off (the plan's default)
+    plan.outlier = 8.0
+    assert plan.choose(needle).tolist() == [5, 6]  # 2.5 spreads among blocks within 0.1 of each other: read
+    varied = mean + torch.linspace(-0.02, 0.02, n)  # the other blocks spread over +-2 spreads
+    varied[5] = mean[5] + 0.025
+    assert plan.choose(varied / varied.sum()).tolist() == []  # the best of many: not standing out
+    faint = mean + wiggle * 0.1
+    faint[5] += 0.001 + 0.01 * (OUTLIER_FLOOR - 0.3)  # far out from its neighbours, under the floor
+    assert plan.choose(faint / faint.sum()).tolist() == []
+    plan.min_relevance = 0.0  # block_relevance=0 reads the best blocks anyway: the outlier test does not apply
+    assert 5 in plan.choose(needle).tolist()
+
+
 def test_a_relevant_block_must_share_a_word_with_the_question_unless_it_stands_far_out(tiny_mind):
     docs = ["State song: Alaska's Flag. Index of Alaska-related articles. " * 3, "The pass key is 71432. " * 4]
     memory = tiny_mind.memorize(docs, ids=["list", "key"])

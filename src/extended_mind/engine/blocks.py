@@ -39,6 +39,11 @@ from extended_mind.retrieval.selection import BlockSelection
 DEFAULT_MIN_RELEVANCE = 4.0
 # ... and shares a content word with the question, unless it stands this many spreads out (BlockPlan.choose)
 DEFAULT_WORDS_OVERRIDE = 8.0
+# ... or, below that bar, when it stands this many spreads above the question's other blocks (the two best aside: a
+# passage often spans two blocks) and at least OUTLIER_FLOOR spreads above what unrelated questions draw: a needle in
+# repeated filler or in a short memory, which unrelated questions draw too, stands out from its neighbours alone
+DEFAULT_OUTLIER = 8.0
+OUTLIER_FLOOR = 1.5
 
 
 def slot_positions(blocks: int, block_size: int) -> int:
@@ -127,6 +132,7 @@ class BlockPlan:
     # the block after it) shares one, unless it stands `words_override` spreads out (None: no word test)
     question_words: frozenset[str] | None = None
     words_override: float = DEFAULT_WORDS_OVERRIDE
+    outlier: float = 0.0  # questions: also read a block this many spreads above the question's others (0: not)
 
     def positions(self, n_tokens: int) -> list[int]:
         """Position ids of a prompt of `n_tokens`: its head, then a gap for the slots, then the rest."""
@@ -167,11 +173,15 @@ class BlockPlan:
             score = self.relevance.score(mass)
         else:
             score = mass - self.prior * mass.sum() if self.prior is not None else mass.clone()
+        standing = self._standing(score) if self.relevance is not None and self.outlier > 0 else None
         score[mass <= 0] = float("-inf")
         top = score.topk(n)
         keep = torch.isfinite(top.values)
         if self.relevance is not None and not small:
-            keep &= top.values >= self.min_relevance
+            passes = top.values >= self.min_relevance
+            if standing is not None and self.min_relevance > 0:
+                passes |= (top.values >= OUTLIER_FLOOR) & (standing[top.indices] >= self.outlier)
+            keep &= passes
             if self.question_words is not None and self.min_relevance > 0:
                 keep &= self._shares_words(top.indices, top.values)
         best = float(top.values[keep][0]) if bool(keep.any()) else float(top.values[0])
@@ -183,6 +193,15 @@ class BlockPlan:
         if self.relevance is not None:
             chosen = self._with_successors(chosen, n)
         return chosen.sort().values
+
+    @staticmethod
+    def _standing(score: torch.Tensor) -> torch.Tensor:
+        """(blocks,) how many spreads each block's relevance stands above the question's other blocks (their mean and
+        spread without the two best); zeros when there are too few blocks to tell."""
+        rest = score.sort(descending=True).values[2:]
+        if len(rest) < 8:
+            return torch.zeros_like(score)
+        return (score - rest.mean()) / rest.std(correction=0).clamp_min(1e-6)
 
     def _shares_words(self, blocks: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Per block (ranked with `scores`): whether it, or the block after it in its document, shares a content word

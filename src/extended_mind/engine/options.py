@@ -14,7 +14,7 @@ from typing import Any
 
 from extended_mind.base.errors import ExtendedMindError
 from extended_mind.base.prompting import DEFAULT_MEMORY_AT, MEMORY_AT
-from extended_mind.engine.blocks import DEFAULT_MIN_RELEVANCE, DEFAULT_WORDS_OVERRIDE
+from extended_mind.engine.blocks import DEFAULT_MIN_RELEVANCE, DEFAULT_OUTLIER, DEFAULT_WORDS_OVERRIDE
 from extended_mind.engine.positions import POSITION_POLICIES
 from extended_mind.retrieval.index import DEFAULT_APPROX_THRESHOLD, IndexSettings
 
@@ -29,6 +29,7 @@ DEFAULT_BLOCK_SIZE = 64
 DEFAULT_BLOCK_GATE = 0.5
 DEFAULT_BLOCK_RELEVANCE = DEFAULT_MIN_RELEVANCE
 DEFAULT_BLOCK_WORDS = DEFAULT_WORDS_OVERRIDE
+DEFAULT_BLOCK_OUTLIER = DEFAULT_OUTLIER
 # How block memory chooses blocks: "heads", the retrieval heads' attention from the question (what to copy);
 # "embedding", the blocks whose text is nearest the question's by a sentence embedding model (what is like it: the
 # demonstrations of many-shot in-context learning), always the `blocks` nearest, with no relevance test.
@@ -79,6 +80,9 @@ class GenerationOptions:
                                  "word with the question (stopwords aside), unless the question draws it this many "
                                  "spreads out; 0: no word test", minimum=0, request_maximum=1000,
                                  shared=True)  # fmt: skip
+    block_outlier: float = _option(DEFAULT_BLOCK_OUTLIER, "also read a block below the relevance bar (but at least "
+                                   "1.5 spreads) that stands this many spreads above the question's other blocks; "
+                                   "0: not", minimum=0, request_maximum=1000, shared=True)  # fmt: skip
     block_choice: str = _option(DEFAULT_BLOCK_CHOICE, "how blocks are chosen: by the retrieval heads (what to copy), "
                                 "or by a sentence embedding's similarity to the question (examples like it, as in "
                                 "many-shot in-context learning; needs `extended-mind data fetch --only minilm`)",

@@ -129,8 +129,10 @@ class MemoryReader:
         question = self.tokenizer.decode(ids[encoded.asks_from : encoded.asks_to], skip_special_tokens=True)
         if o.block_choice == "embedding":
             plan.similarity = self.block_similarity(memory, plan.layout, question)
-        elif o.block_words > 0:
-            plan.question_words, plan.words_override = content_words(question), o.block_words
+        else:
+            plan.outlier = o.block_outlier
+            if o.block_words > 0:
+                plan.question_words, plan.words_override = content_words(question), o.block_words
         return encoded, plan
 
     def block_similarity(self, memory: Memory, layout: BlockLayout, question: str) -> torch.Tensor:
