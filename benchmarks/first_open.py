@@ -5,7 +5,8 @@
     python benchmarks/first_open.py --dir runs/m262k --threads 1 --repeats 2
 
 "First open ever": no check of the memory's files remembered and nothing prepared or calibrated for it in the cache
-(each run gets a cache directory of its own, linking the real one's converted model, kernels and heads); the
+(each run gets a cache directory of its own, linking the real one's converted model, compiled kernels and heads:
+what a machine that has run extended-mind before has); the
 relevance calibration saved with the memory by the build, or not (the manifest without it, as memories saved before
 it was); "reopened": a new
 process with the cache the first open left (checks, prepared keys and the calibration kept). The page cache is
@@ -135,8 +136,9 @@ def main() -> None:
         child(args)
         return
     from extended_mind.base.paths import CACHE_ENV, cache_dir
-    from extended_mind.retrieval.scan_select import scan_report
+    from extended_mind.retrieval.scan_select import available_paths, scan_report
 
+    available_paths()  # the scan kernels are built once per machine (the first run of extended-mind there): not here
     machine = scan_report()["machine"]
     print(f"CPU {machine['model']} ({', '.join(machine['flags'])}), {args.threads} thread(s)", flush=True)
     rows = []

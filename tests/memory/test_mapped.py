@@ -50,6 +50,11 @@ def test_a_tensor_is_hashed_when_first_used_and_not_again_until_the_file_changes
     tensors["keys.0"]  # noqa: B018
     tensors["keys.0"]  # noqa: B018
     assert len(hashed) == 1  # the tensor used, once
+    memory = Memory.load(path)
+    memory.segments[0].tensors  # noqa: B018 - mapped
+    expected = sum(t.numel() * t.element_size() for s in saved[0].segments for n, t in s.tensors.items()
+                   if n not in ("positions", "spans"))  # fmt: skip
+    assert memory.nbytes == expected and len(hashed) == 1  # counted from the header: nothing hashed
     Memory.load(path).segments[0].tensors["keys.0"]  # noqa: B018 - just written: a same-size rewrite could look unchanged
     assert len(hashed) == 2
     monkeypatch.setattr(mapped, "_RACY_S", 0.0)  # as if the file were older

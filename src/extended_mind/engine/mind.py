@@ -231,7 +231,7 @@ class ExtendedMind:
 
     def calibrate(self, memory: Memory, **options: Any) -> Memory:
         """Compute now the relevance calibration block memory needs for questions with `options` (what unrelated
-        questions draw from each block: 144 selection passes, a minute on one thread at 270k tokens), so that the
+        questions draw from each block: 144 selection passes, 16 s on one thread at 270k tokens), so that the
         first question does not wait for it and `memory.save()` stores it (reopened anywhere, it is not computed
         again). Nothing to do for token retrieval or blocks chosen by embedding. Returns the memory."""
         o = GenerationOptions.of(**options)

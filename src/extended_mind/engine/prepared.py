@@ -11,7 +11,7 @@ beyond $EXTENDED_MIND_PREPARED_KEEP files (4; 0 keeps none) the least recently u
 checksum is verified like a memory's own files (memory/mapped.py).
 
 The relevance calibration of a memory (what 48 unrelated questions draw from each block, engine/calibration.py) is
-144 selection passes over the whole memory, a minute on one thread at 270k tokens, that every process would otherwise
+144 selection passes over the whole memory, 16 s on one thread at 270k tokens, that every process would otherwise
 repeat on its first question. It is two floats per block, keyed by the documents (`Memory.content_key`), the model,
 the setting and the calibration prompts' token ids: held by the memory (`Memory.calibrations`, saved in its manifest,
 so a memory built by `extended-mind memorize` opens calibrated anywhere) and, for large saved memories, kept beside

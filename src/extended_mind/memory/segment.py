@@ -11,7 +11,7 @@ import torch
 
 from extended_mind.base.documents import Document
 from extended_mind.base.errors import ExtendedMindError
-from extended_mind.memory.files import StoredFile
+from extended_mind.memory.files import CheckedTensors, StoredFile
 from extended_mind.memory.mapped import tensor_sizes
 from extended_mind.memory.precision import decode, encode
 
@@ -113,6 +113,8 @@ class Segment:
         """Bytes of keys and values (and their scales); for a saved document not yet used, from its file's header
         (reading and checking the whole file only to count it would cost as much as loading it)."""
         skip = ("positions", "spans")
+        if isinstance(self._tensors, CheckedTensors):  # mapped: iterating its values would hash every tensor
+            return sum(size for n, size in self._tensors.sizes.items() if n not in skip)
         if self._tensors is None and self.file is not None:
 
             try:

@@ -53,7 +53,8 @@ def _cpu_has_avx2() -> bool:
 def _build(name: str, flags: list[str]) -> ModuleType | None:
     """Compile the kernel source with `flags` into the extended-mind cache (once per machine and torch)."""
 
-    build = cache_dir() / "kernels" / f"torch-{torch.__version__}" / name
+    # resolved: torch rebuilds when the build directory's path changes, and a cache reached through a link is the same
+    build = (cache_dir() / "kernels" / f"torch-{torch.__version__}" / name).resolve()
     try:
         from torch.utils.cpp_extension import load_inline
 
