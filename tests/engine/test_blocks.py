@@ -366,6 +366,11 @@ def test_the_calibration_is_saved_with_the_memory(tiny_mind, tmp_path, monkeypat
         damaged = tiny_mind.generate("The cat", memory=Memory.load(path), chat=False, **options)
     assert calibrated == [1, 1, 1] and "calibrating again" in caplog.text
     assert [t.id for t in damaged.tokens] == [t.id for t in first.tokens]
+    manifest["calibrations"] = ["not", "a", "table"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING"):
+        mangled = Memory.load(path)  # derived data: the documents stay readable
+    assert mangled.calibrations == {} and "malformed" in caplog.text
 
 
 def test_embedding_choice_reads_the_blocks_nearest_the_question(tiny_mind):

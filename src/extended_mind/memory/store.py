@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -45,6 +46,9 @@ try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no advisory lock
     fcntl = None
+
+
+log = logging.getLogger(__name__)
 
 
 FORMAT_NAME = "extended-mind-memory"
@@ -373,7 +377,9 @@ def load_memory(path: Path) -> LoadedMemory:
             indexes[str(entry["fingerprint"])] = SavedIndex(stored, int(entry["layers"]), int(entry["heads"]))
         calibrations = manifest.get("calibrations", {})
         if not isinstance(calibrations, dict) or not all(isinstance(v, dict) for v in calibrations.values()):
-            raise ValueError("malformed calibrations")
+            # derived data, computed again when missing: a damaged entry must not make the documents unreadable
+            log.warning("memory %s: its saved calibrations are malformed and are ignored", path)
+            calibrations = {}
         return LoadedMemory(ModelIdentity.from_dict(manifest["model"]), segments, rope, int(manifest["stride"]),
                             int(manifest["window"]), str(manifest["storage"]), state, indexes,
                             calibrations)  # fmt: skip
