@@ -66,39 +66,25 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     hashed = {"bytes": 0, "s": 0.0}
+    prepared, calibrated = {"s": 0.0}, {"s": 0.0}
 
-    def timed_hash(real, size):
-        def run(*a):
+    def timed(real, into, size=None):
+        """`real`, adding its seconds (and with `size`, the bytes it reads) to `into`."""
+
+        def run(*a, **k):
             start = time.perf_counter()
-            out = real(*a)
-            hashed["s"] += time.perf_counter() - start
-            hashed["bytes"] += size(*a)
+            out = real(*a, **k)
+            into["s"] += time.perf_counter() - start
+            if size is not None:
+                into["bytes"] += size(*a)
             return out
 
         return run
 
-    files.range_sha256 = timed_hash(files.range_sha256, lambda p, a, b: b - a)
-    mapped.file_sha256 = timed_hash(mapped.file_sha256, lambda p: p.stat().st_size)
-    prepared = {"s": 0.0}
-    real_prepare = positions._prepare  # noqa: SLF001 - timing the preparation alone
-
-    def timed_prepare(*a, **k):
-        start = time.perf_counter()
-        out = real_prepare(*a, **k)
-        prepared["s"] += time.perf_counter() - start
-        return out
-
-    positions._prepare = timed_prepare  # noqa: SLF001
-    calibrated = {"s": 0.0}
-    real_calibrate = reading.calibrate_relevance
-
-    def timed_calibrate(*a, **k):
-        start = time.perf_counter()
-        out = real_calibrate(*a, **k)
-        calibrated["s"] += time.perf_counter() - start
-        return out
-
-    reading.calibrate_relevance = timed_calibrate
+    files.range_sha256 = timed(files.range_sha256, hashed, lambda p, a, b: b - a)
+    mapped.file_sha256 = timed(mapped.file_sha256, hashed, lambda p: p.stat().st_size)
+    positions._prepare = timed(positions._prepare, prepared)  # noqa: SLF001 - timing the preparation alone
+    reading.calibrate_relevance = timed(reading.calibrate_relevance, calibrated)
     mind = ExtendedMind.from_pretrained()
     start = time.perf_counter()
     memory = mind.load_memory(args.dir)

@@ -78,13 +78,6 @@ def serve_command(args: argparse.Namespace) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
-def _prepare_to_save(mind: ExtendedMind, memory: Memory) -> None:
-    """What a question would otherwise compute first, saved with the memory: the search indexes (where "auto"
-    search uses them) and block memory's relevance calibration for the default options."""
-    mind.build_index(memory, only_above_threshold=True)
-    mind.calibrate(memory)
-
-
 def memory_command(args: argparse.Namespace) -> None:
     if args.op == "create":
         if is_saved_memory(args.dir):
@@ -92,7 +85,7 @@ def memory_command(args: argparse.Namespace) -> None:
         mind = _load_mind(args, [])
         memory = mind.memorize(args.files, ids=args.ids, stride=args.stride, window=args.window, storage=args.storage,
                                progress=_progress())
-        _prepare_to_save(mind, memory)
+        mind.prepare_to_save(memory)
         memory.save(args.dir)
         print(f"created {args.dir}: {len(memory)} document(s), {memory.num_tokens} tokens")
         return
@@ -111,7 +104,7 @@ def memory_command(args: argparse.Namespace) -> None:
             else:
                 mind.replace(memory, args.doc_id, args.file)
                 done = f"replaced {args.doc_id!r}"
-            _prepare_to_save(mind, memory)
+            mind.prepare_to_save(memory)
             memory.save()
         print(f"{done}; {args.dir} now holds {len(memory)} document(s), {memory.num_tokens} tokens")
     elif args.op == "rm":
@@ -271,7 +264,7 @@ def memorize_command(args: argparse.Namespace) -> None:
     mind = _load_mind(args, [])
     memory = mind.memorize(documents, stride=args.stride, window=args.window, storage=args.storage,
                            progress=_progress())  # fmt: skip
-    _prepare_to_save(mind, memory)
+    mind.prepare_to_save(memory)
     memory.save(args.out)
     print(f"saved {memory.num_tokens} memory tokens from {len(memory.documents)} document(s) to {args.out}")
 

@@ -241,6 +241,13 @@ class ExtendedMind:
             self.reader.plan(mem, layers, 1, o, o.blocks, 0, o.block_relevance)
         return memory
 
+    def prepare_to_save(self, memory: Memory) -> Memory:
+        """What a question would otherwise compute first, so that `memory.save()` stores it: the search indexes
+        (where "auto" search uses them) and block memory's relevance calibration for the default options. Returns
+        the memory."""
+        self.build_index(memory, only_above_threshold=True)
+        return self.calibrate(memory)
+
     def as_memory(self, memory: MemoryLike | list[MemoryLike] | None) -> Memory | None:
         """One memory for this model from a Memory, a saved memory's directory, or a list of them (merged)."""
         if memory is None:

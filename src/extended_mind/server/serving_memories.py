@@ -170,9 +170,7 @@ class MemoryServing:
                 raise APIError(409, f"a memory named {name!r} exists", "memory_exists", "name")
             self.check_memory_size(docs, 0)
             memory = self.mind.memorize(docs, storage=body.storage, progress=False, on_progress=progress)
-            # saved with it: the first question does not wait for the indexes or the relevance calibration
-            self.mind.build_index(memory, only_above_threshold=True)
-            self.mind.calibrate(memory)
+            self.mind.prepare_to_save(memory)  # saved with it: the first question does not wait
             self.library.put(name, memory)
             return self.memory_json(name, memory, documents=True)
 
@@ -215,8 +213,7 @@ class MemoryServing:
             current = self.library.get(name)
             self.check_memory_size(docs, current.num_tokens)
             self.mind.add(current, docs, on_progress=progress)
-            self.mind.build_index(current, only_above_threshold=True)
-            self.mind.calibrate(current)
+            self.mind.prepare_to_save(current)
             self.library.saved(name)
             return self.memory_json(name, current, documents=True)
 
