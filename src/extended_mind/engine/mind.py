@@ -230,21 +230,16 @@ class ExtendedMind:
         return memory
 
     def calibrate(self, memory: Memory, **options: Any) -> Memory:
-        """Compute now the relevance calibration block memory needs for questions with `options` (what unrelated
-        questions draw from each block: 144 selection passes, 16 s on one thread at 270k tokens), so that the
-        first question does not wait for it and `memory.save()` stores it (reopened anywhere, it is not computed
-        again). Nothing to do for token retrieval or blocks chosen by embedding. Returns the memory."""
-        o = GenerationOptions.of(**options)
-        mem = self.as_memory(memory)
+        """Compute block memory's relevance calibration for `options` now (144 selection passes: 16 s on one thread
+        at 270k tokens), so the first question does not wait and `memory.save()` stores it. Returns the memory."""
+        o, mem = GenerationOptions.of(**options), self.as_memory(memory)
         if o.retrieval == "blocks" and o.block_choice != "embedding" and mem is not None and mem.num_tokens:
             _, layers = self.reader.prepare(mem, o)
             self.reader.plan(mem, layers, 1, o, o.blocks, 0, o.block_relevance)
         return memory
 
     def prepare_to_save(self, memory: Memory) -> Memory:
-        """What a question would otherwise compute first, so that `memory.save()` stores it: the search indexes
-        (where "auto" search uses them) and block memory's relevance calibration for the default options. Returns
-        the memory."""
+        """The search indexes (where "auto" search uses them) and the calibration, now: `memory.save()` stores them."""
         self.build_index(memory, only_above_threshold=True)
         return self.calibrate(memory)
 
