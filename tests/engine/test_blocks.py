@@ -303,6 +303,66 @@ def test_prepared_selection_is_kept_and_reused(tiny_mind, tmp_path, monkeypatch)
         scan_select.scan_path.cache_clear()
 
 
+def test_prepared_selection_is_saved_with_the_memory(tiny_mind, tmp_path, monkeypatch, caplog):
+    """A large memory's prepared selection keys are written by its save (with per-tensor checksums): a load with
+    nothing in the cache maps them instead of preparing, and answers the same; a copy saved elsewhere carries them,
+    a damaged tensor is prepared again with a warning, a missing file leaves the memory readable, editing the
+    documents drops them, and $EXTENDED_MIND_SAVE_PREPARED=0 saves none."""
+    from extended_mind import Memory
+    from extended_mind.base.errors import MemoryFileError
+    from extended_mind.engine import positions, prepared
+    from extended_mind.memory import mapped
+    from extended_mind.retrieval import scan_select
+
+    for module in (prepared, mapped):
+        monkeypatch.setattr(module, "cache_dir", lambda: tmp_path / "cache")
+    monkeypatch.setenv(prepared.KEEP_ENV, "0")  # the cache keeps nothing: only the memory can hold them
+    monkeypatch.setattr(positions, "LOW_PRECISION_SCAN_MIN", 0)
+    monkeypatch.setattr(prepared, "PERSIST_MIN", 0)
+    monkeypatch.setenv("EXTENDED_MIND_SCAN", "int8")
+    scan_select.scan_path.cache_clear()
+    real_prepare = positions._prepare
+    try:
+        memory = tiny_mind.memorize(DOCS, storage="bfloat16")
+        options = dict(max_new_tokens=4, blocks=2, block_size=8, topk=6, chat=False)
+        first = [t.id for t in tiny_mind.generate("The cat", memory=memory, **options).tokens]
+        path = memory.save(tmp_path / "m")
+        entries = json.loads((path / "manifest.json").read_text())["prepared"]
+        assert len(entries) == 1 and (path / entries[0]["file"]).is_file()
+        assert any(name.endswith(".scan.codes") for name in entries[0]["tensors"])
+        monkeypatch.setattr(positions, "_prepare", lambda *a: pytest.fail("prepared again"))
+        assert [t.id for t in tiny_mind.generate("The cat", memory=Memory.load(path), **options).tokens] == first
+        copy = Memory.load(path).save(tmp_path / "copy")  # saved elsewhere: the file is copied, checked as read
+        assert [t.id for t in tiny_mind.generate("The cat", memory=Memory.load(copy), **options).tokens] == first
+
+        file = copy / json.loads((copy / "manifest.json").read_text())["prepared"][0]["file"]
+        data = bytearray(file.read_bytes())
+        data[-1] ^= 0xFF  # the last tensor's last byte
+        file.write_bytes(bytes(data))
+        with pytest.raises(MemoryFileError, match="checksum"):
+            Memory.load(copy).verify()
+        monkeypatch.setattr(positions, "_prepare", real_prepare)
+        with caplog.at_level("WARNING"):
+            again = tiny_mind.generate("The cat", memory=Memory.load(copy), **options)
+        assert [t.id for t in again.tokens] == first and "saved prepared keys are unusable" in caplog.text
+        file.unlink()
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            reopened = Memory.load(copy)  # the documents stay readable
+        assert not reopened.prepared_keys and "saved prepared keys ignored" in caplog.text
+        assert [t.id for t in tiny_mind.generate("The cat", memory=reopened, **options).tokens] == first
+
+        edited = Memory.load(path)
+        edited.remove(edited.segments[-1].document.id)
+        assert not edited.prepared_keys  # derived from the old documents
+        monkeypatch.setenv(prepared.SAVE_ENV, "0")
+        fresh = tiny_mind.memorize(DOCS, storage="bfloat16")
+        tiny_mind.generate("The cat", memory=fresh, **options)
+        assert json.loads((fresh.save(tmp_path / "off") / "manifest.json").read_text())["prepared"] == []
+    finally:
+        scan_select.scan_path.cache_clear()
+
+
 def test_a_large_memorys_calibration_is_kept_and_reused(tiny_mind, tmp_path, monkeypatch):
     """The relevance calibration of a large saved memory is computed once, kept in the cache and read by later
     processes (here: later loads) instead of 144 selection passes; a damaged or foreign one is computed again."""

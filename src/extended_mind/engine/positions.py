@@ -66,15 +66,15 @@ def prepare_layers(
         # ALiBi (alibi.py) biases a memory by its position: under "zero", one before the prompt (the reference's
         # ALiBi rule); under "stored", the position it rotates to here
         bias_positions = torch.full_like(pos, -1) if policy == "zero" else pos
-        # block selection over a large memory: kept in the cache directory once prepared (engine/prepared.py)
-        keep = not values and scanned and device.type == "cpu" and prepared_store.keepable(memory)
+        # block selection over a large memory: saved with it, and kept in the cache directory (engine/prepared.py)
+        keep = not values and scanned and device.type == "cpu" and memory.num_tokens >= prepared_store.PERSIST_MIN
         key = prepared_store.prepared_key(memory, policy, dtype, list(wanted), scan_path()) if keep else None
-        found = prepared_store.load(key, bias_positions) if key else None
+        found = prepared_store.load(key, bias_positions, memory) if key else None
         prepared = found or {}
         if set(prepared) != set(wanted):
             prepared = _prepare(memory, policy, device, dtype, wanted, pos, bias_positions, scanned, values)
             if key and all(m.scan is not None for m in prepared.values()):
-                prepared_store.store(key, prepared)
+                prepared_store.store(key, prepared, memory)
         if index is not None:
             for layer, layer_index in enumerate(memory_indexes(memory, policy, index, prepared)):
                 layer_index = layer_index.to(device)

@@ -1,14 +1,15 @@
-"""Block selection's prepared keys of large memories, kept in the cache directory so a reopened memory needs no
-preparation.
+"""Block selection's prepared keys of large memories, saved with the memory and kept in the cache directory, so a
+memory opened anywhere needs no preparation.
 
 Block memory scans the keys of its selection layers with a compact copy (scan.py). Building that copy reads and
 quantizes every key of those layers: for a million-token SmolLM2 memory, 8 layers x 3 KV heads x 64 dims x 1M keys,
-tens of seconds at every start. Since the copy depends only on the memory's documents, the model and the scan kind,
-it is written once to `<cache>/prepared/<key>.safetensors` (keys in their stored precision, 1/|key|, the scan's
-codes) and memory-mapped on later opens, which then cost no preparation and read from disk only what a question
-touches. Only saved memories of at least PERSIST_MIN tokens are kept, under a key made of their files' checksums;
-beyond $EXTENDED_MIND_PREPARED_KEEP files (4; 0 keeps none) the least recently used are deleted. The file's
-checksum is verified like a memory's own files (memory/mapped.py).
+tens of seconds at every start. The copy depends only on the memory's documents, the model and the scan kind, so
+once prepared (keys in their stored precision, 1/|key|, the scan's codes) it is held by the memory and written with
+it by its next save (`Memory.prepared_keys`, memory/derived.py: about a fifth of the memory's size; a first open
+then maps it instead of preparing), and for a saved memory also written to `<cache>/prepared/<key>.safetensors`,
+for memories saved before this existed. Only memories of at least PERSIST_MIN tokens; $EXTENDED_MIND_SAVE_PREPARED=0
+saves none with memories; beyond $EXTENDED_MIND_PREPARED_KEEP cache files (4; 0 keeps none) the least recently
+used are deleted. Both are checked like a memory's own files (memory/mapped.py).
 
 The relevance calibration of a memory (what 48 unrelated questions draw from each block, engine/calibration.py) is
 144 selection passes over the whole memory, 16 s on one thread at 270k tokens, that every process would otherwise
@@ -24,12 +25,15 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from extended_mind.base.errors import MemoryFileError
 from extended_mind.base.paths import cache_dir
 from extended_mind.engine.blocks import Relevance
+from extended_mind.memory.derived import DerivedTensors
 from extended_mind.memory.mapped import (
     MappedFileError,
     map_safetensors,
@@ -52,6 +56,9 @@ PERSIST_MIN = 262_144  # smaller memories prepare in a few seconds
 KEEP_ENV = "EXTENDED_MIND_PREPARED_KEEP"  # prepared files kept (least recently used deleted first); 0: none
 
 
+SAVE_ENV = "EXTENDED_MIND_SAVE_PREPARED"  # 0: a save does not write the prepared keys with the memory
+
+
 FORMAT = "extended-mind-prepared-1"
 
 
@@ -67,11 +74,11 @@ def keepable(memory: Memory) -> bool:
 
 
 def prepared_key(memory: Memory, policy: str, dtype: torch.dtype, layers: list[int], scan_kind: str) -> str:
-    """What the prepared keys depend on: the saved documents' files (by checksum), the policy and the scan."""
-    files = [s.file.sha256 for s in memory.segments]
+    """What the prepared keys depend on: the documents (`Memory.content_key`), the model, the policy and the scan."""
     if scan_kind in PACKED_KINDS:  # the compiled kernels share one packing (either may scan it, scan.KeyScan.kernel)
         scan_kind = "int8-packed"
-    parts = [FORMAT, files, policy, str(dtype), layers, scan_kind, torch.__version__]
+    parts = [FORMAT, memory.content_key(), memory.identity.to_dict(), policy, str(dtype), layers, scan_kind,
+             torch.__version__]  # fmt: skip
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
 
 
@@ -79,24 +86,38 @@ def _path(key: str) -> Path:
     return cache_dir() / "prepared" / f"{key}.safetensors"
 
 
-def load(key: str, positions: torch.Tensor) -> dict[int, LayerMemory] | None:
-    """The prepared layers saved under `key`, memory-mapped; None when there are none (or they fail their check)."""
+def _layers(tensors: Mapping[str, torch.Tensor], meta: dict, positions: torch.Tensor) -> dict[int, LayerMemory]:
+    """Prepared layers from their saved tensors and `meta` (per layer: the scan's key count and packing)."""
+    out = {}
+    for layer_s, info in meta["layers"].items():
+        layer = int(layer_s)
+        scan = with_measured_kernels(KeyScan(**{f: tensors.get(f"{layer}.scan.{f}") for f in _SCAN_TENSORS},
+                                             num_keys=info["num_keys"], packed_kind=info["packed_kind"]))  # fmt: skip
+        keys, values, inv_norms = (tensors[f"{layer}.{n}"] for n in ("keys", "values", "inv_norms"))
+        out[layer] = LayerMemory(keys=keys, values=values, inv_norms=inv_norms, scan=scan, positions=positions)
+    return out
+
+
+def load(key: str, positions: torch.Tensor, memory: Memory) -> dict[int, LayerMemory] | None:
+    """The prepared layers saved under `key` with the memory, else in the cache directory (memory-mapped); None when
+    there are none (or they fail their check)."""
+    saved = memory.prepared_keys.get(key)
+    if saved is not None:
+        try:
+            return _layers(saved.open(), saved.meta, positions)
+        except (KeyError, TypeError, ValueError, AttributeError, MemoryFileError, MappedFileError) as exc:
+            log.warning("the memory's saved prepared keys are unusable (%s): preparing again", exc)
+    if not keepable(memory):
+        return None
     path = _path(key)
     try:
         sha = path.with_suffix(".sha256").read_text().strip()
         if not matches(path, sha):
             log.warning("prepared memory %s fails its checksum: preparing again", path)
             return None
-        tensors = map_safetensors(path)
-        meta = json.loads(path.with_suffix(".json").read_text())
-        out = {}
-        for layer_s, info in meta["layers"].items():
-            layer = int(layer_s)
-            scan = with_measured_kernels(KeyScan(**{f: tensors.get(f"{layer}.scan.{f}") for f in _SCAN_TENSORS},
-                                                 num_keys=info["num_keys"],
-                                                 packed_kind=info["packed_kind"]))  # fmt: skip
-            keys, values, inv_norms = (tensors[f"{layer}.{n}"] for n in ("keys", "values", "inv_norms"))
-            out[layer] = LayerMemory(keys=keys, values=values, inv_norms=inv_norms, scan=scan, positions=positions)
+        tensors, meta = map_safetensors(path), json.loads(path.with_suffix(".json").read_text())
+        out = _layers(tensors, meta, positions)
+        _hold(memory, key, meta, tensors)  # a memory saved before prepared keys were saved with it gets them
         os.utime(path.with_suffix(".json"))  # recently used (not the data file: its version is what was checked)
         return out
     except FileNotFoundError:
@@ -106,14 +127,19 @@ def load(key: str, positions: torch.Tensor) -> dict[int, LayerMemory] | None:
         return None
 
 
-def store(key: str, prepared: dict[int, LayerMemory]) -> None:
-    """Save prepared layers (each with a scan) under `key`; a failure to write only costs preparing again."""
-    path = _path(key)
+def store(key: str, prepared: dict[int, LayerMemory], memory: Memory) -> None:
+    """Hold prepared layers (each with a scan) on the memory, so that its next save writes them with it
+    (memory/derived.py), and keep them in the cache directory for a saved memory (`keepable`); a failure to write
+    there only costs preparing again."""
     tensors, meta = {}, {"layers": {}}
     for layer, m in prepared.items():
         tensors |= {f"{layer}.keys": m.keys, f"{layer}.values": m.values, f"{layer}.inv_norms": m.inv_norms}
         tensors |= {f"{layer}.scan.{f}": getattr(m.scan, f) for f in _SCAN_TENSORS if getattr(m.scan, f) is not None}
         meta["layers"][str(layer)] = {"num_keys": m.scan.num_keys, "packed_kind": m.scan.packed_kind}
+    _hold(memory, key, meta, tensors)
+    if not keepable(memory):
+        return
+    path = _path(key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         sha = write_safetensors(path, tensors)
@@ -123,6 +149,13 @@ def store(key: str, prepared: dict[int, LayerMemory]) -> None:
         _evict(path.parent, keep_count(), (".safetensors", ".json", ".sha256"))
     except OSError as exc:
         log.warning("could not keep the prepared memory in %s: %s", path.parent, exc)
+
+
+def _hold(memory: Memory, key: str, meta: dict, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Let the memory's next save write these prepared keys with it (unless $EXTENDED_MIND_SAVE_PREPARED=0)."""
+    if os.environ.get(SAVE_ENV, "1") != "0":
+        memory.prepared_keys.clear()  # the latest setting's only: each is about a fifth of the memory's size
+        memory.prepared_keys[key] = DerivedTensors(meta, tensors=tensors)
 
 
 def keep_count() -> int:

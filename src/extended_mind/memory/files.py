@@ -36,6 +36,9 @@ if TYPE_CHECKING:  # a segment records the file it is saved in
     from extended_mind.memory.segment import Segment
 
 
+TENSOR_DIR = "tensors"  # a saved memory's tensor files, under its directory
+
+
 @dataclass(frozen=True)
 class StoredFile:
     """A tensor file of a saved memory, with the checksum and size the manifest recorded for it."""
@@ -210,3 +213,26 @@ def store_segment(segment: Segment, directory: Path) -> StoredFile:
     else:
         data = save_bytes(dict(segment.tensors), metadata={"format": "extended-mind-segment"})
     return put_bytes(directory, data, per_tensor=True)
+
+
+def stored_file(path: Path, entry: dict, what: str, per_tensor: bool = False) -> StoredFile:
+    """The tensor file a manifest entry names (`per_tensor`: with the checksum of each of its tensors)."""
+    name = str(entry["file"])
+    file = (path / name).resolve()
+    if file.parent != (path / TENSOR_DIR).resolve():
+        raise MemoryFileError(f"corrupt memory manifest in {path}: {what} points outside the memory ({name!r})")
+    sums = entry["tensors"] if per_tensor else None
+    if sums is not None and not (
+        isinstance(sums, dict) and "__header__" in sums and all(isinstance(v, str) for v in sums.values())
+    ):
+        raise MemoryFileError(f"corrupt memory manifest in {path}: the tensor checksums of {what} are malformed")
+    stored = StoredFile(file, str(entry["sha256"]), int(entry["bytes"]), sums)
+    if not file.is_file():
+        raise MemoryFileError(f"corrupt memory at {path}: the tensor file of {what} is missing ({name})")
+    size = file.stat().st_size
+    if size != stored.size:
+        raise MemoryFileError(
+            f"corrupt memory at {path}: the tensor file of {what} is truncated or damaged ({name}: {size} bytes, "
+            f"expected {stored.size})"
+        )
+    return stored

@@ -19,6 +19,7 @@ import torch
 from extended_mind.base.documents import Document
 from extended_mind.base.errors import DocumentError, ExtendedMindError, MemoryMismatchError
 from extended_mind.base.identity import ModelIdentity
+from extended_mind.memory.derived import DerivedTensors
 from extended_mind.memory.files import CheckedTensors
 from extended_mind.memory.precision import check_storage
 from extended_mind.memory.segment import RopeTables, Segment, concat, longest_rope, text_sha
@@ -60,6 +61,8 @@ class Memory:
         # tables the engine derived from these documents and saved with them (its relevance calibrations: costly to
         # compute at a million tokens), by a key that names the documents; plain JSON, checked by the engine on use
         self.calibrations: dict[str, dict] = {}
+        # block selection's prepared keys of a large memory (engine/prepared.py), held for a save or saved with it
+        self.prepared_keys: dict[str, DerivedTensors] = {}
         # distributed.ShardGroup when this memory is sharded over processes (each holds the keys and values of
         # the documents assigned to its rank); None: every document is held here
         self.shard: ShardGroup | None = None
@@ -236,6 +239,7 @@ class Memory:
         self.prepared_layers.clear()
         self.indexes.clear()  # built over the old documents
         self.calibrations.clear()
+        self.prepared_keys.clear()
 
     def content_key(self) -> list[tuple]:
         """What determines the memory's keys, per document in order (see index.memory_fingerprint); ids and names
@@ -368,6 +372,7 @@ class Memory:
         memory.saved_state = loaded.saved_state
         memory.indexes.update(loaded.indexes)
         memory.calibrations.update(loaded.calibrations)
+        memory.prepared_keys.update(loaded.prepared)
         return memory
 
     def verify(self) -> None:
@@ -379,6 +384,9 @@ class Memory:
             tensors = s.tensors  # reading is the check (shapes, header)
             if isinstance(tensors, CheckedTensors):  # and each tensor against the manifest's checksum
                 tensors.check(list(tensors), remembered_ok=False)
+        for derived in self.prepared_keys.values():  # saved with it: a damaged one would be prepared again, but say so
+            if derived.file is not None:
+                derived.file.check(remembered_ok=False)
 
 
 def is_saved_memory(path: str | Path) -> bool:

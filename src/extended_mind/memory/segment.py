@@ -116,7 +116,6 @@ class Segment:
         if isinstance(self._tensors, CheckedTensors):  # mapped: iterating its values would hash every tensor
             return sum(size for n, size in self._tensors.sizes.items() if n not in skip)
         if self._tensors is None and self.file is not None:
-
             try:
                 return sum(size for n, size in tensor_sizes(self.file.path).items() if n not in skip)
             except (OSError, ValueError, KeyError, TypeError, AttributeError):

@@ -3,7 +3,8 @@
     DIR/manifest.json                  format, version, model identity, settings, and per document: id, name, text,
                                        length, text checksum, token range, tensor file and its checksum, and the
                                        checksum of each of its tensors (format 3; format 2 memories still load)
-    DIR/tensors/<sha256>.safetensors   one file per document (keys, values, positions, spans), and the rotary tables
+    DIR/tensors/<sha256>.safetensors   one file per document (keys, values, positions, spans), the rotary tables, and
+                                       what the engine saves with large memories (indexes, prepared keys: derived.py)
     DIR/.lock                          held while a save is in progress
 
 A save writes only the tensor files that are not there yet (a file's name is the sha256 of its bytes, so a file
@@ -33,7 +34,16 @@ from extended_mind.base.documents import Document
 from extended_mind.base.errors import MemoryConflictError, MemoryFileError
 from extended_mind.base.identity import ModelIdentity
 from extended_mind.base.version import __version__
-from extended_mind.memory.files import CheckedTensors, StoredFile, fsync_dir, put_bytes, store_segment
+from extended_mind.memory.derived import DerivedTensors, load_derived, store_derived
+from extended_mind.memory.files import (
+    TENSOR_DIR,
+    CheckedTensors,
+    StoredFile,
+    fsync_dir,
+    put_bytes,
+    store_segment,
+    stored_file,
+)
 from extended_mind.memory.mapped import write_atomic
 from extended_mind.memory.precision import STORAGE_DTYPES
 from extended_mind.memory.segment import RopeTables, Segment
@@ -62,9 +72,6 @@ READABLE_VERSIONS = (2, 3)
 
 
 MANIFEST = "manifest.json"
-
-
-TENSOR_DIR = "tensors"
 
 
 _LOCK = ".lock"
@@ -160,6 +167,16 @@ def _check_not_changed(memory: Memory, path: Path, state: str) -> None:
         )
 
 
+def _document_entry(segment: Segment, file: StoredFile, start: int) -> dict:
+    """A document's manifest entry: its text and settings, its token range from `start`, its file's checksums."""
+    d = segment.document
+    text_sha = hashlib.sha256(d.text.encode()).hexdigest()
+    return {"id": d.id, "name": d.name, "chars": len(d.text), "text_sha256": text_sha,
+            "tokens": [start, start + segment.num_tokens], "stride": segment.stride, "window": segment.window,
+            "storage": segment.storage, "file": f"{TENSOR_DIR}/{file.path.name}", "sha256": file.sha256,
+            "bytes": file.size, "tensors": dict(file.tensor_sha256 or {}), "text": d.text}  # fmt: skip
+
+
 def save_memory(memory: Memory, path: Path, checked: bool = False) -> Path:
     """Write `memory` to `path`; `checked`: the target was checked before other writers (the ranks of a sharded
     memory) put tensor files there."""
@@ -172,33 +189,17 @@ def save_memory(memory: Memory, path: Path, checked: bool = False) -> Path:
             current = (path / MANIFEST).read_bytes()  # once: its format and its state
             _parse_manifest(path, current)  # refuses to overwrite a memory of an unknown (newer) format
             _check_not_changed(memory, path, manifest_state(current))
-        documents, start = [], 0
         stored = [store_segment(s, tensor_dir) for s in memory.segments]
-        for s, f in zip(memory.segments, stored):
-            d = s.document
-            documents.append(
-                {
-                    "id": d.id,
-                    "name": d.name,
-                    "chars": len(d.text),
-                    "text_sha256": hashlib.sha256(d.text.encode()).hexdigest(),
-                    "tokens": [start, start + s.num_tokens],
-                    "stride": s.stride,
-                    "window": s.window,
-                    "storage": s.storage,
-                    "file": f"{TENSOR_DIR}/{f.path.name}",
-                    "sha256": f.sha256,
-                    "bytes": f.size,
-                    "tensors": dict(f.tensor_sha256 or {}),
-                    "text": d.text,
-                }
-            )
-            start += s.num_tokens
+        starts = [0]
+        for s in memory.segments:
+            starts.append(starts[-1] + s.num_tokens)
+        documents = [_document_entry(s, f, start) for s, f, start in zip(memory.segments, stored, starts)]
         # cloned: safetensors refuses tensors that share storage, and the tables are small
         rope_tensors = {f"cos.{t}": c.clone() for t, c in enumerate(memory.rope.cos)}
         rope_tensors |= {f"sin.{t}": s.clone() for t, s in enumerate(memory.rope.sin)}
         rope = put_bytes(tensor_dir, save_bytes(rope_tensors, metadata={"format": "extended-mind-rope"}))
         indexes = _store_indexes(memory, tensor_dir)
+        prepared = store_derived(memory.prepared_keys, tensor_dir)
         fsync_dir(tensor_dir)
         manifest = {
             "format": FORMAT_NAME,
@@ -227,6 +228,7 @@ def save_memory(memory: Memory, path: Path, checked: bool = False) -> Path:
                 for fp, ix in indexes
             ],  # fmt: skip
             "calibrations": dict(list(memory.calibrations.items())[-CALIBRATIONS_SAVED:]),
+            "prepared": prepared,
         }
         raw = json.dumps(manifest, ensure_ascii=False, indent=1).encode()
         write_atomic(path / MANIFEST, [raw], digest=False)
@@ -235,6 +237,7 @@ def save_memory(memory: Memory, path: Path, checked: bool = False) -> Path:
         for s, f in zip(memory.segments, stored):
             s.file = f
         keep = {f.path.name for f in stored} | {rope.path.name} | {ix.file.path.name for _, ix in indexes}
+        keep |= {Path(e["file"]).name for e in prepared}
         for p in tensor_dir.iterdir():  # no manifest refers to these any more (or they are leftovers of a crash)
             if p.name not in keep:
                 p.unlink(missing_ok=True)
@@ -265,29 +268,6 @@ def _parse_manifest(path: Path, raw: bytes) -> dict:
             f"{', '.join(map(str, READABLE_VERSIONS))} ({hint})"
         )
     return manifest
-
-
-def _stored(path: Path, entry: dict, what: str, per_tensor: bool = False) -> StoredFile:
-    """The tensor file a manifest entry names (`per_tensor`: with the checksum of each of its tensors)."""
-    name = str(entry["file"])
-    file = (path / name).resolve()
-    if file.parent != (path / TENSOR_DIR).resolve():
-        raise MemoryFileError(f"corrupt memory manifest in {path}: {what} points outside the memory ({name!r})")
-    sums = entry["tensors"] if per_tensor else None
-    if sums is not None and not (
-        isinstance(sums, dict) and "__header__" in sums and all(isinstance(v, str) for v in sums.values())
-    ):
-        raise MemoryFileError(f"corrupt memory manifest in {path}: the tensor checksums of {what} are malformed")
-    stored = StoredFile(file, str(entry["sha256"]), int(entry["bytes"]), sums)
-    if not file.is_file():
-        raise MemoryFileError(f"corrupt memory at {path}: the tensor file of {what} is missing ({name})")
-    size = file.stat().st_size
-    if size != stored.size:
-        raise MemoryFileError(
-            f"corrupt memory at {path}: the tensor file of {what} is truncated or damaged ({name}: {size} bytes, "
-            f"expected {stored.size})"
-        )
-    return stored
 
 
 def _segment_loader(stored: StoredFile, n: int, shapes: list, storage: str, what: str):
@@ -325,6 +305,7 @@ class LoadedMemory:
     saved_state: str
     indexes: dict[str, SavedIndex]
     calibrations: dict[str, dict]
+    prepared: dict[str, DerivedTensors]
 
 
 def load_memory(path: Path) -> LoadedMemory:
@@ -338,7 +319,7 @@ def load_memory(path: Path) -> LoadedMemory:
         layer_rope = [int(x) for x in manifest["layer_rope"]]
         if len(shapes) != int(manifest["num_layers"]) or len(layer_rope) != len(shapes):
             raise ValueError("layer counts disagree")
-        rope_file = _stored(path, manifest["rope"], "the rotary tables")
+        rope_file = stored_file(path, manifest["rope"], "the rotary tables")
         segments, start = [], 0
         for entry in manifest["documents"]:
             what = f"document {entry['id']!r}"
@@ -349,7 +330,7 @@ def load_memory(path: Path) -> LoadedMemory:
                 raise ValueError(f"bad token range or storage for {what}")
             if hashlib.sha256(text.encode()).hexdigest() != entry["text_sha256"]:
                 raise MemoryFileError(f"corrupt memory manifest in {path}: the text of {what} fails its checksum")
-            stored = _stored(path, entry, what, per_tensor=int(manifest["version"]) >= 3)
+            stored = stored_file(path, entry, what, per_tensor=int(manifest["version"]) >= 3)
             segment = Segment(
                 Document(str(entry["id"]), text, entry["name"]),
                 hi - lo,
@@ -373,7 +354,7 @@ def load_memory(path: Path) -> LoadedMemory:
         )
         indexes = {}
         for entry in manifest.get("indexes", []):
-            stored = _stored(path, entry, "a search index")
+            stored = stored_file(path, entry, "a search index")
             indexes[str(entry["fingerprint"])] = SavedIndex(stored, int(entry["layers"]), int(entry["heads"]))
         calibrations = manifest.get("calibrations", {})
         if not isinstance(calibrations, dict) or not all(isinstance(v, dict) for v in calibrations.values()):
@@ -382,7 +363,7 @@ def load_memory(path: Path) -> LoadedMemory:
             calibrations = {}
         return LoadedMemory(ModelIdentity.from_dict(manifest["model"]), segments, rope, int(manifest["stride"]),
                             int(manifest["window"]), str(manifest["storage"]), state, indexes,
-                            calibrations)  # fmt: skip
+                            calibrations, load_derived(path, manifest.get("prepared")))  # fmt: skip
     except MemoryFileError:
         raise
     except (KeyError, TypeError, ValueError) as exc:
