@@ -7,9 +7,9 @@
 "First open ever": no check of the memory's files remembered and nothing prepared or calibrated for it in the cache
 (each run gets a cache directory of its own, linking the real one's converted model, compiled kernels and heads:
 what a machine that has run extended-mind before has); the
-relevance calibration saved with the memory by the build, or not (the manifest without it, as memories saved before
-it was); "reopened": a new
-process with the cache the first open left (checks, prepared keys and the calibration kept). The page cache is
+relevance calibration and the prepared selection keys saved with the memory by the build, or not (the manifest
+without them, as memories saved before they were); "reopened": a new process with the cache the first open left
+(checks, prepared keys and the calibration kept). The page cache is
 dropped before every run when this process may (root on Linux; `page_cache_dropped` says). Reported per run: the
 time to open the manifest, to answer the first question (1 token, block memory: calibration, selection, reading),
 the bytes and seconds spent hashing, and the seconds spent preparing the selection layers' keys and calibrating.
@@ -40,9 +40,11 @@ def drop_page_cache() -> bool:
         return False
 
 
-def manifest_view(memory_dir: Path, into: Path, version: int = 3, calibrated: bool = True) -> Path:
+def manifest_view(memory_dir: Path, into: Path, version: int = 3, calibrated: bool = True,
+                  prepared: bool = True) -> Path:  # fmt: skip
     """`memory_dir` as another memory: its manifest in format `version` (2: without per-tensor checksums), without
-    the saved calibration unless `calibrated`, its tensor files linked."""
+    the saved calibration unless `calibrated`, without the saved prepared keys unless `prepared`, its tensor files
+    linked."""
     into.mkdir(parents=True)
     manifest = json.loads((memory_dir / "manifest.json").read_text())
     manifest["version"] = version
@@ -51,6 +53,8 @@ def manifest_view(memory_dir: Path, into: Path, version: int = 3, calibrated: bo
             d.pop("tensors", None)
     if not calibrated:
         manifest.pop("calibrations", None)
+    if not prepared or version < 3:
+        manifest.pop("prepared", None)
     (into / "manifest.json").write_text(json.dumps(manifest))
     (into / "tensors").symlink_to((memory_dir / "tensors").resolve())
     return into
@@ -129,14 +133,18 @@ def main() -> None:
     print(f"CPU {machine['model']} ({', '.join(machine['flags'])}), {args.threads} thread(s)", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="first-open-") as tmp:
-        if "calibrations" not in json.loads((Path(args.dir) / "manifest.json").read_text()):
-            raise SystemExit(f"{args.dir} was saved without its calibration: build it again (million_tokens.py build)")
-        uncalibrated = manifest_view(Path(args.dir), Path(tmp) / "uncalibrated", calibrated=False)
+        manifest = json.loads((Path(args.dir) / "manifest.json").read_text())
+        if not manifest.get("calibrations") or not manifest.get("prepared"):
+            raise SystemExit(f"{args.dir} was saved without its calibration or prepared keys: run "
+                             "million_tokens.py build on it again (it saves them)")  # fmt: skip
+        unprepared = manifest_view(Path(args.dir), Path(tmp) / "unprepared", prepared=False)
+        uncalibrated = manifest_view(Path(args.dir), Path(tmp) / "uncalibrated", calibrated=False, prepared=False)
         format2 = manifest_view(Path(args.dir), Path(tmp) / "format2", version=2, calibrated=False)
         # (name, memory, whether the run starts with the cache the run before it left: a later process)
-        variants = [("format 3, calibration saved with the memory", Path(args.dir), False),
+        variants = [("format 3, prepared keys and calibration saved with the memory", Path(args.dir), False),
                     ("format 3, reopened by a new process", Path(args.dir), True),
-                    ("format 3, calibration not saved", uncalibrated, False),
+                    ("format 3, calibration saved, prepared keys not saved", unprepared, False),
+                    ("format 3, neither saved", uncalibrated, False),
                     ("format 2 (whole-file checksums), calibration not saved", format2, False)]  # fmt: skip
         for r in range(args.repeats):
             for name, path, reopen in variants:

@@ -81,10 +81,11 @@ def build(args: argparse.Namespace) -> None:
                   "left", flush=True)  # fmt: skip
     if batch:
         memory, total = _save_batch(mind, memory, batch, path, args.storage)
-    if not memory.calibrations:  # as `extended-mind memorize` does: the calibration is saved with the memory
+    if not memory.calibrations or not memory.prepared_keys:  # as `extended-mind memorize` saves them with it
         calibrating = time.perf_counter()
         mind.calibrate(memory).save(path)
-        print(f"relevance calibration saved with the memory ({time.perf_counter() - calibrating:.1f} s)")
+        seconds = time.perf_counter() - calibrating
+        print(f"relevance calibration and prepared keys saved with the memory ({seconds:.1f} s)")
     print(f"done: {total:,} tokens in {len(memory.documents)} documents at {path}")
 
 
