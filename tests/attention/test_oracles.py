@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from extended_mind.base.documents import Document
@@ -129,9 +130,17 @@ def _greedy_with_logprobs(reference, ids: list[int], steps: int, ban: int) -> tu
     return tokens, logprobs
 
 
-def test_chat_form_every_block_of_a_small_memory_equals_pasted_document(tiny_pair):
+# a template with a system prompt before the user's message: documents are memorized after it (engine/memorize.py)
+SYSTEM_CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>You answer from the text.\n{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template", [SINK_CHAT_TEMPLATE, SYSTEM_CHAT_TEMPLATE], ids=["sink-head", "system-head"])
+def test_chat_form_every_block_of_a_small_memory_equals_pasted_document(tiny_pair, template):
     mind, reference = tiny_pair
-    mind.tokenizer.chat_template = SINK_CHAT_TEMPLATE
+    mind.tokenizer.chat_template = template
     document, question = "The keeper of the lighthouse is Ada. ", "Who keeps the light?"
     memory = mind.memorize(document, progress=False)
     text = mind.tokenizer.apply_chat_template([{"role": "user", "content": document + question}], tokenize=False,

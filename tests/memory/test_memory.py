@@ -28,6 +28,28 @@ def test_special_tokens_are_not_memorized(tiny_mind):
     assert memory.num_tokens == 6  # the sink <s> and the </s> in the text are dropped
 
 
+def test_documents_are_memorized_after_the_chat_head(tiny_mind, tmp_path, monkeypatch):
+    """With a chat template, a document is memorized after the template's head (its words never stored, spans still
+    the document's); each document records that, a save keeps it, and a manifest without it (older memories) reads
+    as the sink alone. The keys differ from a memory after the sink alone, and so does the content key."""
+    text = "Some facts worth keeping."
+    plain = tiny_mind.memorize(text)
+    tiny_mind.tokenizer.chat_template = "{% for m in messages %}<s>Be brief.\n{{ m['content'] }}</s>{% endfor %}"
+    headed = tiny_mind.memorize(text)
+    assert headed.num_tokens == plain.num_tokens == len(text)
+    assert [s.context for s in headed.segments] == ["chat"] and [s.context for s in plain.segments] == ["sink"]
+    assert torch.equal(headed.token_spans, plain.token_spans)
+    assert not torch.equal(headed.keys[1], plain.keys[1]) and headed.content_key() != plain.content_key()
+    path = headed.save(tmp_path / "m")
+    assert Memory.load(path).segments[0].context == "chat"
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["documents"][0]["context"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert Memory.load(path).segments[0].context == "sink"
+    monkeypatch.setenv("EXTENDED_MIND_MEMORIZE_CONTEXT", "sink")
+    assert torch.equal(tiny_mind.memorize(text).keys[1], plain.keys[1])
+
+
 def test_save_then_load_gives_identical_generations(tiny_mind, tmp_path):
     memory = tiny_mind.memorize("Some facts worth keeping. " * 4)
     before = tiny_mind.generate("Question", memory=memory, max_new_tokens=6)

@@ -10,10 +10,18 @@ Attention sinks: models park much of their attention on the first token of a seq
 scratch (the reference) gets a fresh sink; a re-rotated context does not, and later chunks then drift. So every
 document starts with a special token (BOS, else EOS) that stays at position 0 in the context of every chunk, and,
 being special, is never stored as a memory.
+
+Chat head: a model with a chat template reads text pasted into a user's message after the template's head (system
+prompt, user turn's opening). Its documents are memorized after that head instead (the head stays in the context of
+every chunk, like the sink, and is never stored), so a block read in a user's message is what pasting it there
+gives, and SmolLM2 answers from it more often in both prompt forms (docs/evaluation.md, "Memorized after the chat
+head"). $EXTENDED_MIND_MEMORIZE_CONTEXT=sink memorizes after the sink alone, as before; each document records which
+(`Segment.context`).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -97,6 +105,26 @@ class EncodedDocument:
     ids: torch.Tensor  # (n,) long
     offsets: torch.Tensor  # (n, 2) int32
     keep: torch.Tensor  # (n,) bool
+    context: str = "sink"  # what precedes the document's tokens: the sink alone, or the chat template's head
+
+
+CONTEXT_ENV = "EXTENDED_MIND_MEMORIZE_CONTEXT"  # "sink": documents memorized after the sink alone
+
+
+def chat_head(tokenizer: PreTrainedTokenizerBase) -> list[int] | None:
+    """The chat template's tokens before a user's message (system prompt included), or None: no chat template, a
+    template that puts nothing there, or $EXTENDED_MIND_MEMORIZE_CONTEXT=sink."""
+    if os.environ.get(CONTEXT_ENV, "chat") == "sink" or not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "\u2063MEMORY\u2063"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that cannot render one user message: the sink alone
+        return None
+    if not isinstance(text, str) or marker not in text:
+        return None
+    head = tokenizer(text[: text.index(marker)], add_special_tokens=False)["input_ids"]
+    return head or None
 
 
 def sink_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
@@ -108,19 +136,26 @@ def sink_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
 
 
 def encode_documents(tokenizer: PreTrainedTokenizerBase, documents: list[Document]) -> list[EncodedDocument]:
+    """Each document's tokens after the chat template's head (`chat_head`), else after the sink token."""
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
-    sink = sink_token_id(tokenizer)
+    sink, head = sink_token_id(tokenizer), chat_head(tokenizer)
     encoded = []
     for doc in documents:
         enc = tokenizer(doc.text, add_special_tokens=True, return_offsets_mapping=True, verbose=False)
-        if sink is not None and (not enc["input_ids"] or enc["input_ids"][0] not in tokenizer.all_special_ids):
-            enc["input_ids"] = [sink, *enc["input_ids"]]
-            enc["offset_mapping"] = [(0, 0), *enc["offset_mapping"]]
-        ids = torch.tensor(enc["input_ids"], dtype=torch.long)
-        keep = ~torch.isin(ids, special)
+        ids, spans = enc["input_ids"], enc["offset_mapping"]
+        if head is not None:  # the head replaces the document's own leading special tokens (a BOS is in the head)
+            lead = next((i for i, t in enumerate(ids) if t not in tokenizer.all_special_ids), len(ids))
+            ids, spans = [*head, *ids[lead:]], [(0, 0)] * len(head) + list(spans[lead:])
+        elif sink is not None and (not ids or ids[0] not in tokenizer.all_special_ids):
+            ids, spans = [sink, *ids], [(0, 0), *spans]
+        ids_t = torch.tensor(ids, dtype=torch.long)
+        keep = ~torch.isin(ids_t, special)
+        if head is not None:
+            keep[: len(head)] = False  # the head's words are context, never memories
         if not bool(keep.any()):
             raise DocumentError(f"document {doc.id!r} has no tokens to memorize")
-        encoded.append(EncodedDocument(ids, torch.tensor(enc["offset_mapping"], dtype=torch.int32).view(-1, 2), keep))
+        encoded.append(EncodedDocument(ids_t, torch.tensor(spans, dtype=torch.int32).view(-1, 2), keep,
+                                       "sink" if head is None else "chat"))  # fmt: skip
     return encoded
 
 
@@ -172,7 +207,8 @@ def memorize_encoded(
             keep_dev = keep.to(device)
             keys = [k[:, keep_dev] for k in run.keys]
             values = [v[:, keep_dev] for v in run.values]
-            segments.append(Segment.build(doc, keys, values, pos[keep], offsets[keep], stride, window, storage))
+            segments.append(Segment.build(doc, keys, values, pos[keep], offsets[keep], stride, window, storage,
+                                          enc.context))  # fmt: skip
             kv_shapes = [(k.shape[0], k.shape[2], v.shape[2]) for k, v in zip(keys, values)]
             if rope_per_layer is None or run.rope[0][0].shape[0] > rope_per_layer[0][0].shape[0]:
                 rope_per_layer = run.rope
@@ -217,19 +253,20 @@ def memorize_sharded(
             memory = memorize(picked)
             local.extend(memory.segments)
             rope.append(memory.rope)
-        described = [(s.num_tokens, s.stride, s.window, s.storage, s.tensors["positions"], s.tensors["spans"])
-                     for s in local]  # fmt: skip
+        described = [(s.num_tokens, s.stride, s.window, s.storage, s.tensors["positions"], s.tensors["spans"],
+                      s.context) for s in local]  # fmt: skip
         return described, rope[0] if rope else None
 
     parts = group.everywhere(memorize_mine, "memorizing documents")
     described = [list(d) for d, _ in parts]
     out = []
     for d, r in zip(docs, owners):
-        n, stride, window, storage, positions, spans = described[r].pop(0)
+        n, stride, window, storage, positions, spans, context = described[r].pop(0)
         if r == group.rank:
             s = local.pop(0)
             s.rank = r
         else:
-            s = Segment(d, n, stride, window, storage, {"positions": positions, "spans": spans}, rank=r, remote=True)
+            s = Segment(d, n, stride, window, storage, {"positions": positions, "spans": spans}, rank=r, remote=True,
+                        context=context)  # fmt: skip
         out.append(s)
     return out, longest_rope([r for _, r in parts if r is not None])

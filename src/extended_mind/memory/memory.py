@@ -244,7 +244,9 @@ class Memory:
     def content_key(self) -> list[tuple]:
         """What determines the memory's keys, per document in order (see index.memory_fingerprint); ids and names
         do not, so a renamed view of a memory shares its indexes."""
-        return [(text_sha(s.document.text), s.num_tokens, s.storage, s.stride, s.window) for s in self.segments]
+        # (a document memorized after the chat head adds that: memories made before it keep their keys)
+        return [(text_sha(s.document.text), s.num_tokens, s.storage, s.stride, s.window)
+                + (() if s.context == "sink" else (s.context,)) for s in self.segments]  # fmt: skip
 
     # ---- model checks and combining ----
 

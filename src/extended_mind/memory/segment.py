@@ -37,6 +37,8 @@ class Segment:
     # the segment is `remote`: it keeps only positions and spans (for positions and citations), never keys/values.
     rank: int | None = None
     remote: bool = False
+    # what the document was memorized after: "sink" (the sink token alone) or "chat" (the chat template's head)
+    context: str = "sink"
 
     @classmethod
     def build(
@@ -49,6 +51,7 @@ class Segment:
         stride: int,
         window: int,
         storage: str,
+        context: str = "sink",
     ) -> Segment:
         tensors = {"positions": positions.to(torch.int32).cpu(), "spans": spans.to(torch.int32).cpu()}
         for layer, (k, v) in enumerate(zip(keys, values)):
@@ -57,7 +60,7 @@ class Segment:
                 tensors[f"{name}.{layer}"] = data.contiguous()
                 if scale is not None:
                     tensors[f"{name[:-1]}_scales.{layer}"] = scale.contiguous()
-        return cls(document, int(positions.shape[0]), stride, window, storage, tensors)
+        return cls(document, int(positions.shape[0]), stride, window, storage, tensors, context=context)
 
     @property
     def tensors(self) -> Mapping[str, torch.Tensor]:

@@ -174,7 +174,8 @@ def _document_entry(segment: Segment, file: StoredFile, start: int) -> dict:
     return {"id": d.id, "name": d.name, "chars": len(d.text), "text_sha256": text_sha,
             "tokens": [start, start + segment.num_tokens], "stride": segment.stride, "window": segment.window,
             "storage": segment.storage, "file": f"{TENSOR_DIR}/{file.path.name}", "sha256": file.sha256,
-            "bytes": file.size, "tensors": dict(file.tensor_sha256 or {}), "text": d.text}  # fmt: skip
+            "bytes": file.size, "tensors": dict(file.tensor_sha256 or {}), "context": segment.context,
+            "text": d.text}  # fmt: skip
 
 
 def save_memory(memory: Memory, path: Path, checked: bool = False) -> Path:
@@ -326,8 +327,9 @@ def load_memory(path: Path) -> LoadedMemory:
             lo, hi = (int(x) for x in entry["tokens"])
             storage = str(entry["storage"])
             text = str(entry["text"])
-            if lo != start or hi < lo or storage not in STORAGE_DTYPES:
-                raise ValueError(f"bad token range or storage for {what}")
+            context = str(entry.get("context", "sink"))  # memories saved before it was recorded: the sink
+            if lo != start or hi < lo or storage not in STORAGE_DTYPES or context not in ("sink", "chat"):
+                raise ValueError(f"bad token range, storage or context for {what}")
             if hashlib.sha256(text.encode()).hexdigest() != entry["text_sha256"]:
                 raise MemoryFileError(f"corrupt memory manifest in {path}: the text of {what} fails its checksum")
             stored = stored_file(path, entry, what, per_tensor=int(manifest["version"]) >= 3)
@@ -339,6 +341,7 @@ def load_memory(path: Path) -> LoadedMemory:
                 storage,
                 load=_segment_loader(stored, hi - lo, shapes, storage, what),
                 file=stored,
+                context=context,
             )
             segments.append(segment)
             start = hi
