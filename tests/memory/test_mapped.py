@@ -147,3 +147,15 @@ def test_a_question_hashes_the_tensors_it_reads_not_the_whole_memory(tiny_mind, 
     assert 0 < len(seen) < total  # not every tensor of the memory
     unread = {s.document.id for s in memory.segments} - read_docs
     assert unread and not [n for doc, n in seen if doc in unread and n.startswith("values.")]  # no values unread
+
+
+def test_streamed_tensor_checksums_match_the_written_file(tmp_path):
+    """`write_safetensors(tensor_sums=...)` hashes each tensor (and the header) as it streams them: the same sums as
+    reading the written file back."""
+    tensors = {"a": torch.arange(40, dtype=torch.bfloat16).view(4, 10), "b": torch.ones(3, dtype=torch.int8),
+               "c": torch.randn(2, 5)}  # fmt: skip
+    sums: dict[str, str] = {}
+    path = tmp_path / "t.safetensors"
+    sha = mapped.write_safetensors(path, tensors, metadata={"format": "test"}, tensor_sums=sums)
+    assert sha == mapped.file_sha256(path)
+    assert sums == files.tensor_checksums(path.read_bytes())

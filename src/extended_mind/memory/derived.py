@@ -11,7 +11,6 @@ entry that is malformed or whose file is missing is ignored with a warning, and 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Mapping
@@ -22,7 +21,7 @@ import torch
 
 from extended_mind.base.errors import MemoryFileError
 from extended_mind.memory.files import StoredFile, stored_file
-from extended_mind.memory.mapped import data_ranges, header_bytes, range_sha256, remember_checked, write_safetensors
+from extended_mind.memory.mapped import remember_checked, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +45,12 @@ class DerivedTensors:
 
 def write_tensors(directory: Path, tensors: Mapping[str, torch.Tensor]) -> StoredFile:
     """Write `tensors` into `directory` as `<sha256>.safetensors`, streamed and crash-safe, with per-tensor
-    checksums (read back from the written file: its bytes are what later opens check)."""
+    checksums (hashed as written)."""
     partial = directory / f".partial-{os.getpid()}.safetensors"  # a save deletes files its manifest does not name
-    sha = write_safetensors(partial, dict(tensors), metadata={"format": "extended-mind-derived"})
+    sums: dict[str, str] = {}
+    sha = write_safetensors(partial, dict(tensors), metadata={"format": "extended-mind-derived"}, tensor_sums=sums)
     target = directory / f"{sha}.safetensors"
     os.replace(partial, target)
-    head = header_bytes(target)
-    sums = {"__header__": hashlib.sha256(head).hexdigest()}
-    sums |= {name: range_sha256(target, start, end) for name, (start, end) in data_ranges(head).items()}
     remember_checked(target, sha, recent_ok=True)  # just written: this process need not hash it again
     return StoredFile(target, sha, target.stat().st_size, sums)
 

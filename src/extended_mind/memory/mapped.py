@@ -217,9 +217,12 @@ def remember_checked(path: Path, sha256: str, recent_ok: bool = False, version: 
     _record(_stamp(sha256), path, version, recent_ok)
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                      tensor_sums: dict[str, str] | None = None) -> str:  # fmt: skip
     """Write `tensors` to `path` in the safetensors format, streamed (no second copy in memory, unlike
-    safetensors' own writer), atomically (written aside, fsynced, renamed). Returns the file's sha256."""
+    safetensors' own writer), atomically (written aside, fsynced, renamed). Returns the file's sha256; with
+    `tensor_sums`, fills it with the sha256 of each tensor's bytes and of the header ("__header__", as
+    files.tensor_checksums names them), hashed as they are written."""
     names = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))  # widest first: every tensor aligned
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
@@ -233,11 +236,20 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     head += b" " * (-(8 + len(head)) % 8)
 
     def chunks() -> Iterator[bytes]:
-        yield len(head).to_bytes(8, "little") + head
+        first = len(head).to_bytes(8, "little") + head
+        if tensor_sums is not None:
+            tensor_sums["__header__"] = hashlib.sha256(first).hexdigest()
+        yield first
         for name in names:
             flat = tensors[name].detach().cpu().contiguous().reshape(-1)
+            h = hashlib.sha256()
             for start in range(0, flat.numel(), _CHUNK):  # in pieces: a bool/bfloat16 tensor has no buffer
-                yield flat[start : start + _CHUNK].view(torch.uint8).numpy().tobytes()
+                piece = flat[start : start + _CHUNK].view(torch.uint8).numpy().tobytes()
+                if tensor_sums is not None:
+                    h.update(piece)
+                yield piece
+            if tensor_sums is not None:
+                tensor_sums[name] = h.hexdigest()
 
     sha = write_atomic(path, chunks())
     assert sha is not None
