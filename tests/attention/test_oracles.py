@@ -153,6 +153,7 @@ def test_chat_form_every_block_of_a_small_memory_equals_pasted_document(tiny_pai
         result = mind.generate(question, memory=memory, chat=True, max_new_tokens=6, block_size=16,
                                logit_bias=no_eos, block_gate=0.0, block_choice=choice)  # fmt: skip
         assert result.blocks_read == -(-memory.num_tokens // 16)  # every block: the memory fits the slots, no gate
+        assert [p.text.strip() for p in result.passages] == [document.strip()]  # consecutive blocks: one passage
         assert [t.id for t in result.tokens] == expected
         got_logprobs = [t.logprob for t in result.tokens]
         assert max(abs(a - b) for a, b in zip(got_logprobs, expected_logprobs)) < FULL_CONTEXT_ATOL
@@ -170,11 +171,15 @@ def test_memory_read_nothing_is_the_plain_model(tiny_pair):
     options = dict(chat=True, max_new_tokens=6, block_size=16, blocks=2, logit_bias=no_eos)
     plain = mind.generate("What is it?", **options)
     nothing = mind.generate("What is it?", memory=memory, block_relevance=1e9, **options)  # no block is that relevant
-    assert nothing.blocks_read == 0 and nothing.citations == []
+    assert nothing.blocks_read == 0 and nothing.citations == [] and nothing.passages == []
     assert [t.id for t in nothing.tokens] == [t.id for t in plain.tokens]
     assert [t.logprob for t in nothing.tokens] == [t.logprob for t in plain.tokens]
     some = mind.generate("What is it?", memory=memory, block_relevance=0.0, **options)
     assert some.blocks_read and some.blocks_read > 0
+    texts = {d.id: d.text for d in memory.documents}
+    assert 1 <= len(some.passages) <= some.blocks_read  # what was read, as spans of the documents
+    for passage in some.passages:
+        assert passage.text and texts[passage.doc][passage.start : passage.end] == passage.text
 
 
 def test_chunked_memorization_equals_recomputed_windows(tiny_pair):

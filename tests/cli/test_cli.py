@@ -28,8 +28,9 @@ def test_memorize_then_ask_json(model_dir, tmp_path, capsys):
     # the memory remembers its model: no --model needed
     assert main(["ask", "--memory", str(tmp_path / "mem"), "--json", "--max-new-tokens", "4", "When?"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"text", "citations", "retrievals", "blocks_read", "warnings"}
+    assert set(out) == {"text", "citations", "retrievals", "blocks_read", "passages", "warnings"}
     assert out["blocks_read"] == 1 and out["warnings"] == []  # a memory that fits the slots is read whole
+    assert [p["text"] for p in out["passages"]] == [doc.read_text()]
     assert out["citations"] and out["citations"][0]["doc"] == "facts.txt"
 
 

@@ -29,6 +29,7 @@ def test_batch_equals_one_by_one(tiny_pair, policy):
     for a, b in zip(alone, batch):
         assert [t.id for t in b.tokens] == [t.id for t in a.tokens]
         assert b.text == a.text and b.finish_reason == a.finish_reason
+        assert b.blocks_read == a.blocks_read and b.passages == a.passages  # block memory read the same text
         for ta, tb in zip(a.tokens, b.tokens):  # the same attention mass went to memory at every step
             assert float(tb.memory_weights.sum()) == pytest.approx(float(ta.memory_weights.sum()), rel=1e-4, abs=1e-7)
         if policy == "zero":

@@ -84,6 +84,10 @@ def test_openai_client_chat_and_completions_with_citations(mind, tmp_path):
         for c in citations:
             assert c["memory"] in ("cats", "ships") and c["weight"] > 0
             assert c["text"] == texts[(c["memory"], c["document"])][c["start"] : c["end"]].strip()
+        passages = answer.model_extra["passages"]  # the text of the blocks the answer read
+        assert len(passages) >= 1 and answer.model_extra["blocks_read"] >= 1
+        for p in passages:
+            assert p["text"] == texts[(p["memory"], p["document"])][p["start"] : p["end"]]
 
         # the same request through the Python API gives the same tokens and citations
         from extended_mind.base.prompting import DEFAULT_MEMORY_AT, encode_messages

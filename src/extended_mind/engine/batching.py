@@ -168,11 +168,14 @@ class DecodeBatch:
         """Prefill several rows' prompts in one left-padded forward pass and add them to the batch (the caller
         checked that each is `compatible` and that they share `retrieval_key`); with `prefill_chunk`, prompts
         longer than a chunk that join a running batch are prefilled in chunks by the next steps instead."""
+        plans = [j[0].plan for j in joining]
         rows, layers, chosen = self._choose_blocks([j[0] for j in joining])
         live = []
-        for (_, s, sink, cancelled), row, lay, c in zip(joining, rows, layers, chosen):
+        for (_, s, sink, cancelled), row, lay, c, plan in zip(joining, rows, layers, chosen, plans):
             blocks_read = None if c is None else int(c.numel())
-            answer = Answer(s, row.memory, len(row.prompt_ids), getattr(row.memory, "shard", None), blocks_read)
+            passages = [] if c is None or plan is None else plan.layout.passages(plan.memory, c)
+            answer = Answer(s, row.memory, len(row.prompt_ids), getattr(row.memory, "shard", None), blocks_read,
+                            passages)  # fmt: skip
             live.append(_Row(row, lay, sink, cancelled, answer, row.positions()[-1] + 1))
         if self.prefill_chunk is not None and self.rows:  # the running rows go on while these are prefilled
             long = [r for r in live if len(r.row.prompt_ids) > self.prefill_chunk]

@@ -30,6 +30,7 @@ from extended_mind.attention.patching import attention_modules
 from extended_mind.attention.session import Session
 from extended_mind.base.rope import apply_rope, extend_table
 from extended_mind.engine.words import content_words
+from extended_mind.memory.citations import Passage
 from extended_mind.memory.memory import Memory
 from extended_mind.memory.precision import float_dtype
 from extended_mind.retrieval.layer import LayerMemory, RetrievalSettings
@@ -90,6 +91,21 @@ class BlockLayout:
         doc = int(memory.token_doc[start])
         spans = memory.token_spans
         return memory.segments[doc].document.text[int(spans[start, 0]) : int(spans[start + length - 1, 1])]
+
+    def passages(self, memory: Memory, blocks: torch.Tensor) -> list[Passage]:
+        """The text `blocks` (in document order) cover, consecutive blocks of one document joined into one passage."""
+        out: list[Passage] = []
+        spans, prev_end = memory.token_spans, -1
+        for b in blocks.tolist():
+            first, last = int(self.starts[b]), int(self.starts[b] + self.lengths[b] - 1)
+            d = int(memory.token_doc[first])
+            doc = memory.segments[d].document
+            start, end = int(spans[first, 0]), int(spans[last, 1])
+            if out and out[-1].doc == doc.id and first == prev_end:
+                start = out.pop().start
+            out.append(Passage(doc.id, start, end, doc.text[start:end]))
+            prev_end = last + 1
+        return out
 
     def tokens(self, blocks: torch.Tensor) -> torch.Tensor:
         """Memory token indices of `blocks` (in the order given)."""

@@ -10,7 +10,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from extended_mind.engine.options import GenerationOptions
-from extended_mind.memory.citations import Citation, cite, sparse_sum
+from extended_mind.memory.citations import Citation, Passage, cite, sparse_sum
 from extended_mind.memory.memory import Memory
 from extended_mind.parallel.group import ShardGroup
 
@@ -53,6 +53,7 @@ class GenerationResult:
     prompt_tokens: int
     finish_reason: str = "stop"  # "stop": end of sequence or a stop string; "length": max_new_tokens reached
     blocks_read: int | None = None  # block memory: how many blocks the answer read (0: none was relevant)
+    passages: list[Passage] = field(default_factory=list)  # block memory: the text those blocks hold
 
     @property
     def warnings(self) -> list[str]:
@@ -70,6 +71,7 @@ class GenerationResult:
             "citations": [c.to_dict() for c in self.citations],
             "retrievals": [r.to_dict() for r in self.retrievals],
             "blocks_read": self.blocks_read,
+            "passages": [p.to_dict() for p in self.passages],
             "warnings": self.warnings,
         }
 
@@ -147,6 +149,7 @@ class Answer:
     prompt_tokens: int
     group: ShardGroup | None = None  # the ranks of a sharded memory: all continue with rank 0's token
     blocks_read: int | None = None  # block memory: how many blocks the answer reads
+    passages: list[Passage] = field(default_factory=list)  # ... and their text
     generator: torch.Generator | None = None
     generated: list[int] = field(default_factory=list)
     tokens: list[GeneratedToken] = field(default_factory=list)
@@ -203,4 +206,4 @@ class Answer:
             citations = cite(self.memory, idx, w / len(self.tokens))
         finish = "stop" if self.finish == "cancelled" else self.finish
         return GenerationResult(self.text, self.tokens, citations, self.retrievals, self.prompt_tokens, finish,
-                                self.blocks_read)  # fmt: skip
+                                self.blocks_read, self.passages)  # fmt: skip

@@ -5,7 +5,7 @@ Each step is decoding.py's, as in batched generation (batching.py)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -24,6 +24,7 @@ from extended_mind.engine.decoding import (
     stop_token_ids,
 )
 from extended_mind.engine.options import GenerationOptions
+from extended_mind.memory.citations import Passage
 from extended_mind.memory.memory import Memory
 from extended_mind.parallel.group import ShardGroup
 from extended_mind.retrieval.layer import LayerMemory, RetrievalSettings
@@ -41,6 +42,7 @@ class _Reading:
     blocks: bool  # block memory: k picks the layers (slots); token retrieval: k is the top-k
     group: ShardGroup | None
     blocks_read: int | None = None
+    passages: list[Passage] = field(default_factory=list)
 
     @property
     def uses_memory(self) -> bool:
@@ -99,7 +101,8 @@ class TokenStream:
                 slot_sets[k] = plan.slots(plan.choose(mass, k))
             return slot_sets[k]
 
-        return _Reading(positions, layers_for, plan.blocks, s.topk_step, True, group, int(chosen.numel()))
+        return _Reading(positions, layers_for, plan.blocks, s.topk_step, True, group, int(chosen.numel()),
+                        plan.layout.passages(plan.memory, chosen))  # fmt: skip
 
     def _run(self) -> Iterator[GeneratedToken]:
         s = self.settings
@@ -108,7 +111,7 @@ class TokenStream:
         session = Session(settings=RetrievalSettings(s.topk, s.ranking, s.similarity_threshold),
                           citation_weighting=s.citation_weighting)  # fmt: skip
         n_heads = self.model.config.num_attention_heads
-        answer = Answer(s, self.memory, len(self.prompt_ids), reading.group, reading.blocks_read)
+        answer = Answer(s, self.memory, len(self.prompt_ids), reading.group, reading.blocks_read, reading.passages)
         retry_on = reading.uses_memory and s.uncertainty_threshold is not None and reading.step_k > 0
 
         def new_cache() -> DynamicCache:

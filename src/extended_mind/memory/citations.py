@@ -33,6 +33,20 @@ class Citation:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Passage:
+    """A stretch of a memorized document that an answer read whole (block memory): characters [start, end) of
+    document `doc`."""
+
+    doc: str
+    start: int
+    end: int
+    text: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 @lru_cache(maxsize=64)
 def _sentences(text: str) -> tuple[list[int], list[int]]:
     starts, ends, pos = [], [], 0

@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 from extended_mind.base.prompting import DEFAULT_MEMORY_AT, EncodedPrompt, encode, encode_messages
 from extended_mind.engine.decoding import GeneratedToken, GenerationResult
 from extended_mind.engine.mind import ExtendedMind
-from extended_mind.memory.citations import Citation
+from extended_mind.memory.citations import Citation, Passage
 from extended_mind.server.config import ServerConfig
 from extended_mind.server.errors import APIError
 from extended_mind.server.library import MemoryLibrary, check_name, split_document_id
@@ -66,6 +66,11 @@ def token_bytes(tokenizer, token: int) -> bytes:
 def citation_json(c: Citation) -> dict:
     memory, doc = split_document_id(c.doc)
     return {"memory": memory, "document": doc, "start": c.start, "end": c.end, "text": c.text, "weight": c.weight}
+
+
+def passage_json(p: Passage) -> dict:
+    memory, doc = split_document_id(p.doc)
+    return {"memory": memory, "document": doc, "start": p.start, "end": p.end, "text": p.text}
 
 
 class CompletionServing:
@@ -266,6 +271,7 @@ def extras(result: GenerationResult) -> dict:
         "citations": [citation_json(c) for c in result.citations],
         "retrievals": [r.to_dict() for r in result.retrievals],
         "blocks_read": result.blocks_read,  # block memory: 0 when no block was relevant to the question
+        "passages": [passage_json(p) for p in result.passages],  # ... and the text of those it read
         "warnings": result.warnings,  # an empty answer says why
     }
 
