@@ -15,7 +15,7 @@ from extended_mind.base.errors import ExtendedMindError
 from extended_mind.bench import data, icl, synthetic, wikiqa
 from extended_mind.bench.cli import parse_grid
 from extended_mind.bench.items import Item, first_integer, mentions, normalize, score_fraction
-from extended_mind.bench.methods import Harness, parse_method, prompt_text
+from extended_mind.bench.methods import PREAMBLE_TOKENS, Harness, parse_method, prompt_text
 from extended_mind.bench.rag import Retriever
 from extended_mind.bench.report import markdown_table
 from extended_mind.bench.runner import run_task
@@ -230,6 +230,15 @@ def test_prompt_template_is_shared():
     item = Item("t", "i", 10, "doc", "What is it?", "It is", ["x"], "any", 4)
     assert prompt_text(item) == "What is it?\nIt is"
     assert prompt_text(item, " pasted ") == "pasted\n\nWhat is it?\nIt is"
+
+
+def test_answers_without_their_prefix_get_room_for_a_preamble(tiny_mind):
+    item = Item("t", "i", 10, "doc", "What is it?", "It is", ["x"], "any", 4)
+    assert Harness(tiny_mind, chat=True).budget(item) == 4
+    assert Harness(tiny_mind, chat=True, prefix=False).budget(item) == 4 + PREAMBLE_TOKENS
+    assert Harness(tiny_mind, prefix=False).budget(item) == 4 + PREAMBLE_TOKENS
+    choice = Item("t", "i", 10, "doc", "What is it?", "Topic:", ["x"], "first_word", 1, meta={"choices": [5, 6]})
+    assert Harness(tiny_mind, prefix=False).budget(choice) == 1  # a classification answers in its first token
 
 
 def test_yarn_factor():

@@ -38,6 +38,10 @@ ALLOWED = {
     "yarn": {}, "none": {},
 }  # fmt: skip
 _SPEC = re.compile(r"^([a-z+]+)(?:\[(.*)\])?$")
+# Tokens an answer without its prefix may spend before the answer proper: chat replies restate the question first
+# ("Aurelie Orsk is the lighthouse keeper of Morrow Point. Aurelie Orsk has kept the light there since"); with the
+# prefix's length alone, 3 of 4 wrong 10-profile chat answers were cut off one word before the year.
+PREAMBLE_TOKENS = 32
 
 
 def layer_range(text: str) -> list[int]:
@@ -167,8 +171,7 @@ class Harness:
             prompt = {"prompt": prompt_text(item, pasted, self.prefix), "chat": False}
         if "choices" in item.meta:  # a classification: the answer is one of these tokens
             options["logit_bias"] = {t: 100.0 for t in item.meta["choices"]}
-        # without the answer prefix the model writes it itself: room for it beside the answer's own tokens
-        budget = item.max_new_tokens + (0 if self.prefix else self.count(item.answer_prefix) + 2)
+        budget = self.budget(item)
         with yarn_scaling(self.mind.model, factor):
             result = self.mind.generate(memory=memory, max_new_tokens=budget, **prompt, **options)
         details["prompt_tokens"] = result.prompt_tokens
@@ -177,17 +180,27 @@ class Harness:
             details["blocks_read"] = result.blocks_read
         if memory is not None and result.citations:
             details["top_citation"] = result.citations[0].text[:160]
+        if result.blocks_read is not None and item.depth is not None:  # a fact placed in the document
+            read = " ".join(p.text for p in result.passages).lower()  # selection apart from reading
+            details["answer_read"] = any(a.lower() in read for a in item.answers)
         answer = {"prediction": result.text, "seconds": time.perf_counter() - start, **details}
         if spec.name == "context" and not details.get("truncated"):
             self._context_answer = (item.id, answer)
         return answer
+
+    def budget(self, item: Item) -> int:
+        """New tokens an answer to `item` may take: the item's own, plus without the answer prefix room for the
+        sentence the model writes before the answer (classifications answer in their first token either way)."""
+        if self.prefix or "choices" in item.meta:
+            return item.max_new_tokens
+        return item.max_new_tokens + max(PREAMBLE_TOKENS, self.count(item.answer_prefix) + 2)
 
     def _fit_document(self, item: Item, yarn: bool) -> tuple[str, dict]:
         """The document for `context` (cut to the part nearest the question when it does not fit) or `yarn` (whole,
         with the scaling factor that makes it fit)."""
         window = self.mind.context_window
         # template, question, answer and BOS, plus a margin: cut text can re-tokenize a few tokens longer
-        frame = self.count(prompt_text(item, "x")) + item.max_new_tokens + 16 + (64 if self.chat else 0)
+        frame = self.count(prompt_text(item, "x")) + self.budget(item) + 16 + (64 if self.chat else 0)
         ids = self.mind.tokenizer(item.document, add_special_tokens=False)["input_ids"]
         if yarn:
             return item.document, {"yarn_factor": yarn_factor(len(ids) + frame, window), "truncated": False}

@@ -65,7 +65,17 @@ def _read_nothing(summary: dict) -> str:
         rows = [r for r in summary["records"] if r["method"] == method and "blocks_read" in r]
         if rows:
             parts.append(f"{method} {sum(r['blocks_read'] == 0 for r in rows)}/{len(rows)}")
-    return f"Answers that read no memory block: {'; '.join(parts)}." if parts else ""
+    line = f"Answers that read no memory block: {'; '.join(parts)}." if parts else ""
+    found = []  # where the answer sits in one place: was its block read (choice), and was it then answered (reading)
+    for method in summary["methods"]:
+        rows = [r for r in summary["records"] if r["method"] == method and "answer_read" in r]
+        if rows:
+            read = [r for r in rows if r["answer_read"]]
+            found.append(f"{method}: the answer's block read in {len(read)}/{len(rows)}, answered right in "
+                         f"{sum(r['score'] == 1.0 for r in read)} of those")  # fmt: skip
+    if found:
+        line = f"{line} {'; '.join(found)}.".strip()
+    return line
 
 
 def _retention(summary: dict) -> str:
