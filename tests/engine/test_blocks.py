@@ -79,14 +79,19 @@ def test_relevance_reads_only_blocks_far_above_what_unrelated_questions_draw(tin
     attracted[0] = 0.6  # the attractor draws even more: still within its spread
     assert plan.choose(attracted).tolist() == []
     asked = mean.clone()
-    asked[3] += 0.1  # block 3 draws ten spreads more than unrelated questions give it: read, with the next block
-    assert plan.choose(asked).tolist() == [3, 4]  # (the passage may go on past the block's end)
-    assert plan.choose(asked * 7.0).tolist() == [3, 4]  # shares, not raw mass: the mass's scale does not matter
-    assert plan.choose(asked, 1).tolist() == [3]  # the relevant block first, its successor only when there is room
+    asked[3] += 0.1  # block 3 draws ten spreads more than unrelated questions give it: read, with its neighbours
+    assert plan.choose(asked).tolist() == [2, 3, 4]  # (the passage may go on past the block's edges)
+    assert plan.choose(asked * 7.0).tolist() == [2, 3, 4]  # shares, not raw mass: the mass's scale does not matter
+    assert plan.choose(asked, 1).tolist() == [3]  # the relevant block first, its neighbours only when there is room
+    assert plan.choose(asked, 2).tolist() == [3, 4]  # the one after it before the one before it
     last = int((plan.memory.token_doc[plan.layout.starts] == 0).sum()) - 1  # the first document's last block
     at_end = mean.clone()
     at_end[last] += 0.1
-    assert plan.choose(at_end).tolist() == [last]  # never a successor from another document
+    assert plan.choose(at_end).tolist() == [last - 1, last]  # never a neighbour from another document
+    first_of_second = last + 1
+    at_start = mean.clone()
+    at_start[first_of_second] += 0.1
+    assert plan.choose(at_start).tolist() == [first_of_second, first_of_second + 1]
     plan.min_relevance = 20.0
     assert plan.choose(asked).tolist() == []
     assert plan.choose(torch.zeros(n)).tolist() == []
@@ -94,7 +99,7 @@ def test_relevance_reads_only_blocks_far_above_what_unrelated_questions_draw(tin
     assert plan.choose(typical).tolist() == list(range(n))  # (gate 0: every block)
     plan.gate = 0.5
     assert plan.choose(typical).tolist() == [0, 1]  # nothing stands out: the best (a tie: the first), its successor
-    assert plan.choose(asked).tolist() == [3, 4]
+    assert plan.choose(asked).tolist() == [2, 3, 4]
 
 
 def test_a_block_below_the_bar_is_read_when_it_stands_out_from_the_questions_other_blocks(tiny_mind):
@@ -115,7 +120,7 @@ def test_a_block_below_the_bar_is_read_when_it_stands_out_from_the_questions_oth
     needle = needle / needle.sum()
     assert plan.choose(needle).tolist() == []  # outlier off (the plan's default)
     plan.outlier = 8.0
-    assert plan.choose(needle).tolist() == [5, 6]  # 2.5 spreads among blocks within 0.1 of each other: read
+    assert plan.choose(needle).tolist() == [4, 5, 6]  # 2.5 spreads among blocks within 0.1 of each other: read
     varied = mean + torch.linspace(-0.02, 0.02, n)  # the other blocks spread over +-2 spreads
     varied[5] = mean[5] + 0.025
     assert plan.choose(varied / varied.sum()).tolist() == []  # the best of many: not standing out

@@ -207,7 +207,7 @@ class BlockPlan:
             keep &= torch.arange(len(keep)) == 0
         chosen = top.indices[keep]
         if self.relevance is not None:
-            chosen = self._with_successors(chosen, n)
+            chosen = self._with_neighbours(chosen, n)
         return chosen.sort().values
 
     @staticmethod
@@ -236,17 +236,20 @@ class BlockPlan:
             out.append(bool(content_words(text) & words))
         return torch.tensor(out, dtype=torch.bool)
 
-    def _with_successors(self, chosen: torch.Tensor, n: int) -> torch.Tensor:
-        """`chosen` (best first) and, while fewer than `n`, the block after each one in its document: a passage
-        the heads point at often goes on past its block's end (a key split from the sentence that names it)."""
+    def _with_neighbours(self, chosen: torch.Tensor, n: int) -> torch.Tensor:
+        """`chosen` (best first) and, while fewer than `n`, the block after each one in its document, then the block
+        before: a passage the heads point at often goes on past its block's end or starts before its start (block
+        edges fall anywhere: a filler passkey's block began at the key's second digit, and the answer wandered)."""
         picked = chosen.tolist()
         doc_of_block = self.memory.token_doc[self.layout.starts]
-        for b in chosen.tolist():
-            if len(picked) >= n:
-                break
-            nxt = b + 1
-            if nxt < self.layout.num_blocks and doc_of_block[nxt] == doc_of_block[b] and nxt not in picked:
-                picked.append(nxt)
+        for step in (1, -1):
+            for b in chosen.tolist():
+                if len(picked) >= n:
+                    return torch.tensor(picked, dtype=torch.long)
+                other = b + step
+                inside = 0 <= other < self.layout.num_blocks and doc_of_block[other] == doc_of_block[b]
+                if inside and other not in picked:
+                    picked.append(other)
         return torch.tensor(picked, dtype=torch.long)
 
     def slots(self, blocks: torch.Tensor) -> dict[int, LayerMemory]:
