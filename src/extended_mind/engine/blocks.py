@@ -85,26 +85,28 @@ class BlockLayout:
         """The text of every block: the characters its tokens came from in their document."""
         return [self.text(memory, b) for b in range(self.num_blocks)]
 
+    def span(self, memory: Memory, block: int) -> tuple[int, int, int]:
+        """(document index, first character, end character) of the text one block's tokens came from."""
+        start, length = int(self.starts[block]), int(self.lengths[block])
+        spans = memory.token_spans
+        return int(memory.token_doc[start]), int(spans[start, 0]), int(spans[start + length - 1, 1])
+
     def text(self, memory: Memory, block: int) -> str:
         """The text of one block."""
-        start, length = int(self.starts[block]), int(self.lengths[block])
-        doc = int(memory.token_doc[start])
-        spans = memory.token_spans
-        return memory.segments[doc].document.text[int(spans[start, 0]) : int(spans[start + length - 1, 1])]
+        doc, start, end = self.span(memory, block)
+        return memory.segments[doc].document.text[start:end]
 
     def passages(self, memory: Memory, blocks: torch.Tensor) -> list[Passage]:
         """The text `blocks` (in document order) cover, consecutive blocks of one document joined into one passage."""
         out: list[Passage] = []
-        spans, prev_end = memory.token_spans, -1
+        previous = (-1, -1)  # (document, block) of the last passage's last block
         for b in blocks.tolist():
-            first, last = int(self.starts[b]), int(self.starts[b] + self.lengths[b] - 1)
-            d = int(memory.token_doc[first])
-            doc = memory.segments[d].document
-            start, end = int(spans[first, 0]), int(spans[last, 1])
-            if out and out[-1].doc == doc.id and first == prev_end:
+            d, start, end = self.span(memory, b)
+            if previous == (d, b - 1):
                 start = out.pop().start
+            doc = memory.segments[d].document
             out.append(Passage(doc.id, start, end, doc.text[start:end]))
-            prev_end = last + 1
+            previous = (d, b)
         return out
 
     def tokens(self, blocks: torch.Tensor) -> torch.Tensor:
