@@ -202,3 +202,59 @@ def test_chunked_memorization_equals_recomputed_windows(tiny_pair):
             chunked.values[layer][:, start - 1 : start - 1 + stride] - fresh.values[layer][:, -stride:]
         ).abs().max() < 1e-4
     assert chunked.positions[start - 1 : start - 1 + stride].tolist() == list(range(context, context + stride))
+
+
+@pytest.mark.parametrize("case", ["plain", "padded", "before the slots"])
+def test_slot_decode_step_equals_the_general_joint_softmax(case):
+    """A decode step's fast slot path (`_attend_slot_step`) gives the general path's output and citation weights
+    (the general one forced by a sliding window wider than every position)."""
+    from types import SimpleNamespace
+
+    from extended_mind.attention import function
+    from extended_mind.attention.session import Session
+    from extended_mind.engine.decoding import record_weights
+    from extended_mind.retrieval.layer import LayerMemory, RetrievalSettings
+
+    torch.manual_seed(0)
+    b, h, g, d, s, skv = 2, 2, 3, 8, 12, 7
+    values = torch.randn(h, s, d)
+    mem = LayerMemory(keys=torch.randn(h, s, d), values=values, inv_norms=torch.ones(h, s),
+                      slot_tokens=torch.randperm(40)[:s], slot_end=20, value_norms=values.norm(dim=-1))  # fmt: skip
+    query, key, value = torch.randn(b, h * g, 1, d), torch.randn(b, h, skv, d), torch.randn(b, h, skv, d)
+    mask = None
+    positions = torch.tensor([[30], [31]])
+    if case == "padded":
+        mask = torch.ones(b, 1, 1, skv, dtype=torch.bool)
+        mask[1, :, :, :3] = False
+    if case == "before the slots":
+        positions = torch.tensor([[5], [31]])
+    outs = []
+    for window in (None, 10**9):
+        module = SimpleNamespace(layer_idx=0, sliding_window=window)
+        session = Session(settings=RetrievalSettings(4), citation_weighting="attention_value")
+        session.record_citations = True
+        records: list = []
+        assert function._slot_step(module, mem, query, {}) == (window is None)
+        out, _ = function._attend(module, query, key, value, mask, mem, session, records, 0.3, 0.0, positions)
+        outs.append((out, record_weights(records, h * g)))
+    (fast, (fast_idx, fast_w)), (general, (idx, w)) = outs
+    torch.testing.assert_close(fast, general, atol=1e-5, rtol=1e-5)
+    assert torch.equal(fast_idx, idx)
+    torch.testing.assert_close(fast_w, w, atol=1e-6, rtol=1e-5)
+
+
+def test_record_weights_sums_shared_slots_as_the_general_sum_does():
+    """Records that share one slot index tensor are summed densely; anything else (a single token-retrieval layer
+    with repeated indices included) by the general sparse sum: both give sorted unique indices and equal weights."""
+    from extended_mind.engine.decoding import record_weights
+    from extended_mind.memory.citations import sparse_sum
+
+    torch.manual_seed(0)
+    slots = torch.tensor([9, 2, 7, 4])
+    shared = [(slots, torch.rand(4)) for _ in range(3)]
+    retrieved = [(torch.tensor([[3, 1], [1, 5]]), torch.rand(2, 2))]  # one layer, index 1 read by two heads
+    for records in (shared, retrieved):
+        idx, w = record_weights(records, 2)
+        want_idx, want_w = sparse_sum([r[0] for r in records], [r[1] for r in records])
+        assert torch.equal(idx, want_idx)
+        torch.testing.assert_close(w, want_w / (len(records) * 2))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -138,7 +139,7 @@ def main() -> int:
     try:
         out = {"ok": True, "result": run(scenario, True, memory_dir)}
     except Exception as exc:  # the test reads the error each rank reported
-        out = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        out = {"ok": False, "error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"}
     (out_dir / f"rank{rank}.json").write_text(json.dumps(out))
     return 0 if out["ok"] else 1
 

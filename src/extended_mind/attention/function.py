@@ -130,6 +130,8 @@ def _attend(
     if _slots_by_sdpa(mem, query, attention_mask, kwargs):
         return _attend_slots(module, query, key, value, attention_mask, mem, session, records, scaling, dropout,
                              positions, **kwargs)  # fmt: skip
+    if _slot_step(module, mem, query, kwargs):
+        return _attend_slot_step(query, key, value, attention_mask, mem, session, records, scaling, positions)
 
     b, hq, sq, d = query.shape
     h, skv = key.shape[1], key.shape[2]
@@ -221,20 +223,25 @@ def _local_logits(qg: torch.Tensor, key: torch.Tensor, scaling: float, attention
     return local_logits
 
 
-def _citation_record(mem: LayerMemory, mem_idx: torch.Tensor, mem_values: torch.Tensor | None, p_mem: torch.Tensor,
-                     weighting: str) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(memory indices, weights) of the first row's last query position, (Hq, k). What memory token j adds to the
-    output is p_j * v_j: under "attention_value" citations weigh p_j * |v_j|, so that tokens that soak up attention
-    but carry near-empty values (sink-like tokens) are not cited."""
+def _citation_record(mem: LayerMemory, mem_idx: torch.Tensor | None, mem_values: torch.Tensor | None,
+                     p_mem: torch.Tensor, weighting: str) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(memory indices, weights) of the first row's last query position: (Hq, k) each, or for slots (S,) summed over
+    heads (every head reads the same slots; `mem.slot_tokens` is one tensor shared by the layers, which
+    `record_weights` sums densely). What memory token j adds to the output is p_j * v_j: under "attention_value"
+    citations weigh p_j * |v_j|, so that tokens that soak up attention but carry near-empty values (sink-like
+    tokens) are not cited."""
     b, h, g, sq, k = p_mem.shape
     hq = h * g
+    if mem.slot_tokens is not None:
+        last_p = p_mem[0, :, :, -1]  # (H, g, S)
+        if weighting == "attention_value":
+            norms = mem.value_norms if mem.value_norms is not None else mem.values.float().norm(dim=-1)
+            last_p = last_p * norms.unsqueeze(1)
+        return mem.slot_tokens, last_p.sum(dim=(0, 1)).detach()
     last_idx = mem_idx.view(b, h, g, sq, k)[0, :, :, -1].reshape(hq, k)
     last_p = p_mem[0, :, :, -1].reshape(hq, k)
     if weighting == "attention_value":
-        if mem.slot_tokens is not None:
-            norms = mem.values.float().norm(dim=-1).repeat_interleave(g, dim=0)  # (Hq, S)
-        else:
-            norms = mem_values[0].view(h, g, sq, k, -1)[:, :, -1].reshape(hq, k, -1).float().norm(dim=-1)
+        norms = mem_values[0].view(h, g, sq, k, -1)[:, :, -1].reshape(hq, k, -1).float().norm(dim=-1)
         last_p = last_p * norms
     return last_idx.detach(), last_p.detach()
 
@@ -247,6 +254,43 @@ def _slots_by_sdpa(mem: LayerMemory, query: torch.Tensor, attention_mask: torch.
         and attention_mask.dtype == torch.bool
         and not any(kwargs.get(x) is not None for x in ("softcap", "alibi", "local_bias"))
     )  # fmt: skip
+
+
+def _slot_step(module: torch.nn.Module, mem: LayerMemory, query: torch.Tensor, kwargs: dict) -> bool:
+    """Whether a decode step (one query row) reads slots by `_attend_slot_step`: no windows, biases or capping."""
+    return (
+        mem.slot_tokens is not None and query.shape[2] == 1 and not getattr(module, "sliding_window", None)
+        and not any(kwargs.get(x) is not None for x in ("softcap", "alibi", "local_bias"))
+    )  # fmt: skip
+
+
+def _attend_slot_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, mem: LayerMemory, session: Session, records: list | None,
+                      scaling: float | None, positions: torch.Tensor | None) -> tuple[torch.Tensor, None]:  # fmt: skip
+    """`_attend`'s joint softmax over [slots; local keys] for one query row, in fewer operations (a decode step is a
+    matrix-vector product per head: bound by reading the slots, and by per-operation overhead at small widths; this
+    path took block memory's decode from 1.27x to 1.1x the plain model's, SmolLM2, 16k tokens, 8 blocks)."""
+    b, hq, _, d = query.shape
+    h, skv, s = key.shape[1], key.shape[2], mem.keys.shape[1]
+    g = hq // h
+    qs = (query * (d**-0.5 if scaling is None else scaling)).reshape(b, h, g, d)
+    cdt = mem.keys.dtype
+    logits = torch.cat([torch.matmul(qs.to(cdt), mem.keys.transpose(1, 2)).float(),
+                        torch.matmul(qs, key.transpose(-1, -2)).float()], dim=-1)  # fmt: skip
+    if positions is not None and (positions.device.type != "cpu" or int(positions.min()) < mem.slot_end):
+        before = (positions.to(logits.device) < mem.slot_end).view(b, 1, 1, 1)  # the prompt's head reads no slot
+        logits[..., :s] = logits[..., :s].masked_fill(before, float("-inf"))
+    if attention_mask is not None:
+        mask = attention_mask[:, :, -1:, -skv:].reshape(b, 1, 1, skv)
+        local = logits[..., s:]
+        logits[..., s:] = local.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else local + mask.float()
+    probs = torch.softmax(logits, dim=-1)
+    out = torch.matmul(probs[..., s:].to(value.dtype), value)
+    out = out + torch.matmul(probs[..., :s].to(mem.values.dtype), mem.values).to(out.dtype)
+    if session.record_citations:
+        p_mem = probs[..., :s].view(b, h, g, 1, s)
+        records.append(_citation_record(mem, None, None, p_mem, session.citation_weighting))
+    return out.reshape(b, hq, 1, d).transpose(1, 2).contiguous(), None
 
 
 def _attend_slots(

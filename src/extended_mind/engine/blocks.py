@@ -263,6 +263,7 @@ class BlockPlan:
         fetched = self._fetch(tokens)
         out = {}
         dev = self.device
+        slot_tokens = tokens.to(dev)  # one tensor shared by every layer: citations sum the layers' weights densely
         for layer in self.read_layers:
             table = self.memory.rope.layer_rope[layer]
             cos, sin = extend_table(self.memory.rope.cos[table], self.memory.rope.sin[table], self.slot_end)
@@ -270,8 +271,9 @@ class BlockPlan:
             raw = chosen_keys.float()  # stored keys are pre-RoPE: what the "zero" policy rotates to position 0
             keys = apply_rope(raw, cos[positions].to(dev), sin[positions].to(dev)).to(self.dtype)
             inv_norms = 1.0 / raw.norm(dim=-1).clamp_min(1e-12).to(self.dtype)
-            out[layer] = LayerMemory(keys=keys, values=chosen_values, inv_norms=inv_norms, slot_tokens=tokens.to(dev),
-                                     slot_end=self.slot_end)  # fmt: skip
+            norms = chosen_values.float().norm(dim=-1)
+            out[layer] = LayerMemory(keys=keys, values=chosen_values, inv_norms=inv_norms, slot_tokens=slot_tokens,
+                                     slot_end=self.slot_end, value_norms=norms)  # fmt: skip
         return out
 
     def _fetch(self, tokens: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:

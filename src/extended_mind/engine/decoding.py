@@ -132,8 +132,14 @@ def next_piece(
 
 def record_weights(records: list[tuple[torch.Tensor, torch.Tensor]], n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The memory tokens one forward pass read for a row and their weights: the attention records of every memory
-    layer summed and averaged over layers and heads (on the CPU, for citations)."""
-    idx, w = sparse_sum([r[0] for r in records], [r[1] for r in records])
+    layer summed and averaged over layers and heads (on the CPU, for citations). Layers that read the same slots
+    (one shared index tensor, block memory) are summed densely: a sort over every layer's entries cost ~3 ms/token."""
+    first = records[0][0] if records else None
+    if first is not None and first.dim() == 1 and all(i is first and i.shape == w.shape for i, w in records):
+        idx, order = first.long().sort()
+        w = torch.stack([r[1] for r in records]).float().sum(0)[order]
+    else:
+        idx, w = sparse_sum([r[0] for r in records], [r[1] for r in records])
     if records:
         w = w / (len(records) * n_heads)
     return idx.cpu(), w.cpu()

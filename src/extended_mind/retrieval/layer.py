@@ -29,6 +29,7 @@ class LayerMemory:
     # (the prompt's head, which precedes the slots) read none of them.
     slot_tokens: torch.Tensor | None = None
     slot_end: int = 0
+    value_norms: torch.Tensor | None = None  # slots: (H, S) float |value|, for citations weighed by p * |v|
     heads: torch.Tensor | None = None  # (query heads,) bool: token retrieval only in these heads (None: all)
     positions: torch.Tensor | None = None  # (N,) long: each memory's position, for ALiBi biases (attention/alibi.py)
     # Sharded memory (parallel/group.py): keys/values/index hold this rank's tokens; retrieval merges every rank's
