@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from speed import decode_ms, prefill_ms
+from speed import PROMPTS, decode_ms, prefill_ms
 
 from extended_mind import ExtendedMind, Memory
 from extended_mind.base.documents import Document
@@ -164,6 +164,10 @@ def measure(args: argparse.Namespace) -> None:
     answer = mind.generate(question, memory=memory, max_new_tokens=24, chat=False)
     no_mem_decode, _ = decode_ms(mind, None, args.decode_tokens, args.repeats)
     mem_decode, _ = decode_ms(mind, memory, args.decode_tokens, args.repeats)
+    # the relevance test may read no block for the decode prompts (then the row above times the plain model): say
+    # what they read, and time them again reading blocks
+    read = [mind.generate(p, memory=memory, max_new_tokens=1).blocks_read for p in PROMPTS[: args.repeats]]
+    reading_decode, _ = decode_ms(mind, memory, args.decode_tokens, args.repeats, block_relevance=0.0)
     no_mem_prefill = prefill_ms(mind, None, args.repeats)
     mem_prefill = prefill_ms(mind, memory, args.repeats)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -182,7 +186,9 @@ def measure(args: argparse.Namespace) -> None:
         "rss_mb": {"model_loaded": round(baseline_rss), "after_first_question": round(rss_first),
                    "peak_before_recall_check": round(peak)},  # fmt: skip
         "decode_ms": {"none": round(no_mem_decode, 1), "memory": round(mem_decode, 1),
-                      "ratio": round(mem_decode / no_mem_decode, 2)},  # fmt: skip
+                      "ratio": round(mem_decode / no_mem_decode, 2), "blocks_read": read,
+                      "reading_blocks": round(reading_decode, 1),
+                      "reading_blocks_ratio": round(reading_decode / no_mem_decode, 2)},  # fmt: skip
         "prefill_500_ms": {"none": round(no_mem_prefill), "memory": round(mem_prefill),
                            "ratio": round(mem_prefill / no_mem_prefill, 2)},  # fmt: skip
         "exact_search_recall": recall,

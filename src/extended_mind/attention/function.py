@@ -268,8 +268,9 @@ def _attend_slot_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
                       attention_mask: torch.Tensor | None, mem: LayerMemory, session: Session, records: list | None,
                       scaling: float | None, positions: torch.Tensor | None) -> tuple[torch.Tensor, None]:  # fmt: skip
     """`_attend`'s joint softmax over [slots; local keys] for one query row, in fewer operations (a decode step is a
-    matrix-vector product per head: bound by reading the slots, and by per-operation overhead at small widths; this
-    path took block memory's decode from 1.27x to 1.1x the plain model's, SmolLM2, 16k tokens, 8 blocks)."""
+    matrix-vector product per head: bound by reading the slots and by per-operation overhead at small widths). With
+    the dense citation sum it took 8 blocks' decode on SmolLM2 from 1.33x to 1.22x the plain model (16k tokens, int8
+    weights) and from 1.36x to 1.19x (66k tokens, float32), docs/measurements.md."""
     b, hq, _, d = query.shape
     h, skv, s = key.shape[1], key.shape[2], mem.keys.shape[1]
     g = hq // h
