@@ -276,16 +276,15 @@ def _attend_slot_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     g = hq // h
     qs = (query * (d**-0.5 if scaling is None else scaling)).reshape(b, h, g, d)
     cdt = mem.keys.dtype
-    logits = torch.cat([torch.matmul(qs.to(cdt), mem.keys.transpose(1, 2)).float(),
-                        torch.matmul(qs, key.transpose(-1, -2)).float()], dim=-1)  # fmt: skip
+    slot_logits = torch.matmul(qs.to(cdt), mem.keys.transpose(1, 2)).float()
     if positions is not None and (positions.device.type != "cpu" or int(positions.min()) < mem.slot_end):
-        before = (positions.to(logits.device) < mem.slot_end).view(b, 1, 1, 1)  # the prompt's head reads no slot
-        logits[..., :s] = logits[..., :s].masked_fill(before, float("-inf"))
+        before = (positions.to(slot_logits.device) < mem.slot_end).view(b, 1, 1, 1)  # the prompt's head reads none
+        slot_logits = slot_logits.masked_fill(before, float("-inf"))
+    local = torch.matmul(qs, key.transpose(-1, -2)).float()
     if attention_mask is not None:
         mask = attention_mask[:, :, -1:, -skv:].reshape(b, 1, 1, skv)
-        local = logits[..., s:]
-        logits[..., s:] = local.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else local + mask.float()
-    probs = torch.softmax(logits, dim=-1)
+        local = local.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else local + mask.float()
+    probs = torch.softmax(torch.cat([slot_logits, local], dim=-1), dim=-1)
     out = torch.matmul(probs[..., s:].to(value.dtype), value)
     out = out + torch.matmul(probs[..., :s].to(mem.values.dtype), mem.values).to(out.dtype)
     if session.record_citations:
