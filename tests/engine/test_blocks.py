@@ -192,6 +192,28 @@ def test_selection_masses_by_row_group(tiny_mind):
     assert float(whole.sum()) == pytest.approx(11 * heads, rel=1e-4)
 
 
+def test_a_long_question_chooses_from_evenly_spread_rows(tiny_mind, monkeypatch):
+    """Past CHOOSING_ROWS question rows, only that many (evenly spread, first and last included) scan the memory:
+    their mass equals the mass of exactly those rows given as a group."""
+    from extended_mind.engine import blocks
+
+    assert blocks.choosing_rows(range(12)[1:]).tolist() == list(range(1, 12))
+    assert blocks.choosing_rows(range(600)[5:505], 128)[[0, -1]].tolist() == [5, 504]
+    assert len(blocks.choosing_rows(range(600)[5:505], 128)) == 128
+    memory = tiny_mind.memorize(DOCS)
+    plan = _plan(tiny_mind, memory, insert=1)
+    ids = list(range(40, 52))
+    monkeypatch.setattr(blocks.choosing_rows, "__defaults__", (4,))
+    sampled = select_blocks(tiny_mind.model, [ids], [plan.positions(12)], [plan])[0]
+    groups = torch.full((12,), -1, dtype=torch.long)
+    groups[blocks.choosing_rows(range(12)[1:], 4)] = 0
+    assert int((groups == 0).sum()) == 4
+    explicit = select_blocks(tiny_mind.model, [ids], [plan.positions(12)], [plan], [groups])[0][0]
+    assert torch.allclose(sampled, explicit)
+    heads = sum(int(m.sum()) for m in plan.heads.values())
+    assert float(sampled.sum()) == pytest.approx(4 * heads, rel=1e-4)
+
+
 def test_calibration_sequences_repeat_the_words():
     from tests.conftest import byte_tokenizer
 

@@ -38,6 +38,10 @@ from extended_mind.retrieval.selection import BlockSelection
 
 # a block is read when a question draws it this many spreads above what unrelated questions do (Relevance)
 DEFAULT_MIN_RELEVANCE = 4.0
+# A question longer than this many rows chooses blocks from this many of its rows, evenly spaced and the last one
+# included: each choosing row scans the memory's keys in every retrieval head, so a 500-token prompt scanned a
+# million tokens' keys 500 times (the prefill's main cost); the mass is a sum over rows, which a spread sample keeps.
+CHOOSING_ROWS = 128
 # ... and shares a content word with the question, unless it stands this many spreads out (BlockPlan.choose)
 DEFAULT_WORDS_OVERRIDE = 8.0
 # ... or, below that bar, when it stands this many spreads above the question's other blocks (the two best aside: a
@@ -338,7 +342,8 @@ def select_blocks(
             continue
         if groups is None:
             group = torch.full((len(p),), -1, dtype=torch.long)
-            group[plan.insert if plan.select_from is None else plan.select_from : plan.select_to] = 0
+            asking = range(len(p))[plan.insert if plan.select_from is None else plan.select_from : plan.select_to]
+            group[choosing_rows(asking)] = 0
             n_groups = 1
         else:
             group, n_groups = groups[i], int(groups[i].max()) + 1
@@ -366,6 +371,15 @@ def select_blocks(
         mass = sel.mass if sel.mass is not None else torch.zeros(sel.groups, sel.num_blocks)
         out.append(mass[0] if groups is None else mass)
     return out
+
+
+def choosing_rows(asking: range, most: int = CHOOSING_ROWS) -> torch.Tensor:
+    """The rows of the question (`asking`) whose retrieval heads choose blocks: all of them, or `most` evenly
+    spaced ones (the first and the last included)."""
+    rows = torch.tensor(asking, dtype=torch.long)
+    if len(rows) <= most:
+        return rows
+    return rows[torch.linspace(0, len(rows) - 1, most).round().long().unique()]
 
 
 @dataclass(frozen=True)
