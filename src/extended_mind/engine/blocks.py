@@ -38,10 +38,6 @@ from extended_mind.retrieval.selection import BlockSelection
 
 # a block is read when a question draws it this many spreads above what unrelated questions do (Relevance)
 DEFAULT_MIN_RELEVANCE = 4.0
-# A question longer than this many rows chooses blocks from this many of its rows, evenly spaced and the last one
-# included: each choosing row scans the memory's keys in every retrieval head, so a 500-token prompt scanned a
-# million tokens' keys 500 times (the prefill's main cost); the mass is a sum over rows, which a spread sample keeps.
-CHOOSING_ROWS = 128
 # ... and shares a content word with the question, unless it stands this many spreads out (BlockPlan.choose)
 DEFAULT_WORDS_OVERRIDE = 8.0
 # ... or, below that bar, when it stands this many spreads above the question's other blocks (the two best aside: a
@@ -49,6 +45,10 @@ DEFAULT_WORDS_OVERRIDE = 8.0
 # repeated filler or in a short memory, which unrelated questions draw too, stands out from its neighbours alone
 DEFAULT_OUTLIER = 8.0
 OUTLIER_FLOOR = 1.5
+# A question longer than this many rows chooses blocks from this many of its rows, evenly spread (the first and
+# the last included): each choosing row scans the memory's keys in every retrieval head, so a 500-token prompt
+# scanned a million tokens' keys 500 times (the prefill's main cost); the mass, a sum over rows, keeps its shape.
+CHOOSING_ROWS = 128
 
 
 def slot_positions(blocks: int, block_size: int) -> int:
