@@ -48,7 +48,7 @@ OUTLIER_FLOOR = 1.5
 # A question longer than this many rows chooses blocks from this many of its rows, evenly spread (the first and
 # the last included): each choosing row scans the memory's keys in every retrieval head, so a 500-token prompt
 # scanned a million tokens' keys 500 times (the prefill's main cost); the mass, a sum over rows, keeps its shape.
-CHOOSING_ROWS = 128
+CHOOSING_ROWS = 64
 
 
 def slot_positions(blocks: int, block_size: int) -> int:
