@@ -205,9 +205,9 @@ def test_chunked_memorization_equals_recomputed_windows(tiny_pair):
 
 
 @pytest.mark.parametrize("case", ["plain", "padded", "before the slots"])
-def test_slot_decode_step_equals_the_general_joint_softmax(case):
-    """A decode step's fast slot path (`_attend_slot_step`) gives the general path's output and citation weights
-    (the general one forced by a sliding window wider than every position)."""
+def test_a_slot_decode_step_is_one_softmax_over_slots_and_local_keys(case):
+    """A one-row step reading slots gives the joint softmax over [slots; local keys] written out here (the prompt's
+    head reads no slot, padded keys none), and cites each slot token by p * |v| summed over heads."""
     from types import SimpleNamespace
 
     from extended_mind.attention import function
@@ -216,7 +216,7 @@ def test_slot_decode_step_equals_the_general_joint_softmax(case):
     from extended_mind.retrieval.layer import LayerMemory, RetrievalSettings
 
     torch.manual_seed(0)
-    b, h, g, d, s, skv = 2, 2, 3, 8, 12, 7
+    b, h, g, d, s, skv, scaling = 2, 2, 3, 8, 12, 7, 0.3
     values = torch.randn(h, s, d)
     mem = LayerMemory(keys=torch.randn(h, s, d), values=values, inv_norms=torch.ones(h, s),
                       slot_tokens=torch.randperm(40)[:s], slot_end=20, value_norms=values.norm(dim=-1))  # fmt: skip
@@ -228,19 +228,26 @@ def test_slot_decode_step_equals_the_general_joint_softmax(case):
         mask[1, :, :, :3] = False
     if case == "before the slots":
         positions = torch.tensor([[5], [31]])
-    outs = []
-    for window in (None, 10**9):
-        module = SimpleNamespace(layer_idx=0, sliding_window=window)
-        session = Session(settings=RetrievalSettings(4), citation_weighting="attention_value")
-        session.record_citations = True
-        records: list = []
-        assert function._slot_step(module, mem, query, {}) == (window is None)
-        out, _ = function._attend(module, query, key, value, mask, mem, session, records, 0.3, 0.0, positions)
-        outs.append((out, record_weights(records, h * g)))
-    (fast, (fast_idx, fast_w)), (general, (idx, w)) = outs
-    torch.testing.assert_close(fast, general, atol=1e-5, rtol=1e-5)
-    assert torch.equal(fast_idx, idx)
-    torch.testing.assert_close(fast_w, w, atol=1e-6, rtol=1e-5)
+    session = Session(settings=RetrievalSettings(4), citation_weighting="attention_value")
+    session.record_citations = True
+    records: list = []
+    module = SimpleNamespace(layer_idx=0, sliding_window=None)
+    out, _ = function._attend(module, query, key, value, mask, mem, session, records, scaling, 0.0, positions)
+
+    qg = query.view(b, h, g, d)
+    slot_logits = torch.einsum("bhgd,hsd->bhgs", qg, mem.keys) * scaling
+    slot_logits[(positions[:, 0] < mem.slot_end)] = float("-inf")
+    local = torch.einsum("bhgd,bhkd->bhgk", qg, key) * scaling
+    if mask is not None:
+        local = local.masked_fill(~mask.view(b, 1, 1, skv), float("-inf"))
+    p = torch.softmax(torch.cat([slot_logits, local], dim=-1), dim=-1)
+    want = torch.einsum("bhgs,hsd->bhgd", p[..., :s], values) + torch.einsum("bhgk,bhkd->bhgd", p[..., s:], value)
+    torch.testing.assert_close(out, want.reshape(b, h * g, 1, d).transpose(1, 2), atol=1e-5, rtol=1e-5)
+    idx, w = record_weights(records, h * g)
+    cited = (p[0, ..., :s] * mem.value_norms.unsqueeze(1)).sum(dim=(0, 1)) / (h * g)
+    order = mem.slot_tokens.sort()
+    assert torch.equal(idx, order.values)
+    torch.testing.assert_close(w, cited[order.indices], atol=1e-6, rtol=1e-5)
 
 
 def test_record_weights_sums_shared_slots_as_the_general_sum_does():

@@ -130,8 +130,6 @@ def _attend(
     if _slots_by_sdpa(mem, query, attention_mask, kwargs):
         return _attend_slots(module, query, key, value, attention_mask, mem, session, records, scaling, dropout,
                              positions, **kwargs)  # fmt: skip
-    if _slot_step(module, mem, query, kwargs):
-        return _attend_slot_step(query, key, value, attention_mask, mem, session, records, scaling, positions)
 
     b, hq, sq, d = query.shape
     h, skv = key.shape[1], key.shape[2]
@@ -223,8 +221,8 @@ def _local_logits(qg: torch.Tensor, key: torch.Tensor, scaling: float, attention
     return local_logits
 
 
-def _citation_record(mem: LayerMemory, mem_idx: torch.Tensor | None, mem_values: torch.Tensor | None,
-                     p_mem: torch.Tensor, weighting: str) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def _citation_record(mem: LayerMemory, mem_idx: torch.Tensor, mem_values: torch.Tensor | None, p_mem: torch.Tensor,
+                     weighting: str) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(memory indices, weights) of the first row's last query position: (Hq, k) each, or for slots (S,) summed over
     heads (every head reads the same slots; `mem.slot_tokens` is one tensor shared by the layers, which
     `record_weights` sums densely). What memory token j adds to the output is p_j * v_j: under "attention_value"
@@ -254,43 +252,6 @@ def _slots_by_sdpa(mem: LayerMemory, query: torch.Tensor, attention_mask: torch.
         and attention_mask.dtype == torch.bool
         and not any(kwargs.get(x) is not None for x in ("softcap", "alibi", "local_bias"))
     )  # fmt: skip
-
-
-def _slot_step(module: torch.nn.Module, mem: LayerMemory, query: torch.Tensor, kwargs: dict) -> bool:
-    """Whether a decode step (one query row) reads slots by `_attend_slot_step`: no windows, biases or capping."""
-    return (
-        mem.slot_tokens is not None and query.shape[2] == 1 and not getattr(module, "sliding_window", None)
-        and not any(kwargs.get(x) is not None for x in ("softcap", "alibi", "local_bias"))
-    )  # fmt: skip
-
-
-def _attend_slot_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: torch.Tensor | None, mem: LayerMemory, session: Session, records: list | None,
-                      scaling: float | None, positions: torch.Tensor | None) -> tuple[torch.Tensor, None]:  # fmt: skip
-    """`_attend`'s joint softmax over [slots; local keys] for one query row, in fewer operations (a decode step is a
-    matrix-vector product per head: bound by reading the slots and by per-operation overhead at small widths). With
-    the dense citation sum it took 8 blocks' decode on SmolLM2 from 1.33x to 1.22x the plain model (16k tokens, int8
-    weights) and from 1.36x to 1.19x (66k tokens, float32), docs/measurements.md."""
-    b, hq, _, d = query.shape
-    h, skv, s = key.shape[1], key.shape[2], mem.keys.shape[1]
-    g = hq // h
-    qs = (query * (d**-0.5 if scaling is None else scaling)).reshape(b, h, g, d)
-    cdt = mem.keys.dtype
-    slot_logits = torch.matmul(qs.to(cdt), mem.keys.transpose(1, 2)).float()
-    if positions is not None and (positions.device.type != "cpu" or int(positions.min()) < mem.slot_end):
-        before = (positions.to(slot_logits.device) < mem.slot_end).view(b, 1, 1, 1)  # the prompt's head reads none
-        slot_logits = slot_logits.masked_fill(before, float("-inf"))
-    local = torch.matmul(qs, key.transpose(-1, -2)).float()
-    if attention_mask is not None:
-        mask = attention_mask[:, :, -1:, -skv:].reshape(b, 1, 1, skv)
-        local = local.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else local + mask.float()
-    probs = torch.softmax(torch.cat([slot_logits, local], dim=-1), dim=-1)
-    out = torch.matmul(probs[..., s:].to(value.dtype), value)
-    out = out + torch.matmul(probs[..., :s].to(mem.values.dtype), mem.values).to(out.dtype)
-    if session.record_citations:
-        p_mem = probs[..., :s].view(b, h, g, 1, s)
-        records.append(_citation_record(mem, None, None, p_mem, session.citation_weighting))
-    return out.reshape(b, hq, 1, d).transpose(1, 2).contiguous(), None
 
 
 def _attend_slots(
@@ -355,12 +316,15 @@ def _rows_without_memory(
     first token of a sequence (also after left padding): models park much attention on that token (the attention
     sink, 28-66% in SmolLM2's layers 12-29), and once it reads memory its state changes and later layers lose the
     sink (perplexity of an 8k article with the rest in memory: 43.2 when it reads memory, 18.4 when it does not)."""
+    if mem.slot_tokens is not None:
+        if positions is None or mem.slot_end <= 0:
+            return None
+        if positions.device.type == "cpu" and int(positions.min()) >= mem.slot_end:  # every row after the slots
+            return None  # (every decode step): no mask to build, in every layer
     visible = None
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         visible = attention_mask[:, :, -sq:, -skv:].sum(-1).view(b, 1, 1, sq, 1)
     if mem.slot_tokens is not None:
-        if positions is None or mem.slot_end <= 0:
-            return None
         before = (positions.to(mem.keys.device) < mem.slot_end).view(b, 1, 1, sq, 1)
         return before if visible is None else before & (visible > 0)  # padding rows keep memory: no all -inf row
     return None if visible is None else visible == 1
