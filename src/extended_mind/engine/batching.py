@@ -31,6 +31,7 @@ from extended_mind.attention.alibi import is_alibi_module
 from extended_mind.attention.patching import attention_modules
 from extended_mind.attention.session import Session
 from extended_mind.base.compat import with_cache
+from extended_mind.base.kv_cache import new_cache
 from extended_mind.engine.blocks import BlockPlan, select_blocks
 from extended_mind.engine.decoding import Answer, GeneratedToken, GenerationResult, record_weights, stop_token_ids
 from extended_mind.engine.generation import TokenStream
@@ -179,7 +180,7 @@ class DecodeBatch:
             live.append(_Row(row, lay, sink, cancelled, answer, row.positions()[-1] + 1))
         if self.prefill_chunk is not None and self.rows:  # the running rows go on while these are prefilled
             long = [r for r in live if len(r.row.prompt_ids) > self.prefill_chunk]
-            self.prefilling.extend(_Prefill(r, DynamicCache(config=self.model.config)) for r in long)
+            self.prefilling.extend(_Prefill(r, new_cache(self.model.config)) for r in long)
             live = [r for r in live if len(r.row.prompt_ids) <= self.prefill_chunk]
         if live:
             self._prefill_together(live, retrieval_key(joining[0][1]))
@@ -212,7 +213,7 @@ class DecodeBatch:
             m = len(r.row.prompt_ids)
             ids[i, width - m :], mask[i, width - m :] = torch.tensor(r.row.prompt_ids), 1
             positions[i, width - m :] = torch.tensor(r.row.positions())
-        cache = DynamicCache(config=self.model.config)
+        cache = new_cache(self.model.config)
         logits, cites = self._forward(live, ids, positions, mask, cache)
         for i, r in enumerate(live):
             r.logits, r.read = logits[i], cites[i]
@@ -324,7 +325,7 @@ def _merge(a: DynamicCache, mask_a: torch.Tensor, b: DynamicCache, mask_b: torch
     def pad(x: torch.Tensor, n: int) -> torch.Tensor:  # (B, H, L, D) -> left-padded to n
         return torch.nn.functional.pad(x, (0, 0, n - x.shape[2], 0))
 
-    merged = DynamicCache(config=config)
+    merged = new_cache(config)
     for i, (la, lb) in enumerate(zip(a.layers, b.layers)):
         keys = torch.cat([pad(la.keys, length), pad(lb.keys, length)])
         values = torch.cat([pad(la.values, length), pad(lb.values, length)])

@@ -12,6 +12,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from extended_mind.attention.session import Session
 from extended_mind.base.compat import with_cache
+from extended_mind.base.kv_cache import new_cache
 from extended_mind.engine.blocks import BlockPlan, select_blocks
 from extended_mind.engine.compiled import CompiledStep
 from extended_mind.engine.decoding import (
@@ -114,8 +115,8 @@ class TokenStream:
         answer = Answer(s, self.memory, len(self.prompt_ids), reading.group, reading.blocks_read, reading.passages)
         retry_on = reading.uses_memory and s.uncertainty_threshold is not None and reading.step_k > 0
 
-        def new_cache() -> DynamicCache:
-            cache = DynamicCache(config=self.model.config)
+        def fresh_cache() -> DynamicCache:
+            cache = new_cache(self.model.config)
             if s.uncertainty_threshold is not None and hasattr(cache, "activate_past_recording"):
                 cache.activate_past_recording()  # sliding-window layers can only be cropped when recording
             return cache
@@ -137,7 +138,7 @@ class TokenStream:
             return out.logits[0, -1].float(), record_weights(session.citation_records, n_heads)
 
         stop_ids = stop_token_ids(self.model, self.tokenizer)
-        cache = new_cache()
+        cache = fresh_cache()
         last_input, last_positions = self.prompt_ids, reading.positions
         logits, read = forward(last_input, last_positions, reading.base_k, cache)
         position = last_positions[-1] + 1
@@ -149,7 +150,7 @@ class TokenStream:
             if retry:
                 k = reading.base_k + reading.step_k
                 if step == 0:
-                    cache = new_cache()
+                    cache = fresh_cache()
                 else:
                     cache.crop(-1)
                 logits, read = forward(last_input, last_positions, k, cache)
