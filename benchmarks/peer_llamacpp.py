@@ -8,11 +8,11 @@ exactly `--new-tokens` greedy tokens (end of sequence banned, so no run stops ea
 thread count: prefill tokens/s (the prompt's tokens over the time to the first token) and decode tokens/s (the median
 interval between later tokens), medians over `--repeats`; and the weight bytes each decoded token reads (the bound
 on decode speed: bytes per token over the memory bandwidth the run reached). Our precisions: float32, bfloat16,
-int8 and bfloat16-int8 (int8 decode weights over float32 or bfloat16 ones, base/weights.py), those this torch build
-runs; "-compiled" rows decode with the compiled step (engine/compiled.py; compiled during the warm-up run, whose
-seconds each row reports); `--precisions int8-dynamic` adds torch.ao's dynamic quantization of the linear layers
-(activations quantized too; it lost answers). Writes results.json, table.md and peer.png; prints the CPU model and
-flags.
+int8, bfloat16-int8 and int4 (int8 or 4-bit decode weights over float32 or bfloat16 ones, base/weights.py), those
+this torch build runs; "-compiled" rows decode with the compiled step (engine/compiled.py; compiled during the
+warm-up run, whose seconds each row reports); `--precisions int8-dynamic` adds torch.ao's dynamic quantization of
+the linear layers (activations quantized too; it lost answers). Writes results.json, table.md and peer.png; prints
+the CPU model and flags.
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ import torch
 from extended_mind import ExtendedMind
 from extended_mind.base.loading import default_gguf
 from extended_mind.base.machine import cpu_info
-from extended_mind.base.weights import int8_decode_available
+from extended_mind.base.weights import DecodeLinear, decode_weights_available
 
-PRECISIONS = ("float32", "bfloat16", "int8", "bfloat16-int8", "float32-compiled", "int8-compiled", "int8-dynamic")
+PRECISIONS = ("float32", "bfloat16", "int8", "bfloat16-int8", "int4", "float32-compiled", "int8-compiled",
+              "int4-compiled", "int8-dynamic")  # fmt: skip
 # int8-dynamic lost answers (docs/measurements.md): on request only
-DEFAULT_PRECISIONS = ("float32", "bfloat16", "int8", "bfloat16-int8", "int8-compiled")
+DEFAULT_PRECISIONS = ("float32", "bfloat16", "int8", "bfloat16-int8", "int4", "int4-compiled")
 
 
 def prompt_ids(tokenizer, tokens: int) -> list[int]:
@@ -60,16 +61,18 @@ def weight_bytes(model: torch.nn.Module) -> int:
     total = 0
     table = model.get_input_embeddings().weight
     output = getattr(model.get_output_embeddings(), "weight", None)
-    decoded_int8 = {id(m.weight) for m in model.modules() if hasattr(m, "int8_codes")}  # base/weights.py
+    decoded = {id(m.weight) for m in model.modules() if isinstance(m, DecodeLinear)}  # base/weights.py
     for p in model.parameters():
         if p is table and p is not output:  # one row per token; read whole only as the (tied) output layer
             continue
-        if id(p) in decoded_int8:  # decode steps read the int8 codes instead (counted below)
+        if id(p) in decoded:  # decode steps read the quantized codes instead (counted below)
             continue
         total += p.numel() * p.element_size()
     for module in model.modules():
-        if hasattr(module, "int8_codes"):
-            total += module.int8_codes.numel() + module.int8_scales.numel() * module.int8_scales.element_size()
+        for name in ("int8_codes", "int8_scales", "int4_packed", "int4_scales_zeros"):
+            if hasattr(module, name):
+                t = getattr(module, name)
+                total += t.numel() * t.element_size()
     for module in model.modules():  # dynamically quantized linears keep their int8 weights outside parameters
         packed = getattr(module, "_packed_params", None)
         if packed is not None and hasattr(module, "weight"):
@@ -156,7 +159,9 @@ def measure(run, repeats: int, prompt_tokens: int) -> dict:
 
 def available_precisions(wanted: tuple[str, ...] = DEFAULT_PRECISIONS) -> list[str]:
     """The precisions of `wanted` this torch build runs."""
-    found = [p for p in wanted if "int8" not in p or p == "int8-dynamic" or int8_decode_available()]
+    kinds = {p: next((k for k in ("int8", "int4") if k in p and p != "int8-dynamic"), None) for p in wanted}
+    found = [p for p in wanted if kinds[p] is None or (decode_weights_available("int8") and
+                                                       decode_weights_available(kinds[p]))]  # fmt: skip
     if "int8-dynamic" in wanted:
         try:
             torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(8, 8)), {torch.nn.Linear},

@@ -1,5 +1,5 @@
-"""Weight precision: int8 decode weights (decode steps through torch's packed int8 kernel, prompts and large batches
-through the float32 weights, the model's parameters and identity unchanged), and the measured choice behind
+"""Weight precision: int8 and int4 decode weights (decode steps through torch's packed kernels, prompts and large
+batches through the float32 weights, the model's parameters and identity unchanged), and the measured choice behind
 dtype="auto" (cached per CPU, threads and model; an explicit dtype wins)."""
 
 from __future__ import annotations
@@ -19,13 +19,24 @@ from tests.conftest import byte_tokenizer, tiny_model
 pytestmark = pytest.mark.skipif(not weights.int8_decode_available(), reason="no int8 weight-only kernel in torch")
 
 
-def test_int8_decode_weights_serve_few_rows_and_leave_the_rest_float32():
+def _needs(kind: str) -> None:
+    if not weights.decode_weights_available(kind):
+        pytest.skip(f"no {kind} weight-only kernel in torch")
+
+
+@pytest.mark.parametrize("kind, tolerance", [("int8", 0.05), ("int4", 0.25)])
+def test_decode_weights_serve_few_rows_and_leave_the_rest_float32(kind, tolerance):
+    _needs(kind)
     model = tiny_model("llama")
     reference = tiny_model("llama")  # same seed, same weights
     state = {k: v.clone() for k, v in model.state_dict().items()}
     before = ModelIdentity.of(model, byte_tokenizer(), "tiny")
-    converted = weights.use_int8_decode(model)
+    converted = weights.use_decode_weights(model, kind)
     assert converted == sum(type(m) is torch.nn.Linear for m in reference.modules())  # every in_features % 16 == 0
+    if kind == "int4":  # 4-bit layers, an int8 output layer (as in the GGUF: its logits choose every token)
+        assert type(model.lm_head) is weights.Int8DecodeLinear
+        assert {type(m) for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)} == {
+            weights.Int4DecodeLinear}
     assert model.state_dict().keys() == state.keys()  # codes are not parameters: saved models are unchanged
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert ModelIdentity.of(model, byte_tokenizer(), "tiny") == before  # memories made before still load
@@ -36,10 +47,11 @@ def test_int8_decode_weights_serve_few_rows_and_leave_the_rest_float32():
         for ids in (prompt, big_batch):  # prompts and large batches: the float32 weights, bit for bit
             assert torch.equal(model(ids).logits, reference(ids).logits)
         got, expected = model(steps).logits, reference(steps).logits
-    assert not torch.equal(got, expected)  # the int8 path ran
-    assert (got - expected).abs().max() < 0.05 * expected.abs().max()  # per-channel int8: close to float32
-    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.8  # a random model has near-ties
-    weights.drop_int8_decode(model)
+    assert not torch.equal(got, expected)  # the quantized path ran
+    assert (got - expected).abs().max() < tolerance * expected.abs().max()  # close to float32
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.6  # a random model has near-ties
+    weights.drop_decode_weights(model)
+    assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
     with torch.inference_mode():
         assert torch.equal(model(steps).logits, reference(steps).logits)
 
@@ -47,8 +59,37 @@ def test_int8_decode_weights_serve_few_rows_and_leave_the_rest_float32():
 def test_layers_the_kernel_cannot_take_stay_float():
     layer = torch.nn.Linear(24, 8)  # in_features not a multiple of 16: the kernel's results would be wrong
     model = torch.nn.Sequential(layer, torch.nn.Linear(8, 32), torch.nn.Linear(32, 4))
-    assert weights.use_int8_decode(model) == 1
+    assert weights.use_decode_weights(model, "int8") == 1
     assert [type(m).__name__ for m in model] == ["Linear", "Linear", "Int8DecodeLinear"]
+    if weights.int4_decode_available():  # int4 needs in_features % 32 and out_features % 16; else int8 if it can
+        model = torch.nn.Sequential(layer, torch.nn.Linear(16, 32), torch.nn.Linear(32, 4), torch.nn.Linear(64, 16))
+        assert weights.use_decode_weights(model, "int4") == 3
+        assert [type(m).__name__ for m in model] == ["Linear", "Int8DecodeLinear", "Int8DecodeLinear",
+                                                     "Int4DecodeLinear"]  # fmt: skip
+
+
+def test_int4_gives_a_q4_1_layer_its_own_codes_back():
+    """Weights that are llama.cpp Q4_1 blocks (per 32 inputs: codes 0-15, min and max present, scale and min
+    exact in bfloat16), as the default GGUF's layers load: the 4-bit decode weights hold those same codes and
+    scales; only the kernel's zero point (min + 8 scales, code 8 being its zero) is rounded to bfloat16."""
+    _needs("int4")
+    torch.manual_seed(0)
+    out, inputs = 32, 64
+    codes = torch.randint(0, 16, (out, inputs // 32, 32))
+    codes[..., 0], codes[..., 1] = 0, 15  # Q4_1 puts the group's min at code 0 and its max at 15
+    scale = (torch.rand(out, inputs // 32, 1) * 0.02 + 0.001).bfloat16().float()
+    low = (torch.randn(out, inputs // 32, 1) * 0.05).bfloat16().float()
+    w = (codes * scale + low).reshape(out, inputs)
+    layer = torch.nn.Linear(inputs, out, bias=False)
+    layer.weight.data.copy_(w)
+    assert weights.use_decode_weights(torch.nn.Sequential(layer), "int4") == 1
+    eye = torch.eye(inputs, dtype=torch.bfloat16)
+    with torch.inference_mode():  # one-hot decode rows read the weights back, one input at a time
+        got = torch.cat([layer(eye[i : i + 16].float()) for i in range(0, inputs, 16)]).t()
+    zero = (low + 8 * scale).bfloat16().float()
+    expected = ((codes - 8) * scale + zero).reshape(out, inputs).bfloat16().float()
+    assert torch.equal(got, expected)  # a code one off would be a whole scale away
+    assert (got - w).abs().max() <= 0.01 * w.abs().max()
 
 
 def test_auto_measures_once_then_reads_its_cache(tmp_path, monkeypatch):
@@ -58,8 +99,10 @@ def test_auto_measures_once_then_reads_its_cache(tmp_path, monkeypatch):
     assert choice in weights.WEIGHTS
     found = next(iter(json.loads((tmp_path / "weights-choice.json").read_text()).values()))
     assert found["choice"] == choice and found["float32"]["decode_ms"] > 0
-    assert 0.0 <= found["int8"]["agreement"] <= 1.0 and isinstance(found["int8"]["counts"], bool)
-    assert all(type(m) is not weights.Int8DecodeLinear for m in model.modules())  # measuring left it as it was
+    for kind in weights.WEIGHTS[1:]:
+        if weights.decode_weights_available(kind):
+            assert 0.0 <= found[kind]["agreement"] <= 1.0 and isinstance(found[kind]["counts"], bool)
+    assert not any(isinstance(m, weights.DecodeLinear) for m in model.modules())  # measuring left it as it was
 
     def no_measuring(*_):
         raise AssertionError("measured again")
@@ -84,23 +127,36 @@ def test_loading_with_a_named_precision(tmp_path, monkeypatch):
     auto = ExtendedMind.from_pretrained(str(path), device="cpu")
     assert auto.weights in weights.WEIGHTS and (tmp_path / "cache" / "weights-choice.json").is_file()
     assert ExtendedMind.from_pretrained(str(path), device="cpu", dtype="float32").weights == "float32"  # explicit
+    if weights.int4_decode_available():
+        four = ExtendedMind.from_pretrained(str(path), device="cpu", dtype="int4")
+        assert four.weights == "int4" and four.model.dtype == torch.float32
+        assert any(type(m) is weights.Int4DecodeLinear for m in four.model.modules())
+        assert four.generate("Who keeps the light?", memory=memory, max_new_tokens=4, chat=False).tokens
     with pytest.raises(ModelLoadError, match="auto"):
-        load_model(str(path), dtype="int4")
+        load_model(str(path), dtype="int3")
 
 
-def test_int8_is_chosen_only_when_it_agrees_with_float32_and_decodes_faster(monkeypatch):
+def test_the_fastest_precision_that_agrees_with_float32_is_chosen(monkeypatch):
     """Timings and answers faked: the rule alone."""
-    fake = {"float32": (0.060, 1), "int8": (0.022, 1)}
+    fake = {"float32": (0.060, 1), "int8": (0.022, 1), "int4": (0.015, 2)}
+    monkeypatch.setattr(weights, "decode_weights_available", lambda kind: True)
+    monkeypatch.setattr(weights, "int4_decode_available", lambda: True)
 
     def fake_probe(model, prompts, forced):
-        int8 = any(type(m) is weights.Int8DecodeLinear for m in model.modules())
-        decode_s, token = fake["int8" if int8 else "float32"]
+        kinds = {type(m) for m in model.modules()}
+        four, eight = weights.Int4DecodeLinear in kinds, weights.Int8DecodeLinear in kinds
+        decode_s, token = fake["int4" if four else "int8" if eight else "float32"]
         return {"answers": [[token] * weights.PROBE_TOKENS for _ in prompts], "decode_s": decode_s}
 
     monkeypatch.setattr(weights, "_probe", fake_probe)
+    monkeypatch.setattr(weights, "_give_int4", lambda module: setattr(module, "__class__", weights.Int4DecodeLinear))
     found = weights.measure(tiny_model("llama"), byte_tokenizer())
-    assert found["choice"] == "int8" and found["int8"]["agreement"] == 1.0
+    assert found["choice"] == "int8" and found["int8"]["agreement"] == 1.0  # int4 faster, but never float32's token
+    assert found["int4"]["agreement"] == 0.0 and not found["int4"]["counts"]
+    fake["int4"] = (0.015, 1)  # agrees and is fastest
+    assert weights.measure(tiny_model("llama"), byte_tokenizer())["choice"] == "int4"
+    fake["int4"] = (0.030, 1)  # agrees, slower than int8
+    assert weights.measure(tiny_model("llama"), byte_tokenizer())["choice"] == "int8"
     fake["int8"] = (0.022, 2)  # never float32's token
-    assert weights.measure(tiny_model("llama"), byte_tokenizer())["choice"] == "float32"
-    fake["int8"] = (0.059, 1)  # agrees, but no faster than float32 (beyond MIN_GAIN)
+    fake["int4"] = (0.059, 1)  # agrees, but no faster than float32 (beyond MIN_GAIN)
     assert weights.measure(tiny_model("llama"), byte_tokenizer())["choice"] == "float32"

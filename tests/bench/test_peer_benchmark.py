@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from extended_mind.base.weights import use_int8_decode
+from extended_mind.base.weights import int4_decode_available, use_decode_weights
 from tests.conftest import byte_tokenizer, tiny_model
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "peer_llamacpp.py"
@@ -39,10 +39,18 @@ def test_weight_bytes_count_the_output_layer_once_and_skip_an_untied_embedding_t
     half = tiny_model("llama").to(torch.bfloat16)
     assert peer.weight_bytes(half) * 2 == expected
     int8 = tiny_model("llama")
-    use_int8_decode(int8)  # decode steps read one byte per weight of each linear layer, plus its scales
+    use_decode_weights(int8, "int8")  # decode steps read one byte per weight of each linear layer, plus its scales
     linears = [m for m in int8.modules() if hasattr(m, "int8_codes")]
     read = expected - sum(m.weight.numel() * 4 - m.weight.numel() - 2 * m.out_features for m in linears)
     assert peer.weight_bytes(int8) == read
+    if int4_decode_available():  # half a byte per weight, a bfloat16 scale and zero per 32 (the head stays int8)
+        int4 = tiny_model("llama")
+        use_decode_weights(int4, "int4")
+        fours = [m for m in int4.modules() if hasattr(m, "int4_packed")]
+        assert fours
+        n = [(m.weight.numel(), m.out_features) for m in fours]
+        saved = sum(size + 2 * out - size // 2 - size // 32 * 4 for size, out in n)  # int8's bytes minus int4's
+        assert peer.weight_bytes(int4) == read - saved
 
 
 def test_prompt_ids_have_the_asked_length(peer):

@@ -20,11 +20,12 @@ from transformers.utils import logging as hf_logging
 from extended_mind.base.errors import ModelLoadError
 from extended_mind.base.paths import cache_dir
 from extended_mind.base.weights import choose as choose_weights
-from extended_mind.base.weights import int8_decode_available, use_int8_decode
+from extended_mind.base.weights import decode_weights_available, int8_decode_available, use_decode_weights
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DTYPE_ENV = "EXTENDED_MIND_DTYPE"  # the precision used when none is asked for (default: auto)
-INT8_DECODE = ("int8", "bfloat16-int8")  # int8 decode weights over float32 or bfloat16 ones (base/weights.py)
+# decode weights (base/weights.py): the kind, over float32 or bfloat16 weights
+DECODE_WEIGHTS = {"int8": "int8", "bfloat16-int8": "int8", "int4": "int4"}
 
 
 def default_gguf() -> Path:
@@ -59,7 +60,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         }
         if dtype not in named:
             raise ModelLoadError(
-                f"unknown dtype {dtype!r}; choose one of {sorted(named) + ['auto', *INT8_DECODE]}"
+                f"unknown dtype {dtype!r}; choose one of {sorted(named) + ['auto', *DECODE_WEIGHTS]}"
             )
         return named[dtype]
     return dtype
@@ -97,17 +98,18 @@ def load_model(
     model: str | None = None, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
     """Return (model, tokenizer, source name). `model` is None (the default), a local directory or a hub id.
-    `dtype`: a torch dtype or its name, "int8" (float32 weights with int8 copies for decoding, on a CPU),
-    "bfloat16-int8" (the same over bfloat16 weights) or "auto"
-    (the default, or $EXTENDED_MIND_DTYPE when set: on a CPU int8 where it agrees with float32's answers and decodes
-    faster, else float32, measured once per CPU and cached, base/weights.py; bfloat16 on a GPU)."""
+    `dtype`: a torch dtype or its name, "int8" or "int4" (float32 weights with int8 or 4-bit copies for decoding,
+    on a CPU), "bfloat16-int8" (int8 over bfloat16 weights) or "auto" (the default, or $EXTENDED_MIND_DTYPE when
+    set: on a CPU the fastest of int8 and int4 that agrees with float32's answers and decodes faster, else float32,
+    measured once per CPU and cached, base/weights.py; bfloat16 on a GPU)."""
     dev = resolve_device(device)
     dtype = (os.environ.get(DTYPE_ENV) or "auto") if dtype is None else dtype
-    weights = dtype if dtype == "auto" or dtype in INT8_DECODE else None
-    if weights in INT8_DECODE and dev.type != "cpu":
-        raise ModelLoadError(f"dtype {weights!r} (int8 decode weights) runs on a CPU; on a GPU use bfloat16")
-    if weights in INT8_DECODE and not int8_decode_available():
-        raise ModelLoadError(f"dtype {weights!r} needs torch's int8 weight-only kernel, which this torch build lacks")
+    weights = dtype if dtype == "auto" or dtype in DECODE_WEIGHTS else None
+    kind = DECODE_WEIGHTS.get(weights)
+    if kind and dev.type != "cpu":
+        raise ModelLoadError(f"dtype {weights!r} ({kind} decode weights) runs on a CPU; on a GPU use bfloat16")
+    if kind and not (int8_decode_available() and decode_weights_available(kind)):
+        raise ModelLoadError(f"dtype {weights!r} needs torch's {kind} weight-only kernel, which this torch build lacks")
     if weights is not None:
         dt = torch.bfloat16 if dev.type != "cpu" or weights == "bfloat16-int8" else torch.float32
     else:
@@ -129,10 +131,10 @@ def load_model(
             f"unknown model {model!r}: not a loadable local model directory, and not fetchable from the hub ({exc})"
         ) from None
     net = net.to(dev).eval()
-    if weights == "auto":  # loaded in float32 on a CPU (choose: float32 or int8), in bfloat16 on a GPU
+    if weights == "auto":  # loaded in float32 on a CPU (choose: float32, int8 or int4), in bfloat16 on a GPU
         weights = choose_weights(net, tokenizer) if dev.type == "cpu" else "bfloat16"
-    if weights in INT8_DECODE:
-        use_int8_decode(net)
+    if weights in DECODE_WEIGHTS:
+        use_decode_weights(net, DECODE_WEIGHTS[weights])
     net.extended_mind_weights = weights or str(dt).removeprefix("torch.")  # what `ExtendedMind.weights` reports
     return net, tokenizer, source
 

@@ -56,7 +56,7 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--model", default=None, help="local model directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="float32",
                    help="model weights: float32 (default: accuracy tables must not depend on what a timing picks), "
-                   "bfloat16, float16, int8 (CPU: int8 decode weights) or auto (the users' default)")  # fmt: skip
+                   "bfloat16, float16, int8 or int4 (CPU: decode weights) or auto (the users' default)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (fix it for comparable timings)")
     p.add_argument("--no-progress", action="store_true")
 

@@ -25,8 +25,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
         default=None,
-        help="auto (default: on a CPU int8 decode weights where they agree with float32 and decode faster, measured "
-        "once per CPU; bfloat16 on CUDA), float32, bfloat16, float16, int8 or bfloat16-int8",
+        help="auto (default: on a CPU the fastest of int8 and int4 decode weights that agrees with float32 and decodes "
+        "faster, measured once per CPU; bfloat16 on CUDA), float32, bfloat16, float16, int8, int4 or bfloat16-int8",
     )
     p.add_argument(
         "--compile",
@@ -114,7 +114,8 @@ def _add_serve_command(sub) -> None:
     p.add_argument("--max-memory-tokens", type=int, default=1_000_000, help="largest memory (1,000,000 tokens)")
     p.add_argument("--model", default=None, help="local model directory or hub id (default: SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="auto (default; see `ask --help`), float32, bfloat16, float16 or int8")
+    p.add_argument("--dtype", default=None,
+                   help="auto (default; see `ask --help`), float32, bfloat16, float16, int8 or int4")  # fmt: skip
 
 
 def _add_memory_commands(sub) -> None:

@@ -84,7 +84,7 @@ class ExtendedMind:
         compile: bool | None = None,
     ) -> ExtendedMind:
         """Load `model` (None: the embedded SmolLM2-135M-Instruct; or a local model directory or hub id). `dtype`:
-        None or "auto" (on a CPU "int8" decode weights where they agree with float32's answers and decode faster,
+        None or "auto" (on a CPU the fastest "int8" or "int4" decode weights that agree with float32's answers,
         measured once per CPU, else float32; bfloat16 on a GPU), or a precision by name (base/loading.py).
         `compile`: a compiled decode step for answers that read no memory (see `__init__`)."""
         return cls(*load_model(model, device=device, dtype=dtype), shards=shards, compile=compile)
@@ -100,8 +100,8 @@ class ExtendedMind:
 
     @property
     def weights(self) -> str:
-        """The precision the weights run in: "float32", "bfloat16", "float16", "int8" (float32 with int8 decode
-        weights; base/weights.py) or "bfloat16-int8"."""
+        """The precision the weights run in: "float32", "bfloat16", "float16", "int8" or "int4" (float32 with int8
+        or 4-bit decode weights; base/weights.py) or "bfloat16-int8"."""
         return getattr(self.model, "extended_mind_weights", None) or str(self.model.dtype).removeprefix("torch.")
 
     @property
