@@ -69,10 +69,8 @@ def weight_bytes(model: torch.nn.Module) -> int:
             continue
         total += p.numel() * p.element_size()
     for module in model.modules():
-        for name in ("int8_codes", "int8_scales", "int4_packed", "int4_scales_zeros"):
-            if hasattr(module, name):
-                t = getattr(module, name)
-                total += t.numel() * t.element_size()
+        if isinstance(module, DecodeLinear):
+            total += sum(t.numel() * t.element_size() for t in module.codes())
     for module in model.modules():  # dynamically quantized linears keep their int8 weights outside parameters
         packed = getattr(module, "_packed_params", None)
         if packed is not None and hasattr(module, "weight"):
@@ -160,8 +158,7 @@ def measure(run, repeats: int, prompt_tokens: int) -> dict:
 def available_precisions(wanted: tuple[str, ...] = DEFAULT_PRECISIONS) -> list[str]:
     """The precisions of `wanted` this torch build runs."""
     kinds = {p: next((k for k in ("int8", "int4") if k in p and p != "int8-dynamic"), None) for p in wanted}
-    found = [p for p in wanted if kinds[p] is None or (decode_weights_available("int8") and
-                                                       decode_weights_available(kinds[p]))]  # fmt: skip
+    found = [p for p in wanted if kinds[p] is None or decode_weights_available(kinds[p])]
     if "int8-dynamic" in wanted:
         try:
             torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(8, 8)), {torch.nn.Linear},

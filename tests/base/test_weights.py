@@ -140,7 +140,6 @@ def test_the_fastest_precision_that_agrees_with_float32_is_chosen(monkeypatch):
     """Timings and answers faked: the rule alone."""
     fake = {"float32": (0.060, 1), "int8": (0.022, 1), "int4": (0.015, 2)}
     monkeypatch.setattr(weights, "decode_weights_available", lambda kind: True)
-    monkeypatch.setattr(weights, "int4_decode_available", lambda: True)
 
     def fake_probe(model, prompts, forced):
         kinds = {type(m) for m in model.modules()}

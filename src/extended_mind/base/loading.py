@@ -20,7 +20,7 @@ from transformers.utils import logging as hf_logging
 from extended_mind.base.errors import ModelLoadError
 from extended_mind.base.paths import cache_dir
 from extended_mind.base.weights import choose as choose_weights
-from extended_mind.base.weights import decode_weights_available, int8_decode_available, use_decode_weights
+from extended_mind.base.weights import decode_weights_available, use_decode_weights
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DTYPE_ENV = "EXTENDED_MIND_DTYPE"  # the precision used when none is asked for (default: auto)
@@ -108,7 +108,7 @@ def load_model(
     kind = DECODE_WEIGHTS.get(weights)
     if kind and dev.type != "cpu":
         raise ModelLoadError(f"dtype {weights!r} ({kind} decode weights) runs on a CPU; on a GPU use bfloat16")
-    if kind and not (int8_decode_available() and decode_weights_available(kind)):
+    if kind and not decode_weights_available(kind):
         raise ModelLoadError(f"dtype {weights!r} needs torch's {kind} weight-only kernel, which this torch build lacks")
     if weights is not None:
         dt = torch.bfloat16 if dev.type != "cpu" or weights == "bfloat16-int8" else torch.float32

@@ -88,8 +88,9 @@ def int4_decode_available() -> bool:
 
 
 def decode_weights_available(kind: str) -> bool:
-    """Whether decode weights of `kind` ("int8" or "int4") run here."""
-    return {"int8": int8_decode_available, "int4": int4_decode_available}[kind]()
+    """Whether decode weights of `kind` ("int8" or "int4") run here (int4 needs the int8 kernel too: its output
+    layer is int8, see `use_decode_weights`)."""
+    return int8_decode_available() and (kind == "int8" or int4_decode_available())
 
 
 @torch.library.custom_op("extended_mind::int8_weight_mm", mutates_args=())
@@ -119,8 +120,11 @@ class DecodeLinear(torch.nn.Linear):
     of its weight, in bfloat16 (see the module docstring); other inputs go through the float weight. Made by
     changing a Linear's class in place: its parameters, state dict and hooks stay."""
 
-    def _codes_device(self) -> torch.device:
-        raise NotImplementedError
+    CODES: tuple[str, ...] = ()  # the attributes that hold the quantized weight
+
+    def codes(self) -> list[torch.Tensor]:
+        """The tensors a decode step reads instead of the float weight."""
+        return [getattr(self, name) for name in self.CODES]
 
     def _multiply(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -128,7 +132,7 @@ class DecodeLinear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(1, x.shape[-1])
         one_token_rows = x.dim() < 3 or x.shape[-2] == 1  # a decode step (a prompt's rows are float32's)
-        if rows > DECODE_ROWS or not one_token_rows or x.device != self._codes_device():
+        if rows > DECODE_ROWS or not one_token_rows or x.device != getattr(self, self.CODES[0]).device:
             return super().forward(x)
         y = self._multiply(x.reshape(rows, -1).to(torch.bfloat16))
         y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
@@ -140,9 +144,7 @@ class Int8DecodeLinear(DecodeLinear):
 
     int8_codes: torch.Tensor  # (out, in) int8
     int8_scales: torch.Tensor  # (out,) bfloat16
-
-    def _codes_device(self) -> torch.device:
-        return self.int8_codes.device
+    CODES = ("int8_codes", "int8_scales")
 
     def _multiply(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # the same kernel as eager: inductor's own lowering differs and is slower
@@ -155,9 +157,7 @@ class Int4DecodeLinear(DecodeLinear):
 
     int4_packed: torch.Tensor  # (out, in / 2) uint8 in the CPU kernel's layout
     int4_scales_zeros: torch.Tensor  # (in / INT4_GROUP, out, 2) bfloat16: w = (code - 8) * scale + zero
-
-    def _codes_device(self) -> torch.device:
-        return self.int4_packed.device
+    CODES = ("int4_packed", "int4_scales_zeros")
 
     def _multiply(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -195,7 +195,7 @@ def use_decode_weights(model: PreTrainedModel, kind: str = "int8") -> int:
     out_features of 16), except the output layer, which gets int8 (as in the GGUF: 4-bit layers, an 8-bit
     embedding; its logits choose every token); other layers int8 where they can. Raises RuntimeError where a
     kernel is unavailable."""
-    if not int8_decode_available() or (kind == "int4" and not int4_decode_available()):
+    if not decode_weights_available(kind):
         raise RuntimeError(f"torch's {kind} weight-only kernel is not available here")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     done = 0
@@ -215,7 +215,7 @@ def drop_decode_weights(model: PreTrainedModel) -> None:
     """Undo `use_decode_weights`: plain Linears again, the codes freed."""
     for module in model.modules():
         if isinstance(module, DecodeLinear):
-            for name in ("int8_codes", "int8_scales", "int4_packed", "int4_scales_zeros"):
+            for name in module.CODES:
                 module.__dict__.pop(name, None)
             module.__class__ = torch.nn.Linear
 
@@ -249,7 +249,7 @@ def measure(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
     base = _probe(model, prompts, None)
     found: dict = {"float32": {"decode_ms": 1000 * base["decode_s"]}, "choice": "float32"}
     for kind in WEIGHTS[1:]:
-        if not (int8_decode_available() and decode_weights_available(kind)):
+        if not decode_weights_available(kind):
             continue
         use_decode_weights(model, kind)  # measured in place, then undone
         try:
