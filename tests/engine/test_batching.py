@@ -21,7 +21,8 @@ def test_batch_equals_one_by_one(tiny_pair, policy):
     ships = mind.memorize(SHIPS, ids=["ships"])
     memories = [cats, ships, None, [cats, ships]]
     if policy == "blocks":  # block memory: each prompt's own selection pass, slots and positions
-        options = dict(max_new_tokens=8, chat=False, topk=3, blocks=2, block_size=16)
+        # (relevance 0: a tiny random model's questions are relevant to nothing, and would read no block at all)
+        options = dict(max_new_tokens=8, chat=False, topk=3, blocks=2, block_size=16, block_relevance=0.0)
     else:
         options = dict(max_new_tokens=8, chat=False, topk=3, retrieval="tokens", position_policy=policy)
     alone = [mind.generate(p, memory=m, **options) for p, m in zip(PROMPTS, memories)]
@@ -40,6 +41,8 @@ def test_batch_equals_one_by_one(tiny_pair, policy):
         for ca, cb in zip(a.citations, b.citations):
             assert cb.weight == pytest.approx(ca.weight, rel=1e-3, abs=1e-6)
     assert batch[2].citations == []  # the prompt without memory cites nothing
+    if policy == "blocks":  # every prompt with a memory read blocks: the batch read slots row by row
+        assert all(b.blocks_read for b, m in zip(batch, memories) if m is not None)
 
 
 def test_batch_stop_strings_and_sampling(tiny_mind: ExtendedMind):
