@@ -61,8 +61,8 @@ def prepare_layers(
     if prepared is None:
         memory.prepared_layers.clear()  # one prepared copy at a time: memory use stays at most about twice the memory
         scanned = index is None and (memory.num_tokens if scan_from is None else scan_from) >= LOW_PRECISION_SCAN_MIN
-        pos = torch.zeros_like(memory.positions) if policy == "zero" else memory.positions
-        pos = pos.long()
+        # (under "zero" the stored positions are not read: a cold million-token memory reads them from 246 files)
+        pos = torch.zeros(memory.num_tokens, dtype=torch.long) if policy == "zero" else memory.positions.long()
         # ALiBi (alibi.py) biases a memory by its position: under "zero", one before the prompt (the reference's
         # ALiBi rule); under "stored", the position it rotates to here
         bias_positions = torch.full_like(pos, -1) if policy == "zero" else pos
