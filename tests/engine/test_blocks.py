@@ -13,6 +13,7 @@ from extended_mind.engine import heads as heads_module
 from extended_mind.engine.blocks import BlockLayout, Relevance, select_blocks
 from extended_mind.engine.heads import calibration_sequences, head_scores, retrieval_heads
 from extended_mind.engine.words import content_words
+from extended_mind.memory.memory import Memory
 from tests.conftest import WordEmbedder
 
 DOCS = ["The cat sat on the mat. " * 5, "Ships sail at dawn.", "A third document, of medium length here."]
@@ -490,3 +491,18 @@ def test_block_choice_is_checked_and_a_missing_embedding_model_is_named(tiny_min
     monkeypatch.setenv("EXTENDED_MIND_CACHE", str(tmp_path))
     with pytest.raises(ModelLoadError, match="extended-mind data fetch --only minilm"):
         Embedder()
+
+
+def test_block_memory_never_reads_the_stored_positions(tiny_mind, monkeypatch):
+    """Block memory rotates slots to their own positions; the stored ones are read by token retrieval only (a cold
+    million-token memory reads them from every document's file: 1.1 s of its first question)."""
+    memory = tiny_mind.memorize(["The keeper of the lighthouse is Ada. " * 4, "Bread is baked at dawn. " * 4],
+                                progress=False)  # fmt: skip
+
+    def refuse(self):
+        raise AssertionError("block memory read the stored positions")
+
+    monkeypatch.setattr(Memory, "positions", property(refuse))
+    result = tiny_mind.generate("Who keeps the light?", memory=memory, chat=False, max_new_tokens=3, blocks=2,
+                                block_size=16, block_relevance=0.0)  # fmt: skip
+    assert result.blocks_read and result.citations
