@@ -149,8 +149,9 @@ def _prepare_sharded(
         scan_from = memory.num_tokens if local.num_tokens else 0  # nothing to scan here
         local_layers = prepare_layers(local, policy, device, dtype, layers, local_index, scan_from, values)
         shard = LayerShard(memory.shard, memory.local_to_global().to(device), memory.num_tokens)
-        positions = memory.positions.long()
-        positions = torch.full_like(positions, -1) if policy == "zero" else positions
+        # (ALiBi's positions: under "zero" all one before the prompt, the stored ones not read, as above)
+        n = memory.num_tokens
+        positions = torch.full((n,), -1, dtype=torch.long) if policy == "zero" else memory.positions.long()
         prepared = {i: replace(m, shard=shard, positions=positions) for i, m in local_layers.items()}
         memory.prepared_layers[cache_key] = prepared
     if layers is None:
