@@ -493,6 +493,24 @@ def test_block_choice_is_checked_and_a_missing_embedding_model_is_named(tiny_min
         Embedder()
 
 
+def test_block_memory_cites_without_every_documents_spans(tiny_mind, tmp_path, monkeypatch):
+    """A read block's text and its citations read the spans of their own documents only (the flat view of every
+    document's spans cost a cold million-token memory 1.5 s of its first question)."""
+    docs = ["The keeper of the lighthouse is Ada. " * 4, "Bread is baked at dawn. " * 4, "Snow fell. " * 6]
+    tiny_mind.memorize(docs, ids=["a", "b", "c"], progress=False).save(tmp_path / "m")
+    memory = Memory.load(tmp_path / "m")
+
+    def refuse(self):
+        raise AssertionError("read every document's spans")
+
+    monkeypatch.setattr(Memory, "token_spans", property(refuse))
+    result = tiny_mind.generate("Who keeps the light?", memory=memory, chat=False, max_new_tokens=3, blocks=2,
+                                block_size=16, block_relevance=0.0)  # fmt: skip
+    assert result.blocks_read and result.citations and result.passages
+    for c in result.citations + result.passages:
+        assert c.text.strip() in docs["abc".index(c.doc)]
+
+
 def test_block_memory_never_reads_the_stored_positions(tiny_mind, monkeypatch):
     """Block memory rotates slots to their own positions; the stored ones are read by token retrieval only (a cold
     million-token memory reads them from every document's file: 1.1 s of its first question)."""

@@ -33,6 +33,7 @@ from extended_mind.engine.words import content_words
 from extended_mind.memory.citations import Passage
 from extended_mind.memory.memory import Memory
 from extended_mind.memory.precision import float_dtype
+from extended_mind.memory.provenance import spans_at
 from extended_mind.retrieval.layer import LayerMemory, RetrievalSettings
 from extended_mind.retrieval.selection import BlockSelection
 
@@ -64,20 +65,22 @@ class BlockLayout:
     block_of: torch.Tensor  # (N,) long: block of every token
     starts: torch.Tensor  # (blocks,) long: first token of every block
     lengths: torch.Tensor  # (blocks,) long
+    docs: torch.Tensor  # (blocks,) long: the document of every block
 
     @classmethod
     def of(cls, memory: Memory, size: int) -> BlockLayout:
         def build() -> BlockLayout:
-            starts, lengths = [], []
+            starts, lengths, docs = [], [], []
             offset = 0
-            for seg in memory.segments:
+            for d, seg in enumerate(memory.segments):
                 for s in range(0, seg.num_tokens, size):
                     starts.append(offset + s)
                     lengths.append(min(size, seg.num_tokens - s))
+                    docs.append(d)
                 offset += seg.num_tokens
             starts_t, lengths_t = torch.tensor(starts, dtype=torch.long), torch.tensor(lengths, dtype=torch.long)
             block_of = torch.repeat_interleave(torch.arange(len(starts)), lengths_t)
-            return cls(size, block_of, starts_t, lengths_t)
+            return cls(size, block_of, starts_t, lengths_t, torch.tensor(docs, dtype=torch.long))
 
         return memory.cached(f"blocks-{size}", build)
 
@@ -92,8 +95,8 @@ class BlockLayout:
     def span(self, memory: Memory, block: int) -> tuple[int, int, int]:
         """(document index, first character, end character) of the text one block's tokens came from."""
         start, length = int(self.starts[block]), int(self.lengths[block])
-        spans = memory.token_spans
-        return int(memory.token_doc[start]), int(spans[start, 0]), int(spans[start + length - 1, 1])
+        first, last = spans_at(memory, torch.tensor([start, start + length - 1])).tolist()
+        return int(self.docs[block]), first[0], last[1]
 
     def text(self, memory: Memory, block: int) -> str:
         """The text of one block."""
@@ -229,7 +232,6 @@ class BlockPlan:
         """Per block (ranked with `scores`): whether it, or the block after it in its document, shares a content word
         with the question, or scores `words_override` or more."""
         words = self.question_words or frozenset()
-        doc_of = self.memory.token_doc
         out = []
         for b, score in zip(blocks.tolist(), scores.tolist()):
             if score >= self.words_override:
@@ -237,7 +239,7 @@ class BlockPlan:
                 continue
             text = self.layout.text(self.memory, b)
             nxt = b + 1
-            if nxt < self.layout.num_blocks and doc_of[self.layout.starts[nxt]] == doc_of[self.layout.starts[b]]:
+            if nxt < self.layout.num_blocks and self.layout.docs[nxt] == self.layout.docs[b]:
                 text += self.layout.text(self.memory, nxt)
             out.append(bool(content_words(text) & words))
         return torch.tensor(out, dtype=torch.bool)
@@ -247,7 +249,7 @@ class BlockPlan:
         before: a passage the heads point at often goes on past its block's end or starts before its start (block
         edges fall anywhere: a filler passkey's block began at the key's second digit, and the answer wandered)."""
         picked = chosen.tolist()
-        doc_of_block = self.memory.token_doc[self.layout.starts]
+        doc_of_block = self.layout.docs
         for step in (1, -1):
             for b in chosen.tolist():
                 if len(picked) >= n:

@@ -9,6 +9,7 @@ from functools import lru_cache
 import torch
 
 from extended_mind.memory.memory import Memory
+from extended_mind.memory.provenance import by_document
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
@@ -17,6 +18,8 @@ _MAX_SPAN_CHARS = 400
 
 
 _CONTEXT_CHARS = 120
+
+_DOC_SHIFT = 32  # a (document, sentence) key: document << 32 | sentence within it
 
 
 @dataclass(frozen=True)
@@ -71,26 +74,10 @@ def sparse_sum(indices: list[torch.Tensor], weights: list[torch.Tensor]) -> tupl
     return uniq, torch.zeros(len(uniq), device=w.device).scatter_add_(0, inverse, w)
 
 
-def token_sentences(memory: Memory) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sentence of every memory token: (token_sentence (N,) global sentence ids, sentence_doc (S,) document index,
-    doc_first (D,) global id of each document's first sentence). Built once per memory content (a flat view)."""
-
-    def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        spans = memory.token_spans
-        token_sentence = torch.empty(len(spans), dtype=torch.long)
-        sentence_doc, doc_first, first, t0 = [], [], 0, 0
-        for d, segment in enumerate(memory.segments):  # a document's tokens are contiguous, in segment order
-            starts = _sentences(segment.document.text)[0]
-            t1 = t0 + segment.num_tokens
-            local = torch.searchsorted(torch.tensor(starts, dtype=torch.long), spans[t0:t1, 0].long(), right=True)
-            token_sentence[t0:t1] = first + (local - 1).clamp_min(0)
-            t0 = t1
-            doc_first.append(first)
-            sentence_doc += [d] * max(1, len(starts))
-            first += max(1, len(starts))
-        return token_sentence, torch.tensor(sentence_doc, dtype=torch.long), torch.tensor(doc_first, dtype=torch.long)
-
-    return memory.cached("sentences", build)
+def _sentence_starts(memory: Memory, doc: int) -> torch.Tensor:
+    """(S,) long: the first character of every sentence of one document (kept with the memory's other views)."""
+    text = memory.segments[doc].document.text
+    return memory.cached(f"sentence-starts-{doc}", lambda: torch.tensor(_sentences(text)[0], dtype=torch.long))
 
 
 def cite(
@@ -104,10 +91,14 @@ def cite(
     if len(indices) == 0:
         return []
     indices, weights = indices.cpu().long(), weights.cpu().float()
-    token_sentence, sentence_doc, doc_first = token_sentences(memory)
-    sentence, group = torch.unique(token_sentence[indices], return_inverse=True)
+    # one key per (document, sentence) of every token, reading only the documents the tokens are in
+    spans, key = torch.zeros(len(indices), 2, dtype=torch.long), torch.zeros(len(indices), dtype=torch.long)
+    for d, at, local in by_document(memory, indices):
+        spans[at] = memory.segments[d].tensors["spans"][local].long()
+        sentence_of = torch.searchsorted(_sentence_starts(memory, d), spans[at, 0], right=True) - 1
+        key[at] = (d << _DOC_SHIFT) + sentence_of.clamp_min(0)
+    sentence, group = torch.unique(key, return_inverse=True)
     total = torch.zeros(len(sentence)).scatter_add_(0, group, weights)
-    spans = memory.token_spans[indices].long()
     lo_tok = torch.full((len(sentence),), torch.iinfo(torch.long).max).scatter_reduce_(0, group, spans[:, 0], "amin")
     hi_tok = torch.zeros(len(sentence), dtype=torch.long).scatter_reduce_(0, group, spans[:, 1], "amax")
     order = torch.argsort(total, descending=True, stable=True)[:max_spans].tolist()
@@ -117,8 +108,7 @@ def cite(
         w = float(total[g])
         if w < min_share * top:
             break
-        d = int(sentence_doc[sentence[g]])
-        i = int(sentence[g] - doc_first[d])
+        d, i = int(sentence[g]) >> _DOC_SHIFT, int(sentence[g]) & ((1 << _DOC_SHIFT) - 1)
         s, e = int(lo_tok[g]), int(hi_tok[g])
         text = memory.documents[d].text
         starts, ends = _sentences(text)
