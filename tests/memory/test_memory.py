@@ -6,8 +6,11 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from extended_mind import ExtendedMind, Memory, MemoryFileError, MemoryMismatchError
+from extended_mind.memory.mapped import advise_random, map_safetensors
+from extended_mind.memory.provenance import spans_at
 from tests.conftest import byte_tokenizer, tiny_model
 
 
@@ -21,6 +24,22 @@ def test_provenance_maps_tokens_to_character_spans(tiny_mind):
         s, e = memory.token_spans[i].tolist()
         assert 0 <= s < e <= len(doc)
     assert [d.id for d in memory.documents] == ["one", "two"]
+
+
+def test_spans_read_per_document_equal_the_flat_view(tiny_mind):
+    memory = tiny_mind.memorize(["First one. Short.", "Second doc, longer text here.", "Third."], progress=False)
+    indices = torch.tensor([memory.num_tokens - 1, 0, 20, 3, 20, 40])  # any order, repeats, every document
+    assert torch.equal(spans_at(memory, indices), memory.token_spans[indices].long())
+    assert spans_at(memory, torch.zeros(0, dtype=torch.long)).shape == (0, 2)
+
+
+def test_mapped_tensors_read_at_random_are_unchanged_by_the_hint(tmp_path):
+    path = tmp_path / "t.safetensors"
+    save_file({"keys": torch.arange(100_000, dtype=torch.float32).view(1000, 100)}, str(path))
+    keys = map_safetensors(path)["keys"]
+    advise_random(keys)
+    advise_random(keys[:0])
+    assert torch.equal(keys[[999, 3]], torch.stack([torch.arange(99_900, 100_000.0), torch.arange(300, 400.0)]))
 
 
 def test_special_tokens_are_not_memorized(tiny_mind):

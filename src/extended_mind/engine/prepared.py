@@ -36,6 +36,7 @@ from extended_mind.engine.blocks import Relevance
 from extended_mind.memory.derived import DerivedTensors
 from extended_mind.memory.mapped import (
     MappedFileError,
+    advise_random,
     map_safetensors,
     matches,
     remember_checked,
@@ -94,6 +95,8 @@ def _layers(tensors: Mapping[str, torch.Tensor], meta: dict, positions: torch.Te
         scan = with_measured_kernels(KeyScan(**{f: tensors.get(f"{layer}.scan.{f}") for f in _SCAN_TENSORS},
                                              num_keys=info["num_keys"], packed_kind=info["packed_kind"]))  # fmt: skip
         keys, values, inv_norms = (tensors[f"{layer}.{n}"] for n in ("keys", "values", "inv_norms"))
+        for gathered in (keys, inv_norms):  # read at candidate rows only (search.py): no readahead
+            advise_random(gathered)
         out[layer] = LayerMemory(keys=keys, values=values, inv_norms=inv_norms, scan=scan, positions=positions)
     return out
 
