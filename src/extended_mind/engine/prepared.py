@@ -34,6 +34,7 @@ from extended_mind.base.errors import MemoryFileError
 from extended_mind.base.paths import cache_dir
 from extended_mind.engine.blocks import Relevance
 from extended_mind.memory.derived import DerivedTensors
+from extended_mind.memory.files import CheckedTensors
 from extended_mind.memory.mapped import (
     MappedFileError,
     advise_random,
@@ -107,7 +108,10 @@ def load(key: str, positions: torch.Tensor, memory: Memory) -> dict[int, LayerMe
     saved = memory.prepared_keys.get(key)
     if saved is not None:
         try:
-            return _layers(saved.open(), saved.meta, positions)
+            tensors = saved.open()
+            if isinstance(tensors, CheckedTensors):  # the first question reads them all: hashed together, in parallel
+                tensors.check(list(tensors))
+            return _layers(tensors, saved.meta, positions)
         except (KeyError, TypeError, ValueError, AttributeError, MemoryFileError, MappedFileError) as exc:
             log.warning("the memory's saved prepared keys are unusable (%s): preparing again", exc)
     if not keepable(memory):

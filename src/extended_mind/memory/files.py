@@ -7,10 +7,11 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -35,6 +36,8 @@ from extended_mind.memory.mapped import (
 if TYPE_CHECKING:  # a segment records the file it is saved in
     from extended_mind.memory.segment import Segment
 
+
+T, R = TypeVar("T"), TypeVar("R")
 
 TENSOR_DIR = "tensors"  # a saved memory's tensor files, under its directory
 
@@ -154,16 +157,26 @@ class CheckedTensors(Mapping[str, torch.Tensor]):
         with self._lock:
             wanted = [n for n in dict.fromkeys(names) if n in self._tensors]
             todo = [n for n in wanted if n not in self._checked or not remembered_ok]
-            for name in todo:
-                try:
-                    sha = range_sha256(path, *self._ranges[name])
-                except FileNotFoundError:
-                    raise self.file._missing() from None
+            try:
+                hashed = parallel_map(lambda name: range_sha256(path, *self._ranges[name]), todo)
+            except FileNotFoundError:
+                raise self.file._missing() from None
+            for name, sha in zip(todo, hashed):
                 if sha != sums.get(name):
                     raise MemoryFileError(f"corrupt memory file {path}: tensor {name} fails its checksum")
                 self._checked.add(name)
             if todo:
                 remember_tensors_checked(path, self.file.sha256, todo, self._version)
+
+
+def parallel_map(fn: Callable[[T], R], items: list[T], workers: int = 4) -> list[R]:
+    """`fn` over `items` on up to `workers` threads (file reads and hashing release the GIL: a million-token
+    memory's prepared keys, 5 GB read from a cold disk and hashed, took 10.6 s one tensor at a time)."""
+    workers = min(workers, len(items), os.cpu_count() or 1)
+    if workers <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(fn, items))
 
 
 def tensor_checksums(data: bytes) -> dict[str, str]:

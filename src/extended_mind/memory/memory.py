@@ -9,7 +9,6 @@ Persistence (a directory with a manifest and one safetensors file per segment) l
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from extended_mind.base.documents import Document
 from extended_mind.base.errors import DocumentError, ExtendedMindError, MemoryMismatchError
 from extended_mind.base.identity import ModelIdentity
 from extended_mind.memory.derived import DerivedTensors
-from extended_mind.memory.files import CheckedTensors
+from extended_mind.memory.files import CheckedTensors, parallel_map
 from extended_mind.memory.precision import check_storage
 from extended_mind.memory.segment import RopeTables, Segment, concat, longest_rope, text_sha
 from extended_mind.memory.sharded import save_sharded
@@ -192,13 +191,8 @@ class Memory:
             if check and isinstance(tensors, CheckedTensors):
                 tensors.check(check)
 
-        if len(todo) > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-                list(pool.map(open_one, todo))
-        elif todo and check:
-            open_one(todo[0])
+        if len(todo) > 1 or (todo and check):
+            parallel_map(open_one, todo)
 
     def layer_keys(self, layer: int) -> torch.Tensor:
         """(H, N, D) pre-RoPE keys of one layer as float, built fresh (not cached)."""
