@@ -250,6 +250,47 @@ def test_a_slot_decode_step_is_one_softmax_over_slots_and_local_keys(case):
     torch.testing.assert_close(w, cited[order.indices], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_the_fast_slot_decode_step_equals_the_general_path(padded, monkeypatch):
+    """attention/slot_step.py (one decode row reading slots) does the general path's arithmetic in fewer
+    operations: the same output and citation record to the bit, padded rows included."""
+    from types import SimpleNamespace
+
+    from extended_mind.attention import function
+    from extended_mind.attention.session import Session
+    from extended_mind.retrieval.layer import LayerMemory, RetrievalSettings
+
+    torch.manual_seed(1)
+    b, h, g, d, s, skv = 2, 3, 3, 16, 24, 9
+    values = torch.randn(h, s, d)
+    mem = LayerMemory(keys=torch.randn(h, s, d), values=values, inv_norms=torch.ones(h, s),
+                      slot_tokens=torch.arange(s) * 2, slot_end=40, value_norms=values.norm(dim=-1))  # fmt: skip
+    query, key, value = torch.randn(b, h * g, 1, d), torch.randn(b, h, skv, d), torch.randn(b, h, skv, d)
+    mask = torch.ones(b, 1, 1, skv, dtype=torch.bool)
+    if padded:
+        mask[0, :, :, :4] = False
+    module = SimpleNamespace(layer_idx=0, sliding_window=None)
+
+    def run() -> tuple[torch.Tensor, list]:
+        session = Session(settings=RetrievalSettings(4), record_citations=True)
+        session.row_positions = torch.tensor([[50], [60]])
+        records: list = []
+        out, _ = function._attend(module, query, key, value, mask, mem, session, records, 0.25, 0.0,
+                                  session.row_positions)  # fmt: skip
+        return out, records
+
+    taken = []
+    real = function.attend_slot_step
+    monkeypatch.setattr(function, "attend_slot_step", lambda *a: taken.append(1) or real(*a))
+    fast, fast_records = run()
+    monkeypatch.setattr(function, "plain_slot_step", lambda *a: False)
+    general, general_records = run()
+    assert taken == [1] and fast.shape == general.shape == (b, 1, h * g, d)
+    assert torch.equal(fast, general)
+    assert torch.equal(fast_records[0][0], general_records[0][0])
+    assert torch.equal(fast_records[0][1], general_records[0][1])
+
+
 def test_record_weights_sums_shared_slots_as_the_general_sum_does():
     """Records that share one slot index tensor are summed densely; anything else (a single token-retrieval layer
     with repeated indices included) by the general sparse sum: both give sorted unique indices and equal weights."""

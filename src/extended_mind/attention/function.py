@@ -20,6 +20,7 @@ import torch
 
 from extended_mind.attention.plain import call_base
 from extended_mind.attention.session import Session, active_session
+from extended_mind.attention.slot_step import attend_slot_step, plain_slot_step
 from extended_mind.base.errors import ExtendedMindError
 from extended_mind.base.rope import invert_rope
 from extended_mind.retrieval.layer import LayerMemory
@@ -127,6 +128,13 @@ def _attend(
     records of the last query position go to `records`. `positions` (B, Sq): the query rows' positions."""
     if _reads_nothing(mem, session):
         return call_base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if plain_slot_step(module, query, attention_mask, mem, positions, session, kwargs):
+        weighting = session.citation_weighting if session.record_citations else None
+        out, record = attend_slot_step(query, key, value, attention_mask, mem,
+                                       query.shape[-1] ** -0.5 if scaling is None else scaling, weighting)  # fmt: skip
+        if record is not None:
+            records.append(record)
+        return out, None
     if _slots_by_sdpa(mem, query, attention_mask, kwargs):
         return _attend_slots(module, query, key, value, attention_mask, mem, session, records, scaling, dropout,
                              positions, **kwargs)  # fmt: skip

@@ -38,6 +38,18 @@ class Session:
     # Calibration (engine/heads.py): called with (layer, query, key) after RoPE; the layer attends normally.
     observe: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
 
+    # (row_positions, its smallest position) of the current pass: read once, not by every layer
+    _first: tuple[torch.Tensor | None, int] = field(default=(None, 0), init=False, repr=False)
+
+    def first_position(self, positions: torch.Tensor) -> int:
+        """The smallest of `positions` (a CPU tensor), read once per forward pass when they are this pass's
+        `row_positions`: every layer asks, and a read costs more than the decode row's slot attention saves."""
+        if positions is not self.row_positions:
+            return int(positions.min())
+        if self._first[0] is not positions:
+            self._first = (positions, int(positions.min()))
+        return self._first[1]
+
     @contextmanager
     def active(self) -> Iterator[Session]:
         token = _active.set(self)
