@@ -9,7 +9,7 @@ from functools import lru_cache
 import torch
 
 from extended_mind.memory.memory import Memory
-from extended_mind.memory.provenance import by_document
+from extended_mind.memory.provenance import by_document, document_starts
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
@@ -74,10 +74,27 @@ def sparse_sum(indices: list[torch.Tensor], weights: list[torch.Tensor]) -> tupl
     return uniq, torch.zeros(len(uniq), device=w.device).scatter_add_(0, inverse, w)
 
 
-def _sentence_starts(memory: Memory, doc: int) -> torch.Tensor:
-    """(S,) long: the first character of every sentence of one document (kept with the memory's other views)."""
-    text = memory.segments[doc].document.text
-    return memory.cached(f"sentence-starts-{doc}", lambda: torch.tensor(_sentences(text)[0], dtype=torch.long))
+def _token_sentences(memory: Memory, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(character spans (len, 2) long, (document << 32 | sentence) keys (len,)) of memory tokens `indices`. Kept
+    for the whole memory in two flat tensors, each document filled the first time one of its tokens is cited: a
+    cold million-token memory reads the spans of the documents an answer cites, not of all of them, and a decode
+    step costs two gathers."""
+    n = memory.num_tokens
+    spans, keys = memory.cached(
+        "sentence-keys", lambda: (torch.zeros(n, 2, dtype=torch.int32), torch.full((n,), -1, dtype=torch.long))
+    )
+    found = keys[indices]
+    if bool((found < 0).any()):
+        starts = document_starts(memory)
+        for d, _, _ in by_document(memory, indices[found < 0]):
+            lo, hi = int(starts[d]), int(starts[d + 1])
+            doc_spans = memory.segments[d].tensors["spans"]
+            sentence_starts = torch.tensor(_sentences(memory.segments[d].document.text)[0], dtype=torch.long)
+            sentence = torch.searchsorted(sentence_starts, doc_spans[:, 0].long(), right=True) - 1
+            spans[lo:hi] = doc_spans
+            keys[lo:hi] = (d << _DOC_SHIFT) + sentence.clamp_min(0)
+        found = keys[indices]
+    return spans[indices].long(), found
 
 
 def cite(
@@ -91,12 +108,7 @@ def cite(
     if len(indices) == 0:
         return []
     indices, weights = indices.cpu().long(), weights.cpu().float()
-    # one key per (document, sentence) of every token, reading only the documents the tokens are in
-    spans, key = torch.zeros(len(indices), 2, dtype=torch.long), torch.zeros(len(indices), dtype=torch.long)
-    for d, at, local in by_document(memory, indices):
-        spans[at] = memory.segments[d].tensors["spans"][local].long()
-        sentence_of = torch.searchsorted(_sentence_starts(memory, d), spans[at, 0], right=True) - 1
-        key[at] = (d << _DOC_SHIFT) + sentence_of.clamp_min(0)
+    spans, key = _token_sentences(memory, indices)
     sentence, group = torch.unique(key, return_inverse=True)
     total = torch.zeros(len(sentence)).scatter_add_(0, group, weights)
     lo_tok = torch.full((len(sentence),), torch.iinfo(torch.long).max).scatter_reduce_(0, group, spans[:, 0], "amin")
