@@ -162,6 +162,30 @@ def test_chat_form_every_block_of_a_small_memory_equals_pasted_document(tiny_pai
     assert max(abs(a.logprob - b) for a, b in zip(plain.tokens, expected_logprobs)) > 1e-3
 
 
+@pytest.mark.parametrize("template", [SINK_CHAT_TEMPLATE, SYSTEM_CHAT_TEMPLATE], ids=["sink-head", "system-head"])
+def test_a_memory_read_whole_equals_its_text_pasted_before_a_blank_line(tiny_pair, template):
+    """whole="fits": a memory that fits the window is read whole, whatever the relevance test would say, with a
+    blank line before the question: the document pasted at the start of the user's message, as the harness and
+    users paste it. A memory past the window's room is chosen from as before."""
+    mind, reference = tiny_pair
+    mind.tokenizer.chat_template = template
+    document, question = "The keeper of the lighthouse is Ada; the baker is Tom, up at dawn. ", "Who keeps the light?"
+    text = mind.tokenizer.apply_chat_template([{"role": "user", "content": document.strip() + "\n\n" + question}],
+                                              tokenize=False, add_generation_prompt=True)  # fmt: skip
+    pasted = mind.tokenizer(text, add_special_tokens=False)["input_ids"]
+    eos = mind.tokenizer.eos_token_id
+    expected, expected_logprobs = _greedy_with_logprobs(reference, pasted, 6, eos)
+    options = dict(chat=True, max_new_tokens=6, block_size=16, blocks=2, logit_bias={eos: -100.0})
+    memory = mind.memorize(document.strip(), progress=False)
+    whole = mind.generate(question, memory=memory, whole="fits", block_relevance=1e9, **options)
+    assert whole.blocks_read == -(-memory.num_tokens // 16) > 2  # more than `blocks`: all of it
+    assert [t.id for t in whole.tokens] == expected
+    assert max(abs(t.logprob - b) for t, b in zip(whole.tokens, expected_logprobs)) < FULL_CONTEXT_ATOL
+    assert mind.generate(question, memory=memory, block_relevance=1e9, **options).blocks_read == 0  # "never"
+    large = mind.memorize(document * 8, progress=False)  # 530 tokens: past the 512-token window's room
+    assert mind.generate(question, memory=large, whole="fits", block_relevance=0.0, **options).blocks_read <= 2
+
+
 def test_memory_read_nothing_is_the_plain_model(tiny_pair):
     mind, _ = tiny_pair
     mind.tokenizer.chat_template = SINK_CHAT_TEMPLATE

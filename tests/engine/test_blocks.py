@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from extended_mind.engine import heads as heads_module
-from extended_mind.engine.blocks import BlockLayout, Relevance, select_blocks
+from extended_mind.engine.block_layout import BlockLayout
+from extended_mind.engine.blocks import Relevance, select_blocks
 from extended_mind.engine.heads import calibration_sequences, head_scores, retrieval_heads
 from extended_mind.engine.words import content_words
 from extended_mind.memory.memory import Memory

@@ -33,6 +33,22 @@ class EncodedPrompt:
     asks_to: int | None = None  # own words (None: to the end), not the chat template's or the answer prefix's
 
 
+def paragraph_break(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens of a blank line between two words, as the tokenizer cuts it inside a text (alone, "\n\n" is often
+    one token; before a word, two)."""
+    ids = tokenizer("a\n\nb", add_special_tokens=False)["input_ids"]
+    return list(ids[1:-1])
+
+
+def with_tokens_at(prompt: EncodedPrompt, at: int, tokens: list[int]) -> EncodedPrompt:
+    """`prompt` with `tokens` inserted before ids[at] (the memory still goes at `memory_at`): rows from `at` on shift,
+    the question's with them."""
+    n = len(tokens)
+    asks_from = prompt.asks_from + n if prompt.asks_from >= at else prompt.asks_from
+    asks_to = prompt.asks_to + n if prompt.asks_to is not None and prompt.asks_to > at else prompt.asks_to
+    return EncodedPrompt(prompt.ids[:at] + list(tokens) + prompt.ids[at:], prompt.memory_at, asks_from, asks_to)
+
+
 def _token_at(offsets: list[tuple[int, int]], char: int, floor: int) -> int:
     """Index of the first token (from `floor` on) that starts at or after character `char`."""
     for i in range(floor, len(offsets)):

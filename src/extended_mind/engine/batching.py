@@ -192,7 +192,7 @@ class DecodeBatch:
         plans = [r.plan for r in rows]
         if all(p is None for p in plans):
             return rows, layers, [None] * len(rows)
-        by_heads = [p if p is not None and p.similarity is None else None for p in plans]
+        by_heads = [p if p is not None and p.needs_pass else None for p in plans]
         masses: list[torch.Tensor | None] = [None] * len(rows)
         if any(p is not None for p in by_heads):  # (blocks chosen by similarity need no pass)
             masses = select_blocks(self.model, [r.prompt_ids for r in rows], [r.positions() for r in rows],

@@ -29,11 +29,10 @@ from transformers import PreTrainedModel
 from extended_mind.attention.patching import attention_modules
 from extended_mind.attention.session import Session
 from extended_mind.base.rope import apply_rope, extend_table
+from extended_mind.engine.block_layout import BlockLayout
 from extended_mind.engine.words import content_words
-from extended_mind.memory.citations import Passage
 from extended_mind.memory.memory import Memory
 from extended_mind.memory.precision import float_dtype
-from extended_mind.memory.provenance import spans_at
 from extended_mind.retrieval.layer import LayerMemory, RetrievalSettings
 from extended_mind.retrieval.selection import BlockSelection
 
@@ -55,73 +54,6 @@ CHOOSING_ROWS = 64
 def slot_positions(blocks: int, block_size: int) -> int:
     """Positions kept between the prompt's head and its question for the slots of `blocks` blocks."""
     return blocks * block_size
-
-
-@dataclass(frozen=True)
-class BlockLayout:
-    """Memory tokens cut into blocks of `size` tokens, never across two documents."""
-
-    size: int
-    block_of: torch.Tensor  # (N,) long: block of every token
-    starts: torch.Tensor  # (blocks,) long: first token of every block
-    lengths: torch.Tensor  # (blocks,) long
-    docs: torch.Tensor  # (blocks,) long: the document of every block
-
-    @classmethod
-    def of(cls, memory: Memory, size: int) -> BlockLayout:
-        def build() -> BlockLayout:
-            starts, lengths, docs = [], [], []
-            offset = 0
-            for d, seg in enumerate(memory.segments):
-                for s in range(0, seg.num_tokens, size):
-                    starts.append(offset + s)
-                    lengths.append(min(size, seg.num_tokens - s))
-                    docs.append(d)
-                offset += seg.num_tokens
-            starts_t, lengths_t = torch.tensor(starts, dtype=torch.long), torch.tensor(lengths, dtype=torch.long)
-            block_of = torch.repeat_interleave(torch.arange(len(starts)), lengths_t)
-            return cls(size, block_of, starts_t, lengths_t, torch.tensor(docs, dtype=torch.long))
-
-        return memory.cached(f"blocks-{size}", build)
-
-    @property
-    def num_blocks(self) -> int:
-        return int(self.starts.shape[0])
-
-    def texts(self, memory: Memory) -> list[str]:
-        """The text of every block: the characters its tokens came from in their document."""
-        return [self.text(memory, b) for b in range(self.num_blocks)]
-
-    def span(self, memory: Memory, block: int) -> tuple[int, int, int]:
-        """(document index, first character, end character) of the text one block's tokens came from."""
-        start, length = int(self.starts[block]), int(self.lengths[block])
-        first, last = spans_at(memory, torch.tensor([start, start + length - 1])).tolist()
-        return int(self.docs[block]), first[0], last[1]
-
-    def text(self, memory: Memory, block: int) -> str:
-        """The text of one block."""
-        doc, start, end = self.span(memory, block)
-        return memory.segments[doc].document.text[start:end]
-
-    def passages(self, memory: Memory, blocks: torch.Tensor) -> list[Passage]:
-        """The text `blocks` (in document order) cover, consecutive blocks of one document joined into one passage."""
-        out: list[Passage] = []
-        previous = (-1, -1)  # (document, block) of the last passage's last block
-        for b in blocks.tolist():
-            d, start, end = self.span(memory, b)
-            if previous == (d, b - 1):
-                start = out.pop().start
-            doc = memory.segments[d].document
-            out.append(Passage(doc.id, start, end, doc.text[start:end]))
-            previous = (d, b)
-        return out
-
-    def tokens(self, blocks: torch.Tensor) -> torch.Tensor:
-        """Memory token indices of `blocks` (in the order given)."""
-        if blocks.numel() == 0:
-            return torch.zeros(0, dtype=torch.long)
-        spans = zip(self.starts[blocks].tolist(), self.lengths[blocks].tolist())
-        return torch.cat([torch.arange(s, s + n) for s, n in spans])
 
 
 @dataclass
@@ -158,6 +90,7 @@ class BlockPlan:
     question_words: frozenset[str] | None = None
     words_override: float = DEFAULT_WORDS_OVERRIDE
     outlier: float = 0.0  # questions: also read a block this many spreads above the question's others (0: not)
+    whole: tuple[int, int] | None = None  # every block read, then (at, n) n separator tokens at prompt row `at`
 
     def positions(self, n_tokens: int) -> list[int]:
         """Position ids of a prompt of `n_tokens`: its head, then a gap for the slots, then the rest."""
@@ -165,8 +98,15 @@ class BlockPlan:
         return list(range(head)) + list(range(head + self.reserve, n_tokens + self.reserve))
 
     def plain(self, prompt_ids: list[int]) -> list[int]:
-        """The prompt as the model reads it without memory."""
+        """The prompt as the model reads it without memory (no sink or separator added for the slots)."""
+        if self.whole is not None:
+            prompt_ids = prompt_ids[: self.whole[0]] + prompt_ids[sum(self.whole) :]
         return prompt_ids[1:] if self.sink_added else prompt_ids
+
+    @property
+    def needs_pass(self) -> bool:
+        """Whether a pass over the prompt chooses the blocks (not when they are chosen by similarity, or all read)."""
+        return self.similarity is None and self.whole is None
 
     @property
     def slot_end(self) -> int:
@@ -188,8 +128,8 @@ class BlockPlan:
         pasted note would be). Without it: the blocks whose mass most exceeds the prior. Either way only blocks
         scoring at least `gate` times the best one."""
         n = min(self.blocks if n is None else n, self.layout.num_blocks)
-        if n <= 0:
-            return torch.zeros(0, dtype=torch.long)
+        if self.whole is not None or n <= 0:
+            return torch.arange(n if self.whole is not None else 0)
         if self.similarity is not None:  # the nearest blocks, as RAG would take them
             return self.similarity.topk(n).indices.sort().values
         assert mass is not None, "block choice by the retrieval heads needs their mass"

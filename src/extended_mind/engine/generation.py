@@ -89,7 +89,7 @@ class TokenStream:
                             s.topk_step, False, group)  # fmt: skip
         positions = plan.positions(len(self.prompt_ids))
         mass = None  # blocks chosen by their similarity to the question need no pass
-        if plan.similarity is None:
+        if plan.needs_pass:
             mass = select_blocks(self.model, [self.prompt_ids], [positions], [plan])[0]
         chosen = plan.choose(mass)
         if not chosen.numel():

@@ -13,9 +13,10 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from extended_mind.attention.session import Session
 from extended_mind.base.compat import with_cache
 from extended_mind.base.errors import ExtendedMindError, PromptTooLongError
-from extended_mind.base.prompting import EncodedPrompt, encode
+from extended_mind.base.prompting import EncodedPrompt, encode, paragraph_break, with_tokens_at
 from extended_mind.engine import prepared as prepared_store
-from extended_mind.engine.blocks import BlockLayout, BlockPlan, Relevance, select_blocks, slot_positions
+from extended_mind.engine.block_layout import BlockLayout
+from extended_mind.engine.blocks import BlockPlan, Relevance, select_blocks, slot_positions
 from extended_mind.engine.calibration import (
     CALIBRATION_QUESTIONS,
     NEUTRAL_PROMPTS,
@@ -75,7 +76,8 @@ class MemoryReader:
         return prompt_offset(memory, o.position_policy), prepared
 
     def plan(self, memory: Memory, layers: dict[int, LayerMemory], insert: int, o: GenerationOptions,
-             blocks: int, extra_blocks: int = 0, min_relevance: float | None = None) -> BlockPlan:  # fmt: skip
+             blocks: int, extra_blocks: int = 0, min_relevance: float | None = None,
+             whole: bool = False) -> BlockPlan:  # fmt: skip
         """The block plan for a question (`min_relevance` given: blocks are read only when relevant, see
         `Relevance`), or for scoring a long input (None: every chunk reads the blocks most above the prior)."""
         n_layers = self.model.config.num_hidden_layers
@@ -99,7 +101,9 @@ class MemoryReader:
         )
         # the calibrations are the memory's own (not the prompt's): computed once per memory and setting, kept with it
         setting = f"{o.block_size}-{o.topk}-{o.ranking}-{o.similarity_threshold}-{o.memory_heads}"
-        if min_relevance is None:
+        if whole:  # every block read: nothing to rank
+            plan.reserve = int(plan.layout.lengths.sum())
+        elif min_relevance is None:
             plan.prior = memory.cached(f"prior-{setting}",
                                        lambda: block_prior(self.model, plan, self._neutral_prompts()))  # fmt: skip
         else:
@@ -114,8 +118,14 @@ class MemoryReader:
         """The prompt (with a sink token before the slots where it needs one) and the blocks it may read: as many as
         the window leaves room for after the prompt and the answer."""
         encoded = self.with_sink(prompt)
-        ids = encoded.ids
         extra = _retry_blocks(o)
+        layout = BlockLayout.of(memory, o.block_size)
+        separator = paragraph_break(self.tokenizer)
+        fits = layout.num_blocks <= (window - len(encoded.ids) - len(separator) - o.max_new_tokens) // o.block_size
+        whole = o.whole == "fits" and not extra and o.block_choice == "heads" and fits
+        if whole:  # the memory as pasted text: a blank line between it and the question
+            encoded = with_tokens_at(encoded, encoded.memory_at, separator)
+        ids = encoded.ids
         room = (window - len(ids) - o.max_new_tokens) // o.block_size - extra
         if room < 1 and len(ids) <= window:
             raise PromptTooLongError(
@@ -123,9 +133,13 @@ class MemoryReader:
                 f"of {o.block_size} tokens (+{extra} for uncertainty retrieval) in the model's window of "
                 f"{window} tokens; shorten the prompt, lower max_new_tokens or block_size"
             )
-        plan = self.plan(memory, layers, encoded.memory_at, o, min(o.blocks, room), extra, o.block_relevance)
+        blocks = layout.num_blocks if whole else min(o.blocks, room)
+        plan = self.plan(memory, layers, encoded.memory_at, o, blocks, extra, o.block_relevance, whole)
         plan.select_from, plan.select_to = encoded.asks_from, encoded.asks_to
-        plan.sink_added = len(ids) > len(prompt.ids)
+        plan.sink_added = len(ids) > len(prompt.ids) + (len(separator) if whole else 0)
+        if whole:
+            plan.whole = (encoded.memory_at, len(separator))
+            return encoded, plan
         question = self.tokenizer.decode(ids[encoded.asks_from : encoded.asks_to], skip_special_tokens=True)
         if o.block_choice == "embedding":
             plan.similarity = self.block_similarity(memory, plan.layout, question)

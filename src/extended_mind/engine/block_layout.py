@@ -1,0 +1,78 @@
+"""Memory tokens cut into blocks (block memory's unit of reading), and the text each block came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from extended_mind.memory.citations import Passage
+from extended_mind.memory.memory import Memory
+from extended_mind.memory.provenance import spans_at
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Memory tokens cut into blocks of `size` tokens, never across two documents."""
+
+    size: int
+    block_of: torch.Tensor  # (N,) long: block of every token
+    starts: torch.Tensor  # (blocks,) long: first token of every block
+    lengths: torch.Tensor  # (blocks,) long
+    docs: torch.Tensor  # (blocks,) long: the document of every block
+
+    @classmethod
+    def of(cls, memory: Memory, size: int) -> BlockLayout:
+        def build() -> BlockLayout:
+            starts, lengths, docs = [], [], []
+            offset = 0
+            for d, seg in enumerate(memory.segments):
+                for s in range(0, seg.num_tokens, size):
+                    starts.append(offset + s)
+                    lengths.append(min(size, seg.num_tokens - s))
+                    docs.append(d)
+                offset += seg.num_tokens
+            starts_t, lengths_t = torch.tensor(starts, dtype=torch.long), torch.tensor(lengths, dtype=torch.long)
+            block_of = torch.repeat_interleave(torch.arange(len(starts)), lengths_t)
+            return cls(size, block_of, starts_t, lengths_t, torch.tensor(docs, dtype=torch.long))
+
+        return memory.cached(f"blocks-{size}", build)
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.starts.shape[0])
+
+    def texts(self, memory: Memory) -> list[str]:
+        """The text of every block: the characters its tokens came from in their document."""
+        return [self.text(memory, b) for b in range(self.num_blocks)]
+
+    def span(self, memory: Memory, block: int) -> tuple[int, int, int]:
+        """(document index, first character, end character) of the text one block's tokens came from."""
+        start, length = int(self.starts[block]), int(self.lengths[block])
+        first, last = spans_at(memory, torch.tensor([start, start + length - 1])).tolist()
+        return int(self.docs[block]), first[0], last[1]
+
+    def text(self, memory: Memory, block: int) -> str:
+        """The text of one block."""
+        doc, start, end = self.span(memory, block)
+        return memory.segments[doc].document.text[start:end]
+
+    def passages(self, memory: Memory, blocks: torch.Tensor) -> list[Passage]:
+        """The text `blocks` (in document order) cover, consecutive blocks of one document joined into one passage."""
+        out: list[Passage] = []
+        previous = (-1, -1)  # (document, block) of the last passage's last block
+        for b in blocks.tolist():
+            d, start, end = self.span(memory, b)
+            if previous == (d, b - 1):
+                start = out.pop().start
+            doc = memory.segments[d].document
+            out.append(Passage(doc.id, start, end, doc.text[start:end]))
+            previous = (d, b)
+        return out
+
+    def tokens(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Memory token indices of `blocks` (in the order given)."""
+        if blocks.numel() == 0:
+            return torch.zeros(0, dtype=torch.long)
+        spans = zip(self.starts[blocks].tolist(), self.lengths[blocks].tolist())
+        return torch.cat([torch.arange(s, s + n) for s, n in spans])
