@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 from extended_mind import ExtendedMind, Memory, MemoryFileError, MemoryMismatchError
+from extended_mind.engine.block_layout import BlockLayout
 from extended_mind.memory.mapped import advise_random, map_safetensors
-from extended_mind.memory.provenance import spans_at
+from extended_mind.memory.provenance import documents_of
 from tests.conftest import byte_tokenizer, tiny_model
 
 
@@ -29,8 +30,12 @@ def test_provenance_maps_tokens_to_character_spans(tiny_mind):
 def test_spans_read_per_document_equal_the_flat_view(tiny_mind):
     memory = tiny_mind.memorize(["First one. Short.", "Second doc, longer text here.", "Third."], progress=False)
     indices = torch.tensor([memory.num_tokens - 1, 0, 20, 3, 20, 40])  # any order, repeats, every document
-    assert torch.equal(spans_at(memory, indices), memory.token_spans[indices].long())
-    assert spans_at(memory, torch.zeros(0, dtype=torch.long)).shape == (0, 2)
+    assert torch.equal(documents_of(memory, indices), memory.token_doc[indices].long())
+    layout = BlockLayout.of(memory, 4)
+    for b in range(layout.num_blocks):  # a block's text, read from its own document's spans
+        first, last = int(layout.starts[b]), int(layout.starts[b] + layout.lengths[b] - 1)
+        flat = (int(memory.token_doc[first]), int(memory.token_spans[first, 0]), int(memory.token_spans[last, 1]))
+        assert layout.span(memory, b) == flat
 
 
 def test_mapped_tensors_read_at_random_are_unchanged_by_the_hint(tmp_path):

@@ -20,7 +20,7 @@ import torch
 
 from extended_mind.attention.plain import call_base
 from extended_mind.attention.session import Session, active_session
-from extended_mind.attention.slot_step import attend_slot_step, plain_slot_step
+from extended_mind.attention.slot_step import attend_slot_step, plain_slot_step, slot_citation
 from extended_mind.base.errors import ExtendedMindError
 from extended_mind.base.rope import invert_rope
 from extended_mind.retrieval.layer import LayerMemory
@@ -239,11 +239,7 @@ def _citation_record(mem: LayerMemory, mem_idx: torch.Tensor, mem_values: torch.
     b, h, g, sq, k = p_mem.shape
     hq = h * g
     if mem.slot_tokens is not None:
-        last_p = p_mem[0, :, :, -1]  # (H, g, S)
-        if weighting == "attention_value":
-            norms = mem.value_norms if mem.value_norms is not None else mem.values.float().norm(dim=-1)
-            last_p = last_p * norms.unsqueeze(1)
-        return mem.slot_tokens, last_p.sum(dim=(0, 1)).detach()
+        return slot_citation(mem, p_mem[0, :, :, -1], weighting)  # (H, g, S): the last position's probabilities
     last_idx = mem_idx.view(b, h, g, sq, k)[0, :, :, -1].reshape(hq, k)
     last_p = p_mem[0, :, :, -1].reshape(hq, k)
     if weighting == "attention_value":

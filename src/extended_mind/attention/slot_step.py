@@ -52,11 +52,15 @@ def attend_slot_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     p_slots = probs[..., :s]
     out = torch.matmul(probs[..., s:].to(value.dtype), value)
     out = out + torch.matmul(p_slots.to(mem.values.dtype), mem.values).to(out.dtype)
-    record = None
-    if weighting is not None:
-        first = p_slots[0]  # (H, g, S)
-        if weighting == "attention_value":
-            norms = mem.value_norms if mem.value_norms is not None else mem.values.float().norm(dim=-1)
-            first = first * norms.unsqueeze(1)
-        record = (mem.slot_tokens, first.sum(dim=(0, 1)).detach())
+    record = slot_citation(mem, p_slots[0], weighting) if weighting is not None else None
     return out.reshape(b, 1, hq, d), record
+
+
+def slot_citation(mem: LayerMemory, p: torch.Tensor, weighting: str) -> Record:
+    """The citation record of one query row reading slots, p (H, g, S) its probabilities: (slot tokens, weights
+    summed over heads), each p weighed by the slot's |v| under "attention_value" (see function.py
+    `_citation_record`)."""
+    if weighting == "attention_value":
+        norms = mem.value_norms if mem.value_norms is not None else mem.values.float().norm(dim=-1)
+        p = p * norms.unsqueeze(1)
+    return mem.slot_tokens, p.sum(dim=(0, 1)).detach()

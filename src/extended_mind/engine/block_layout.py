@@ -8,7 +8,7 @@ import torch
 
 from extended_mind.memory.citations import Passage
 from extended_mind.memory.memory import Memory
-from extended_mind.memory.provenance import spans_at
+from extended_mind.memory.provenance import document_starts
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,10 @@ class BlockLayout:
 
     def span(self, memory: Memory, block: int) -> tuple[int, int, int]:
         """(document index, first character, end character) of the text one block's tokens came from."""
-        start, length = int(self.starts[block]), int(self.lengths[block])
-        first, last = spans_at(memory, torch.tensor([start, start + length - 1])).tolist()
-        return int(self.docs[block]), first[0], last[1]
+        d = int(self.docs[block])  # its own document's spans only (a cold memory maps no other file)
+        start = int(self.starts[block]) - int(document_starts(memory)[d])
+        spans = memory.segments[d].tensors["spans"]
+        return d, int(spans[start, 0]), int(spans[start + int(self.lengths[block]) - 1, 1])
 
     def text(self, memory: Memory, block: int) -> str:
         """The text of one block."""

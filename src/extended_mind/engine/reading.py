@@ -101,15 +101,15 @@ class MemoryReader:
         )
         # the calibrations are the memory's own (not the prompt's): computed once per memory and setting, kept with it
         setting = f"{o.block_size}-{o.topk}-{o.ranking}-{o.similarity_threshold}-{o.memory_heads}"
+        if (whole or min_relevance is not None) and plan.layout.num_blocks <= blocks and not extra_blocks:
+            plan.reserve = int(plan.layout.lengths.sum())  # a question's memory that fits the slots: its own length
         if whole:  # every block read: nothing to rank
-            plan.reserve = int(plan.layout.lengths.sum())
-        elif min_relevance is None:
+            return plan
+        if min_relevance is None:
             plan.prior = memory.cached(f"prior-{setting}",
                                        lambda: block_prior(self.model, plan, self._neutral_prompts()))  # fmt: skip
         else:
             plan.min_relevance = min_relevance
-            if plan.layout.num_blocks <= blocks and not extra_blocks:  # fits the slots: only its own length
-                plan.reserve = int(plan.layout.lengths.sum())
             plan.relevance = memory.cached(f"relevance-{setting}", lambda: self._relevance(plan, setting))
         return plan
 
@@ -118,13 +118,14 @@ class MemoryReader:
         """The prompt (with a sink token before the slots where it needs one) and the blocks it may read: as many as
         the window leaves room for after the prompt and the answer."""
         encoded = self.with_sink(prompt)
+        sink_added = len(encoded.ids) > len(prompt.ids)
         extra = _retry_blocks(o)
-        layout = BlockLayout.of(memory, o.block_size)
-        separator = paragraph_break(self.tokenizer)
-        fits = layout.num_blocks <= (window - len(encoded.ids) - len(separator) - o.max_new_tokens) // o.block_size
-        whole = o.whole == "fits" and not extra and o.block_choice == "heads" and fits
-        if whole:  # the memory as pasted text: a blank line between it and the question
-            encoded = with_tokens_at(encoded, encoded.memory_at, separator)
+        whole = None  # whole="fits": (where the blank line goes, its tokens) when the memory fits the window
+        if o.whole == "fits" and not extra and o.block_choice == "heads":
+            separator, total = paragraph_break(self.tokenizer), BlockLayout.of(memory, o.block_size).num_blocks
+            if total <= (window - len(encoded.ids) - len(separator) - o.max_new_tokens) // o.block_size:
+                whole = (encoded.memory_at, len(separator))  # the memory as pasted text: a blank line, the question
+                encoded = with_tokens_at(encoded, encoded.memory_at, separator)
         ids = encoded.ids
         room = (window - len(ids) - o.max_new_tokens) // o.block_size - extra
         if room < 1 and len(ids) <= window:
@@ -133,12 +134,11 @@ class MemoryReader:
                 f"of {o.block_size} tokens (+{extra} for uncertainty retrieval) in the model's window of "
                 f"{window} tokens; shorten the prompt, lower max_new_tokens or block_size"
             )
-        blocks = layout.num_blocks if whole else min(o.blocks, room)
-        plan = self.plan(memory, layers, encoded.memory_at, o, blocks, extra, o.block_relevance, whole)
+        blocks = total if whole else min(o.blocks, room)
+        plan = self.plan(memory, layers, encoded.memory_at, o, blocks, extra, o.block_relevance, whole is not None)
         plan.select_from, plan.select_to = encoded.asks_from, encoded.asks_to
-        plan.sink_added = len(ids) > len(prompt.ids) + (len(separator) if whole else 0)
+        plan.sink_added, plan.whole = sink_added, whole
         if whole:
-            plan.whole = (encoded.memory_at, len(separator))
             return encoded, plan
         question = self.tokenizer.decode(ids[encoded.asks_from : encoded.asks_to], skip_special_tokens=True)
         if o.block_choice == "embedding":

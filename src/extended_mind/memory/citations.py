@@ -9,7 +9,7 @@ from functools import lru_cache
 import torch
 
 from extended_mind.memory.memory import Memory
-from extended_mind.memory.provenance import by_document, document_starts
+from extended_mind.memory.provenance import document_starts, documents_of
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
@@ -86,7 +86,7 @@ def _token_sentences(memory: Memory, indices: torch.Tensor) -> tuple[torch.Tenso
     found = keys[indices]
     if bool((found < 0).any()):
         starts = document_starts(memory)
-        for d, _, _ in by_document(memory, indices[found < 0]):
+        for d in torch.unique(documents_of(memory, indices[found < 0])).tolist():
             lo, hi = int(starts[d]), int(starts[d + 1])
             doc_spans = memory.segments[d].tensors["spans"]
             sentence_starts = torch.tensor(_sentences(memory.segments[d].document.text)[0], dtype=torch.long)
