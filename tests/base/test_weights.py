@@ -33,8 +33,9 @@ def test_decode_weights_serve_few_rows_and_leave_the_rest_float32(kind, toleranc
     before = ModelIdentity.of(model, byte_tokenizer(), "tiny")
     converted = weights.use_decode_weights(model, kind)
     assert converted == sum(type(m) is torch.nn.Linear for m in reference.modules())  # every in_features % 16 == 0
-    if kind == "int4":  # 4-bit layers, an int8 output layer (as in the GGUF: its logits choose every token)
-        assert type(model.lm_head) is weights.Int8DecodeLinear
+    if kind == "int4":  # 4-bit layers, the output layer 4-bit with a float shortlist (its logits choose tokens)
+        head = weights.Int8DecodeLinear if model.lm_head.out_features % 16 else weights.Int4ShortlistHead
+        assert type(model.lm_head) is head  # (the kernel needs out_features % 16: 260 tokens get int8)
         assert {type(m) for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)} == {
             weights.Int4DecodeLinear}
     assert model.state_dict().keys() == state.keys()  # codes are not parameters: saved models are unchanged
@@ -66,6 +67,34 @@ def test_layers_the_kernel_cannot_take_stay_float():
         assert weights.use_decode_weights(model, "int4") == 3
         assert [type(m).__name__ for m in model] == ["Linear", "Int8DecodeLinear", "Int8DecodeLinear",
                                                      "Int4DecodeLinear"]  # fmt: skip
+
+
+def test_an_int4_output_layer_scores_its_shortlist_with_the_float_weight():
+    """The estimate from 4-bit codes only shortlists: the HEAD_SHORTLIST best tokens of each row get the float
+    layer's logits, so greedy picks the float layer's token whenever that token is on the shortlist."""
+    _needs("int4")
+    torch.manual_seed(0)
+    vocab, hidden = 1024, 64
+    head = torch.nn.Linear(hidden, vocab, bias=False)
+    exact_layer = torch.nn.Linear(hidden, vocab, bias=False)
+    exact_layer.weight.data.copy_(head.weight.data)
+    assert weights.use_decode_weights(torch.nn.Sequential(head), "int4") == 1
+    head.__class__ = torch.nn.Linear  # a layer is the output layer only when the model says so
+    weights._give_int4_head(head)
+    rows = torch.randn(weights.DECODE_ROWS, 1, hidden)
+    with torch.inference_mode():
+        got, exact = head(rows)[:, 0], exact_layer(rows)[:, 0]
+        estimate = weights.Int4DecodeLinear._multiply(head, rows[:, 0].bfloat16()).float()
+    last = estimate.topk(weights.HEAD_SHORTLIST, dim=-1).values[:, -1:]  # (bfloat16 estimates tie at the edge)
+    inside, outside = estimate > last, estimate < last
+    assert torch.allclose(got[inside], exact[inside], rtol=1e-5, atol=1e-5)
+    lowest = torch.where(inside, got, torch.inf).amin(-1, keepdim=True)
+    capped = torch.minimum(estimate, lowest).expand_as(got)
+    assert torch.all(got[outside] <= capped[outside])  # the estimate, never above the shortlist
+    assert (got[outside] == estimate[outside]).float().mean() > 0.9
+    assert not torch.allclose(got[outside], exact[outside])
+    assert (got[outside] - exact[outside]).abs().max() < 0.25 * exact.abs().max()
+    assert torch.equal(got.argmax(-1), exact.argmax(-1))  # float's best is on every row's shortlist here
 
 
 def test_int4_gives_a_q4_1_layer_its_own_codes_back():

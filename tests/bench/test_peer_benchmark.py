@@ -43,7 +43,7 @@ def test_weight_bytes_count_the_output_layer_once_and_skip_an_untied_embedding_t
     linears = [m for m in int8.modules() if hasattr(m, "int8_codes")]
     read = expected - sum(m.weight.numel() * 4 - m.weight.numel() - 2 * m.out_features for m in linears)
     assert peer.weight_bytes(int8) == read
-    if int4_decode_available():  # half a byte per weight, a bfloat16 scale and zero per 32 (the head stays int8)
+    if int4_decode_available():  # half a byte per weight, a bfloat16 scale and zero per 32 (the head too)
         int4 = tiny_model("llama")
         use_decode_weights(int4, "int4")
         fours = [m for m in int4.modules() if hasattr(m, "int4_packed")]

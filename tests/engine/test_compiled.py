@@ -22,8 +22,8 @@ def _ids(result) -> list[int]:
 
 def test_compiled_step_gives_the_eager_tokens_and_never_runs_a_memory_step():
     model = tiny_model("llama")
-    if weights.int8_decode_available():  # the kernels go through the compiled graph as opaque ops (int4 layers
-        weights.use_decode_weights(model, "int4" if weights.int4_decode_available() else "int8")  # and an int8 head)
+    if weights.int8_decode_available():  # the kernels go through the compiled graph as opaque ops (int4 layers,
+        weights.use_decode_weights(model, "int4" if weights.int4_decode_available() else "int8")  # a shortlisted head)
     mind = ExtendedMind(model, byte_tokenizer(), "tiny-llama", compile=True)
     step = mind.compiled_step
     assert step is not None
