@@ -181,7 +181,18 @@ def test_a_memory_read_whole_equals_its_text_pasted_before_a_blank_line(tiny_pai
     assert whole.blocks_read == -(-memory.num_tokens // 16) > 2  # more than `blocks`: all of it
     assert [t.id for t in whole.tokens] == expected
     assert max(abs(t.logprob - b) for t, b in zip(whole.tokens, expected_logprobs)) < FULL_CONTEXT_ATOL
-    assert mind.generate(question, memory=memory, block_relevance=1e9, **options).blocks_read == 0  # "never"
+    assert mind.generate(question, memory=memory, whole="never", block_relevance=1e9, **options).blocks_read == 0
+    # whole="unread": read whole only when the question draws no block; single and batched alike
+    unread = mind.generate(question, memory=memory, whole="unread", block_relevance=1e9, **options)
+    assert unread.blocks_read == whole.blocks_read and [t.id for t in unread.tokens] == expected
+    batch = mind.generate_batch([question, "Who bakes?"], [memory, None], whole="unread", block_relevance=1e9,
+                                **options)  # fmt: skip
+    assert batch[0].blocks_read == whole.blocks_read and [t.id for t in batch[0].tokens] == expected
+    drawn = dict(options, block_relevance=0.0, block_words=0)
+    chosen = mind.generate(question, memory=memory, **drawn)
+    assert 0 < chosen.blocks_read <= 2
+    assert [t.id for t in mind.generate(question, memory=memory, whole="unread", **drawn).tokens] == [
+        t.id for t in chosen.tokens]
     large = mind.memorize(document * 8, progress=False)  # 530 tokens: past the 512-token window's room
     assert mind.generate(question, memory=large, whole="fits", block_relevance=0.0, **options).blocks_read <= 2
 

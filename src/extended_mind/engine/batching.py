@@ -198,6 +198,10 @@ class DecodeBatch:
             masses = select_blocks(self.model, [r.prompt_ids for r in rows], [r.positions() for r in rows],
                                    by_heads)  # fmt: skip
         chosen = [p.choose(m) if p is not None else None for p, m in zip(plans, masses)]
+        for i, (p, c) in enumerate(zip(plans, chosen)):
+            if c is not None and not c.numel() and p.unread is not None:  # whole="unread": read it whole
+                ids, plans[i] = p.unread
+                rows[i], chosen[i] = replace(rows[i], prompt_ids=ids, plan=plans[i]), plans[i].choose(None)
         layers = [p.slots(c) if p is not None else lay for p, c, lay in zip(plans, chosen, layers)]
         rows = [replace(r, prompt_ids=r.plan.plain(r.prompt_ids), offset=0, plan=None)
                 if c is not None and c.numel() == 0 else r for r, c in zip(rows, chosen)]  # fmt: skip

@@ -91,6 +91,8 @@ class BlockPlan:
     words_override: float = DEFAULT_WORDS_OVERRIDE
     outlier: float = 0.0  # questions: also read a block this many spreads above the question's others (0: not)
     whole: tuple[int, int] | None = None  # every block read, then (at, n) n separator tokens at prompt row `at`
+    # whole="unread": the prompt and plan that read the memory whole, for a question that draws no block
+    unread: tuple[list[int], BlockPlan] | None = None
 
     def positions(self, n_tokens: int) -> list[int]:
         """Position ids of a prompt of `n_tokens`: its head, then a gap for the slots, then the rest."""

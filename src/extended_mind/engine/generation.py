@@ -92,6 +92,9 @@ class TokenStream:
         if plan.needs_pass:
             mass = select_blocks(self.model, [self.prompt_ids], [positions], [plan])[0]
         chosen = plan.choose(mass)
+        if not chosen.numel() and plan.unread is not None:  # whole="unread": no block drawn, the memory fits
+            self.prompt_ids, plan = plan.unread
+            self.plan, positions, chosen = plan, plan.positions(len(self.prompt_ids)), plan.choose(None)
         if not chosen.numel():
             self.prompt_ids = plan.plain(self.prompt_ids)
             return _Reading(list(range(len(self.prompt_ids))), lambda k: {}, 0, 0, True, None, blocks_read=0)

@@ -36,8 +36,9 @@ DEFAULT_BLOCK_OUTLIER = DEFAULT_OUTLIER
 BLOCK_CHOICES = ("heads", "embedding")
 DEFAULT_BLOCK_CHOICE = "heads"
 # Block memory and a memory that fits the window: "fits" reads it whole, as the text pasted at the same place with
-# a blank line before the question (equal to pasting it); "never": its blocks are chosen as for any memory.
-WHOLE_CHOICES = ("fits", "never")
+# a blank line before the question (equal to pasting it); "unread": its blocks are chosen as for any memory, and it
+# is read whole when the question draws none of them; "never": its blocks are chosen as for any memory.
+WHOLE_CHOICES = ("fits", "unread", "never")
 DEFAULT_WHOLE = "never"
 MEMORY_HEADS = ("retrieval", "all")
 # Rows of `logits` input scored per chunk in block mode: each chunk reads the blocks its own rows chose.
@@ -88,7 +89,8 @@ class GenerationOptions:
                                    "1.5 spreads) that stands this many spreads above the question's other blocks; "
                                    "0: not", minimum=0, request_maximum=1000, shared=True)  # fmt: skip
     whole: str = _option(DEFAULT_WHOLE, "fits: a memory that fits the window is read whole, as its text pasted "
-                         "before the question with a blank line after it; never: its blocks are chosen",
+                         "before the question with a blank line after it; unread: its blocks are chosen, and it is "
+                         "read whole when the question draws none; never: its blocks are chosen",
                          choices=WHOLE_CHOICES, shared=True)  # fmt: skip
     block_choice: str = _option(DEFAULT_BLOCK_CHOICE, "how blocks are chosen: by the retrieval heads (what to copy), "
                                 "or by a sentence embedding's similarity to the question (examples like it, as in "

@@ -120,12 +120,11 @@ class MemoryReader:
         encoded = self.with_sink(prompt)
         sink_added = len(encoded.ids) > len(prompt.ids)
         extra = _retry_blocks(o)
-        whole = None  # whole="fits": (where the blank line goes, its tokens) when the memory fits the window
-        if o.whole == "fits" and not extra and o.block_choice == "heads":
-            separator, total = paragraph_break(self.tokenizer), BlockLayout.of(memory, o.block_size).num_blocks
-            if total <= (window - len(encoded.ids) - len(separator) - o.max_new_tokens) // o.block_size:
-                whole = (encoded.memory_at, len(separator))  # the memory as pasted text: a blank line, the question
-                encoded = with_tokens_at(encoded, encoded.memory_at, separator)
+        whole = None  # the memory read whole when it fits the window: whole="fits" always, "unread" as a fallback
+        if o.whole != "never" and not extra and o.block_choice == "heads":
+            whole = self._read_whole(memory, layers, encoded, o, window, sink_added)
+            if whole is not None and o.whole == "fits":
+                return whole
         ids = encoded.ids
         room = (window - len(ids) - o.max_new_tokens) // o.block_size - extra
         if room < 1 and len(ids) <= window:
@@ -134,12 +133,10 @@ class MemoryReader:
                 f"of {o.block_size} tokens (+{extra} for uncertainty retrieval) in the model's window of "
                 f"{window} tokens; shorten the prompt, lower max_new_tokens or block_size"
             )
-        blocks = total if whole else min(o.blocks, room)
-        plan = self.plan(memory, layers, encoded.memory_at, o, blocks, extra, o.block_relevance, whole is not None)
+        plan = self.plan(memory, layers, encoded.memory_at, o, min(o.blocks, room), extra, o.block_relevance)
         plan.select_from, plan.select_to = encoded.asks_from, encoded.asks_to
-        plan.sink_added, plan.whole = sink_added, whole
-        if whole:
-            return encoded, plan
+        plan.sink_added = sink_added
+        plan.unread = None if whole is None else (whole[0].ids, whole[1])
         question = self.tokenizer.decode(ids[encoded.asks_from : encoded.asks_to], skip_special_tokens=True)
         if o.block_choice == "embedding":
             plan.similarity = self.block_similarity(memory, plan.layout, question)
@@ -147,6 +144,21 @@ class MemoryReader:
             plan.outlier = o.block_outlier
             if o.block_words > 0:
                 plan.question_words, plan.words_override = content_words(question), o.block_words
+        return encoded, plan
+
+    def _read_whole(self, memory: Memory, layers: dict[int, LayerMemory], encoded: EncodedPrompt,
+                    o: GenerationOptions, window: int,
+                    sink_added: bool) -> tuple[EncodedPrompt, BlockPlan] | None:  # fmt: skip
+        """The prompt and plan that read `memory` whole, as its text pasted before the question with a blank line
+        after it (cut as the tokenizer cuts one inside a text); None when it does not fit the window."""
+        separator, total = paragraph_break(self.tokenizer), BlockLayout.of(memory, o.block_size).num_blocks
+        if total > (window - len(encoded.ids) - len(separator) - o.max_new_tokens) // o.block_size:
+            return None
+        at = encoded.memory_at
+        encoded = with_tokens_at(encoded, at, separator)
+        plan = self.plan(memory, layers, at, o, total, whole=True)
+        plan.select_from, plan.select_to = encoded.asks_from, encoded.asks_to
+        plan.sink_added, plan.whole = sink_added, (at, len(separator))
         return encoded, plan
 
     def block_similarity(self, memory: Memory, layout: BlockLayout, question: str) -> torch.Tensor:
