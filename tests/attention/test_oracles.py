@@ -169,7 +169,7 @@ def test_a_memory_read_whole_equals_its_text_pasted_before_a_blank_line(tiny_pai
     users paste it. A memory past the window's room is chosen from as before."""
     mind, reference = tiny_pair
     mind.tokenizer.chat_template = template
-    document, question = "The keeper of the lighthouse is Ada; the baker is Tom, up at dawn. ", "Who keeps the light?"
+    document, question = "The keeper of the lighthouse is Ada; the baker is Tom, up at dawn. ", "Who is the keeper?"
     text = mind.tokenizer.apply_chat_template([{"role": "user", "content": document.strip() + "\n\n" + question}],
                                               tokenize=False, add_generation_prompt=True)  # fmt: skip
     pasted = mind.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -182,12 +182,15 @@ def test_a_memory_read_whole_equals_its_text_pasted_before_a_blank_line(tiny_pai
     assert [t.id for t in whole.tokens] == expected
     assert max(abs(t.logprob - b) for t, b in zip(whole.tokens, expected_logprobs)) < FULL_CONTEXT_ATOL
     assert mind.generate(question, memory=memory, whole="never", block_relevance=1e9, **options).blocks_read == 0
-    # whole="unread": read whole only when the question draws no block; single and batched alike
+    # whole="unread": read whole only when the question draws no block and its words occur in the memory; single
+    # and batched alike
     unread = mind.generate(question, memory=memory, whole="unread", block_relevance=1e9, **options)
     assert unread.blocks_read == whole.blocks_read and [t.id for t in unread.tokens] == expected
     batch = mind.generate_batch([question, "Who bakes?"], [memory, None], whole="unread", block_relevance=1e9,
                                 **options)  # fmt: skip
     assert batch[0].blocks_read == whole.blocks_read and [t.id for t in batch[0].tokens] == expected
+    general = mind.generate("Who keeps the light?", memory=memory, whole="unread", block_relevance=1e9, **options)
+    assert general.blocks_read == 0  # "keeps", "light": words the memory does not hold, so not about it
     drawn = dict(options, block_relevance=0.0, block_words=0)
     chosen = mind.generate(question, memory=memory, **drawn)
     assert 0 < chosen.blocks_read <= 2

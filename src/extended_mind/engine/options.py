@@ -37,7 +37,8 @@ BLOCK_CHOICES = ("heads", "embedding")
 DEFAULT_BLOCK_CHOICE = "heads"
 # Block memory and a memory that fits the window: "fits" reads it whole, as the text pasted at the same place with
 # a blank line before the question (equal to pasting it); "unread": its blocks are chosen as for any memory, and it
-# is read whole when the question draws none of them; "never": its blocks are chosen as for any memory.
+# is read whole when the question draws none of them but every content word of the question occurs in it (a question
+# about the memory the relevance test missed, not a general one); "never": its blocks are chosen as for any memory.
 WHOLE_CHOICES = ("fits", "unread", "never")
 DEFAULT_WHOLE = "never"
 MEMORY_HEADS = ("retrieval", "all")
@@ -90,7 +91,8 @@ class GenerationOptions:
                                    "0: not", minimum=0, request_maximum=1000, shared=True)  # fmt: skip
     whole: str = _option(DEFAULT_WHOLE, "fits: a memory that fits the window is read whole, as its text pasted "
                          "before the question with a blank line after it; unread: its blocks are chosen, and it is "
-                         "read whole when the question draws none; never: its blocks are chosen",
+                         "read whole when the question draws none but every word of the question occurs in it; "
+                         "never: its blocks are chosen",
                          choices=WHOLE_CHOICES, shared=True)  # fmt: skip
     block_choice: str = _option(DEFAULT_BLOCK_CHOICE, "how blocks are chosen: by the retrieval heads (what to copy), "
                                 "or by a sentence embedding's similarity to the question (examples like it, as in "

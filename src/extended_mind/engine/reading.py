@@ -136,8 +136,9 @@ class MemoryReader:
         plan = self.plan(memory, layers, encoded.memory_at, o, min(o.blocks, room), extra, o.block_relevance)
         plan.select_from, plan.select_to = encoded.asks_from, encoded.asks_to
         plan.sink_added = sink_added
-        plan.unread = None if whole is None else (whole[0].ids, whole[1])
         question = self.tokenizer.decode(ids[encoded.asks_from : encoded.asks_to], skip_special_tokens=True)
+        if whole is not None and content_words(question) <= _memory_words(memory):  # words it holds: about it
+            plan.unread = (whole[0].ids, whole[1])
         if o.block_choice == "embedding":
             plan.similarity = self.block_similarity(memory, plan.layout, question)
         else:
@@ -254,6 +255,11 @@ class MemoryReader:
         if o.retrieval == "blocks":
             return slot_positions(o.blocks + _retry_blocks(o), o.block_size)
         return prompt_offset(memory, o.position_policy)
+
+
+def _memory_words(memory: Memory) -> frozenset[str]:
+    """The content words of every document of `memory` (engine/words.py), computed once per memory."""
+    return memory.cached("content-words", lambda: frozenset().union(*(content_words(d.text) for d in memory.documents)))
 
 
 def _retry_blocks(o: GenerationOptions) -> int:
