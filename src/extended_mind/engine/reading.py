@@ -79,7 +79,8 @@ class MemoryReader:
              blocks: int, extra_blocks: int = 0, min_relevance: float | None = None,
              whole: bool = False) -> BlockPlan:  # fmt: skip
         """The block plan for a question (`min_relevance` given: blocks are read only when relevant, see
-        `Relevance`), or for scoring a long input (None: every chunk reads the blocks most above the prior)."""
+        `Relevance`), or for scoring a long input (None: every chunk reads the blocks most above the prior); with
+        `whole`, every one of `blocks` blocks is read, with nothing to rank."""
         n_layers = self.model.config.num_hidden_layers
         if o.memory_heads == "all":
             heads = {i: torch.ones(self.model.config.num_attention_heads, dtype=torch.bool) for i in range(n_layers)}
@@ -137,14 +138,15 @@ class MemoryReader:
         plan.select_from, plan.select_to = encoded.asks_from, encoded.asks_to
         plan.sink_added = sink_added
         question = self.tokenizer.decode(ids[encoded.asks_from : encoded.asks_to], skip_special_tokens=True)
-        if whole is not None and content_words(question) <= _memory_words(memory):  # words it holds: about it
+        words = content_words(question)
+        if whole is not None and words <= _memory_words(memory):  # words it holds: a question about it
             plan.unread = (whole[0].ids, whole[1])
         if o.block_choice == "embedding":
             plan.similarity = self.block_similarity(memory, plan.layout, question)
         else:
             plan.outlier = o.block_outlier
             if o.block_words > 0:
-                plan.question_words, plan.words_override = content_words(question), o.block_words
+                plan.question_words, plan.words_override = words, o.block_words
         return encoded, plan
 
     def _read_whole(self, memory: Memory, layers: dict[int, LayerMemory], encoded: EncodedPrompt,
