@@ -27,7 +27,7 @@ from extended_mind.engine.heads import retrieval_heads
 from extended_mind.engine.memorize import sink_token_id
 from extended_mind.engine.options import GenerationOptions
 from extended_mind.engine.positions import prepare_layers, prompt_offset
-from extended_mind.engine.words import content_words
+from extended_mind.engine.words import asks_about, content_words, sentence_words
 from extended_mind.memory.memory import Memory
 from extended_mind.retrieval.embedding import TextEmbedder, text_vectors
 from extended_mind.retrieval.index import IndexSettings
@@ -139,7 +139,7 @@ class MemoryReader:
         plan.sink_added = sink_added
         question = self.tokenizer.decode(ids[encoded.asks_from : encoded.asks_to], skip_special_tokens=True)
         words = content_words(question)
-        if whole is not None and words <= _memory_words(memory):  # words it holds: a question about it
+        if whole is not None and asks_about(words, _memory_sentences(memory)):  # a question about the memory
             plan.unread = (whole[0].ids, whole[1])
         if o.block_choice == "embedding":
             plan.similarity = self.block_similarity(memory, plan.layout, question)
@@ -259,9 +259,9 @@ class MemoryReader:
         return prompt_offset(memory, o.position_policy)
 
 
-def _memory_words(memory: Memory) -> frozenset[str]:
-    """The content words of every document of `memory` (engine/words.py), computed once per memory."""
-    return memory.cached("content-words", lambda: frozenset().union(*(content_words(d.text) for d in memory.documents)))
+def _memory_sentences(memory: Memory) -> list[frozenset[str]]:
+    """The content words of every sentence of `memory`'s documents (engine/words.py), computed once per memory."""
+    return memory.cached("sentence-words", lambda: [w for d in memory.documents for w in sentence_words(d.text)])
 
 
 def _retry_blocks(o: GenerationOptions) -> int:

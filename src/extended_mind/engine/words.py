@@ -32,3 +32,26 @@ def content_words(text: str) -> frozenset[str]:
             continue
         out.add(w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w)
     return frozenset(out)
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+# A one-word question is about a text whose sentences name that word this often ("aardwolf" in 30 of an article's
+# 114 sentences); a word said in passing ("continent", once) is not what the text is about
+LONE_WORD_SHARE = 0.05
+
+
+def sentence_words(text: str) -> list[frozenset[str]]:
+    """The content words of each sentence (or line) of `text`."""
+    return [content_words(s) for s in _SENTENCE_END.split(text) if s.strip()]
+
+
+def asks_about(words: frozenset[str], sentences: list[frozenset[str]]) -> bool:
+    """Whether a question whose content words are `words` asks about a text of `sentences`: its words together in
+    one sentence (the fact a question names: "best thing to do in San Francisco"), or a lone word in at least
+    LONE_WORD_SHARE of them. A general question's words are often all in a text of some length, but apart ("day"
+    and "week" in different sentences of an article); a question with no content word ("Who are you?") names
+    nothing the text holds."""
+    if len(words) == 1:
+        (word,) = words
+        return sum(word in s for s in sentences) >= max(1.0, LONE_WORD_SHARE * len(sentences))
+    return bool(words) and any(words <= s for s in sentences)
