@@ -182,7 +182,7 @@ def test_a_memory_read_whole_equals_its_text_pasted_before_a_blank_line(tiny_pai
     assert [t.id for t in whole.tokens] == expected
     assert max(abs(t.logprob - b) for t, b in zip(whole.tokens, expected_logprobs)) < FULL_CONTEXT_ATOL
     assert mind.generate(question, memory=memory, whole="never", block_relevance=1e9, **options).blocks_read == 0
-    # whole="unread": read whole only when the question draws no block and its words occur in the memory; single
+    # whole="unread": read whole only when the question draws no block and its words meet in one sentence; single
     # and batched alike
     unread = mind.generate(question, memory=memory, whole="unread", block_relevance=1e9, **options)
     assert unread.blocks_read == whole.blocks_read and [t.id for t in unread.tokens] == expected

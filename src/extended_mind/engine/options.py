@@ -36,11 +36,12 @@ DEFAULT_BLOCK_OUTLIER = DEFAULT_OUTLIER
 BLOCK_CHOICES = ("heads", "embedding")
 DEFAULT_BLOCK_CHOICE = "heads"
 # Block memory and a memory that fits the window: "fits" reads it whole, as the text pasted at the same place with
-# a blank line before the question (equal to pasting it); "unread": its blocks are chosen as for any memory, and it
-# is read whole when the question draws none of them but every content word of the question occurs in it (a question
-# about the memory the relevance test missed, not a general one); "never": its blocks are chosen as for any memory.
+# a blank line before the question (equal to pasting it); "unread" (the default): its blocks are chosen as for any
+# memory, and it is read whole when the question draws none of them but asks about it (engine/words.py `asks_about`:
+# the question's words together in one of its sentences; a question the relevance test missed, not a general one);
+# "never": its blocks are chosen as for any memory.
 WHOLE_CHOICES = ("fits", "unread", "never")
-DEFAULT_WHOLE = "never"
+DEFAULT_WHOLE = "unread"
 MEMORY_HEADS = ("retrieval", "all")
 # Rows of `logits` input scored per chunk in block mode: each chunk reads the blocks its own rows chose.
 DEFAULT_SCORING_CHUNK = 64
@@ -91,7 +92,7 @@ class GenerationOptions:
                                    "0: not", minimum=0, request_maximum=1000, shared=True)  # fmt: skip
     whole: str = _option(DEFAULT_WHOLE, "fits: a memory that fits the window is read whole, as its text pasted "
                          "before the question with a blank line after it; unread: its blocks are chosen, and it is "
-                         "read whole when the question draws none but every word of the question occurs in it; "
+                         "read whole when the question draws none but its words meet in one of its sentences; "
                          "never: its blocks are chosen",
                          choices=WHOLE_CHOICES, shared=True)  # fmt: skip
     block_choice: str = _option(DEFAULT_BLOCK_CHOICE, "how blocks are chosen: by the retrieval heads (what to copy), "
