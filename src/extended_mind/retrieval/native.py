@@ -1,10 +1,12 @@
-"""The optional compiled int8 scans (kernels/scan_int8.cpp): AVX512-VNNI and AVX2 builds, each on first use.
+"""The optional compiled kernels: int8 scans (kernels/scan_int8.cpp, AVX512-VNNI and AVX2 builds) and the fused
+slot attention of a decode row (kernels/slot_attend.cpp, attention/slot_step.py), each built on first use.
 
 `torch._int_mm` reads int8 keys at about half the memory bandwidth when a query batch has a few rows (decode), and
 exact search then has to rank the (rows x keys) scores it wrote. The kernel scans packed keys at close to the
-bandwidth and keeps each row's shortlist while it scans. It is compiled once per machine with the compiler torch
-uses (into the extended-mind cache) and is optional: without a compiler, ninja or the instructions, search uses
-another scan. Which scan runs is measured per machine (scan_select.py). Set EXTENDED_MIND_NATIVE=0 to turn both off.
+bandwidth and keeps each row's shortlist while it scans. They are compiled once per machine with the compiler torch
+uses (into the extended-mind cache) and are optional: without a compiler, ninja or the instructions, search uses
+another scan and slot attention its torch operations. Which scan runs is measured per machine (scan_select.py).
+Set EXTENDED_MIND_NATIVE=0 to turn all of them off.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ log = logging.getLogger(__name__)
 NATIVE_ENV = "EXTENDED_MIND_NATIVE"
 
 
-_SOURCE = Path(__file__).parents[1] / "kernels" / "scan_int8.cpp"
+_KERNELS = Path(__file__).parents[1] / "kernels"
+_SCAN_FUNCTIONS = ["scan_int8", "scan_int8_topk", "scan_int8_topk_cells"]
 
 
 # Keys per packed block: one 512-bit register holds 4 dimensions of 16 keys.
@@ -50,8 +53,8 @@ def _cpu_has_avx2() -> bool:
         return False
 
 
-def _build(name: str, flags: list[str]) -> ModuleType | None:
-    """Compile the kernel source with `flags` into the extended-mind cache (once per machine and torch)."""
+def _build(name: str, flags: list[str], source: str, functions: list[str]) -> ModuleType | None:
+    """Compile kernels/`source` with `flags` into the extended-mind cache (once per machine and torch)."""
 
     # resolved: torch rebuilds when the build directory's path changes, and a cache reached through a link is the same
     build = (cache_dir() / "kernels" / f"torch-{torch.__version__}" / name).resolve()
@@ -63,24 +66,25 @@ def _build(name: str, flags: list[str]) -> ModuleType | None:
             warnings.simplefilter("ignore")
             return load_inline(
                 name,
-                cpp_sources=_SOURCE.read_text(),
-                functions=["scan_int8", "scan_int8_topk", "scan_int8_topk_cells"],
+                cpp_sources=(_KERNELS / source).read_text(),
+                functions=functions,
                 extra_cflags=["-O3", *flags],
                 build_directory=str(build),
                 verbose=False,
             )
-    except Exception as exc:  # no compiler, no ninja, a failed build: the other scans are as correct
-        log.warning("int8 scan kernel %s not built (%s)", name, str(exc).splitlines()[0][:200])
+    except Exception as exc:  # no compiler, no ninja, a failed build: the torch paths are as correct
+        log.warning("kernel %s not built (%s)", name, str(exc).splitlines()[0][:200])
         return None
 
 
-def _kernel(name: str, supported: bool, isa: str, flags: list[str]) -> ModuleType | None:
+def _kernel(name: str, supported: bool, isa: str, flags: list[str], source: str = "scan_int8.cpp",
+            functions: list[str] = _SCAN_FUNCTIONS) -> ModuleType | None:  # fmt: skip
     if os.environ.get(NATIVE_ENV, "1") == "0":
         return None
     if not supported:
-        log.info("int8 %s scan kernel not used: this CPU has no %s", isa, isa)
+        log.info("kernel %s not used: this CPU has no %s", name, isa)
         return None
-    return _build(name, flags)
+    return _build(name, flags, source, functions)
 
 
 @lru_cache(maxsize=1)
@@ -94,6 +98,14 @@ def scan_kernel() -> ModuleType | None:
 def scan_kernel_avx2() -> ModuleType | None:
     """The same kernel for AVX2 (vpmaddubsw/vpmaddwd, exact scores), or None where it cannot be used here."""
     return _kernel("extended_mind_scan_int8_avx2", _cpu_has_avx2(), "AVX2", ["-mavx2", "-mfma", "-DEM_AVX2"])
+
+
+@lru_cache(maxsize=1)
+def slot_kernel() -> ModuleType | None:
+    """The fused slot attention of one decode row (float32 loops the compiler vectorizes for AVX2; AVX512 CPUs run
+    it too), or None where it cannot be built here."""
+    return _kernel("extended_mind_slot_attend", _cpu_has_avx2(), "AVX2", ["-mavx2", "-mfma"], "slot_attend.cpp",
+                   ["slot_attend"])  # fmt: skip
 
 
 def pack_keys(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
