@@ -6,7 +6,8 @@ Memorizes `--tokens` of Python's documentation (as benchmarks/speed.py does), th
 prefill (median of 3) and decode (median ms per token over 2 runs of 8 tokens) with no memory, with block memory
 and with exact token retrieval, and prints the ratios with the CPU model, its flags and the exact-scan path chosen
 (block memory's rows say how many blocks the decode runs' two questions read: with the default relevance test these
-documentation questions may read none, i.e. time the plain model, so a second row reads with the test off).
+documentation questions may read none, i.e. time the plain model, so a second row reads with the test off; a third
+times that row again with the slot step's torch operations instead of its compiled kernel, attention/slot_step.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from speed import PROMPTS, decode_ms, prefill_ms, real_documents
 
 from extended_mind import ExtendedMind
+from extended_mind.attention import slot_step
 from extended_mind.retrieval.scan_select import kernels, scan_report
 
 # tables in float32 unless --dtype or $EXTENDED_MIND_DTYPE asks otherwise: what a timing picks ("auto") varies
@@ -45,12 +47,20 @@ def main() -> None:
           f"| no memory | {base_prefill:.0f} | {base_decode:.0f} |")  # fmt: skip
     # block memory reads nothing for a question no block is relevant to (then it is the plain model): its row is
     # timed with the relevance test off, so the blocks are read; the default's row says what it read
+    fused = slot_step.fused_kernel()  # the compiled slot step, where built and timed faster here
     for label, options in (("block memory (default)", {}), ("block memory, blocks read (block_relevance=0)",
                                                             {"block_relevance": 0.0}),
+                           ("same, slot step without the kernel (torch operations)", {"block_relevance": 0.0,
+                                                                                      "kernel": False}),
                            ("token retrieval, exact", {"retrieval": "tokens", "search": "exact"})):  # fmt: skip
+        if options.pop("kernel", True) is False:
+            if fused is None:
+                continue
+            slot_step.fused_kernel = lambda: None
         mind.stream("x", memory=memory, max_new_tokens=1, **options)  # prepares the memory once
         prefill = prefill_ms(mind, memory, 3, **options)
         decode, _ = decode_ms(mind, memory, 8, 2, **options)
+        slot_step.fused_kernel = lambda: fused
         read = [mind.generate(p, memory=memory, max_new_tokens=1, **options).blocks_read for p in PROMPTS[:2]]
         blocks = "" if read[0] is None else f" (blocks read by the decode runs' questions: {read})"
         print(f"| {label}{blocks} | {prefill:.0f} ({prefill / base_prefill:.2f}) | {decode:.0f} "

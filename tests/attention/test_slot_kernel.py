@@ -16,11 +16,14 @@ def kernel():
     return built
 
 
+@pytest.mark.parametrize("threads", [1, 2])  # one run of slots per head, or chunks the threads share
 @pytest.mark.parametrize("weighting", [None, "attention", "attention_value"])
 @pytest.mark.parametrize("shape", [(9, 3, 64, 512, 40), (4, 4, 80, 33, 7), (8, 2, 128, 100, 1)],
                          ids=["smollm2", "odd-dims", "wide-heads"])  # fmt: skip
-def test_the_fused_slot_step_equals_the_torch_one(kernel, monkeypatch, shape, weighting):
+def test_the_fused_slot_step_equals_the_torch_one(kernel, monkeypatch, shape, weighting, threads):
     hq, h, d, s, local = shape
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(hq + d + s)
     query = torch.randn(1, hq, 1, d, generator=gen)
     buffer = torch.randn(2, 1, h, local + 5, d, generator=gen)  # the cache's buffers, read up to `local` rows
@@ -31,13 +34,16 @@ def test_the_fused_slot_step_equals_the_torch_one(kernel, monkeypatch, shape, we
                       inv_norms=torch.ones(h, s), slot_tokens=torch.arange(100, 100 + s),
                       value_norms=torch.rand(h, s, generator=gen))  # fmt: skip
     monkeypatch.setattr(slot_step, "fused_kernel", lambda: kernel)
-    fused, fused_record = slot_step.attend_slot_step(query, key, value, mask, mem, d**-0.5, weighting)
+    try:
+        fused, fused_record = slot_step.attend_slot_step(query, key, value, mask, mem, d**-0.5, weighting)
+        unmasked = slot_step.attend_slot_step(query, key, value, None, mem, d**-0.5, None)[0]
+    finally:
+        torch.set_num_threads(before)
     plain, plain_record = slot_step._torch_step(query, key, value, mask, mem, d**-0.5, weighting)
     assert fused.shape == plain.shape == (1, 1, hq, d)
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
     if weighting is None:
         assert fused_record is None and plain_record is None
-        unmasked = slot_step.attend_slot_step(query, key, value, None, mem, d**-0.5, None)[0]
         torch.testing.assert_close(unmasked, slot_step._torch_step(query, key, value, None, mem, d**-0.5, None)[0],
                                    atol=1e-5, rtol=1e-5)  # fmt: skip
     else:

@@ -69,6 +69,7 @@ def _build(name: str, flags: list[str], source: str, functions: list[str]) -> Mo
                 cpp_sources=(_KERNELS / source).read_text(),
                 functions=functions,
                 extra_cflags=["-O3", *flags],
+                extra_ldflags=[f for f in flags if f == "-fopenmp"],
                 build_directory=str(build),
                 verbose=False,
             )
@@ -91,21 +92,23 @@ def _kernel(name: str, supported: bool, isa: str, flags: list[str], source: str 
 def scan_kernel() -> ModuleType | None:
     """The compiled AVX512-VNNI kernel module, or None where it cannot be used here (reason logged)."""
     return _kernel("extended_mind_scan_int8", _cpu_has_vnni(), "AVX512-VNNI",
-                   ["-mavx512f", "-mavx512bw", "-mavx512vnni"])  # fmt: skip
+                   ["-mavx512f", "-mavx512bw", "-mavx512vnni", "-fopenmp"])  # fmt: skip
 
 
 @lru_cache(maxsize=1)
 def scan_kernel_avx2() -> ModuleType | None:
     """The same kernel for AVX2 (vpmaddubsw/vpmaddwd, exact scores), or None where it cannot be used here."""
-    return _kernel("extended_mind_scan_int8_avx2", _cpu_has_avx2(), "AVX2", ["-mavx2", "-mfma", "-DEM_AVX2"])
+    return _kernel("extended_mind_scan_int8_avx2", _cpu_has_avx2(), "AVX2",
+                   ["-mavx2", "-mfma", "-DEM_AVX2", "-fopenmp"])  # fmt: skip
 
 
 @lru_cache(maxsize=1)
 def slot_kernel() -> ModuleType | None:
     """The fused slot attention of one decode row (float32 loops the compiler vectorizes for AVX2; AVX512 CPUs run
-    it too), or None where it cannot be built here."""
-    return _kernel("extended_mind_slot_attend", _cpu_has_avx2(), "AVX2", ["-mavx2", "-mfma"], "slot_attend.cpp",
-                   ["slot_attend"])  # fmt: skip
+    it too; OpenMP, so that at::parallel_for shares its chunks among torch's threads), or None where it cannot be
+    built here."""
+    return _kernel("extended_mind_slot_attend", _cpu_has_avx2(), "AVX2", ["-mavx2", "-mfma", "-fopenmp"],
+                   "slot_attend.cpp", ["slot_attend"])  # fmt: skip
 
 
 def pack_keys(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
