@@ -128,8 +128,15 @@ std::vector<torch::Tensor> slot_attend(torch::Tensor query, torch::Tensor keys, 
       for (int64_t c = 0; c < chunks; ++c) axpy(factor[c] * inv, part.data() + ((head * chunks + c) * g + r) * d, o, d);
       if (!cite) continue;
       const float* pr = p.data() + (head * g + r) * row;
-      for (int64_t j = 0; j < s; ++j)
-        cd[j] += pr[j] * factor[j / size] * inv * (sw ? sw[head * s + j] : 1.0f);
+      const float* w = sw ? sw + head * s : nullptr;
+      for (int64_t c = 0; c < slot_chunks; ++c) {  // chunk by chunk: one factor each, no division per slot
+        const float f = factor[c] * inv;
+        const int64_t to = std::min(s, (c + 1) * size);
+        if (w)
+          for (int64_t j = c * size; j < to; ++j) cd[j] += pr[j] * f * w[j];
+        else
+          for (int64_t j = c * size; j < to; ++j) cd[j] += pr[j] * f;
+      }
     }
   return {out, cite ? cited : torch::Tensor()};
 }
