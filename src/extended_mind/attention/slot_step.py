@@ -51,7 +51,7 @@ def attend_slot_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     """query (B, Hq, 1, D), key/value (B, H, Skv, D), slots mem.keys/values (H, S, D) -> the output (B, 1, Hq, D)
     and, when `weighting` is given ("attention" or "attention_value"), the citation record of the first row:
     (slot tokens, their weights summed over heads), as function.py `_citation_record`."""
-    if _fusable(query, key, value, attention_mask, mem) and (kernel := fused_kernel()) is not None:
+    if _fusable(query, key, value, mem) and (kernel := fused_kernel()) is not None:
         hq, d = query.shape[1], query.shape[3]
         mask = _NONE if attention_mask is None else attention_mask[0, 0, -1, -key.shape[2] :].contiguous()
         out, cite = kernel.slot_attend(query.reshape(hq, d).contiguous(), key[0], value[0], mask, mem.keys,
@@ -83,21 +83,22 @@ def slot_citation(mem: LayerMemory, p: torch.Tensor, weighting: str) -> Record:
     summed over heads), each p weighed by the slot's |v| under "attention_value" (see function.py
     `_citation_record`)."""
     if weighting == "attention_value":
-        norms = mem.value_norms if mem.value_norms is not None else mem.values.float().norm(dim=-1)
-        p = p * norms.unsqueeze(1)
+        p = p * _value_norms(mem).unsqueeze(1)
     return mem.slot_tokens, p.sum(dim=(0, 1)).detach()
 
 
+def _value_norms(mem: LayerMemory) -> torch.Tensor:
+    """(H, S) |v| of the slots: what "attention_value" citations weigh each probability by."""
+    return mem.value_norms if mem.value_norms is not None else mem.values.float().norm(dim=-1)
+
+
 def _citation_weights(mem: LayerMemory, weighting: str | None) -> torch.Tensor:
-    if weighting != "attention_value":
-        return _NONE
-    norms = mem.value_norms if mem.value_norms is not None else mem.values.float().norm(dim=-1)
-    return norms.float().contiguous()
+    return _value_norms(mem).float().contiguous() if weighting == "attention_value" else _NONE
 
 
-def _fusable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
-             mem: LayerMemory) -> bool:  # fmt: skip
-    """One row of one sequence on the CPU, float32 throughout, in the layouts the kernel reads."""
+def _fusable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mem: LayerMemory) -> bool:
+    """One row of one sequence on the CPU, float32 throughout, in the layouts the kernel reads (the mask is boolean
+    or None: `plain_slot_step` let only those through)."""
     if query.shape[0] != 1 or key.stride(-1) != 1 or key.stride() != value.stride():
         return False
     if not (mem.keys.is_contiguous() and mem.values.is_contiguous()):
