@@ -55,7 +55,7 @@ def attend_slot_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         hq, d = query.shape[1], query.shape[3]
         mask = _NONE if attention_mask is None else attention_mask[0, 0, -1, -key.shape[2] :].contiguous()
         out, cite = kernel.slot_attend(query.reshape(hq, d).contiguous(), key[0], value[0], mask, mem.keys,
-                                       mem.values, _citation_weights(mem, weighting), scaling,
+                                       mem.values, citation_weights(mem, weighting), scaling,
                                        weighting is not None)  # fmt: skip
         return out.view(1, 1, hq, d), (mem.slot_tokens, cite) if weighting is not None else None
     return _torch_step(query, key, value, attention_mask, mem, scaling, weighting)
@@ -92,7 +92,8 @@ def _value_norms(mem: LayerMemory) -> torch.Tensor:
     return mem.value_norms if mem.value_norms is not None else mem.values.float().norm(dim=-1)
 
 
-def _citation_weights(mem: LayerMemory, weighting: str | None) -> torch.Tensor:
+def citation_weights(mem: LayerMemory, weighting: str | None) -> torch.Tensor:
+    """What the kernel weighs a slot's probability by in citations: |v| under "attention_value", else nothing."""
     return _value_norms(mem).float().contiguous() if weighting == "attention_value" else _NONE
 
 

@@ -48,6 +48,16 @@ class GrowingLayer(DynamicLayer):
         self.keys, self.values = self.key_buffer[:, :, :new], self.value_buffer[:, :, :new]
         return self.keys, self.values
 
+    def reserve(self, needed: int) -> None:
+        """Buffers whose filled prefix is what is cached, with room for `needed` tokens: the native decode step
+        (engine/fast_step.py) writes the next key and value into them, then calls `expose`."""
+        if not self._is_prefix_of_buffers() or needed > self.key_buffer.shape[2]:
+            self._rebuffer(needed, self.keys, self.values)
+
+    def expose(self, length: int) -> None:
+        """`keys`/`values`: the first `length` tokens of the buffers."""
+        self.keys, self.values = self.key_buffer[:, :, :length], self.value_buffer[:, :, :length]
+
     def _rebuffer(self, needed: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Fresh buffers with room for `needed` tokens and a quarter more, holding what is cached now."""
         room = needed + max(MIN_ROOM, needed // 4)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedModel
 
-from extended_mind.attention.session import plain_step
+from extended_mind.attention.session import Session, plain_step
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,12 @@ class CompiledStep:
         # COMPILE_CPP_WRAPPER=1` turns it on to measure
         return {"cpp_wrapper": True} if os.environ.get(f"{COMPILE_ENV}_CPP_WRAPPER") == "1" else {}
 
-    def __call__(self, kv_cache, /, **inputs):
+    @staticmethod
+    def applies(kv_cache, input_ids: torch.Tensor, session: Session) -> bool:
+        """A one-token step that reads no memory."""
+        return input_ids.shape[-1] == 1 and not session.layers
+
+    def __call__(self, kv_cache, /, session: Session | None = None, **inputs):
         if self.failure is None:
             before = [layer.get_seq_length() for layer in kv_cache.layers]
             try:

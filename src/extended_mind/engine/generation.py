@@ -24,6 +24,7 @@ from extended_mind.engine.decoding import (
     record_weights,
     stop_token_ids,
 )
+from extended_mind.engine.fast_step import FastStep
 from extended_mind.engine.options import GenerationOptions
 from extended_mind.memory.citations import Passage
 from extended_mind.memory.memory import Memory
@@ -63,10 +64,10 @@ class TokenStream:
         offset: int,
         settings: GenerationOptions,
         plan: BlockPlan | None = None,
-        step: CompiledStep | None = None,
+        step: CompiledStep | FastStep | None = None,
     ):
         self.model, self.tokenizer, self.memory = model, tokenizer, memory
-        self.step = step  # the compiled one-token forward for steps that read no memory (compiled.py), or None
+        self.step = step  # a one-token forward for the steps it applies to (compiled.py, fast_step.py), or None
         self.prompt_ids, self.layers, self.offset, self.settings = prompt_ids, layers, offset, settings
         self.plan = plan  # block memory: the slots are chosen when the stream starts
         self.result: GenerationResult | None = None
@@ -134,8 +135,8 @@ class TokenStream:
             inputs = dict(input_ids=torch.tensor([ids], device=device), position_ids=positions, use_cache=True,
                           logits_to_keep=1, **with_cache(self.model, cache))  # fmt: skip
             with session.active(), torch.inference_mode():
-                if self.step is not None and len(ids) == 1 and not session.layers:
-                    out = self.step(cache, **inputs)
+                if self.step is not None and self.step.applies(cache, inputs["input_ids"], session):
+                    out = self.step(cache, session, **inputs)
                 else:
                     out = self.model(**inputs)
             return out.logits[0, -1].float(), record_weights(session.citation_records, n_heads)

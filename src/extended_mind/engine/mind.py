@@ -19,6 +19,7 @@ from extended_mind.base.prompting import DEFAULT_MEMORY_AT, EncodedPrompt, encod
 from extended_mind.engine.batching import BatchRow, generate_batch
 from extended_mind.engine.compiled import CompiledStep, compile_requested
 from extended_mind.engine.decoding import GenerationResult
+from extended_mind.engine.fast_step import FastStep, fast_step
 from extended_mind.engine.generation import TokenStream
 from extended_mind.engine.heads import head_scores
 from extended_mind.engine.memorize import encode_documents, memorize_encoded, memorize_sharded
@@ -55,10 +56,8 @@ class ExtendedMind:
         """`shards`: shard memories over the initialised torch.distributed process group (parallel/group.py): None
         (default) when one of more than one rank is initialised, True to require it, False never. `compile`: decode
         steps that read no memory run a torch.compile'd forward (engine/compiled.py; None: `$EXTENDED_MIND_COMPILE`,
-        off by default)."""
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.source = source
+        off by default); otherwise they run natively where they can (engine/fast_step.py)."""
+        self.model, self.tokenizer, self.source = model.eval(), tokenizer, source
         self.identity = ModelIdentity.of(model, tokenizer, source)
         self._head_scores: torch.Tensor | None = None
         self._embedder: TextEmbedder | None = None
@@ -73,6 +72,7 @@ class ExtendedMind:
             )
         patch_model(model)
         self.compiled_step = CompiledStep(model) if compile_requested(compile) else None
+        self._native_step: FastStep | None | bool = False  # False: not looked for yet (engine/fast_step.py)
 
     @classmethod
     def from_pretrained(
@@ -88,6 +88,14 @@ class ExtendedMind:
         measured once per CPU, else float32; bfloat16 on a GPU), or a precision by name (base/loading.py).
         `compile`: a compiled decode step for answers that read no memory (see `__init__`)."""
         return cls(*load_model(model, device=device, dtype=dtype), shards=shards, compile=compile)
+
+    @property
+    def decode_step(self) -> CompiledStep | FastStep | None:
+        """The compiled step when asked for, else the native one where it applies and is not slower here
+        (engine/fast_step.py; looked for on first use), else None: the eager forward."""
+        if self.compiled_step is None and self._native_step is False:
+            self._native_step = fast_step(self.model)
+        return self.compiled_step or self._native_step
 
     @property
     def shard_group(self) -> ShardGroup | None:
@@ -106,8 +114,8 @@ class ExtendedMind:
 
     @property
     def context_window(self) -> int:
-        config = self.model.config
-        return int(getattr(config, "max_position_embeddings", None) or getattr(config, "max_seq_len", 2048))
+        c = self.model.config
+        return int(getattr(c, "max_position_embeddings", None) or getattr(c, "max_seq_len", 2048))
 
     @property
     def head_scores(self) -> torch.Tensor:
@@ -116,8 +124,6 @@ class ExtendedMind:
         if self._head_scores is None:
             self._head_scores = head_scores(self.model, self.tokenizer, self.identity)
         return self._head_scores
-
-    # ---- memory ----
 
     def memorize(
         self,
@@ -207,8 +213,7 @@ class ExtendedMind:
         return self._shard(memory)
 
     def _shard(self, memory: Memory) -> Memory:
-        group = self.shard_group
-        return shard_memory(memory, group) if group is not None else memory
+        return shard_memory(memory, group) if (group := self.shard_group) is not None else memory
 
     def build_index(
         self,
@@ -249,16 +254,13 @@ class ExtendedMind:
             return None
         items = [memory] if isinstance(memory, (Memory, str, Path)) else list(memory)
         memories = [self.load_memory(m) if isinstance(m, (str, Path)) else m for m in items]
-        if not memories:
-            return None
         for m in memories:
             if not isinstance(m, Memory):
-                raise ExtendedMindError(
-                    f"memory must be a Memory (from memorize or load_memory), got {type(m).__name__}"
-                )
+                raise ExtendedMindError(f"memory must be a Memory (from memorize or load_memory), got "
+                                        f"{type(m).__name__}")  # fmt: skip
             m.check_model(self.identity)
             self._shard(m)
-        return Memory.merge(memories)
+        return Memory.merge(memories) if memories else None
 
     def memory_positions(self, memory: Memory | None, **options) -> int:
         """Positions a memory takes in front of (or inside) a prompt under generation `options`: the slots kept
@@ -276,8 +278,6 @@ class ExtendedMind:
     @embedder.setter
     def embedder(self, embedder: TextEmbedder) -> None:
         self._embedder = embedder
-
-    # ---- generation ----
 
     def encode_prompt(self, prompt: str | list[int], chat: bool = True, answer_prefix: str = "") -> list[int]:
         """Token ids of `prompt`, in the chat template when `chat`, followed by `answer_prefix` (the start of the
@@ -307,7 +307,7 @@ class ExtendedMind:
         offset, layers = self.reader.prepare(mem, o) if mem is not None else (0, {})
         encoded = prompt if isinstance(prompt, EncodedPrompt) else encode(self.tokenizer, prompt, o.chat,
                                                                             o.answer_prefix, o.memory_at)  # fmt: skip
-        plan = None
+        plan = None  # block memory: what the question reads
         if o.retrieval == "blocks":
             if mem is not None and o.topk > 0 and o.blocks > 0 and mem.num_tokens:
                 encoded, plan = self.reader.question_plan(mem, layers, encoded, o, self.context_window)
@@ -315,7 +315,7 @@ class ExtendedMind:
             else:
                 layers = {}
         self._check_window(len(encoded.ids), offset, o.max_new_tokens)
-        return TokenStream(self.model, self.tokenizer, encoded.ids, mem, layers, offset, o, plan, self.compiled_step)
+        return TokenStream(self.model, self.tokenizer, encoded.ids, mem, layers, offset, o, plan, self.decode_step)
 
     def _check_window(self, prompt_tokens: int, offset: int, max_new_tokens: int) -> None:
         window = self.context_window
@@ -375,7 +375,7 @@ class ExtendedMind:
         top_logprobs (0: the most likely alternatives reported with each token's log-probability).
         """
         stream = self.stream(prompt, memory=memory, **options)
-        for _ in stream:
+        for _ in stream:  # the stream keeps its result
             pass
         return stream.result
 

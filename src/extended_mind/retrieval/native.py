@@ -1,5 +1,6 @@
 """The optional compiled kernels: int8 scans (kernels/scan_int8.cpp, AVX512-VNNI and AVX2 builds) and the fused
-slot attention of a decode row (kernels/slot_attend.cpp, attention/slot_step.py), each built on first use.
+slot attention of a decode row (kernels/slot_attend.cpp, attention/slot_step.py) and the native decode step
+(kernels/decode_step.cpp, engine/fast_step.py), each built on first use.
 
 `torch._int_mm` reads int8 keys at about half the memory bandwidth when a query batch has a few rows (decode), and
 exact search then has to rank the (rows x keys) scores it wrote. The kernel scans packed keys at close to the
@@ -53,8 +54,9 @@ def _cpu_has_avx2() -> bool:
         return False
 
 
-def _build(name: str, flags: list[str], source: str, functions: list[str]) -> ModuleType | None:
-    """Compile kernels/`source` with `flags` into the extended-mind cache (once per machine and torch)."""
+def _build(name: str, flags: list[str], source: str | tuple[str, ...], functions: list[str]) -> ModuleType | None:
+    """Compile kernels/`source` (or several, in one module) with `flags` into the extended-mind cache (once per
+    machine and torch)."""
 
     # resolved: torch rebuilds when the build directory's path changes, and a cache reached through a link is the same
     build = (cache_dir() / "kernels" / f"torch-{torch.__version__}" / name).resolve()
@@ -66,7 +68,7 @@ def _build(name: str, flags: list[str], source: str, functions: list[str]) -> Mo
             warnings.simplefilter("ignore")
             return load_inline(
                 name,
-                cpp_sources=(_KERNELS / source).read_text(),
+                cpp_sources=[(_KERNELS / f).read_text() for f in ((source,) if isinstance(source, str) else source)],
                 functions=functions,
                 extra_cflags=["-O3", *flags],
                 extra_ldflags=[f for f in flags if f == "-fopenmp"],
@@ -78,7 +80,7 @@ def _build(name: str, flags: list[str], source: str, functions: list[str]) -> Mo
         return None
 
 
-def _kernel(name: str, supported: bool, isa: str, flags: list[str], source: str = "scan_int8.cpp",
+def _kernel(name: str, supported: bool, isa: str, flags: list[str], source: str | tuple[str, ...] = "scan_int8.cpp",
             functions: list[str] = _SCAN_FUNCTIONS) -> ModuleType | None:  # fmt: skip
     if os.environ.get(NATIVE_ENV, "1") == "0":
         return None
@@ -109,6 +111,17 @@ def slot_kernel() -> ModuleType | None:
     built here."""
     return _kernel("extended_mind_slot_attend", _cpu_has_avx2(), "AVX2", ["-mavx2", "-mfma", "-fopenmp"],
                    "slot_attend.cpp", ["slot_attend"])  # fmt: skip
+
+
+@lru_cache(maxsize=1)
+def decode_kernel() -> ModuleType | None:
+    """A decode token through every decoder layer in one call (kernels/decode_step.cpp, engine/fast_step.py), with
+    the slot attention of a layer that reads block memory (slot_attend.cpp, built in): ATen operators and plain
+    loops, vectorized for AVX2 where the CPU has it; None where it cannot be built here."""
+    avx2 = _cpu_has_avx2()
+    return _kernel("extended_mind_decode_step" + ("_avx2" if avx2 else ""), True, "",
+                   ["-mavx2", "-mfma", "-fopenmp"] if avx2 else ["-fopenmp"], ("slot_attend.cpp", "decode_step.cpp"),
+                   ["decode_layers"])  # fmt: skip
 
 
 def pack_keys(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
