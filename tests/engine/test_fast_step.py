@@ -119,3 +119,19 @@ def test_models_it_does_not_take_decode_eagerly(monkeypatch):
     monkeypatch.setenv(NATIVE_ENV, "0")
     assert fast_step.fast_step(tiny_model("llama")) is None
     assert ExtendedMind(tiny_model("llama"), byte_tokenizer(), "tiny").decode_step is None
+
+
+def test_a_batch_steps_natively_only_where_one_row_decodes_alone():
+    model = _model("llama", "float32")
+    mind = ExtendedMind(model, byte_tokenizer(), "tiny-llama")
+    step = mind._native_step = FastStep(model, _kernel())
+    memory = mind.memorize("The pass key is 4512. Remember it. The grass is green. " * 6, progress=False)
+    ask = dict(chat=False, max_new_tokens=8, block_relevance=0.0, blocks=2)
+    alone = mind.generate(PROMPT, memory=memory, **ask)
+    calls = step.calls
+    [batched] = mind.generate_batch([PROMPT], [memory], **ask)
+    assert _ids(batched) == _ids(alone) and [c.text for c in batched.citations] == [c.text for c in alone.citations]
+    assert step.calls - calls == (len(alone.tokens) - 1 if slot_step.fused_kernel() is not None else 0)
+    calls = step.calls
+    two = mind.generate_batch([PROMPT, "Ships"], [memory, None], **ask)
+    assert step.calls == calls and _ids(two[0]) == _ids(alone)

@@ -34,6 +34,7 @@ from extended_mind.base.compat import with_cache
 from extended_mind.base.kv_cache import new_cache
 from extended_mind.engine.blocks import BlockPlan, select_blocks
 from extended_mind.engine.decoding import Answer, GeneratedToken, GenerationResult, record_weights, stop_token_ids
+from extended_mind.engine.fast_step import FastStep
 from extended_mind.engine.generation import TokenStream
 from extended_mind.engine.options import GenerationOptions
 from extended_mind.memory.memory import Memory
@@ -47,11 +48,13 @@ class BatchRow:
     layers: dict[int, LayerMemory]
     offset: int  # first position of the prompt (after the memory's positions under the "stored" policy)
     plan: BlockPlan | None = None  # block memory: slots chosen by a pass over the prompt without memory
+    native: FastStep | None = None  # the native step (fast_step.py) for the steps where this row decodes alone
 
     @classmethod
     def of(cls, stream: TokenStream) -> BatchRow:
         """The row of a prepared (not started) token stream."""
-        return cls(stream.prompt_ids, stream.memory, stream.layers, stream.offset, stream.plan)
+        native = stream.step if isinstance(stream.step, FastStep) else None
+        return cls(stream.prompt_ids, stream.memory, stream.layers, stream.offset, stream.plan, native)
 
     def positions(self) -> list[int]:
         if self.plan is not None:
@@ -298,6 +301,15 @@ class DecodeBatch:
     def _forward(self, rows: list[_Row], ids, positions, mask, cache) -> tuple[torch.Tensor, list]:
         layers = [r.layers for r in rows]
         s = rows[0].answer.options
+        native = rows[0].row.native if len(rows) == 1 and ids.shape == (1, 1) else None
+        if native is not None and bool(mask.all()):  # one row decoding alone, no padding: as a single answer
+            alone = Session(layers=layers[0], settings=RetrievalSettings(s.topk, s.ranking, s.similarity_threshold),
+                            record_citations=bool(layers[0]), citation_weighting=s.citation_weighting,
+                            row_positions=positions)  # fmt: skip
+            if native.applies(cache, ids, alone):
+                with torch.inference_mode():
+                    out = native(cache, alone, input_ids=ids, position_ids=positions)
+                return out.logits[:, -1].float(), [record_weights(alone.citation_records, self.n_heads)]
         session = Session(
             settings=RetrievalSettings(s.topk, s.ranking, s.similarity_threshold),
             record_citations=any(layers),

@@ -160,6 +160,14 @@ class _Slots:
     end: int = 0  # the largest slot_end: a row at or after it reads every slot
 
 
+def _fusable(mem: LayerMemory) -> bool:
+    """Block memory's slots, whole on this rank, float32 and contiguous on the CPU (what slot_attend reads)."""
+    if mem.slot_tokens is None or mem.shard is not None:
+        return False
+    tensors = (mem.keys, mem.values)
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
 def _slots_of(layers: dict[int, LayerMemory], count: int, session: Session) -> _Slots | None:
     if slot_step.fused_kernel() is None:  # the fused slot attention is slower here than torch's operations
         return None
@@ -168,8 +176,7 @@ def _slots_of(layers: dict[int, LayerMemory], count: int, session: Session) -> _
     for i, mem in layers.items():
         if mem.num_keys == 0:
             continue
-        if mem.slot_tokens is None or not all(t.dtype == torch.float32 and t.device.type == "cpu" and
-                                              t.is_contiguous() for t in (mem.keys, mem.values)):  # fmt: skip
+        if not _fusable(mem):
             return None
         slots.keys[i], slots.values[i] = mem.keys, mem.values
         slots.weights[i] = citation_weights(mem, weighting)
