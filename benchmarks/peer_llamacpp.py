@@ -9,10 +9,11 @@ thread count: prefill tokens/s (the prompt's tokens over the time to the first t
 interval between later tokens), medians over `--repeats`; and the weight bytes each decoded token reads (the bound
 on decode speed: bytes per token over the memory bandwidth the run reached). Our precisions: float32, bfloat16,
 int8, bfloat16-int8 and int4 (int8 or 4-bit decode weights over float32 or bfloat16 ones, base/weights.py), those
-this torch build runs; "-compiled" rows decode with the compiled step (engine/compiled.py; compiled during the
-warm-up run, whose seconds each row reports); `--precisions int8-dynamic` adds torch.ao's dynamic quantization of
-the linear layers (activations quantized too; it lost answers). Writes results.json, table.md and peer.png; prints
-the CPU model and flags.
+this torch build runs, each decoding with the native step where it applies (engine/fast_step.py: "native" in the
+weights column); "-eager" rows decode with the model's own forward; "-compiled" rows with the compiled step
+(engine/compiled.py; compiled during the warm-up run, whose seconds each row reports); `--precisions int8-dynamic`
+adds torch.ao's dynamic quantization of the linear layers (activations quantized too; it lost answers). Writes
+results.json, table.md and peer.png; prints the CPU model and flags.
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ from extended_mind import ExtendedMind
 from extended_mind.base.loading import default_gguf
 from extended_mind.base.machine import cpu_info
 from extended_mind.base.weights import DecodeLinear, decode_weights_available
+from extended_mind.engine.fast_step import FastStep
 
-PRECISIONS = ("float32", "bfloat16", "int8", "bfloat16-int8", "int4", "float32-compiled", "int8-compiled",
-              "int4-compiled", "int8-dynamic")  # fmt: skip
+PRECISIONS = ("float32", "bfloat16", "int8", "bfloat16-int8", "int4", "float32-eager", "int4-eager",
+              "float32-compiled", "int8-compiled", "int4-compiled", "int8-dynamic")  # fmt: skip
 # int8-dynamic lost answers (docs/measurements.md): on request only
-DEFAULT_PRECISIONS = ("float32", "bfloat16", "int8", "bfloat16-int8", "int4", "int4-compiled")
+DEFAULT_PRECISIONS = ("float32", "bfloat16", "int8", "bfloat16-int8", "int4", "int4-eager", "int4-compiled")
 
 
 def prompt_ids(tokenizer, tokens: int) -> list[int]:
@@ -86,8 +88,11 @@ class _Ours:
 
     def load(self) -> ExtendedMind:
         if self.mind is None:
-            dtype = "float32" if self.precision == "int8-dynamic" else self.precision.removesuffix("-compiled")
+            dtype = self.precision.removesuffix("-compiled").removesuffix("-eager")
+            dtype = "float32" if dtype == "int8-dynamic" else dtype
             mind = ExtendedMind.from_pretrained(dtype=dtype, compile=self.precision.endswith("-compiled"))
+            if self.precision.endswith("-eager"):  # the model's own forward at every step
+                mind.native_step = None
             if self.precision == "int8-dynamic":
                 mind.model = torch.ao.quantization.quantize_dynamic(mind.model, {torch.nn.Linear}, dtype=torch.qint8)
             self.mind = mind
@@ -242,7 +247,8 @@ def main() -> None:
             float32_tokens = r["tokens"] if precision == "float32" else float32_tokens
             mind = _OURS[precision].load()
             failed = mind.compiled_step is not None and mind.compiled_step.failure
-            weights = f"{precision} (compile failed: eager)" if failed else precision
+            native = isinstance(mind.decode_step, FastStep) and mind.decode_step.calls > 0
+            weights = f"{precision} (compile failed: eager)" if failed else precision + (" native" if native else "")
             results["rows"].append({"engine": "extended-mind", "weights": weights, "threads": threads, **r,
                                     "weight_bytes": weight_bytes(mind.model)})  # fmt: skip
             print(markdown(results).splitlines()[-1], flush=True)

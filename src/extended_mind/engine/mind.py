@@ -72,7 +72,7 @@ class ExtendedMind:
             )
         patch_model(model)
         self.compiled_step = CompiledStep(model) if compile_requested(compile) else None
-        self._native_step: FastStep | None | bool = False  # False: not looked for yet (engine/fast_step.py)
+        self.native_step: FastStep | None | bool = False  # False: looked for on first use; None: decode eagerly
 
     @classmethod
     def from_pretrained(
@@ -93,9 +93,9 @@ class ExtendedMind:
     def decode_step(self) -> CompiledStep | FastStep | None:
         """The compiled step when asked for, else the native one where it applies and is not slower here
         (engine/fast_step.py; looked for on first use), else None: the eager forward."""
-        if self.compiled_step is None and self._native_step is False:
-            self._native_step = fast_step(self.model)
-        return self.compiled_step or self._native_step
+        if self.compiled_step is None and self.native_step is False:
+            self.native_step = fast_step(self.model)
+        return self.compiled_step or self.native_step
 
     @property
     def shard_group(self) -> ShardGroup | None:
