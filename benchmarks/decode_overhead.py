@@ -1,13 +1,15 @@
-"""The framework's cost per decoded token (Python, dispatch, small ops), eager against the compiled step.
+"""The framework's cost per decoded token (Python, dispatch, small ops): eager, the native step, the compiled step.
 
     python benchmarks/decode_overhead.py --threads 1 --new-tokens 64 --repeats 5 --out runs/overhead
 
 A random model with SmolLM2-135M's depth and attention layout (30 layers, 9 query heads over 3 key/value heads) but
 widths so small (hidden 72, head 8; SmolLM2's tokenizer and vocabulary) that its kernels take next to no time: a
-decode step of it is what every step of the real model pays on top of reading the weights. Both paths run our
+decode step of it is what every step of the real model pays on top of reading the weights. Every path runs our
 generation loop, timed as benchmarks/speed.py times decoding (`decode_ms`: no memory, exactly `--new-tokens`
-tokens, end of sequence banned); ms per token are medians over `--repeats` runs taken in turn (eager, compiled,
-eager, ...) after a warm-up that also compiles. Writes results.json and prints a table with the CPU model and flags.
+tokens, end of sequence banned): the model's own forward (eager), the native step (engine/fast_step.py: the
+decoder layers in one C++ call) and the compiled step; ms per token are medians over `--repeats` runs taken in turn
+(eager, native, compiled, eager, ...) after a warm-up that also compiles. Writes results.json and prints a table
+with the CPU model and flags.
 """
 
 from __future__ import annotations
@@ -56,10 +58,15 @@ def main() -> None:
     compile_s = time.perf_counter() - start
     if step.failure:
         raise SystemExit(f"the compiled step failed here: {step.failure}")
-    samples: dict[str, list[float]] = {"eager": [], "compiled": []}
+    mind.compiled_step = None
+    native = mind.decode_step
+    if native is None:
+        raise SystemExit("the native step is not built here, or timed slower than the eager forward")
+    samples: dict[str, list[float]] = {"eager": [], "native": [], "compiled": []}
     for _ in range(args.repeats):
         for path in samples:
             mind.compiled_step = step if path == "compiled" else None
+            mind.native_step = native if path == "native" else None
             samples[path].append(decode_ms(mind, None, args.new_tokens, 1)[0])
     medians = {f"{k}_ms_per_token": statistics.median(v) for k, v in samples.items()}
     result = {"cpu": cpu, "torch": torch.__version__, "threads": args.threads, "new_tokens": args.new_tokens,
@@ -67,7 +74,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
     print(f"| path | ms per token (framework only; {args.threads} thread(s)) |\n|---|---|\n"
-          f"| eager | {result['eager_ms_per_token']:.2f} |\n| compiled | {result['compiled_ms_per_token']:.2f} |\n"
+          f"| eager | {result['eager_ms_per_token']:.2f} |\n| native | {result['native_ms_per_token']:.2f} |\n"
+          f"| compiled | {result['compiled_ms_per_token']:.2f} |\n"
           f"compiling took {compile_s:.1f} s")  # fmt: skip
 
 

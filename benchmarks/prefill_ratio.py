@@ -50,7 +50,7 @@ def main() -> None:
     fused = slot_step.fused_kernel()  # the compiled slot step, where built and timed faster here
     for label, options in (("block memory (default)", {}), ("block memory, blocks read (block_relevance=0)",
                                                             {"block_relevance": 0.0}),
-                           ("same, slot step without the kernel (torch operations)", {"block_relevance": 0.0,
+                           ("same, eager step, slots read by torch operations", {"block_relevance": 0.0,
                                                                                       "kernel": False}),
                            ("token retrieval, exact", {"retrieval": "tokens", "search": "exact"})):  # fmt: skip
         if options.pop("kernel", True) is False:
