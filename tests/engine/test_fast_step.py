@@ -78,9 +78,9 @@ def test_answers_and_citations_with_block_memory_are_the_eager_ones(precision):
     step = FastStep(model, _kernel())
     memory = mind.memorize("The pass key is 4512. Remember it. The grass is green. " * 6, progress=False)
     ask = dict(memory=memory, chat=False, max_new_tokens=10, block_relevance=0.0, blocks=2)
-    mind._native_step = None
+    mind.native_step = None
     eager = mind.generate(PROMPT, **ask)
-    mind._native_step = step
+    mind.native_step = step
     native = mind.generate(PROMPT, **ask)
     assert eager.blocks_read and native.blocks_read == eager.blocks_read
     assert _ids(native) == _ids(eager)
@@ -90,14 +90,14 @@ def test_answers_and_citations_with_block_memory_are_the_eager_ones(precision):
     # every step after the prompt's pass reads the slots natively where the fused slot attention is used here
     assert step.calls == (len(native.tokens) - 1 if slot_step.fused_kernel() is not None else 0)
     plain = mind.generate(PROMPT, chat=False, max_new_tokens=10)
-    mind._native_step = None
+    mind.native_step = None
     assert _ids(plain) == _ids(mind.generate(PROMPT, chat=False, max_new_tokens=10))
 
 
 def test_token_retrieval_and_batches_stay_eager():
     model = _model("llama", "float32")
     mind = ExtendedMind(model, byte_tokenizer(), "tiny-llama")
-    step = mind._native_step = FastStep(model, _kernel())
+    step = mind.native_step = FastStep(model, _kernel())
     memory = mind.memorize("The pass key is 4512. Remember it. " * 4, progress=False)
     mind.generate(PROMPT, memory=memory, chat=False, max_new_tokens=6, retrieval="tokens")
     assert step.calls == 0
@@ -124,7 +124,7 @@ def test_models_it_does_not_take_decode_eagerly(monkeypatch):
 def test_a_batch_steps_natively_only_where_one_row_decodes_alone():
     model = _model("llama", "float32")
     mind = ExtendedMind(model, byte_tokenizer(), "tiny-llama")
-    step = mind._native_step = FastStep(model, _kernel())
+    step = mind.native_step = FastStep(model, _kernel())
     memory = mind.memorize("The pass key is 4512. Remember it. The grass is green. " * 6, progress=False)
     ask = dict(chat=False, max_new_tokens=8, block_relevance=0.0, blocks=2)
     alone = mind.generate(PROMPT, memory=memory, **ask)
