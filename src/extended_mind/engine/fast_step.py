@@ -75,7 +75,7 @@ class FastStep:
         self._modules: list[torch.nn.Module] = []
         self._classes: list[type] = []
         self._args: tuple = ()
-        self._slot_cache: tuple[dict, _Slots | None] | None = None
+        self._slot_cache: tuple[dict, str | None, _Slots | None] | None = None  # per set of layers and weighting
         count = len(model.model.layers)
         self._no_slots = _Slots([_EMPTY] * count, [_EMPTY] * count, [_EMPTY] * count, [], False)
 
@@ -115,9 +115,10 @@ class FastStep:
         layers = session.layers if session.settings is not None and session.settings.topk > 0 else {}
         if not layers:
             return self._no_slots
-        if self._slot_cache is None or self._slot_cache[0] is not layers:
-            self._slot_cache = (layers, _slots_of(layers, len(self.model.model.layers), session))
-        slots = self._slot_cache[1]
+        weighting = session.citation_weighting if session.record_citations else None
+        if self._slot_cache is None or self._slot_cache[0] is not layers or self._slot_cache[1] != weighting:
+            self._slot_cache = (layers, weighting, _slots_of(layers, len(self.model.model.layers), weighting))
+        slots = self._slot_cache[2]
         if slots is None or session.row_positions is None:
             return None
         return slots if session.first_position(session.row_positions) >= slots.end else None
@@ -168,10 +169,9 @@ def _fusable(mem: LayerMemory) -> bool:
     return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
 
 
-def _slots_of(layers: dict[int, LayerMemory], count: int, session: Session) -> _Slots | None:
+def _slots_of(layers: dict[int, LayerMemory], count: int, weighting: str | None) -> _Slots | None:
     if slot_step.fused_kernel() is None:  # the fused slot attention is slower here than torch's operations
         return None
-    weighting = session.citation_weighting if session.record_citations else None
     slots = _Slots([_EMPTY] * count, [_EMPTY] * count, [_EMPTY] * count, [], weighting is not None)
     for i, mem in layers.items():
         if mem.num_keys == 0:
