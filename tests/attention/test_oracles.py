@@ -143,9 +143,8 @@ def test_chat_form_every_block_of_a_small_memory_equals_pasted_document(tiny_pai
     mind.tokenizer.chat_template = template
     document, question = "The keeper of the lighthouse is Ada. ", "Who keeps the light?"
     memory = mind.memorize(document, progress=False)
-    # in chat form the chosen blocks end with a blank line, as a pasted passage does before the question
-    text = mind.tokenizer.apply_chat_template([{"role": "user", "content": document + "\n\n" + question}],
-                                              tokenize=False, add_generation_prompt=True)  # fmt: skip
+    text = mind.tokenizer.apply_chat_template([{"role": "user", "content": document + question}], tokenize=False,
+                                              add_generation_prompt=True)  # fmt: skip
     pasted = mind.tokenizer(text, add_special_tokens=False)["input_ids"]
     expected, expected_logprobs = _greedy_with_logprobs(reference, pasted, 6, mind.tokenizer.eos_token_id)
     no_eos = {mind.tokenizer.eos_token_id: -100.0}

@@ -206,9 +206,8 @@ class DecodeBatch:
                 ids, plans[i] = p.unread
                 rows[i], chosen[i] = replace(rows[i], prompt_ids=ids, plan=plans[i]), plans[i].choose(None)
         layers = [p.slots(c) if p is not None else lay for p, c, lay in zip(plans, chosen, layers)]
-        rows = [r if c is None else replace(r, prompt_ids=r.plan.plain(r.prompt_ids), offset=0, plan=None)
-                if c.numel() == 0 else replace(r, prompt_ids=r.plan.after_slots(r.prompt_ids))
-                for r, c in zip(rows, chosen)]  # fmt: skip
+        rows = [replace(r, prompt_ids=r.plan.plain(r.prompt_ids), offset=0, plan=None)
+                if c is not None and c.numel() == 0 else r for r, c in zip(rows, chosen)]  # fmt: skip
         return rows, layers, chosen
 
     def _prefill_together(self, live: list[_Row], key: tuple) -> None:

@@ -99,8 +99,6 @@ class TokenStream:
         if not chosen.numel():
             self.prompt_ids = plan.plain(self.prompt_ids)
             return _Reading(list(range(len(self.prompt_ids))), lambda k: {}, 0, 0, True, None, blocks_read=0)
-        self.prompt_ids = plan.after_slots(self.prompt_ids)
-        positions = plan.positions(len(self.prompt_ids))
         slot_sets = {plan.blocks: plan.slots(chosen)}
 
         def layers_for(k: int) -> dict[int, LayerMemory]:  # k: blocks read
