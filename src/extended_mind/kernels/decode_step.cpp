@@ -47,15 +47,17 @@ at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
 // layer its slots' keys and values (kv_heads, slots, head_dim), empty where the layer reads no memory, and their
 // citation weights (empty: the probabilities alone). Returns the hidden state after the last layer (before the
 // final norm), then per layer the slots' citation weights when `cite` (empty where the layer reads no memory).
-std::vector<torch::Tensor> decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> norms,
-                            std::vector<torch::Tensor> linears, std::vector<int64_t> kinds,
+std::vector<torch::Tensor> decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor sin,
+                            std::vector<torch::Tensor> norms, std::vector<torch::Tensor> linears,
+                            std::vector<int64_t> kinds,
                             std::vector<torch::Tensor> key_buffers, std::vector<torch::Tensor> value_buffers,
                             int64_t filled, int64_t heads, int64_t kv_heads, int64_t head_dim, double eps,
                             double scaling, int64_t group, std::vector<torch::Tensor> slot_keys,
                             std::vector<torch::Tensor> slot_values, std::vector<torch::Tensor> slot_weights,
                             bool cite) {
   const int64_t layers = static_cast<int64_t>(key_buffers.size());
-  TORCH_CHECK(norms.size() == static_cast<size_t>(4 * layers) && linears.size() == static_cast<size_t>(21 * layers) &&
+  TORCH_CHECK(norms.size() == static_cast<size_t>(4 * layers) &&
+                  linears.size() == static_cast<size_t>(21 * layers) &&
                   kinds.size() == static_cast<size_t>(7 * layers) && value_buffers.size() == key_buffers.size() &&
                   slot_keys.size() == key_buffers.size() && slot_values.size() == key_buffers.size() &&
                   slot_weights.size() == key_buffers.size(),
