@@ -100,12 +100,15 @@ def citation_weights(mem: LayerMemory, weighting: str | None) -> torch.Tensor:
 def _fusable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mem: LayerMemory) -> bool:
     """One row of one sequence on the CPU, float32 throughout, in the layouts the kernel reads (the mask is boolean
     or None: `plain_slot_step` let only those through)."""
-    if query.shape[0] != 1 or key.stride(-1) != 1 or key.stride() != value.stride():
+    if query.shape[0] != 1 or key.stride(-1) != 1 or key.stride() != value.stride() or not fusable_slots(mem):
         return False
-    if not (mem.keys.is_contiguous() and mem.values.is_contiguous()):
-        return False
-    tensors = (query, key, value, mem.keys, mem.values)
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (query, key, value))
+
+
+def fusable_slots(mem: LayerMemory) -> bool:
+    """Slots the kernel reads: keys and values float32 and contiguous on the CPU."""
+    tensors = (mem.keys, mem.values)
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
 
 
 @lru_cache(maxsize=1)

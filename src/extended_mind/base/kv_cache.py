@@ -41,18 +41,20 @@ class GrowingLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         old = self.get_seq_length()
         new = old + key_states.shape[-2]
-        if not self._is_prefix_of_buffers() or new > self.key_buffer.shape[2]:
-            self._rebuffer(new, key_states, value_states)
+        self.reserve(new, key_states, value_states)
         self.key_buffer[:, :, old:new] = key_states
         self.value_buffer[:, :, old:new] = value_states
-        self.keys, self.values = self.key_buffer[:, :, :new], self.value_buffer[:, :, :new]
+        self.expose(new)
         return self.keys, self.values
 
-    def reserve(self, needed: int) -> None:
-        """Buffers whose filled prefix is what is cached, with room for `needed` tokens: the native decode step
-        (engine/fast_step.py) writes the next key and value into them, then calls `expose`."""
+    def reserve(self, needed: int, key_states: torch.Tensor | None = None,
+                value_states: torch.Tensor | None = None) -> None:  # fmt: skip
+        """Buffers whose filled prefix is what is cached, with room for `needed` tokens (made like `key_states` /
+        `value_states`, else like what is cached): `update` and the native decode step (engine/fast_step.py) write
+        the next keys and values into them, then call `expose`."""
         if not self._is_prefix_of_buffers() or needed > self.key_buffer.shape[2]:
-            self._rebuffer(needed, self.keys, self.values)
+            like = (self.keys, self.values) if key_states is None else (key_states, value_states)
+            self._rebuffer(needed, *like)
 
     def expose(self, length: int) -> None:
         """`keys`/`values`: the first `length` tokens of the buffers."""

@@ -29,7 +29,7 @@ from transformers import PreTrainedModel
 
 from extended_mind.attention import slot_step
 from extended_mind.attention.session import Session
-from extended_mind.attention.slot_step import citation_weights
+from extended_mind.attention.slot_step import citation_weights, fusable_slots
 from extended_mind.base.compat import with_cache
 from extended_mind.base.kv_cache import GrowingLayer, new_cache
 from extended_mind.base.weights import INT4_GROUP, Int4DecodeLinear, Int8DecodeLinear
@@ -161,14 +161,6 @@ class _Slots:
     end: int = 0  # the largest slot_end: a row at or after it reads every slot
 
 
-def _fusable(mem: LayerMemory) -> bool:
-    """Block memory's slots, whole on this rank, float32 and contiguous on the CPU (what slot_attend reads)."""
-    if mem.slot_tokens is None or mem.shard is not None:
-        return False
-    tensors = (mem.keys, mem.values)
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
-
-
 def _slots_of(layers: dict[int, LayerMemory], count: int, weighting: str | None) -> _Slots | None:
     if slot_step.fused_kernel() is None:  # the fused slot attention is slower here than torch's operations
         return None
@@ -176,7 +168,7 @@ def _slots_of(layers: dict[int, LayerMemory], count: int, weighting: str | None)
     for i, mem in layers.items():
         if mem.num_keys == 0:
             continue
-        if not _fusable(mem):
+        if mem.slot_tokens is None or mem.shard is not None or not fusable_slots(mem):  # whole slots on this rank
             return None
         slots.keys[i], slots.values[i] = mem.keys, mem.values
         slots.weights[i] = citation_weights(mem, weighting)
