@@ -36,6 +36,7 @@ from extended_mind.engine.blocks import BlockPlan, select_blocks
 from extended_mind.engine.decoding import Answer, GeneratedToken, GenerationResult, record_weights, stop_token_ids
 from extended_mind.engine.fast_step import FastStep
 from extended_mind.engine.generation import TokenStream
+from extended_mind.engine.layouts import settle_layout
 from extended_mind.engine.options import GenerationOptions
 from extended_mind.memory.memory import Memory
 from extended_mind.retrieval.layer import LayerMemory, RetrievalSettings
@@ -173,7 +174,7 @@ class DecodeBatch:
         checked that each is `compatible` and that they share `retrieval_key`); with `prefill_chunk`, prompts
         longer than a chunk that join a running batch are prefilled in chunks by the next steps instead."""
         plans = [j[0].plan for j in joining]
-        rows, layers, chosen = self._choose_blocks([j[0] for j in joining])
+        rows, layers, chosen = self._choose_blocks([j[0] for j in joining], [j[1] for j in joining])
         live = []
         for (_, s, sink, cancelled), row, lay, c, plan in zip(joining, rows, layers, chosen, plans):
             blocks_read = None if c is None else int(c.numel())
@@ -188,9 +189,11 @@ class DecodeBatch:
         if live:
             self._prefill_together(live, retrieval_key(joining[0][1]))
 
-    def _choose_blocks(self, rows: list[BatchRow]) -> tuple[list[BatchRow], list[dict], list[torch.Tensor | None]]:
+    def _choose_blocks(self, rows: list[BatchRow], settings: list[GenerationOptions]
+                       ) -> tuple[list[BatchRow], list[dict], list[torch.Tensor | None]]:  # fmt: skip
         """Block memory: each row's blocks, chosen by one pass over the prompts; a row that reads nothing becomes
-        the plain model (its own prompt and positions). Returns the rows, their layers and their chosen blocks."""
+        the plain model (its own prompt and positions), one that reads blocks gets its layout (engine/layouts.py).
+        Returns the rows, their layers and their chosen blocks."""
         layers = [r.layers for r in rows]
         plans = [r.plan for r in rows]
         if all(p is None for p in plans):
@@ -208,6 +211,10 @@ class DecodeBatch:
         layers = [p.slots(c) if p is not None else lay for p, c, lay in zip(plans, chosen, layers)]
         rows = [replace(r, prompt_ids=r.plan.plain(r.prompt_ids), offset=0, plan=None)
                 if c is not None and c.numel() == 0 else r for r, c in zip(rows, chosen)]  # fmt: skip
+        for i, (r, c, s) in enumerate(zip(rows, chosen, settings)):
+            if c is not None and c.numel() and getattr(r.memory, "shard", None) is None:
+                ids = settle_layout(self.model, r.plan, r.prompt_ids, layers[i], s, self.stop_ids, r.native)
+                rows[i] = replace(r, prompt_ids=ids)
         return rows, layers, chosen
 
     def _prefill_together(self, live: list[_Row], key: tuple) -> None:

@@ -93,6 +93,10 @@ class BlockPlan:
     whole: tuple[int, int] | None = None  # every block read, then (at, n) n separator tokens at prompt row `at`
     # whole="unread": the prompt and plan that read the memory whole, for a question that draws no block
     unread: tuple[list[int], BlockPlan] | None = None
+    # a blank line that may go after the chosen blocks, as a pasted passage has before the question (read whole,
+    # the memory has one already: `whole`); `breaks`: "surer" (engine/layouts.py), "always" or "never"
+    separator: tuple[int, ...] = ()
+    breaks: str = "never"
 
     def positions(self, n_tokens: int) -> list[int]:
         """Position ids of a prompt of `n_tokens`: its head, then a gap for the slots, then the rest."""
@@ -104,6 +108,12 @@ class BlockPlan:
         if self.whole is not None:
             prompt_ids = prompt_ids[: self.whole[0]] + prompt_ids[sum(self.whole) :]
         return prompt_ids[1:] if self.sink_added else prompt_ids
+
+    def after_slots(self, prompt_ids: list[int]) -> list[int]:
+        """The prompt that reads chosen blocks: `separator` right after the slots (the rows from `insert` on)."""
+        if not self.separator or self.whole is not None:
+            return prompt_ids
+        return prompt_ids[: self.insert] + list(self.separator) + prompt_ids[self.insert :]
 
     @property
     def needs_pass(self) -> bool:

@@ -41,6 +41,8 @@ DEFAULT_BLOCK_CHOICE = "heads"
 # the question's words together in one of its sentences; a question the relevance test missed, not a general one);
 # "never": its blocks are chosen as for any memory.
 WHOLE_CHOICES = ("fits", "unread", "never")
+BLOCK_BREAKS = ("auto", "surer", "always", "never")
+DEFAULT_BLOCK_BREAK = "auto"
 DEFAULT_WHOLE = "unread"
 MEMORY_HEADS = ("retrieval", "all")
 # Rows of `logits` input scored per chunk in block mode: each chunk reads the blocks its own rows chose.
@@ -95,6 +97,10 @@ class GenerationOptions:
                          "read whole when the question draws none but its words meet in one of its sentences; "
                          "never: its blocks are chosen",
                          choices=WHOLE_CHOICES, shared=True)  # fmt: skip
+    block_break: str = _option(DEFAULT_BLOCK_BREAK, "a blank line between the chosen blocks and the question, as "
+                               "pasted text has: surer: with and without it the first answer tokens are tried and the "
+                               "layout the model is surer of is kept; auto: surer in chat form, never in completion "
+                               "form", choices=BLOCK_BREAKS, shared=True)  # fmt: skip
     block_choice: str = _option(DEFAULT_BLOCK_CHOICE, "how blocks are chosen: by the retrieval heads (what to copy), "
                                 "or by a sentence embedding's similarity to the question (examples like it, as in "
                                 "many-shot in-context learning; needs `extended-mind data fetch --only minilm`)",

@@ -1,0 +1,83 @@
+"""What choosing the surer layout (engine/layouts.py) costs a chat answer that reads memory blocks.
+
+    python benchmarks/layout_cost.py --threads 2 --new-tokens 16 64 --repeats 3 --out runs/layout-cost
+
+The demo's article in memory (SmolLM2, the weights `auto` picks), questions that read blocks, asked in chat form
+with `block_break="never"` (the slots glued to the question: no choice made) and the default (`auto`: both layouts
+answer up to 16 greedy tokens, the surer is kept, then the answer is generated). Every answer is exactly
+`--new-tokens` long (end of sequence banned with logit_bias); seconds per answer are medians over `--repeats` runs
+taken in turn. Writes results.json and table.md, with the CPU model and flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+
+from extended_mind import ExtendedMind
+from extended_mind.base.machine import cpu_info
+
+# two that read chosen blocks (the choice is made) and one that reads nothing (no choice: no cost)
+QUESTIONS = [
+    "How many termites can one aardwolf eat in a single night?",
+    "What is the aardwolf called in Afrikaans?",
+    "What does the aardwolf use to capture termites?",
+]
+
+
+def seconds(mind: ExtendedMind, memory, question: str, new_tokens: int, layout: str) -> tuple[float, int]:
+    ban = {mind.tokenizer.eos_token_id: -100.0}
+    start = time.perf_counter()
+    result = mind.generate(question, memory=memory, max_new_tokens=new_tokens, logit_bias=ban, block_break=layout)
+    assert len(result.tokens) == new_tokens, "an answer stopped early: its time would not compare"
+    return time.perf_counter() - start, int(result.blocks_read or 0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("runs/layout-cost"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cpu = cpu_info()
+    print(f"CPU: {cpu['model']}; flags: {', '.join(cpu['flags'])}; torch {torch.__version__}", flush=True)
+    mind = ExtendedMind.from_pretrained()
+    article = (files("extended_mind") / "data" / "aardwolf.txt").read_text()
+    memory = mind.memorize(article, progress=False)
+    rows = []
+    for n in args.new_tokens:
+        for question in QUESTIONS:
+            times: dict[str, list[float]] = {"never": [], "auto": []}
+            seconds(mind, memory, question, n, "auto")  # warm-up (the calibrations, the native step's timing)
+            for _ in range(args.repeats):
+                for layout in times:
+                    t, read = seconds(mind, memory, question, n, layout)
+                    times[layout].append(t)
+            never, auto = statistics.median(times["never"]), statistics.median(times["auto"])
+            rows.append({"question": question, "new_tokens": n, "blocks_read": read, "never_s": never,
+                         "auto_s": auto, "ratio": auto / never})  # fmt: skip
+            print(f"{n} tokens, {question!r}: never {never:.3f} s, auto {auto:.3f} s ({auto / never:.2f}x)", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    info = {"cpu": cpu, "torch": torch.__version__, "threads": args.threads, "weights": mind.weights,
+            "repeats": args.repeats, "rows": rows}  # fmt: skip
+    (args.out / "results.json").write_text(json.dumps(info, indent=1))
+    lines = [f"CPU: {cpu['model']} ({', '.join(cpu['flags'])}); {args.threads} threads; weights {mind.weights}; "
+             f"medians of {args.repeats}", "",
+             "| new tokens | question | blocks read | never (s) | auto (s) | auto / never |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['new_tokens']} | {r['question']} | {r['blocks_read']} | {r['never_s']:.3f} | {r['auto_s']:.3f} | "
+              f"{r['ratio']:.2f}x |" for r in rows]  # fmt: skip
+    (args.out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
