@@ -212,8 +212,9 @@ class DecodeBatch:
         rows = [replace(r, prompt_ids=r.plan.plain(r.prompt_ids), offset=0, plan=None)
                 if c is not None and c.numel() == 0 else r for r, c in zip(rows, chosen)]  # fmt: skip
         for i, (r, c, s) in enumerate(zip(rows, chosen, settings)):
-            if c is not None and c.numel() and getattr(r.memory, "shard", None) is None:
-                ids = settle_layout(self.model, r.plan, r.prompt_ids, layers[i], s, self.stop_ids, r.native)
+            if c is not None and c.numel():
+                ids = settle_layout(self.model, r.plan, r.prompt_ids, layers[i], s, self.stop_ids, r.native,
+                                    getattr(r.memory, "shard", None))  # fmt: skip
                 rows[i] = replace(r, prompt_ids=ids)
         return rows, layers, chosen
 

@@ -101,9 +101,8 @@ class TokenStream:
             self.prompt_ids = plan.plain(self.prompt_ids)
             return _Reading(list(range(len(self.prompt_ids))), lambda k: {}, 0, 0, True, None, blocks_read=0)
         slot_sets = {plan.blocks: plan.slots(chosen)}
-        if group is None:  # (sharded: ranks would have to agree on every probe token; the layout stays as it is)
-            self.prompt_ids = settle_layout(self.model, plan, self.prompt_ids, slot_sets[plan.blocks], s,
-                                            stop_token_ids(self.model, self.tokenizer), self.step)  # fmt: skip
+        self.prompt_ids = settle_layout(self.model, plan, self.prompt_ids, slot_sets[plan.blocks], s,
+                                        stop_token_ids(self.model, self.tokenizer), self.step, group)  # fmt: skip
         positions = plan.positions(len(self.prompt_ids))
 
         def layers_for(k: int) -> dict[int, LayerMemory]:  # k: blocks read

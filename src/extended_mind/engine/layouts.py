@@ -17,6 +17,7 @@ from extended_mind.engine.compiled import CompiledStep
 from extended_mind.engine.decoding import biased
 from extended_mind.engine.fast_step import FastStep
 from extended_mind.engine.options import GenerationOptions
+from extended_mind.parallel.group import ShardGroup
 from extended_mind.retrieval.layer import LayerMemory, RetrievalSettings
 
 # greedy tokens each layout answers before they are compared (in the development probe 4 and 8 chose worse on
@@ -25,23 +26,27 @@ SURE_TOKENS = 16
 
 
 def settle_layout(model: PreTrainedModel, plan: BlockPlan, prompt_ids: list[int], layers: dict[int, LayerMemory],
-                  settings: GenerationOptions, stop_ids: set[int],
-                  step: CompiledStep | FastStep | None = None) -> list[int]:  # fmt: skip
+                  settings: GenerationOptions, stop_ids: set[int], step: CompiledStep | FastStep | None = None,
+                  group: ShardGroup | None = None) -> list[int]:  # fmt: skip
     """The prompt that reads the chosen blocks (`layers`): with `plan.separator` after the slots, or without it,
     whichever `plan.breaks` asks for ("surer": the one whose first greedy tokens have the higher mean
-    log-probability; a tie keeps the prompt as it is)."""
+    log-probability; a tie keeps the prompt as it is). Sharded (`group`), rank 0's tokens and choice hold."""
     if not plan.separator or plan.whole is not None or plan.breaks == "never":
         return prompt_ids
     broken = plan.after_slots(prompt_ids)
     if plan.breaks == "always":
         return broken
-    plain = _sureness(model, prompt_ids, plan.positions(len(prompt_ids)), layers, settings, stop_ids, step)
-    other = _sureness(model, broken, plan.positions(len(broken)), layers, settings, stop_ids, step)
-    return broken if other > plain else prompt_ids
+    plain = _sureness(model, prompt_ids, plan.positions(len(prompt_ids)), layers, settings, stop_ids, step, group)
+    other = _sureness(model, broken, plan.positions(len(broken)), layers, settings, stop_ids, step, group)
+    pick = int(other > plain)
+    if group is not None:
+        pick = group.agree([pick], "agreeing on the layout")[0]
+    return broken if pick else prompt_ids
 
 
 def _sureness(model: PreTrainedModel, ids: list[int], positions: list[int], layers: dict[int, LayerMemory],
-              s: GenerationOptions, stop_ids: set[int], step: CompiledStep | FastStep | None) -> float:  # fmt: skip
+              s: GenerationOptions, stop_ids: set[int], step: CompiledStep | FastStep | None,
+              group: ShardGroup | None) -> float:  # fmt: skip
     """Mean log-probability of the greedy answer's first tokens (at most SURE_TOKENS, or `max_new_tokens`)."""
     device = next(model.parameters()).device
     session = Session(layers=layers, settings=RetrievalSettings(s.topk, s.ranking, s.similarity_threshold))
@@ -56,6 +61,8 @@ def _sureness(model: PreTrainedModel, ids: list[int], positions: list[int], laye
             else:
                 logits = model(**inputs).logits[0, -1].float()
             token = int(biased(logits, s.logit_bias).argmax())
+            if group is not None:  # every rank runs the same trial
+                token = group.agree([token], "agreeing on a layout trial token")[0]
             logprobs.append(float(torch.log_softmax(logits, -1)[token]))
             if token in stop_ids:
                 break
