@@ -9,12 +9,28 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from extended_mind.attention.session import Session
+from extended_mind.base.compat import with_cache
+from extended_mind.engine.compiled import CompiledStep
+from extended_mind.engine.fast_step import FastStep
 from extended_mind.engine.options import GenerationOptions
 from extended_mind.memory.citations import Citation, Passage, cite, sparse_sum
 from extended_mind.memory.memory import Memory
 from extended_mind.parallel.group import ShardGroup
 
 CANCELLED = -2  # the token of an answer whose client went away
+
+
+def row_forward(model: PreTrainedModel, step: CompiledStep | FastStep | None, session: Session, cache,
+                ids: list[int], positions: list[int], device: torch.device) -> torch.Tensor:  # fmt: skip
+    """One row's forward pass (a prompt, or the next token) through `step` where it applies, else the model's own
+    forward: the last position's logits in float32. Run inside `session.active()` and inference mode."""
+    session.row_positions = torch.tensor([positions], device=device)
+    inputs = dict(input_ids=torch.tensor([ids], device=device), position_ids=session.row_positions, use_cache=True,
+                  logits_to_keep=1, **with_cache(model, cache))  # fmt: skip
+    if step is not None and step.applies(cache, inputs["input_ids"], session):
+        return step(cache, session, **inputs).logits[0, -1].float()
+    return model(**inputs).logits[0, -1].float()
 
 
 @dataclass

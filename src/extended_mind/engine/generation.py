@@ -11,7 +11,6 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from extended_mind.attention.session import Session
-from extended_mind.base.compat import with_cache
 from extended_mind.base.kv_cache import new_cache
 from extended_mind.engine.blocks import BlockPlan, select_blocks
 from extended_mind.engine.compiled import CompiledStep
@@ -22,6 +21,7 @@ from extended_mind.engine.decoding import (
     Retrieval,
     entropy,
     record_weights,
+    row_forward,
     stop_token_ids,
 )
 from extended_mind.engine.fast_step import FastStep
@@ -71,6 +71,7 @@ class TokenStream:
         self.step = step  # a one-token forward for the steps it applies to (compiled.py, fast_step.py), or None
         self.prompt_ids, self.layers, self.offset, self.settings = prompt_ids, layers, offset, settings
         self.plan = plan  # block memory: the slots are chosen when the stream starts
+        self.stop_ids = stop_token_ids(model, tokenizer)
         self.result: GenerationResult | None = None
         self._iter = self._run()
 
@@ -101,8 +102,8 @@ class TokenStream:
             self.prompt_ids = plan.plain(self.prompt_ids)
             return _Reading(list(range(len(self.prompt_ids))), lambda k: {}, 0, 0, True, None, blocks_read=0)
         slot_sets = {plan.blocks: plan.slots(chosen)}
-        self.prompt_ids = settle_layout(self.model, plan, self.prompt_ids, slot_sets[plan.blocks], s,
-                                        stop_token_ids(self.model, self.tokenizer), self.step, group)  # fmt: skip
+        self.prompt_ids = settle_layout(self.model, plan, self.prompt_ids, slot_sets[plan.blocks], s, self.stop_ids,
+                                        self.step, group)  # fmt: skip
         positions = plan.positions(len(self.prompt_ids))
 
         def layers_for(k: int) -> dict[int, LayerMemory]:  # k: blocks read
@@ -134,18 +135,11 @@ class TokenStream:
             session.record_citations = bool(session.layers)
             session.settings = RetrievalSettings(s.topk if reading.blocks else k, s.ranking, s.similarity_threshold)
             session.citation_records = []
-            positions = torch.tensor([pos], device=device)
-            session.row_positions = positions
-            inputs = dict(input_ids=torch.tensor([ids], device=device), position_ids=positions, use_cache=True,
-                          logits_to_keep=1, **with_cache(self.model, cache))  # fmt: skip
             with session.active(), torch.inference_mode():
-                if self.step is not None and self.step.applies(cache, inputs["input_ids"], session):
-                    out = self.step(cache, session, **inputs)
-                else:
-                    out = self.model(**inputs)
-            return out.logits[0, -1].float(), record_weights(session.citation_records, n_heads)
+                logits = row_forward(self.model, self.step, session, cache, ids, pos, device)
+            return logits, record_weights(session.citation_records, n_heads)
 
-        stop_ids = stop_token_ids(self.model, self.tokenizer)
+        stop_ids = self.stop_ids
         cache = fresh_cache()
         last_input, last_positions = self.prompt_ids, reading.positions
         logits, read = forward(last_input, last_positions, reading.base_k, cache)

@@ -10,11 +10,10 @@ import torch
 from transformers import PreTrainedModel
 
 from extended_mind.attention.session import Session
-from extended_mind.base.compat import with_cache
 from extended_mind.base.kv_cache import new_cache
 from extended_mind.engine.blocks import BlockPlan
 from extended_mind.engine.compiled import CompiledStep
-from extended_mind.engine.decoding import biased
+from extended_mind.engine.decoding import biased, row_forward
 from extended_mind.engine.fast_step import FastStep
 from extended_mind.engine.options import GenerationOptions
 from extended_mind.parallel.group import ShardGroup
@@ -53,13 +52,7 @@ def _sureness(model: PreTrainedModel, ids: list[int], positions: list[int], laye
     cache, logprobs = new_cache(model.config), []
     with session.active(), torch.inference_mode():
         for _ in range(min(SURE_TOKENS, s.max_new_tokens)):
-            session.row_positions = torch.tensor([positions], device=device)
-            inputs = dict(input_ids=torch.tensor([ids], device=device), position_ids=session.row_positions,
-                          use_cache=True, logits_to_keep=1, **with_cache(model, cache))  # fmt: skip
-            if step is not None and step.applies(cache, inputs["input_ids"], session):
-                logits = step(cache, session, **inputs).logits[0, -1].float()
-            else:
-                logits = model(**inputs).logits[0, -1].float()
+            logits = row_forward(model, step, session, cache, ids, positions, device)
             token = int(biased(logits, s.logit_bias).argmax())
             if group is not None:  # every rank runs the same trial
                 token = group.agree([token], "agreeing on a layout trial token")[0]
