@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from extended_mind.base.documents import Document
+from extended_mind.engine.layouts import SURE_TOKENS
 from extended_mind.engine.memorize import EncodedDocument, memorize_encoded
 from tests.conftest import WordEmbedder
 
@@ -145,16 +146,16 @@ def test_chat_form_every_block_of_a_small_memory_equals_pasted_document(tiny_pai
     memory = mind.memorize(document, progress=False)
     no_eos = {mind.tokenizer.eos_token_id: -100.0}
     mind.embedder = WordEmbedder()
-    pasted_answers = {}
+    pasted_answers, n = {}, SURE_TOKENS  # answers long enough for the layout trial
     # block_break: the slots glued to the question, or a blank line between them, as pasted text has
     for layout, between in (("never", ""), ("always", "\n\n")):
         text = mind.tokenizer.apply_chat_template([{"role": "user", "content": document + between + question}],
                                                   tokenize=False, add_generation_prompt=True)  # fmt: skip
         pasted = mind.tokenizer(text, add_special_tokens=False)["input_ids"]
-        expected, expected_logprobs = _greedy_with_logprobs(reference, pasted, 6, mind.tokenizer.eos_token_id)
+        expected, expected_logprobs = _greedy_with_logprobs(reference, pasted, n, mind.tokenizer.eos_token_id)
         pasted_answers[layout] = (expected, expected_logprobs)
         for choice in ("heads", "embedding"):  # whoever chooses, reading every block is pasting the document
-            result = mind.generate(question, memory=memory, chat=True, max_new_tokens=6, block_size=16, block_gate=0.0,
+            result = mind.generate(question, memory=memory, chat=True, max_new_tokens=n, block_size=16, block_gate=0.0,
                                    logit_bias=no_eos, block_choice=choice, block_break=layout)  # fmt: skip
             assert result.blocks_read == -(-memory.num_tokens // 16)  # every block: the memory fits the slots
             assert [p.text.strip() for p in result.passages] == [document.strip()]  # consecutive blocks: one passage
@@ -164,7 +165,7 @@ def test_chat_form_every_block_of_a_small_memory_equals_pasted_document(tiny_pai
     # the default in chat form keeps the layout whose greedy answer has the higher mean log-probability
     sureness = {k: sum(lp) / len(lp) for k, (_, lp) in pasted_answers.items()}
     surer = max(sureness, key=sureness.get)
-    result = mind.generate(question, memory=memory, chat=True, max_new_tokens=6, block_size=16, logit_bias=no_eos,
+    result = mind.generate(question, memory=memory, chat=True, max_new_tokens=n, block_size=16, logit_bias=no_eos,
                            block_gate=0.0)  # fmt: skip
     got, got_logprobs = [t.id for t in result.tokens], [t.logprob for t in result.tokens]
     assert got in [a for a, _ in pasted_answers.values()]
@@ -172,13 +173,17 @@ def test_chat_form_every_block_of_a_small_memory_equals_pasted_document(tiny_pai
         assert got == pasted_answers[surer][0]
         assert max(abs(a - b) for a, b in zip(got_logprobs, pasted_answers[surer][1])) < FULL_CONTEXT_ATOL
     # a batch row settles its layout as a single answer does (the other row reads no memory)
-    batch = mind.generate_batch([question, "Who bakes?"], [memory, None], max_new_tokens=6, block_size=16,
+    batch = mind.generate_batch([question, "Who bakes?"], [memory, None], max_new_tokens=n, block_size=16,
                                 logit_bias=no_eos, block_gate=0.0)  # fmt: skip
     assert [t.id for t in batch[0].tokens] == got
     assert max(abs(a.logprob - b) for a, b in zip(batch[0].tokens, got_logprobs)) < FULL_CONTEXT_ATOL
+    # an answer shorter than the trial keeps the slots glued (one token chose worse: many-shot ICL's labels)
+    short = mind.generate(question, memory=memory, chat=True, max_new_tokens=3, block_size=16, logit_bias=no_eos,
+                          block_gate=0.0)  # fmt: skip
+    assert [t.id for t in short.tokens] == pasted_answers["never"][0][:3]
     expected_logprobs = pasted_answers["never"][1]
     # the oracle is not vacuous: the memory changes the answer's log-probabilities
-    plain = mind.generate(question, chat=True, max_new_tokens=6, logit_bias=no_eos)
+    plain = mind.generate(question, chat=True, max_new_tokens=n, logit_bias=no_eos)
     assert max(abs(a.logprob - b) for a, b in zip(plain.tokens, expected_logprobs)) > 1e-3
 
 

@@ -213,8 +213,8 @@ class DecodeBatch:
                 if c is not None and c.numel() == 0 else r for r, c in zip(rows, chosen)]  # fmt: skip
         for i, (r, c, s) in enumerate(zip(rows, chosen, settings)):
             if c is not None and c.numel():
-                ids = settle_layout(self.model, r.plan, r.prompt_ids, layers[i], s, self.stop_ids, r.native,
-                                    getattr(r.memory, "shard", None))  # fmt: skip
+                ids, _ = settle_layout(self.model, r.plan, r.prompt_ids, layers[i], s, self.stop_ids, r.native,
+                                       getattr(r.memory, "shard", None))  # fmt: skip
                 rows[i] = replace(r, prompt_ids=ids)
         return rows, layers, chosen
 

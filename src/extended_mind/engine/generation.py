@@ -25,7 +25,7 @@ from extended_mind.engine.decoding import (
     stop_token_ids,
 )
 from extended_mind.engine.fast_step import FastStep
-from extended_mind.engine.layouts import settle_layout
+from extended_mind.engine.layouts import Trial, settle_layout
 from extended_mind.engine.options import GenerationOptions
 from extended_mind.memory.citations import Passage
 from extended_mind.memory.memory import Memory
@@ -46,6 +46,7 @@ class _Reading:
     group: ShardGroup | None
     blocks_read: int | None = None
     passages: list[Passage] = field(default_factory=list)
+    trial: Trial | None = None  # the kept layout's first greedy steps (engine/layouts.py)
 
     @property
     def uses_memory(self) -> bool:
@@ -102,8 +103,8 @@ class TokenStream:
             self.prompt_ids = plan.plain(self.prompt_ids)
             return _Reading(list(range(len(self.prompt_ids))), lambda k: {}, 0, 0, True, None, blocks_read=0)
         slot_sets = {plan.blocks: plan.slots(chosen)}
-        self.prompt_ids = settle_layout(self.model, plan, self.prompt_ids, slot_sets[plan.blocks], s, self.stop_ids,
-                                        self.step, group)  # fmt: skip
+        self.prompt_ids, trial = settle_layout(self.model, plan, self.prompt_ids, slot_sets[plan.blocks], s,
+                                               self.stop_ids, self.step, group)  # fmt: skip
         positions = plan.positions(len(self.prompt_ids))
 
         def layers_for(k: int) -> dict[int, LayerMemory]:  # k: blocks read
@@ -112,7 +113,7 @@ class TokenStream:
             return slot_sets[k]
 
         return _Reading(positions, layers_for, plan.blocks, s.topk_step, True, group, int(chosen.numel()),
-                        plan.layout.passages(plan.memory, chosen))  # fmt: skip
+                        plan.layout.passages(plan.memory, chosen), trial)  # fmt: skip
 
     def _run(self) -> Iterator[GeneratedToken]:
         s = self.settings
@@ -140,9 +141,14 @@ class TokenStream:
             return logits, record_weights(session.citation_records, n_heads)
 
         stop_ids = self.stop_ids
-        cache = fresh_cache()
         last_input, last_positions = self.prompt_ids, reading.positions
-        logits, read = forward(last_input, last_positions, reading.base_k, cache)
+        # a greedy answer's first steps are the layout trial's: go on from its cache (no retry can change them)
+        trial = reading.trial if s.temperature <= 0 and not retry_on else None
+        if trial is not None:
+            cache, (logits, read) = trial.cache, (trial.logits[0], trial.reads[0])
+        else:
+            cache = fresh_cache()
+            logits, read = forward(last_input, last_positions, reading.base_k, cache)
         position = last_positions[-1] + 1
         for step in range(s.max_new_tokens):
             k, h = reading.base_k, entropy(logits)
@@ -164,6 +170,9 @@ class TokenStream:
             if answer.done:
                 break
             last_input, last_positions = [token.id], [position]
-            logits, read = forward(last_input, last_positions, reading.base_k, cache)
+            if trial is not None and step + 1 < len(trial.tokens):  # the trial fed this token already
+                logits, read = trial.logits[step + 1], trial.reads[step + 1]
+            else:
+                logits, read = forward(last_input, last_positions, reading.base_k, cache)
             position += 1
         self.result = answer.result()

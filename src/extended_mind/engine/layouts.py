@@ -6,58 +6,98 @@ answers more surely is kept (docs/evaluation.md, "The surer of two layouts")."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from extended_mind.attention.session import Session
 from extended_mind.base.kv_cache import new_cache
 from extended_mind.engine.blocks import BlockPlan
 from extended_mind.engine.compiled import CompiledStep
-from extended_mind.engine.decoding import biased, row_forward
+from extended_mind.engine.decoding import biased, record_weights, row_forward
 from extended_mind.engine.fast_step import FastStep
 from extended_mind.engine.options import GenerationOptions
 from extended_mind.parallel.group import ShardGroup
 from extended_mind.retrieval.layer import LayerMemory, RetrievalSettings
 
 # greedy tokens each layout answers before they are compared (in the development probe 4 and 8 chose worse on
-# profiles and passkeys: answers open alike, "The pass key is", and part only after)
+# profiles and passkeys: answers open alike, "The pass key is", and part only after). An answer allowed fewer
+# tokens keeps the prompt as it is: compared on one token, many-shot ICL's labels fell from 13 to 10 of 32.
 SURE_TOKENS = 16
+
+
+@dataclass
+class Trial:
+    """A layout's first greedy answer tokens, read as the answer reads them: each step's logits and memory read,
+    and the cache after them (holding the prompt and every token but the last). A greedy answer with this layout
+    goes on from here instead of computing the same steps again."""
+
+    prompt_ids: list[int]
+    tokens: list[int] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
+    reads: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    cache: DynamicCache | None = None
+    lost: bool = False  # stopped once it could no longer be the surer
+
+    @property
+    def sureness(self) -> float:
+        return float("-inf") if self.lost else sum(self.logprobs) / len(self.logprobs)
 
 
 def settle_layout(model: PreTrainedModel, plan: BlockPlan, prompt_ids: list[int], layers: dict[int, LayerMemory],
                   settings: GenerationOptions, stop_ids: set[int], step: CompiledStep | FastStep | None = None,
-                  group: ShardGroup | None = None) -> list[int]:  # fmt: skip
+                  group: ShardGroup | None = None) -> tuple[list[int], Trial | None]:  # fmt: skip
     """The prompt that reads the chosen blocks (`layers`): with `plan.separator` after the slots, or without it,
-    whichever `plan.breaks` asks for ("surer": the one whose first greedy tokens have the higher mean
-    log-probability; a tie keeps the prompt as it is). Sharded (`group`), rank 0's tokens and choice hold."""
+    whichever `plan.breaks` asks for ("surer": the one whose first SURE_TOKENS greedy tokens have the higher mean
+    log-probability; a tie, or an answer of fewer tokens, keeps the prompt as it is), and the kept layout's trial
+    (None where none ran). Sharded (`group`), rank 0's tokens and choice hold."""
     if not plan.separator or plan.whole is not None or plan.breaks == "never":
-        return prompt_ids
+        return prompt_ids, None
+    if plan.breaks == "surer" and settings.max_new_tokens < SURE_TOKENS:
+        return prompt_ids, None
     broken = plan.after_slots(prompt_ids)
     if plan.breaks == "always":
-        return broken
-    plain = _sureness(model, prompt_ids, plan.positions(len(prompt_ids)), layers, settings, stop_ids, step, group)
-    other = _sureness(model, broken, plan.positions(len(broken)), layers, settings, stop_ids, step, group)
-    pick = int(other > plain)
+        return broken, None
+    plain = _trial(model, prompt_ids, plan.positions(len(prompt_ids)), layers, settings, stop_ids, step, group)
+    other = _trial(model, broken, plan.positions(len(broken)), layers, settings, stop_ids, step, group,
+                   beat=plain.sureness)  # fmt: skip
+    pick = int(other.sureness > plain.sureness)
     if group is not None:
         pick = group.agree([pick], "agreeing on the layout")[0]
-    return broken if pick else prompt_ids
+    kept = other if pick else plain
+    return kept.prompt_ids, kept
 
 
-def _sureness(model: PreTrainedModel, ids: list[int], positions: list[int], layers: dict[int, LayerMemory],
-              s: GenerationOptions, stop_ids: set[int], step: CompiledStep | FastStep | None,
-              group: ShardGroup | None) -> float:  # fmt: skip
-    """Mean log-probability of the greedy answer's first tokens (at most SURE_TOKENS, or `max_new_tokens`)."""
+def _trial(model: PreTrainedModel, ids: list[int], positions: list[int], layers: dict[int, LayerMemory],
+           s: GenerationOptions, stop_ids: set[int], step: CompiledStep | FastStep | None,
+           group: ShardGroup | None, beat: float | None = None) -> Trial:  # fmt: skip
+    """The greedy answer's first SURE_TOKENS tokens (fewer where it stops), through the answer's own forward;
+    stopped early, `lost`, once its mean cannot pass `beat`: log-probabilities are at most 0, so the mean of the
+    tokens to come is at most (sum so far) / SURE_TOKENS."""
     device = next(model.parameters()).device
-    session = Session(layers=layers, settings=RetrievalSettings(s.topk, s.ranking, s.similarity_threshold))
-    cache, logprobs = new_cache(model.config), []
+    session = Session(layers=layers, settings=RetrievalSettings(s.topk, s.ranking, s.similarity_threshold),
+                      record_citations=True, citation_weighting=s.citation_weighting)  # fmt: skip
+    trial = Trial(ids, cache=new_cache(model.config))
     with session.active(), torch.inference_mode():
-        for _ in range(min(SURE_TOKENS, s.max_new_tokens)):
-            logits = row_forward(model, step, session, cache, ids, positions, device)
+        for _ in range(SURE_TOKENS):
+            session.citation_records = []
+            logits = row_forward(model, step, session, trial.cache, ids, positions, device)
             token = int(biased(logits, s.logit_bias).argmax())
             if group is not None:  # every rank runs the same trial
                 token = group.agree([token], "agreeing on a layout trial token")[0]
-            logprobs.append(float(torch.log_softmax(logits, -1)[token]))
+            trial.tokens.append(token)
+            trial.logits.append(logits)
+            trial.reads.append(record_weights(session.citation_records, model.config.num_attention_heads))
+            trial.logprobs.append(float(torch.log_softmax(logits, -1)[token]))
             if token in stop_ids:
                 break
+            lost = beat is not None and sum(trial.logprobs) < beat * SURE_TOKENS - 1e-6
+            if group is not None:
+                lost = bool(group.agree([int(lost)], "agreeing on a lost layout trial")[0])
+            if lost:
+                trial.lost = True
+                break
             ids, positions = [token], [positions[-1] + 1]
-    return sum(logprobs) / len(logprobs)
+    return trial
