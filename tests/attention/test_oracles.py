@@ -187,6 +187,34 @@ def test_chat_form_every_block_of_a_small_memory_equals_pasted_document(tiny_pai
     assert max(abs(a.logprob - b) for a, b in zip(plain.tokens, expected_logprobs)) > 1e-3
 
 
+def test_chat_form_default_keeps_the_surest_of_three_layouts(tiny_pair):
+    """A memory that fits the window, one block of several chosen: the default tries the block glued to the
+    question, after a blank line, and the memory read whole, and answers with the one whose first SURE_TOKENS greedy
+    tokens it is surest of (each checked against the option that forces it); a batch row settles the same."""
+    mind, _ = tiny_pair
+    mind.tokenizer.chat_template = SINK_CHAT_TEMPLATE
+    document = "The keeper of the lighthouse is Ada. The baker is Tom, up at dawn. The ferry leaves at noon. "
+    memory = mind.memorize(document, progress=False)
+    question = "Who is the keeper?"
+    options = dict(chat=True, max_new_tokens=SURE_TOKENS, block_size=16, blocks=1, block_relevance=0.0, block_words=0,
+                   logit_bias={mind.tokenizer.eos_token_id: -100.0})  # fmt: skip
+    forced = {"glued": dict(block_break="never"), "blank": dict(block_break="always"), "whole": dict(whole="fits")}
+    answers = {name: mind.generate(question, memory=memory, **options, **extra) for name, extra in forced.items()}
+    assert answers["glued"].blocks_read == answers["blank"].blocks_read == 1
+    assert answers["whole"].blocks_read == -(-memory.num_tokens // 16) > 1
+    means = {name: sum(t.logprob for t in a.tokens) / len(a.tokens) for name, a in answers.items()}
+    got = mind.generate(question, memory=memory, **options)
+    assert [t.id for t in got.tokens] in [[t.id for t in a.tokens] for a in answers.values()]
+    best, *rest = sorted(means, key=means.get, reverse=True)
+    if means[best] - means[rest[0]] > 1e-3:  # (closer, the two sides' rounding may choose)
+        assert [t.id for t in got.tokens] == [t.id for t in answers[best].tokens]
+        assert got.blocks_read == answers[best].blocks_read
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(got.tokens, answers[best].tokens)) < FULL_CONTEXT_ATOL
+    batch = mind.generate_batch([question, "Who bakes?"], [memory, None], **options)
+    assert [t.id for t in batch[0].tokens] == [t.id for t in got.tokens]
+    assert batch[0].blocks_read == got.blocks_read
+
+
 @pytest.mark.parametrize("template", [SINK_CHAT_TEMPLATE, SYSTEM_CHAT_TEMPLATE], ids=["sink-head", "system-head"])
 def test_a_memory_read_whole_equals_its_text_pasted_before_a_blank_line(tiny_pair, template):
     """whole="fits": a memory that fits the window is read whole, whatever the relevance test would say, with a

@@ -213,9 +213,11 @@ class DecodeBatch:
                 if c is not None and c.numel() == 0 else r for r, c in zip(rows, chosen)]  # fmt: skip
         for i, (r, c, s) in enumerate(zip(rows, chosen, settings)):
             if c is not None and c.numel():
-                ids, _ = settle_layout(self.model, r.plan, r.prompt_ids, layers[i], s, self.stop_ids, r.native,
-                                       getattr(r.memory, "shard", None))  # fmt: skip
-                rows[i] = replace(r, prompt_ids=ids)
+                settled = settle_layout(self.model, r.plan, r.prompt_ids, layers[i], s, self.stop_ids, r.native,
+                                        getattr(r.memory, "shard", None))  # fmt: skip
+                if settled.plan is not r.plan:  # the memory read whole was the surer layout
+                    layers[i], chosen[i] = settled.layers, settled.plan.choose(None)
+                rows[i] = replace(r, prompt_ids=settled.prompt_ids, plan=settled.plan)
         return rows, layers, chosen
 
     def _prefill_together(self, live: list[_Row], key: tuple) -> None:

@@ -93,6 +93,8 @@ class BlockPlan:
     whole: tuple[int, int] | None = None  # every block read, then (at, n) n separator tokens at prompt row `at`
     # whole="unread": the prompt and plan that read the memory whole, for a question that draws no block
     unread: tuple[list[int], BlockPlan] | None = None
+    # a memory that fits the window: the prompt and plan that read it whole, a third layout "surer" tries
+    read_whole: tuple[list[int], BlockPlan] | None = None
     # a blank line that may go after the chosen blocks, as a pasted passage has before the question (read whole,
     # the memory has one already: `whole`); `breaks`: "surer" (engine/layouts.py), "always" or "never"
     separator: tuple[int, ...] = ()

@@ -103,9 +103,12 @@ class TokenStream:
             self.prompt_ids = plan.plain(self.prompt_ids)
             return _Reading(list(range(len(self.prompt_ids))), lambda k: {}, 0, 0, True, None, blocks_read=0)
         slot_sets = {plan.blocks: plan.slots(chosen)}
-        self.prompt_ids, trial = settle_layout(self.model, plan, self.prompt_ids, slot_sets[plan.blocks], s,
-                                               self.stop_ids, self.step, group)  # fmt: skip
-        positions = plan.positions(len(self.prompt_ids))
+        settled = settle_layout(self.model, plan, self.prompt_ids, slot_sets[plan.blocks], s, self.stop_ids,
+                                self.step, group)  # fmt: skip
+        if settled.plan is not plan:  # the memory read whole was the surer layout
+            plan, chosen = settled.plan, settled.plan.choose(None)
+            self.plan, slot_sets = plan, {plan.blocks: settled.layers}
+        self.prompt_ids, positions = settled.prompt_ids, plan.positions(len(settled.prompt_ids))
 
         def layers_for(k: int) -> dict[int, LayerMemory]:  # k: blocks read
             if k not in slot_sets:
@@ -113,7 +116,7 @@ class TokenStream:
             return slot_sets[k]
 
         return _Reading(positions, layers_for, plan.blocks, s.topk_step, True, group, int(chosen.numel()),
-                        plan.layout.passages(plan.memory, chosen), trial)  # fmt: skip
+                        plan.layout.passages(plan.memory, chosen), settled.trial)  # fmt: skip
 
     def _run(self) -> Iterator[GeneratedToken]:
         s = self.settings

@@ -46,28 +46,46 @@ class Trial:
         return float("-inf") if self.lost else sum(self.logprobs) / len(self.logprobs)
 
 
+@dataclass
+class Settled:
+    """How the answer reads memory: its prompt, the plan and the layers its slots hold, and the trial that chose
+    them (None where none ran)."""
+
+    prompt_ids: list[int]
+    plan: BlockPlan
+    layers: dict[int, LayerMemory]
+    trial: Trial | None = None
+
+
 def settle_layout(model: PreTrainedModel, plan: BlockPlan, prompt_ids: list[int], layers: dict[int, LayerMemory],
                   settings: GenerationOptions, stop_ids: set[int], step: CompiledStep | FastStep | None = None,
-                  group: ShardGroup | None = None) -> tuple[list[int], Trial | None]:  # fmt: skip
+                  group: ShardGroup | None = None) -> Settled:  # fmt: skip
     """The prompt that reads the chosen blocks (`layers`): with `plan.separator` after the slots, or without it,
-    whichever `plan.breaks` asks for ("surer": the one whose first SURE_TOKENS greedy tokens have the higher mean
-    log-probability; a tie, or an answer of fewer tokens, keeps the prompt as it is), and the kept layout's trial
-    (None where none ran). Sharded (`group`), rank 0's tokens and choice hold."""
+    whichever `plan.breaks` asks for. "surer": the layout whose first SURE_TOKENS greedy tokens have the higher mean
+    log-probability, and a memory that fits the window read whole (`plan.read_whole`) is a third; a tie, or an
+    answer of fewer tokens, keeps the prompt as it is. Sharded (`group`), rank 0's tokens and choice hold."""
+    kept = Settled(prompt_ids, plan, layers)
     if not plan.separator or plan.whole is not None or plan.breaks == "never":
-        return prompt_ids, None
+        return kept
     if plan.breaks == "surer" and settings.max_new_tokens < SURE_TOKENS:
-        return prompt_ids, None
-    broken = plan.after_slots(prompt_ids)
+        return kept
+    broken = Settled(plan.after_slots(prompt_ids), plan, layers)
     if plan.breaks == "always":
-        return broken, None
-    plain = _trial(model, prompt_ids, plan.positions(len(prompt_ids)), layers, settings, stop_ids, step, group)
-    other = _trial(model, broken, plan.positions(len(broken)), layers, settings, stop_ids, step, group,
-                   beat=plain.sureness)  # fmt: skip
-    pick = int(other.sureness > plain.sureness)
+        return broken
+    options = [kept, broken]
+    if plan.read_whole is not None:
+        ids, whole = plan.read_whole
+        options.append(Settled(ids, whole, whole.slots(whole.choose(None))))
+    best = None
+    for option in options:  # each trial stops once it cannot beat the best before it
+        beat = None if best is None else best.trial.sureness
+        option.trial = _trial(model, option.prompt_ids, option.plan.positions(len(option.prompt_ids)), option.layers,
+                              settings, stop_ids, step, group, beat)  # fmt: skip
+        if best is None or option.trial.sureness > best.trial.sureness:
+            best = option
     if group is not None:
-        pick = group.agree([pick], "agreeing on the layout")[0]
-    kept = other if pick else plain
-    return kept.prompt_ids, kept
+        best = options[group.agree([options.index(best)], "agreeing on the layout")[0]]
+    return best
 
 
 def _trial(model: PreTrainedModel, ids: list[int], positions: list[int], layers: dict[int, LayerMemory],

@@ -144,6 +144,8 @@ class MemoryReader:
         words = content_words(question)
         if whole is not None and asks_about(words, _memory_sentences(memory)):  # a question about the memory
             plan.unread = (whole[0].ids, whole[1])
+        if whole is not None and plan.breaks == "surer":
+            plan.read_whole = (whole[0].ids, whole[1])
         if o.block_choice == "embedding":
             plan.similarity = self.block_similarity(memory, plan.layout, question)
         else:
