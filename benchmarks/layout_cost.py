@@ -3,8 +3,9 @@
     python benchmarks/layout_cost.py --threads 2 --new-tokens 16 64 --repeats 3 --out runs/layout-cost
 
 The demo's article in memory (SmolLM2, the weights `auto` picks), questions that read blocks, asked in chat form
-with `block_break="never"` (the slots glued to the question: no choice made) and the default (`auto`: both layouts
-answer up to 16 greedy tokens, the surer is kept, then the answer is generated). Every answer is exactly
+with `block_break="never"` (the slots glued to the question: no choice made) and the default (`auto`: the slots
+glued, after a blank line, and the article read whole, since it fits the window, answer up to 16 greedy tokens each,
+a trial stopping once it cannot win; the surest is kept and a greedy answer goes on from it). Every answer is exactly
 `--new-tokens` long (end of sequence banned with logit_bias); seconds per answer are medians over `--repeats` runs
 taken in turn. Writes results.json and table.md, with the CPU model and flags.
 """

@@ -1,8 +1,9 @@
 """Where the chosen blocks meet the question. Pasted text ends with a blank line before the question, and in chat
 form SmolLM2 then answers a 2k needle from the passage (15 of 18) where the slots glued to the question are read as
 the essay going on (10 of 18); but the same blank line turns filler passkeys into definitions ("The pass key is a
-special code ...", 0 of 6 against 6 of 6). So both layouts are tried for a few greedy tokens and the one the model
-answers more surely is kept (docs/evaluation.md, "The surer of two layouts")."""
+special code ...", 0 of 6 against 6 of 6). So both layouts, and a memory that fits the window read whole (needles
+18 of 18), are tried for a few greedy tokens and the one the model answers most surely is kept (docs/evaluation.md,
+"The surer of two layouts" and "The surer of three")."""
 
 from __future__ import annotations
 

@@ -98,9 +98,10 @@ class GenerationOptions:
                          "never: its blocks are chosen",
                          choices=WHOLE_CHOICES, shared=True)  # fmt: skip
     block_break: str = _option(DEFAULT_BLOCK_BREAK, "a blank line between the chosen blocks and the question, as "
-                               "pasted text has: surer: with and without it the first 16 answer tokens are tried and "
-                               "the layout the model is surer of is kept (shorter answers: without); auto: surer in "
-                               "chat form, never in completion form", choices=BLOCK_BREAKS, shared=True)  # fmt: skip
+                               "pasted text has: surer: with and without it (and, for a memory that fits the window, "
+                               "the memory read whole) the first 16 answer tokens are tried and the layout the model "
+                               "is surest of is kept (shorter answers: without); auto: surer, in both prompt forms",
+                               choices=BLOCK_BREAKS, shared=True)  # fmt: skip
     block_choice: str = _option(DEFAULT_BLOCK_CHOICE, "how blocks are chosen: by the retrieval heads (what to copy), "
                                 "or by a sentence embedding's similarity to the question (examples like it, as in "
                                 "many-shot in-context learning; needs `extended-mind data fetch --only minilm`)",

@@ -137,7 +137,7 @@ class MemoryReader:
         plan = self.plan(memory, layers, encoded.memory_at, o, min(o.blocks, room), extra, o.block_relevance)
         plan.select_from, plan.select_to = encoded.asks_from, encoded.asks_to
         plan.sink_added = sink_added
-        plan.breaks = ("surer" if o.chat else "never") if o.block_break == "auto" else o.block_break
+        plan.breaks = "surer" if o.block_break == "auto" else o.block_break
         if plan.breaks != "never":
             plan.separator = tuple(paragraph_break(self.tokenizer))
         question = self.tokenizer.decode(ids[encoded.asks_from : encoded.asks_to], skip_special_tokens=True)
