@@ -91,10 +91,10 @@ class BlockPlan:
     words_override: float = DEFAULT_WORDS_OVERRIDE
     outlier: float = 0.0  # questions: also read a block this many spreads above the question's others (0: not)
     whole: tuple[int, int] | None = None  # every block read, then (at, n) n separator tokens at prompt row `at`
-    # whole="unread": the prompt and plan that read the memory whole, for a question that draws no block
-    unread: tuple[list[int], BlockPlan] | None = None
-    # a memory that fits the window: the prompt and plan that read it whole, a third layout "surer" tries
+    # a memory that fits the window: the prompt and plan that read it whole (`unread`; "surer" tries it as a third
+    # layout, engine/layouts.py)
     read_whole: tuple[list[int], BlockPlan] | None = None
+    asks_memory: bool = False  # the question's words meet in one of the memory's sentences (engine/words.py)
     # a blank line that may go after the chosen blocks, as a pasted passage has before the question (read whole,
     # the memory has one already: `whole`); `breaks`: "surer" (engine/layouts.py), "always" or "never"
     separator: tuple[int, ...] = ()
@@ -110,6 +110,12 @@ class BlockPlan:
         if self.whole is not None:
             prompt_ids = prompt_ids[: self.whole[0]] + prompt_ids[sum(self.whole) :]
         return prompt_ids[1:] if self.sink_added else prompt_ids
+
+    @property
+    def unread(self) -> tuple[list[int], BlockPlan] | None:
+        """whole="unread": the prompt and plan that read the memory whole, for a question that draws no block but
+        asks about the memory."""
+        return self.read_whole if self.asks_memory else None
 
     def after_slots(self, prompt_ids: list[int]) -> list[int]:
         """The prompt that reads chosen blocks: `separator` right after the slots (the rows from `insert` on)."""

@@ -34,7 +34,6 @@ class Trial:
     and the cache after them (holding the prompt and every token but the last). A greedy answer with this layout
     goes on from here instead of computing the same steps again."""
 
-    prompt_ids: list[int]
     tokens: list[int] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
     reads: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
@@ -98,7 +97,7 @@ def _trial(model: PreTrainedModel, ids: list[int], positions: list[int], layers:
     device = next(model.parameters()).device
     session = Session(layers=layers, settings=RetrievalSettings(s.topk, s.ranking, s.similarity_threshold),
                       record_citations=True, citation_weighting=s.citation_weighting)  # fmt: skip
-    trial = Trial(ids, cache=new_cache(model.config))
+    trial = Trial(cache=new_cache(model.config))
     with session.active(), torch.inference_mode():
         for _ in range(SURE_TOKENS):
             session.citation_records = []

@@ -121,7 +121,9 @@ class MemoryReader:
         encoded = self.with_sink(prompt)
         sink_added = len(encoded.ids) > len(prompt.ids)
         extra = _retry_blocks(o)
-        whole = None  # the memory read whole when it fits the window: whole="fits" always, "unread" as a fallback
+        # the memory read whole when it fits the window: whole="fits" always, else a fallback ("unread") and a
+        # layout "surer" tries
+        whole = None
         if o.whole != "never" and not extra and o.block_choice == "heads":
             whole = self._read_whole(memory, layers, encoded, o, window, sink_added)
             if whole is not None and o.whole == "fits":
@@ -142,10 +144,9 @@ class MemoryReader:
             plan.separator = tuple(paragraph_break(self.tokenizer))
         question = self.tokenizer.decode(ids[encoded.asks_from : encoded.asks_to], skip_special_tokens=True)
         words = content_words(question)
-        if whole is not None and asks_about(words, _memory_sentences(memory)):  # a question about the memory
-            plan.unread = (whole[0].ids, whole[1])
-        if whole is not None and plan.breaks == "surer":
+        if whole is not None:
             plan.read_whole = (whole[0].ids, whole[1])
+            plan.asks_memory = asks_about(words, _memory_sentences(memory))
         if o.block_choice == "embedding":
             plan.similarity = self.block_similarity(memory, plan.layout, question)
         else:
