@@ -1,13 +1,15 @@
 """What choosing the surer layout (engine/layouts.py) costs a chat answer that reads memory blocks.
 
     python benchmarks/layout_cost.py --threads 2 --new-tokens 16 64 --repeats 3 --out runs/layout-cost
+    python benchmarks/layout_cost.py --threads 2 --new-tokens 16 64 --repeats 3 --batched --out runs/layout-cost-batched
 
 The demo's article in memory (SmolLM2, the weights `auto` picks), questions that read blocks, asked in chat form
 with `block_break="never"` (the slots glued to the question: no choice made) and the default (`auto`: the slots
 glued, after a blank line, and the article read whole, since it fits the window, answer up to 16 greedy tokens each,
 a trial stopping once it cannot win; the surest is kept and a greedy answer goes on from it). Every answer is exactly
 `--new-tokens` long (end of sequence banned with logit_bias); seconds per answer are medians over `--repeats` runs
-taken in turn. Writes results.json and table.md, with the CPU model and flags.
+taken in turn. `--batched`: each answer is a batch of one row (`generate_batch`, the server's decode loop,
+engine/batching.py) instead of a single answer. Writes results.json and table.md, with the CPU model and flags.
 """
 
 from __future__ import annotations
@@ -32,10 +34,14 @@ QUESTIONS = [
 ]
 
 
-def seconds(mind: ExtendedMind, memory, question: str, new_tokens: int, layout: str) -> tuple[float, int]:
-    ban = {mind.tokenizer.eos_token_id: -100.0}
+def seconds(mind: ExtendedMind, memory, question: str, new_tokens: int, layout: str, batched: bool
+            ) -> tuple[float, int]:  # fmt: skip
+    options = dict(max_new_tokens=new_tokens, logit_bias={mind.tokenizer.eos_token_id: -100.0}, block_break=layout)
     start = time.perf_counter()
-    result = mind.generate(question, memory=memory, max_new_tokens=new_tokens, logit_bias=ban, block_break=layout)
+    if batched:
+        [result] = mind.generate_batch([question], [memory], **options)
+    else:
+        result = mind.generate(question, memory=memory, **options)
     assert len(result.tokens) == new_tokens, "an answer stopped early: its time would not compare"
     return time.perf_counter() - start, int(result.blocks_read or 0)
 
@@ -45,6 +51,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batched", action="store_true", help="answer as a batch of one row (the server's path)")
     parser.add_argument("--out", type=Path, default=Path("runs/layout-cost"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -57,10 +64,11 @@ def main() -> None:
     for n in args.new_tokens:
         for question in QUESTIONS:
             times: dict[str, list[float]] = {"never": [], "auto": []}
-            seconds(mind, memory, question, n, "auto")  # warm-up (the calibrations, the native step's timing)
+            # warm-up (the calibrations, the native step's timing)
+            seconds(mind, memory, question, n, "auto", args.batched)
             for _ in range(args.repeats):
                 for layout in times:
-                    t, read = seconds(mind, memory, question, n, layout)
+                    t, read = seconds(mind, memory, question, n, layout, args.batched)
                     times[layout].append(t)
             never, auto = statistics.median(times["never"]), statistics.median(times["auto"])
             rows.append({"question": question, "new_tokens": n, "blocks_read": read, "never_s": never,
@@ -68,12 +76,15 @@ def main() -> None:
             print(f"{n} tokens, {question!r}: never {never:.3f} s, auto {auto:.3f} s ({auto / never:.2f}x)", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     info = {"cpu": cpu, "torch": torch.__version__, "threads": args.threads, "weights": mind.weights,
-            "repeats": args.repeats, "rows": rows}  # fmt: skip
+            "repeats": args.repeats, "batched": args.batched, "rows": rows}  # fmt: skip
     (args.out / "results.json").write_text(json.dumps(info, indent=1))
-    lines = [f"CPU: {cpu['model']} ({', '.join(cpu['flags'])}); {args.threads} threads; weights {mind.weights}; "
-             f"medians of {args.repeats}", "",
-             "| new tokens | question | blocks read | never (s) | auto (s) | auto / never |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"CPU: {cpu['model']} ({', '.join(cpu['flags'])}); {args.threads} threads; weights {mind.weights}; "
+        f"medians of {args.repeats}; {'batches of one row' if args.batched else 'single answers'}",
+        "",
+        "| new tokens | question | blocks read | never (s) | auto (s) | auto / never |",
+        "|---|---|---|---|---|---|",
+    ]
     lines += [f"| {r['new_tokens']} | {r['question']} | {r['blocks_read']} | {r['never_s']:.3f} | {r['auto_s']:.3f} | "
               f"{r['ratio']:.2f}x |" for r in rows]  # fmt: skip
     (args.out / "table.md").write_text("\n".join(lines) + "\n")

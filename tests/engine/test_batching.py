@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from extended_mind import ExtendedMind, ExtendedMindError
+from extended_mind.engine.batching import DecodeBatch, can_merge
+from extended_mind.engine.layouts import SURE_TOKENS
 from extended_mind.retrieval import exact as exact_module
+from tests.attention.test_oracles import SINK_CHAT_TEMPLATE
 
 CATS = "The cat sat on the mat. It was a red mat with green stripes. The cat was called Orlo."
 SHIPS = "Ships sail at dawn. The captain of the Meridian is Ada Vance. She has sailed for thirty years."
@@ -92,3 +95,40 @@ def test_decode_step_memory_does_not_grow_with_the_prompt(tiny_mind: ExtendedMin
     assert largest[8] == largest[200] == 2 * 2 * memory.num_tokens  # H=2 KV heads x g=2 query rows x N
     # prefill: score blocks are bounded by the block size, whatever the prompt length
     assert exact_module.SCORE_BLOCK >= 2 * memory.num_tokens
+
+
+def test_a_greedy_batch_row_goes_on_from_its_layout_trial(tiny_pair, monkeypatch):
+    """A chat-form row that reads blocks tries its layouts (engine/layouts.py); a greedy one then goes on from the
+    kept trial's cache instead of prefilling its prompt again (where rows can share a cache), and answers as it does
+    alone: tokens, log-probabilities, citations; with a stop string inside the trial's tokens too."""
+    mind, _ = tiny_pair
+    mind.tokenizer.chat_template = SINK_CHAT_TEMPLATE
+    memory = mind.memorize(SHIPS + " " + CATS, progress=False)
+    prompts = ["Who is the captain?", "Where did the cat sit?", "Hello"]
+    memories = [memory, memory, None]
+    options = dict(chat=True, max_new_tokens=SURE_TOKENS + 4, block_size=16, blocks=1, block_relevance=0.0,
+                   block_words=0, logit_bias={mind.tokenizer.eos_token_id: -100.0})  # fmt: skip
+    alone = [mind.generate(p, memory=m, **options) for p, m in zip(prompts, memories)]
+    assert alone[0].blocks_read and alone[1].blocks_read
+    prefilled: list[int] = []
+    prefill = DecodeBatch._prefill_together
+    monkeypatch.setattr(DecodeBatch, "_prefill_together",
+                        lambda self, live, key: prefilled.extend(r.answer.prompt_tokens for r in live)
+                        or prefill(self, live, key))  # fmt: skip
+    batch = mind.generate_batch(prompts, memories, **options)
+    for a, b in zip(alone, batch):
+        assert [t.id for t in b.tokens] == [t.id for t in a.tokens] and b.text == a.text
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(a.tokens, b.tokens)) < 1e-4
+        assert [(c.doc, c.start) for c in b.citations] == [(c.doc, c.start) for c in a.citations]
+        assert b.blocks_read == a.blocks_read
+    reading = [b.prompt_tokens for b in batch[:2]]
+    if can_merge(mind.model):  # only the row without memory was prefilled
+        assert prefilled == [batch[2].prompt_tokens]
+    else:  # rows that cannot share a cache start together, all prefilled
+        assert sorted(prefilled) == sorted(reading + [batch[2].prompt_tokens])
+    stop = alone[0].text[3:5]
+    if stop.strip():
+        [cut] = mind.generate_batch(prompts[:1], memories[:1], stop=[stop], **options)
+        single = mind.generate(prompts[0], memory=memory, stop=[stop], **options)
+        assert cut.text == single.text and cut.finish_reason == single.finish_reason == "stop"
+        assert len(cut.tokens) < SURE_TOKENS

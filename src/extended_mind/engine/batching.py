@@ -36,7 +36,7 @@ from extended_mind.engine.blocks import BlockPlan, select_blocks
 from extended_mind.engine.decoding import Answer, GeneratedToken, GenerationResult, record_weights, stop_token_ids
 from extended_mind.engine.fast_step import FastStep
 from extended_mind.engine.generation import TokenStream
-from extended_mind.engine.layouts import settle_layout
+from extended_mind.engine.layouts import Trial, settle_layout
 from extended_mind.engine.options import GenerationOptions
 from extended_mind.memory.memory import Memory
 from extended_mind.retrieval.layer import LayerMemory, RetrievalSettings
@@ -174,14 +174,19 @@ class DecodeBatch:
         checked that each is `compatible` and that they share `retrieval_key`); with `prefill_chunk`, prompts
         longer than a chunk that join a running batch are prefilled in chunks by the next steps instead."""
         plans = [j[0].plan for j in joining]
-        rows, layers, chosen = self._choose_blocks([j[0] for j in joining], [j[1] for j in joining])
+        rows, layers, chosen, trials = self._choose_blocks([j[0] for j in joining], [j[1] for j in joining])
         live = []
-        for (_, s, sink, cancelled), row, lay, c, plan in zip(joining, rows, layers, chosen, plans):
+        for (_, s, sink, cancelled), row, lay, c, plan, trial in zip(joining, rows, layers, chosen, plans, trials):
             blocks_read = None if c is None else int(c.numel())
             passages = [] if c is None or plan is None else plan.layout.passages(plan.memory, c)
             answer = Answer(s, row.memory, len(row.prompt_ids), getattr(row.memory, "shard", None), blocks_read,
                             passages)  # fmt: skip
-            live.append(_Row(row, lay, sink, cancelled, answer, row.positions()[-1] + 1))
+            r = _Row(row, lay, sink, cancelled, answer, row.positions()[-1] + 1)
+            # a greedy row's first steps are its layout trial's: it goes on from the trial's cache, not prefilled
+            if trial is not None and s.temperature <= 0 and self.merge:
+                self._resume(r, trial, retrieval_key(s))
+            else:
+                live.append(r)
         if self.prefill_chunk is not None and self.rows:  # the running rows go on while these are prefilled
             long = [r for r in live if len(r.row.prompt_ids) > self.prefill_chunk]
             self.prefilling.extend(_Prefill(r, new_cache(self.model.config)) for r in long)
@@ -189,15 +194,17 @@ class DecodeBatch:
         if live:
             self._prefill_together(live, retrieval_key(joining[0][1]))
 
-    def _choose_blocks(self, rows: list[BatchRow], settings: list[GenerationOptions]
-                       ) -> tuple[list[BatchRow], list[dict], list[torch.Tensor | None]]:  # fmt: skip
+    def _choose_blocks(
+        self, rows: list[BatchRow], settings: list[GenerationOptions]
+    ) -> tuple[list[BatchRow], list[dict], list[torch.Tensor | None], list[Trial | None]]:
         """Block memory: each row's blocks, chosen by one pass over the prompts; a row that reads nothing becomes
         the plain model (its own prompt and positions), one that reads blocks gets its layout (engine/layouts.py).
-        Returns the rows, their layers and their chosen blocks."""
+        Returns the rows, their layers, their chosen blocks and the trials that chose their layouts."""
         layers = [r.layers for r in rows]
         plans = [r.plan for r in rows]
+        trials: list[Trial | None] = [None] * len(rows)
         if all(p is None for p in plans):
-            return rows, layers, [None] * len(rows)
+            return rows, layers, [None] * len(rows), trials
         by_heads = [p if p is not None and p.needs_pass else None for p in plans]
         masses: list[torch.Tensor | None] = [None] * len(rows)
         if any(p is not None for p in by_heads):  # (blocks chosen by similarity need no pass)
@@ -217,8 +224,23 @@ class DecodeBatch:
                                         getattr(r.memory, "shard", None))  # fmt: skip
                 if settled.plan is not r.plan:  # the memory read whole was the surer layout
                     layers[i], chosen[i] = settled.layers, settled.plan.choose(None)
-                rows[i] = replace(r, prompt_ids=settled.prompt_ids, plan=settled.plan)
-        return rows, layers, chosen
+                rows[i], trials[i] = replace(r, prompt_ids=settled.prompt_ids, plan=settled.plan), settled.trial
+        return rows, layers, chosen, trials
+
+    def _resume(self, r: _Row, trial: Trial, key: tuple) -> None:
+        """Row r joins where its greedy layout trial stands: the trial's tokens but the last are its first (handed
+        over now), the trial's cache holds its prompt and them, and the last token is chosen by the next step from
+        the logits that chose it in the trial."""
+        for token, logits, read in zip(trial.tokens[:-1], trial.logits, trial.reads):
+            tok = r.answer.add(token, logits, read, self.tokenizer, self.stop_ids)  # (not a stop token: not last)
+            r.sink(tok)
+            if r.done:  # a stop string in the trial's tokens: the answer ends here
+                r.reported = True
+                r.sink(r.answer.result())
+                return
+        r.logits, r.read = trial.logits[len(trial.tokens) - 1], trial.reads[len(trial.tokens) - 1]
+        r.position += len(trial.tokens) - 1
+        self._add([r], trial.cache, torch.ones((1, trial.cache.get_seq_length()), dtype=torch.long), key)
 
     def _prefill_together(self, live: list[_Row], key: tuple) -> None:
         """One left-padded forward pass over the rows' prompts; the rows join the batch."""
