@@ -1,17 +1,17 @@
-"""Batched generation: several prompts decoded together, each with its own memory (or none), and rows joining a
-running batch at any decode step (continuous batching, as the server uses it).
-
-The model's dense layers run on the whole batch (left-padded, with an attention mask and per-row positions, so a
-prompt whose memory shifts its positions keeps them); memory retrieval runs per row inside attention
-(`Session.rows`). Prompts that join together are prefilled in one left-padded pass (each with its own block choice);
-prompts that join a running batch have their KV cache merged into the batch's (the shorter left-padded, the padding
-masked). With `prefill_chunk`, a prompt longer than that which joins a running batch is prefilled a chunk per step
-instead, alone, before each decode step of the running rows, and joins when its last chunk is in: the running rows'
-streams never stall for a whole prompt (as vLLM's chunked prefill). A row that finishes (stop token, stop string,
-token budget) or whose consumer is gone (`cancelled()`) leaves at the next step. Each row has its own decoding
-options (temperature, seed, stop strings, logit bias, token budget); rows share the retrieval settings (top-k,
-ranking, threshold, citation weighting): `compatible` tells whether a stream can join. Greedy rows give the tokens
-they give alone, up to float rounding differences between batched and unbatched matmuls.
+"""Batched generation: several prompts decoded together, each with its own memory (or none), and rows joining a running
+batch at any decode step (continuous batching, as the server uses it). The model's dense layers run on the whole
+batch (left-padded, with an attention mask and per-row positions, so a prompt whose memory shifts its positions
+keeps them); memory retrieval runs per row inside attention (`Session.rows`). Prompts that join together are
+prefilled in one left-padded pass (each with its own block choice); prompts that join a running batch have their KV
+cache merged into the batch's (the shorter left-padded, the padding masked). A greedy row whose layout was chosen by
+trials (engine/layouts.py) is not prefilled: it joins with the kept trial's cache and tokens. With `prefill_chunk`,
+a prompt longer than that which joins a running batch is prefilled a chunk per step instead, alone, before each
+decode step of the running rows, and joins when its last chunk is in: the running rows' streams never stall for a
+whole prompt (as vLLM's chunked prefill). A row that finishes (stop token, stop string, token budget) or whose
+consumer is gone (`cancelled()`) leaves at the next step. Each row has its own decoding options (temperature, seed,
+stop strings, logit bias, token budget); rows share the retrieval settings (top-k, ranking, threshold, citation
+weighting): `compatible` tells whether a stream can join. Greedy rows give the tokens they give alone, up to float
+rounding differences between batched and unbatched matmuls.
 
 Models with sliding-window layers or the ALiBi adapter keep per-row state in their caches (what a sliding layer
 kept; alibi.py's key positions) that merging caches of different lengths would break: there, `can_merge` is false,
