@@ -26,10 +26,6 @@ from extended_mind.retrieval.layer import LayerMemory, RetrievalSettings
 # profiles and passkeys: answers open alike, "The pass key is", and part only after). An answer allowed fewer
 # tokens keeps the prompt as it is: compared on one token, many-shot ICL's labels fell from 13 to 10 of 32.
 SURE_TOKENS = 16
-# the plain answer against the memory read whole (settle_unread) is compared over an answer's first SURE_TOKENS
-# tokens, or all of a shorter one of at least this many (completion-form general questions answer in 12; many-shot
-# ICL's one-token labels are too short to compare)
-MIN_UNREAD_TOKENS = 8
 
 
 @dataclass
@@ -92,14 +88,12 @@ def settle_unread(model: PreTrainedModel, plan: BlockPlan, prompt_ids: list[int]
                   stop_ids: set[int], step: CompiledStep | FastStep | None = None,
                   group: ShardGroup | None = None) -> Settled | None:  # fmt: skip
     """A question that chose no block of a memory that fits the window (`plan.read_whole`): the plain answer or the
-    memory read whole, whichever "surer" finds the model surest of over its first SURE_TOKENS tokens, or all of a
-    shorter answer of at least MIN_UNREAD_TOKENS (a tie: plain). None where no trial applies (not "surer", a shorter
-    answer, no memory that fits): the caller answers plainly, as it did."""
-    n = min(SURE_TOKENS, settings.max_new_tokens)
-    if plan.breaks != "surer" or plan.read_whole is None or n < MIN_UNREAD_TOKENS:
+    memory read whole, whichever "surer" finds the model surest of (a tie: plain). None where no trial applies
+    (not "surer", a shorter answer, no memory that fits): the caller answers as it did."""
+    if plan.breaks != "surer" or plan.read_whole is None or settings.max_new_tokens < SURE_TOKENS:
         return None
     return _surest(model, [Settled(plan.plain(prompt_ids), plan, {}, plain=True), _whole(plan)], settings,
-                   stop_ids, step, group, n)  # fmt: skip
+                   stop_ids, step, group)  # fmt: skip
 
 
 def _whole(plan: BlockPlan) -> Settled:
@@ -108,15 +102,14 @@ def _whole(plan: BlockPlan) -> Settled:
 
 
 def _surest(model: PreTrainedModel, options: list[Settled], settings: GenerationOptions, stop_ids: set[int],
-            step: CompiledStep | FastStep | None, group: ShardGroup | None,
-            n: int = SURE_TOKENS) -> Settled:  # fmt: skip
+            step: CompiledStep | FastStep | None, group: ShardGroup | None) -> Settled:  # fmt: skip
     """The option whose trial has the highest mean log-probability (the first of equals); each trial stops once it
     cannot beat the best before it. Sharded (`group`), rank 0's choice holds."""
     best = None
     for option in options:
         beat = None if best is None else best.trial.sureness
         option.trial = _trial(model, option.prompt_ids, option.positions, option.layers, settings, stop_ids, step,
-                              group, beat, n)  # fmt: skip
+                              group, beat)  # fmt: skip
         if best is None or option.trial.sureness > best.trial.sureness:
             best = option
     if group is not None:
@@ -126,16 +119,16 @@ def _surest(model: PreTrainedModel, options: list[Settled], settings: Generation
 
 def _trial(model: PreTrainedModel, ids: list[int], positions: list[int], layers: dict[int, LayerMemory],
            s: GenerationOptions, stop_ids: set[int], step: CompiledStep | FastStep | None,
-           group: ShardGroup | None, beat: float | None = None, n: int = SURE_TOKENS) -> Trial:  # fmt: skip
-    """The greedy answer's first `n` tokens (fewer where it stops), through the answer's own forward; stopped
-    early, `lost`, once its mean cannot pass `beat`: log-probabilities are at most 0, so the mean of the tokens to
-    come is at most (sum so far) / n."""
+           group: ShardGroup | None, beat: float | None = None) -> Trial:  # fmt: skip
+    """The greedy answer's first SURE_TOKENS tokens (fewer where it stops), through the answer's own forward;
+    stopped early, `lost`, once its mean cannot pass `beat`: log-probabilities are at most 0, so the mean of the
+    tokens to come is at most (sum so far) / SURE_TOKENS."""
     device = next(model.parameters()).device
     session = Session(layers=layers, settings=RetrievalSettings(s.topk, s.ranking, s.similarity_threshold),
                       record_citations=True, citation_weighting=s.citation_weighting)  # fmt: skip
     trial = Trial(cache=new_cache(model.config))
     with session.active(), torch.inference_mode():
-        for _ in range(n):
+        for _ in range(SURE_TOKENS):
             session.citation_records = []
             logits = row_forward(model, step, session, trial.cache, ids, positions, device)
             token = int(biased(logits, s.logit_bias).argmax())
@@ -147,7 +140,7 @@ def _trial(model: PreTrainedModel, ids: list[int], positions: list[int], layers:
             trial.logprobs.append(float(torch.log_softmax(logits, -1)[token]))
             if token in stop_ids:
                 break
-            lost = beat is not None and sum(trial.logprobs) < beat * n - 1e-6
+            lost = beat is not None and sum(trial.logprobs) < beat * SURE_TOKENS - 1e-6
             if group is not None:
                 lost = bool(group.agree([int(lost)], "agreeing on a lost layout trial")[0])
             if lost:
