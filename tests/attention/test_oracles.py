@@ -215,37 +215,6 @@ def test_chat_form_default_keeps_the_surest_of_three_layouts(tiny_pair):
     assert batch[0].blocks_read == got.blocks_read
 
 
-def test_a_fitting_memory_no_block_of_which_is_drawn_is_read_whole_where_the_model_is_surer(tiny_pair):
-    """A question that draws no block of a memory that fits the window (its words meeting in none of the memory's
-    sentences): the default answers as the plain model or with the memory read whole, whichever it is surer of in
-    its first SURE_TOKENS greedy tokens (each checked against the plain model and `whole="fits"`); a batch row
-    settles the same; a shorter answer, or `block_break="never"`, answers plainly as before."""
-    mind, _ = tiny_pair
-    mind.tokenizer.chat_template = SINK_CHAT_TEMPLATE
-    memory = mind.memorize("The keeper of the lighthouse is Ada. The baker is Tom, up at dawn. The ferry leaves at "
-                           "noon. ", progress=False)  # fmt: skip
-    question = "What colour is the sea?"
-    options = dict(chat=True, max_new_tokens=SURE_TOKENS, block_size=16, blocks=1, block_relevance=1e9,
-                   logit_bias={mind.tokenizer.eos_token_id: -100.0})  # fmt: skip
-    answers = {"plain": mind.generate(question, **options),
-               "whole": mind.generate(question, memory=memory, whole="fits", **options)}  # fmt: skip
-    assert answers["whole"].blocks_read == -(-memory.num_tokens // 16) > 1
-    means = {name: sum(t.logprob for t in a.tokens) / len(a.tokens) for name, a in answers.items()}
-    got = mind.generate(question, memory=memory, **options)
-    assert [t.id for t in got.tokens] in [[t.id for t in a.tokens] for a in answers.values()]
-    best = max(means, key=means.get)
-    if abs(means["whole"] - means["plain"]) > 1e-3:  # (closer, the two sides' rounding may choose)
-        assert [t.id for t in got.tokens] == [t.id for t in answers[best].tokens]
-        assert got.blocks_read == (answers[best].blocks_read or 0)
-        assert max(abs(a.logprob - b.logprob) for a, b in zip(got.tokens, answers[best].tokens)) < FULL_CONTEXT_ATOL
-    batch = mind.generate_batch([question, "Who bakes?"], [memory, None], **options)
-    assert [t.id for t in batch[0].tokens] == [t.id for t in got.tokens] and batch[0].blocks_read == got.blocks_read
-    for plainly in (dict(max_new_tokens=SURE_TOKENS - 1), dict(block_break="never")):
-        kept = mind.generate(question, memory=memory, **{**options, **plainly})
-        assert kept.blocks_read == 0
-        assert [t.id for t in kept.tokens] == [t.id for t in answers["plain"].tokens][: len(kept.tokens)]
-
-
 @pytest.mark.parametrize("template", [SINK_CHAT_TEMPLATE, SYSTEM_CHAT_TEMPLATE], ids=["sink-head", "system-head"])
 def test_a_memory_read_whole_equals_its_text_pasted_before_a_blank_line(tiny_pair, template):
     """whole="fits": a memory that fits the window is read whole, whatever the relevance test would say, with a

@@ -36,7 +36,7 @@ from extended_mind.engine.blocks import BlockPlan, select_blocks
 from extended_mind.engine.decoding import Answer, GeneratedToken, GenerationResult, record_weights, stop_token_ids
 from extended_mind.engine.fast_step import FastStep
 from extended_mind.engine.generation import TokenStream
-from extended_mind.engine.layouts import Trial, settle_layout, settle_unread
+from extended_mind.engine.layouts import Trial, settle_layout
 from extended_mind.engine.options import GenerationOptions
 from extended_mind.memory.memory import Memory
 from extended_mind.retrieval.layer import LayerMemory, RetrievalSettings
@@ -211,26 +211,15 @@ class DecodeBatch:
             masses = select_blocks(self.model, [r.prompt_ids for r in rows], [r.positions() for r in rows],
                                    by_heads)  # fmt: skip
         chosen = [p.choose(m) if p is not None else None for p, m in zip(plans, masses)]
-        unread: dict[int, dict] = {}  # rows that read the memory whole, the surer of that and the plain answer
         for i, (p, c) in enumerate(zip(plans, chosen)):
-            if c is None or c.numel():
-                continue
-            if p.unread is not None:  # whole="unread": read it whole
+            if c is not None and not c.numel() and p.unread is not None:  # whole="unread": read it whole
                 ids, plans[i] = p.unread
                 rows[i], chosen[i] = replace(rows[i], prompt_ids=ids, plan=plans[i]), plans[i].choose(None)
-                continue
-            settled = settle_unread(self.model, p, rows[i].prompt_ids, settings[i], self.stop_ids, rows[i].native,
-                                    getattr(rows[i].memory, "shard", None))  # fmt: skip
-            trials[i] = settled.trial if settled else None
-            if settled is not None and not settled.plain:
-                plans[i], unread[i], chosen[i] = settled.plan, settled.layers, settled.plan.choose(None)
-                rows[i] = replace(rows[i], prompt_ids=settled.prompt_ids, plan=settled.plan)
-        layers = [unread[i] if i in unread else p.slots(c) if p is not None else lay
-                  for i, (p, c, lay) in enumerate(zip(plans, chosen, layers))]  # fmt: skip
+        layers = [p.slots(c) if p is not None else lay for p, c, lay in zip(plans, chosen, layers)]
         rows = [replace(r, prompt_ids=r.plan.plain(r.prompt_ids), offset=0, plan=None)
                 if c is not None and c.numel() == 0 else r for r, c in zip(rows, chosen)]  # fmt: skip
         for i, (r, c, s) in enumerate(zip(rows, chosen, settings)):
-            if c is not None and c.numel() and i not in unread:
+            if c is not None and c.numel():
                 settled = settle_layout(self.model, r.plan, r.prompt_ids, layers[i], s, self.stop_ids, r.native,
                                         getattr(r.memory, "shard", None))  # fmt: skip
                 if settled.plan is not r.plan:  # the memory read whole was the surer layout

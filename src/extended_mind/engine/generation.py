@@ -25,7 +25,7 @@ from extended_mind.engine.decoding import (
     stop_token_ids,
 )
 from extended_mind.engine.fast_step import FastStep
-from extended_mind.engine.layouts import Trial, settle_layout, settle_unread
+from extended_mind.engine.layouts import Trial, settle_layout
 from extended_mind.engine.options import GenerationOptions
 from extended_mind.memory.citations import Passage
 from extended_mind.memory.memory import Memory
@@ -96,22 +96,15 @@ class TokenStream:
         if plan.needs_pass:
             mass = select_blocks(self.model, [self.prompt_ids], [positions], [plan])[0]
         chosen = plan.choose(mass)
-        settled = None
         if not chosen.numel() and plan.unread is not None:  # whole="unread": no block drawn, the memory fits
             self.prompt_ids, plan = plan.unread
             self.plan, positions, chosen = plan, plan.positions(len(self.prompt_ids)), plan.choose(None)
-        elif not chosen.numel():  # the plain answer, or the memory read whole if it fits and the model is surer
-            settled = settle_unread(self.model, plan, self.prompt_ids, s, self.stop_ids, self.step, group)
-            if settled is None or settled.plain:
-                self.prompt_ids = plan.plain(self.prompt_ids)
-                return _Reading(list(range(len(self.prompt_ids))), lambda k: {}, 0, 0, True, None, blocks_read=0,
-                                trial=settled.trial if settled else None)  # fmt: skip
-            plan, chosen = settled.plan, settled.plan.choose(None)
-            self.plan = plan
-        slot_sets = {plan.blocks: plan.slots(chosen) if settled is None else settled.layers}
-        if settled is None:
-            settled = settle_layout(self.model, plan, self.prompt_ids, slot_sets[plan.blocks], s, self.stop_ids,
-                                    self.step, group)  # fmt: skip
+        if not chosen.numel():
+            self.prompt_ids = plan.plain(self.prompt_ids)
+            return _Reading(list(range(len(self.prompt_ids))), lambda k: {}, 0, 0, True, None, blocks_read=0)
+        slot_sets = {plan.blocks: plan.slots(chosen)}
+        settled = settle_layout(self.model, plan, self.prompt_ids, slot_sets[plan.blocks], s, self.stop_ids,
+                                self.step, group)  # fmt: skip
         if settled.plan is not plan:  # the memory read whole was the surer layout
             plan, chosen = settled.plan, settled.plan.choose(None)
             self.plan, slot_sets = plan, {plan.blocks: settled.layers}

@@ -55,12 +55,6 @@ class Settled:
     plan: BlockPlan
     layers: dict[int, LayerMemory]
     trial: Trial | None = None
-    plain: bool = False  # no memory read: the plain model's prompt and positions
-
-    @property
-    def positions(self) -> list[int]:
-        n = len(self.prompt_ids)
-        return list(range(n)) if self.plain else self.plan.positions(n)
 
 
 def settle_layout(model: PreTrainedModel, plan: BlockPlan, prompt_ids: list[int], layers: dict[int, LayerMemory],
@@ -80,36 +74,13 @@ def settle_layout(model: PreTrainedModel, plan: BlockPlan, prompt_ids: list[int]
         return broken
     options = [kept, broken]
     if plan.read_whole is not None:
-        options.append(_whole(plan))
-    return _surest(model, options, settings, stop_ids, step, group)
-
-
-def settle_unread(model: PreTrainedModel, plan: BlockPlan, prompt_ids: list[int], settings: GenerationOptions,
-                  stop_ids: set[int], step: CompiledStep | FastStep | None = None,
-                  group: ShardGroup | None = None) -> Settled | None:  # fmt: skip
-    """A question that chose no block of a memory that fits the window (`plan.read_whole`): the plain answer or the
-    memory read whole, whichever "surer" finds the model surest of (a tie: plain). None where no trial applies
-    (not "surer", a shorter answer, no memory that fits): the caller answers as it did."""
-    if plan.breaks != "surer" or plan.read_whole is None or settings.max_new_tokens < SURE_TOKENS:
-        return None
-    return _surest(model, [Settled(plan.plain(prompt_ids), plan, {}, plain=True), _whole(plan)], settings,
-                   stop_ids, step, group)  # fmt: skip
-
-
-def _whole(plan: BlockPlan) -> Settled:
-    ids, whole = plan.read_whole
-    return Settled(ids, whole, whole.slots(whole.choose(None)))
-
-
-def _surest(model: PreTrainedModel, options: list[Settled], settings: GenerationOptions, stop_ids: set[int],
-            step: CompiledStep | FastStep | None, group: ShardGroup | None) -> Settled:  # fmt: skip
-    """The option whose trial has the highest mean log-probability (the first of equals); each trial stops once it
-    cannot beat the best before it. Sharded (`group`), rank 0's choice holds."""
+        ids, whole = plan.read_whole
+        options.append(Settled(ids, whole, whole.slots(whole.choose(None))))
     best = None
-    for option in options:
+    for option in options:  # each trial stops once it cannot beat the best before it
         beat = None if best is None else best.trial.sureness
-        option.trial = _trial(model, option.prompt_ids, option.positions, option.layers, settings, stop_ids, step,
-                              group, beat)  # fmt: skip
+        option.trial = _trial(model, option.prompt_ids, option.plan.positions(len(option.prompt_ids)), option.layers,
+                              settings, stop_ids, step, group, beat)  # fmt: skip
         if best is None or option.trial.sureness > best.trial.sureness:
             best = option
     if group is not None:
