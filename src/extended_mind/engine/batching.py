@@ -238,7 +238,7 @@ class DecodeBatch:
                 r.reported = True
                 r.sink(r.answer.result())
                 return
-        r.logits, r.read = trial.logits[len(trial.tokens) - 1], trial.reads[len(trial.tokens) - 1]
+        r.logits, r.read = trial.logits[-1], trial.reads[-1]  # (one of each per trial token)
         r.position += len(trial.tokens) - 1
         self._add([r], trial.cache, torch.ones((1, trial.cache.get_seq_length()), dtype=torch.long), key)
 
