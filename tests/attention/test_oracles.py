@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from extended_mind.base.documents import Document
+from extended_mind.base.errors import ExtendedMindError
+from extended_mind.base.prompting import encode, paragraph_break
 from extended_mind.engine.layouts import SURE_TOKENS
-from extended_mind.engine.memorize import EncodedDocument, memorize_encoded
+from extended_mind.engine.memorize import EncodedDocument, encode_documents, memorize_encoded
 from tests.conftest import WordEmbedder
 
 # Full-context equality is exact in real arithmetic; float32 reassociation (one softmax over memory + local
@@ -251,6 +253,39 @@ def test_a_memory_read_whole_equals_its_text_pasted_before_a_blank_line(tiny_pai
         t.id for t in chosen.tokens]
     large = mind.memorize(document * 8, progress=False)  # 530 tokens: past the 512-token window's room
     assert mind.generate(question, memory=large, whole="fits", block_relevance=0.0, **options).blocks_read <= 2
+
+
+@pytest.mark.parametrize("template", [SINK_CHAT_TEMPLATE, SYSTEM_CHAT_TEMPLATE], ids=["sink-head", "system-head"])
+def test_blocks_read_after_the_question_equal_their_text_pasted_there(tiny_pair, template):
+    """block_break="question": the chosen blocks' tokens, computed afresh after the question and a blank line, then
+    a blank line and the question again: the unmodified model on that prompt (greedy tokens, log-probabilities),
+    single and batched, with citations into the memory."""
+    mind, reference = tiny_pair
+    mind.tokenizer.chat_template = template
+    document, question = "The keeper of the lighthouse is Ada; the baker is Tom, up at dawn. ", "Who is the keeper?"
+    memory = mind.memorize(document.strip(), progress=False)
+    eos = mind.tokenizer.eos_token_id
+    prompt = encode(mind.tokenizer, question, chat=True, answer_prefix="", memory_at="question")
+    stored = encode_documents(mind.tokenizer, [Document("d", document.strip())])[0]
+    blank = paragraph_break(mind.tokenizer)
+    pasted = (prompt.ids[: prompt.asks_to] + blank + stored.ids[stored.keep].tolist() + blank
+              + prompt.ids[prompt.asks_from :])  # fmt: skip
+    expected, expected_logprobs = _greedy_with_logprobs(reference, pasted, 6, eos)
+    options = dict(chat=True, max_new_tokens=6, block_size=16, block_gate=0.0, block_break="question",
+                   logit_bias={eos: -100.0})  # fmt: skip
+    result = mind.generate(question, memory=memory, **options)
+    assert result.blocks_read == -(-memory.num_tokens // 16)  # every block: the memory fits the slots
+    assert [t.id for t in result.tokens] == expected
+    assert max(abs(t.logprob - b) for t, b in zip(result.tokens, expected_logprobs)) < FULL_CONTEXT_ATOL
+    assert result.citations and all(c.doc == memory.documents[0].id for c in result.citations)
+    batch = mind.generate_batch([question, "Who bakes?"], [memory, None], **options)
+    assert [t.id for t in batch[0].tokens] == expected and batch[0].blocks_read == result.blocks_read
+    assert max(abs(t.logprob - b) for t, b in zip(batch[0].tokens, expected_logprobs)) < FULL_CONTEXT_ATOL
+    # not vacuous: the stored blocks before the question answer otherwise
+    glued = mind.generate(question, memory=memory, **dict(options, block_break="never"))
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(glued.tokens, result.tokens)) > 1e-3
+    with pytest.raises(ExtendedMindError, match="uncertainty_threshold"):  # its plan has no other block counts
+        mind.generate(question, memory=memory, uncertainty_threshold=1.0, **options)
 
 
 def test_memory_read_nothing_is_the_plain_model(tiny_pair):

@@ -222,8 +222,8 @@ class DecodeBatch:
             if c is not None and c.numel():
                 settled = settle_layout(self.model, r.plan, r.prompt_ids, layers[i], s, self.stop_ids, r.native,
                                         getattr(r.memory, "shard", None))  # fmt: skip
-                if settled.plan is not r.plan:  # the memory read whole was the surer layout
-                    layers[i], chosen[i] = settled.layers, settled.plan.choose(None)
+                if settled.plan is not r.plan:  # the memory read whole was the surer layout, or the blocks read again
+                    layers[i], chosen[i] = settled.layers, settled.chosen
                 rows[i], trials[i] = replace(r, prompt_ids=settled.prompt_ids, plan=settled.plan), settled.trial
         return rows, layers, chosen, trials
 

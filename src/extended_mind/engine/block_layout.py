@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
+from extended_mind.base.errors import ExtendedMindError
+from extended_mind.engine.memorize import encode_documents
 from extended_mind.memory.citations import Passage
 from extended_mind.memory.memory import Memory
 from extended_mind.memory.provenance import document_starts
@@ -77,3 +80,27 @@ class BlockLayout:
             return torch.zeros(0, dtype=torch.long)
         spans = zip(self.starts[blocks].tolist(), self.lengths[blocks].tolist())
         return torch.cat([torch.arange(s, s + n) for s, n in spans])
+
+    def token_ids(self, memory: Memory, tokenizer: PreTrainedTokenizerBase, blocks: torch.Tensor) -> torch.Tensor:
+        """The token ids of `blocks` (in the order given): a memory keeps keys and values, not ids, so each document
+        is tokenized again as it was memorized (once per memory)."""
+        parts = [torch.zeros(0, dtype=torch.long)]
+        starts = document_starts(memory)
+        for b in blocks.tolist():
+            d = int(self.docs[b])
+            ids = memory.cached(f"token-ids-{d}", lambda d=d: _memorized_ids(memory, tokenizer, d))
+            first = int(self.starts[b]) - int(starts[d])
+            parts.append(ids[first : first + int(self.lengths[b])])
+        return torch.cat(parts)
+
+
+def _memorized_ids(memory: Memory, tokenizer: PreTrainedTokenizerBase, d: int) -> torch.Tensor:
+    segment = memory.segments[d]
+    encoded = encode_documents(tokenizer, [segment.document])[0]
+    ids = encoded.ids[encoded.keep]
+    if ids.numel() != segment.num_tokens:
+        raise ExtendedMindError(
+            f"document {segment.document.id!r} tokenizes to {ids.numel()} tokens here but was memorized as "
+            f"{segment.num_tokens}: it was memorized with another tokenizer or context; memorize it again"
+        )
+    return ids

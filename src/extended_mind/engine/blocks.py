@@ -21,6 +21,7 @@ rows chose.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -99,6 +100,8 @@ class BlockPlan:
     # the memory has one already: `whole`); `breaks`: "surer" (engine/layouts.py), "always" or "never"
     separator: tuple[int, ...] = ()
     breaks: str = "never"
+    # breaks="question" (engine/layouts.py): the token ids of blocks, whose text is read again after the question
+    token_ids: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def positions(self, n_tokens: int) -> list[int]:
         """Position ids of a prompt of `n_tokens`: its head, then a gap for the slots, then the rest."""

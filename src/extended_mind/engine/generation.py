@@ -105,8 +105,8 @@ class TokenStream:
         slot_sets = {plan.blocks: plan.slots(chosen)}
         settled = settle_layout(self.model, plan, self.prompt_ids, slot_sets[plan.blocks], s, self.stop_ids,
                                 self.step, group)  # fmt: skip
-        if settled.plan is not plan:  # the memory read whole was the surer layout
-            plan, chosen = settled.plan, settled.plan.choose(None)
+        if settled.plan is not plan:  # the memory read whole was the surer layout, or the blocks read again
+            plan, chosen = settled.plan, settled.chosen
             self.plan, slot_sets = plan, {plan.blocks: settled.layers}
         self.prompt_ids, positions = settled.prompt_ids, plan.positions(len(settled.prompt_ids))
 

@@ -3,16 +3,18 @@ form SmolLM2 then answers a 2k needle from the passage (15 of 18) where the slot
 the essay going on (10 of 18); but the same blank line turns filler passkeys into definitions ("The pass key is a
 special code ...", 0 of 6 against 6 of 6). So both layouts, and a memory that fits the window read whole (needles
 18 of 18), are tried for a few greedy tokens and the one the model answers most surely is kept (docs/evaluation.md,
-"The surer of two layouts" and "The surer of three")."""
+"The surer of two layouts" and "The surer of three"). `block_break="question"` reads the blocks' text after the
+question instead, then the question again ("The blocks read after the question")."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from extended_mind.attention.session import Session
+from extended_mind.base.compat import with_cache
 from extended_mind.base.kv_cache import new_cache
 from extended_mind.engine.blocks import BlockPlan
 from extended_mind.engine.compiled import CompiledStep
@@ -55,6 +57,7 @@ class Settled:
     plan: BlockPlan
     layers: dict[int, LayerMemory]
     trial: Trial | None = None
+    chosen: torch.Tensor | None = None  # the blocks read, where the plan changed (else the caller's)
 
 
 def settle_layout(model: PreTrainedModel, plan: BlockPlan, prompt_ids: list[int], layers: dict[int, LayerMemory],
@@ -67,6 +70,8 @@ def settle_layout(model: PreTrainedModel, plan: BlockPlan, prompt_ids: list[int]
     kept = Settled(prompt_ids, plan, layers)
     if not plan.separator or plan.whole is not None or plan.breaks == "never":
         return kept
+    if plan.breaks == "question":
+        return _read_after_question(model, plan, prompt_ids, layers) or kept
     if plan.breaks == "surer" and settings.max_new_tokens < SURE_TOKENS:
         return kept
     broken = Settled(plan.after_slots(prompt_ids), plan, layers)
@@ -75,7 +80,7 @@ def settle_layout(model: PreTrainedModel, plan: BlockPlan, prompt_ids: list[int]
     options = [kept, broken]
     if plan.read_whole is not None:
         ids, whole = plan.read_whole
-        options.append(Settled(ids, whole, whole.slots(whole.choose(None))))
+        options.append(Settled(ids, whole, whole.slots(whole.choose(None)), chosen=whole.choose(None)))
     best = None
     for option in options:  # each trial stops once it cannot beat the best before it
         beat = None if best is None else best.trial.sureness
@@ -119,3 +124,36 @@ def _trial(model: PreTrainedModel, ids: list[int], positions: list[int], layers:
                 break
             ids, positions = [token], [positions[-1] + 1]
     return trial
+
+
+def _read_after_question(model: PreTrainedModel, plan: BlockPlan, prompt_ids: list[int],
+                         layers: dict[int, LayerMemory]) -> Settled | None:  # fmt: skip
+    """block_break="question": the chosen blocks read as their text pasted after the question, then the question
+    asked again (question, blank line, blocks, blank line, question, the rest of the prompt). Their keys and values
+    are computed afresh, with the question before them, in one pass over the question and their tokens: read in
+    chat form with the question first, SmolLM2 answers from pasted text it ignores when the text comes first (a
+    development probe: prose passkeys, 23 of 24 against 9 of 24). None where a sliding-window layer keeps fewer
+    tokens than the blocks hold."""
+    slot_tokens = next(iter(layers.values())).slot_tokens
+    blocks = plan.layout.block_of[slot_tokens.cpu()].unique_consecutive()
+    ids = plan.token_ids(blocks).tolist()
+    asks_from = plan.insert if plan.select_from is None else plan.select_from
+    asks_to = len(prompt_ids) if plan.select_to is None else plan.select_to
+    context = prompt_ids[:asks_to] + list(plan.separator)
+    device = next(model.parameters()).device
+    cache = new_cache(model.config)
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([context + ids], device=device), use_cache=True, logits_to_keep=1,
+              position_ids=torch.arange(len(context) + len(ids), device=device).unsqueeze(0),
+              **with_cache(model, cache))  # fmt: skip
+    fresh = replace(plan, insert=len(context), reserve=len(ids), separator=(), breaks="never", read_whole=None)
+    out = {}
+    for layer in plan.read_layers:
+        keys, values = cache.layers[layer].keys, cache.layers[layer].values
+        if keys.shape[2] < len(ids):
+            return None
+        keys, values = keys[0, :, -len(ids) :].contiguous(), values[0, :, -len(ids) :].contiguous()
+        inv_norms = (1.0 / keys.float().norm(dim=-1).clamp_min(1e-12)).to(keys.dtype)
+        out[layer] = LayerMemory(keys=keys, values=values, inv_norms=inv_norms, slot_tokens=slot_tokens,
+                                 slot_end=fresh.slot_end, value_norms=values.float().norm(dim=-1))  # fmt: skip
+    return Settled(context + list(plan.separator) + prompt_ids[asks_from:], fresh, out, chosen=blocks)

@@ -41,7 +41,7 @@ DEFAULT_BLOCK_CHOICE = "heads"
 # the question's words together in one of its sentences; a question the relevance test missed, not a general one);
 # "never": its blocks are chosen as for any memory.
 WHOLE_CHOICES = ("fits", "unread", "never")
-BLOCK_BREAKS = ("auto", "surer", "always", "never")
+BLOCK_BREAKS = ("auto", "surer", "always", "never", "question")
 DEFAULT_BLOCK_BREAK = "auto"
 DEFAULT_WHOLE = "unread"
 MEMORY_HEADS = ("retrieval", "all")
@@ -100,7 +100,8 @@ class GenerationOptions:
     block_break: str = _option(DEFAULT_BLOCK_BREAK, "a blank line between the chosen blocks and the question, as "
                                "pasted text has: surer: with and without it (and, for a memory that fits the window, "
                                "the memory read whole) the first 16 answer tokens are tried and the layout the model "
-                               "is surest of is kept (shorter answers: without); auto: surer, in both prompt forms",
+                               "is surest of is kept (shorter answers: without); auto: surer, in both prompt forms; "
+                               "question: the blocks' text read after the question, then the question again",
                                choices=BLOCK_BREAKS, shared=True)  # fmt: skip
     block_choice: str = _option(DEFAULT_BLOCK_CHOICE, "how blocks are chosen: by the retrieval heads (what to copy), "
                                 "or by a sentence embedding's similarity to the question (examples like it, as in "

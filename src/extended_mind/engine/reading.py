@@ -129,7 +129,10 @@ class MemoryReader:
             if whole is not None and o.whole == "fits":
                 return whole
         ids = encoded.ids
-        room = (window - len(ids) - o.max_new_tokens) // o.block_size - extra
+        # block_break="question" asks the question again, after two blank lines: room for them too
+        asked = (encoded.asks_to or len(ids)) - encoded.asks_from + 2 * len(paragraph_break(self.tokenizer))
+        again = asked if o.block_break == "question" else 0
+        room = (window - len(ids) - again - o.max_new_tokens) // o.block_size - extra
         if room < 1 and len(ids) <= window:
             raise PromptTooLongError(
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({o.max_new_tokens}) leave no room for a memory block "
@@ -142,6 +145,13 @@ class MemoryReader:
         plan.breaks = "surer" if o.block_break == "auto" else o.block_break
         if plan.breaks != "never":
             plan.separator = tuple(paragraph_break(self.tokenizer))
+        if plan.breaks == "question":
+            if memory.shard is not None or extra:
+                raise ExtendedMindError(
+                    "block_break='question' reads the chosen blocks' text again after the "
+                    "question: not on a sharded memory, nor with uncertainty_threshold"
+                )
+            plan.token_ids = lambda blocks: plan.layout.token_ids(memory, self.tokenizer, blocks)
         question = self.tokenizer.decode(ids[encoded.asks_from : encoded.asks_to], skip_special_tokens=True)
         words = content_words(question)
         if whole is not None:
