@@ -2,6 +2,7 @@
 
     python benchmarks/layout_cost.py --threads 2 --new-tokens 16 64 --repeats 3 --out runs/layout-cost
     python benchmarks/layout_cost.py --threads 2 --new-tokens 16 64 --repeats 3 --batched --out runs/layout-cost-batched
+    python benchmarks/layout_cost.py --threads 2 --new-tokens 16 64 --repeats 3 --layouts never auto question
 
 The demo's article in memory (SmolLM2, the weights `auto` picks), questions that read blocks, asked in chat form
 with `block_break="never"` (the slots glued to the question: no choice made) and the default (`auto`: the slots
@@ -9,7 +10,8 @@ glued, after a blank line, and the article read whole, since it fits the window,
 a trial stopping once it cannot win; the surest is kept and a greedy answer goes on from it). Every answer is exactly
 `--new-tokens` long (end of sequence banned with logit_bias); seconds per answer are medians over `--repeats` runs
 taken in turn. `--batched`: each answer is a batch of one row (`generate_batch`, the server's decode loop,
-engine/batching.py) instead of a single answer. Writes results.json and table.md, with the CPU model and flags.
+engine/batching.py) instead of a single answer. `--layouts`: the block_break values timed (default: never, auto),
+each compared with the first. Writes results.json and table.md, with the CPU model and flags.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batched", action="store_true", help="answer as a batch of one row (the server's path)")
+    parser.add_argument("--layouts", nargs="+", default=["never", "auto"],
+                        help="block_break values, timed in turn; each compared with the first")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("runs/layout-cost"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -63,17 +67,21 @@ def main() -> None:
     rows = []
     for n in args.new_tokens:
         for question in QUESTIONS:
-            times: dict[str, list[float]] = {"never": [], "auto": []}
+            times: dict[str, list[float]] = {layout: [] for layout in args.layouts}
             # warm-up (the calibrations, the native step's timing)
-            seconds(mind, memory, question, n, "auto", args.batched)
+            for layout in times:
+                seconds(mind, memory, question, n, layout, args.batched)
             for _ in range(args.repeats):
                 for layout in times:
                     t, read = seconds(mind, memory, question, n, layout, args.batched)
                     times[layout].append(t)
-            never, auto = statistics.median(times["never"]), statistics.median(times["auto"])
-            rows.append({"question": question, "new_tokens": n, "blocks_read": read, "never_s": never,
-                         "auto_s": auto, "ratio": auto / never})  # fmt: skip
-            print(f"{n} tokens, {question!r}: never {never:.3f} s, auto {auto:.3f} s ({auto / never:.2f}x)", flush=True)
+            medians = {layout: statistics.median(ts) for layout, ts in times.items()}
+            base = medians[args.layouts[0]]
+            rows.append({"question": question, "new_tokens": n, "blocks_read": read,
+                         **{f"{layout}_s": m for layout, m in medians.items()},
+                         **{f"{layout}_ratio": m / base for layout, m in medians.items()}})  # fmt: skip
+            print(f"{n} tokens, {question!r}: " + ", ".join(f"{k} {m:.3f} s ({m / base:.2f}x)"
+                                                          for k, m in medians.items()), flush=True)  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     info = {"cpu": cpu, "torch": torch.__version__, "threads": args.threads, "weights": mind.weights,
             "repeats": args.repeats, "batched": args.batched, "rows": rows}  # fmt: skip
@@ -82,11 +90,16 @@ def main() -> None:
         f"CPU: {cpu['model']} ({', '.join(cpu['flags'])}); {args.threads} threads; weights {mind.weights}; "
         f"medians of {args.repeats}; {'batches of one row' if args.batched else 'single answers'}",
         "",
-        "| new tokens | question | blocks read | never (s) | auto (s) | auto / never |",
-        "|---|---|---|---|---|---|",
+        "| new tokens | question | blocks read | "
+        + " | ".join(f"{k} (s)" for k in args.layouts)
+        + " | "
+        + " | ".join(f"{k} / {args.layouts[0]}" for k in args.layouts[1:])
+        + " |",
+        "|---|---|---|" + "---|" * (2 * len(args.layouts) - 1),
     ]
-    lines += [f"| {r['new_tokens']} | {r['question']} | {r['blocks_read']} | {r['never_s']:.3f} | {r['auto_s']:.3f} | "
-              f"{r['ratio']:.2f}x |" for r in rows]  # fmt: skip
+    lines += [f"| {r['new_tokens']} | {r['question']} | {r['blocks_read']} | "
+              + " | ".join(f"{r[k + '_s']:.3f}" for k in args.layouts) + " | "
+              + " | ".join(f"{r[k + '_ratio']:.2f}x" for k in args.layouts[1:]) + " |" for r in rows]  # fmt: skip
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
