@@ -80,7 +80,8 @@ def settle_layout(model: PreTrainedModel, plan: BlockPlan, prompt_ids: list[int]
     options = [kept, broken]
     if plan.read_whole is not None:
         ids, whole = plan.read_whole
-        options.append(Settled(ids, whole, whole.slots(whole.choose(None)), chosen=whole.choose(None)))
+        every = whole.choose(None)
+        options.append(Settled(ids, whole, whole.slots(every), chosen=every))
     best = None
     for option in options:  # each trial stops once it cannot beat the best before it
         beat = None if best is None else best.trial.sureness

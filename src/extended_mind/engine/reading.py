@@ -129,9 +129,9 @@ class MemoryReader:
             if whole is not None and o.whole == "fits":
                 return whole
         ids = encoded.ids
-        # block_break="question" asks the question again, after two blank lines: room for them too
-        asked = (encoded.asks_to or len(ids)) - encoded.asks_from + 2 * len(paragraph_break(self.tokenizer))
-        again = asked if o.block_break == "question" else 0
+        again = 0  # block_break="question" asks the question again, after two blank lines: room for them too
+        if o.block_break == "question":
+            again = (encoded.asks_to or len(ids)) - encoded.asks_from + 2 * len(paragraph_break(self.tokenizer))
         room = (window - len(ids) - again - o.max_new_tokens) // o.block_size - extra
         if room < 1 and len(ids) <= window:
             raise PromptTooLongError(
