@@ -18,7 +18,7 @@ import torch
 from extended_mind.base.documents import Document
 from extended_mind.base.errors import ExtendedMindError
 from extended_mind.base.prompting import encode, paragraph_break
-from extended_mind.engine.layouts import SURE_TOKENS
+from extended_mind.engine.layouts import LABEL_TOKENS, SURE_TOKENS
 from extended_mind.engine.memorize import EncodedDocument, encode_documents, memorize_encoded
 from tests.conftest import WordEmbedder
 
@@ -164,11 +164,11 @@ def test_chat_form_every_block_of_a_small_memory_equals_pasted_document(tiny_pai
             assert [t.id for t in result.tokens] == expected
             got_logprobs = [t.logprob for t in result.tokens]
             assert max(abs(a - b) for a, b in zip(got_logprobs, expected_logprobs)) < FULL_CONTEXT_ATOL
-    # the default in chat form keeps the layout whose greedy answer has the higher mean log-probability
+    # block_break="surer" keeps the layout whose greedy answer has the higher mean log-probability
     sureness = {k: sum(lp) / len(lp) for k, (_, lp) in pasted_answers.items()}
     surer = max(sureness, key=sureness.get)
     result = mind.generate(question, memory=memory, chat=True, max_new_tokens=n, block_size=16, logit_bias=no_eos,
-                           block_gate=0.0)  # fmt: skip
+                           block_gate=0.0, block_break="surer")  # fmt: skip
     got, got_logprobs = [t.id for t in result.tokens], [t.logprob for t in result.tokens]
     assert got in [a for a, _ in pasted_answers.values()]
     if abs(sureness["never"] - sureness["always"]) > 1e-3:  # (closer, the two sides' rounding may choose)
@@ -176,12 +176,12 @@ def test_chat_form_every_block_of_a_small_memory_equals_pasted_document(tiny_pai
         assert max(abs(a - b) for a, b in zip(got_logprobs, pasted_answers[surer][1])) < FULL_CONTEXT_ATOL
     # a batch row settles its layout as a single answer does (the other row reads no memory)
     batch = mind.generate_batch([question, "Who bakes?"], [memory, None], max_new_tokens=n, block_size=16,
-                                logit_bias=no_eos, block_gate=0.0)  # fmt: skip
+                                logit_bias=no_eos, block_gate=0.0, block_break="surer")  # fmt: skip
     assert [t.id for t in batch[0].tokens] == got
     assert max(abs(a.logprob - b) for a, b in zip(batch[0].tokens, got_logprobs)) < FULL_CONTEXT_ATOL
     # an answer shorter than the trial keeps the slots glued (one token chose worse: many-shot ICL's labels)
     short = mind.generate(question, memory=memory, chat=True, max_new_tokens=3, block_size=16, logit_bias=no_eos,
-                          block_gate=0.0)  # fmt: skip
+                          block_gate=0.0, block_break="surer")  # fmt: skip
     assert [t.id for t in short.tokens] == pasted_answers["never"][0][:3]
     expected_logprobs = pasted_answers["never"][1]
     # the oracle is not vacuous: the memory changes the answer's log-probabilities
@@ -189,8 +189,8 @@ def test_chat_form_every_block_of_a_small_memory_equals_pasted_document(tiny_pai
     assert max(abs(a.logprob - b) for a, b in zip(plain.tokens, expected_logprobs)) > 1e-3
 
 
-def test_chat_form_default_keeps_the_surest_of_three_layouts(tiny_pair):
-    """A memory that fits the window, one block of several chosen: the default tries the block glued to the
+def test_surer_layout_keeps_the_surest_of_three(tiny_pair):
+    """A memory that fits the window, one block of several chosen: block_break="surer" tries the block glued to the
     question, after a blank line, and the memory read whole, and answers with the one whose first SURE_TOKENS greedy
     tokens it is surest of (each checked against the option that forces it); a batch row settles the same."""
     mind, _ = tiny_pair
@@ -202,6 +202,7 @@ def test_chat_form_default_keeps_the_surest_of_three_layouts(tiny_pair):
                    logit_bias={mind.tokenizer.eos_token_id: -100.0})  # fmt: skip
     forced = {"glued": dict(block_break="never"), "blank": dict(block_break="always"), "whole": dict(whole="fits")}
     answers = {name: mind.generate(question, memory=memory, **options, **extra) for name, extra in forced.items()}
+    options["block_break"] = "surer"
     assert answers["glued"].blocks_read == answers["blank"].blocks_read == 1
     assert answers["whole"].blocks_read == -(-memory.num_tokens // 16) > 1
     means = {name: sum(t.logprob for t in a.tokens) / len(a.tokens) for name, a in answers.items()}
@@ -286,6 +287,17 @@ def test_blocks_read_after_the_question_equal_their_text_pasted_there(tiny_pair,
     assert max(abs(a.logprob - b.logprob) for a, b in zip(glued.tokens, result.tokens)) > 1e-3
     with pytest.raises(ExtendedMindError, match="uncertainty_threshold"):  # its plan has no other block counts
         mind.generate(question, memory=memory, uncertainty_threshold=1.0, **options)
+    # the default reads this layout, for answers shorter than a layout trial too, single and batched; a one-token
+    # label keeps the blocks glued, and an uncertainty retry gets "surer" rather than the error
+    default = {k: v for k, v in options.items() if k != "block_break"}
+    for answer in (mind.generate(question, memory=memory, **default),
+                   mind.generate_batch([question, "Who bakes?"], [memory, None], **default)[0]):  # fmt: skip
+        assert [t.id for t in answer.tokens] == expected
+        assert max(abs(t.logprob - b) for t, b in zip(answer.tokens, expected_logprobs)) < FULL_CONTEXT_ATOL
+    label = mind.generate(question, memory=memory, **dict(default, max_new_tokens=LABEL_TOKENS))
+    assert [t.id for t in label.tokens] == [t.id for t in glued.tokens][:LABEL_TOKENS]
+    assert abs(label.tokens[0].logprob - glued.tokens[0].logprob) < FULL_CONTEXT_ATOL
+    assert mind.generate(question, memory=memory, uncertainty_threshold=1.0, **default).tokens
 
 
 def test_memory_read_nothing_is_the_plain_model(tiny_pair):

@@ -107,7 +107,7 @@ def test_a_greedy_batch_row_goes_on_from_its_layout_trial(tiny_pair, monkeypatch
     prompts = ["Who is the captain?", "Where did the cat sit?", "Hello"]
     memories = [memory, memory, None]
     options = dict(chat=True, max_new_tokens=SURE_TOKENS + 4, block_size=16, blocks=1, block_relevance=0.0,
-                   block_words=0, logit_bias={mind.tokenizer.eos_token_id: -100.0})  # fmt: skip
+                   block_words=0, block_break="surer", logit_bias={mind.tokenizer.eos_token_id: -100.0})  # fmt: skip
     alone = [mind.generate(p, memory=m, **options) for p, m in zip(prompts, memories)]
     assert alone[0].blocks_read and alone[1].blocks_read
     prefilled: list[int] = []

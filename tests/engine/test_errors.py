@@ -72,10 +72,13 @@ def test_question_longer_than_the_window(tiny_mind):
     with pytest.raises(PromptTooLongError, match="after the memory's positions"):
         tiny_mind.generate("x" * 300, memory=memory, retrieval="tokens")
     tiny_mind.generate("x" * 300, memory=memory, retrieval="tokens", position_policy="zero", max_new_tokens=2)
-    # block memory reads as many blocks as the window leaves room for: 512 - 301 - 2 leaves 3 of 64 tokens
+    # block memory reads as many blocks as the window leaves room for: 512 - 301 - 2 leaves 3 of 64 tokens (no room
+    # to ask the question again after them: the default then reads them before it)
     result = tiny_mind.generate("x" * 300, memory=memory, max_new_tokens=2, blocks=8, block_size=64,
                                 block_words=0)  # the question shares no word with the memory: no word test here
     assert result.citations and {c.doc for c in result.citations} == {"doc0"}
+    with pytest.raises(PromptTooLongError, match="leave no room for a memory block of 64 tokens"):
+        tiny_mind.generate("x" * 300, memory=memory, max_new_tokens=2, block_size=64, block_break="question")
     with pytest.raises(PromptTooLongError, match="leave no room for a memory block of 300 tokens"):
         tiny_mind.generate("x" * 300, memory=memory, max_new_tokens=2, blocks=1, block_size=300)
 

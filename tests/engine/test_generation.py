@@ -69,7 +69,9 @@ def test_uncertainty_raises_k_on_high_entropy_steps(tiny_mind, retrieval):
     def options(k: int) -> dict:
         if retrieval == "tokens":
             return dict(memory=memory, retrieval="tokens", topk=k, max_new_tokens=6)
-        return dict(memory=memory, topk=4, blocks=k, block_size=8, max_new_tokens=6, block_relevance=0.0)
+        # an uncertainty retry reads the blocks before the question (block_break "auto" is "surer" with it)
+        return dict(memory=memory, topk=4, blocks=k, block_size=8, max_new_tokens=6, block_relevance=0.0,
+                    block_break="surer")
 
     # Threshold 0: every step is re-retrieved with k + step, so the whole run (cache included) must equal a plain
     # run with k + step: a strong check that cropping and recomputing leaves no trace of the first attempt.

@@ -3,8 +3,9 @@ form SmolLM2 then answers a 2k needle from the passage (15 of 18) where the slot
 the essay going on (10 of 18); but the same blank line turns filler passkeys into definitions ("The pass key is a
 special code ...", 0 of 6 against 6 of 6). So both layouts, and a memory that fits the window read whole (needles
 18 of 18), are tried for a few greedy tokens and the one the model answers most surely is kept (docs/evaluation.md,
-"The surer of two layouts" and "The surer of three"). `block_break="question"` reads the blocks' text after the
-question instead, then the question again ("The blocks read after the question")."""
+"The surer of two layouts" and "The surer of three"). `block_break="question"`, the default for answers longer
+than a label, reads the blocks' text after the question instead, then the question again ("The blocks read
+after the question")."""
 
 from __future__ import annotations
 
@@ -28,6 +29,21 @@ from extended_mind.retrieval.layer import LayerMemory, RetrievalSettings
 # profiles and passkeys: answers open alike, "The pass key is", and part only after). An answer allowed fewer
 # tokens keeps the prompt as it is: compared on one token, many-shot ICL's labels fell from 13 to 10 of 32.
 SURE_TOKENS = 16
+
+
+# an answer of this many tokens or fewer is a label (a class, a choice): it goes on from the pattern the blocks set
+# right before it. Asked again after the blocks, many-shot ICL's one-token labels fell (chat 13 -> 8 of 32,
+# completion 15 -> 14), so the default keeps labels glued ("surer" does for answers shorter than its trial).
+LABEL_TOKENS = 1
+
+
+def resolve_breaks(o: GenerationOptions, sharded: bool, retrying: bool) -> str:
+    """The layout `o.block_break` asks for; "auto": the blocks' text read after the question (it won the harness in
+    both prompt forms, docs/evaluation.md "The blocks read after the question"), except for labels (LABEL_TOKENS)
+    and where it cannot run (a sharded memory, an uncertainty retry): there "surer"."""
+    if o.block_break != "auto":
+        return o.block_break
+    return "surer" if o.max_new_tokens <= LABEL_TOKENS or sharded or retrying else "question"
 
 
 @dataclass
@@ -70,12 +86,16 @@ def settle_layout(model: PreTrainedModel, plan: BlockPlan, prompt_ids: list[int]
     kept = Settled(prompt_ids, plan, layers)
     if not plan.separator or plan.whole is not None or plan.breaks == "never":
         return kept
-    if plan.breaks == "question":
-        return _read_after_question(model, plan, prompt_ids, layers) or kept
-    if plan.breaks == "surer" and settings.max_new_tokens < SURE_TOKENS:
+    breaks = plan.breaks
+    if breaks == "question":  # where it cannot (a sliding window shorter than the blocks), the surer layout
+        settled = _read_after_question(model, plan, prompt_ids, layers)
+        if settled is not None:
+            return settled
+        breaks = "surer"
+    if breaks == "surer" and settings.max_new_tokens < SURE_TOKENS:
         return kept
     broken = Settled(plan.after_slots(prompt_ids), plan, layers)
-    if plan.breaks == "always":
+    if breaks == "always":
         return broken
     options = [kept, broken]
     if plan.read_whole is not None:

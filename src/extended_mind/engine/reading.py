@@ -24,6 +24,7 @@ from extended_mind.engine.calibration import (
     calibrate_relevance,
 )
 from extended_mind.engine.heads import retrieval_heads
+from extended_mind.engine.layouts import resolve_breaks
 from extended_mind.engine.memorize import sink_token_id
 from extended_mind.engine.options import GenerationOptions
 from extended_mind.engine.positions import prepare_layers, prompt_offset
@@ -129,10 +130,14 @@ class MemoryReader:
             if whole is not None and o.whole == "fits":
                 return whole
         ids = encoded.ids
+        breaks = resolve_breaks(o, sharded=memory.shard is not None, retrying=bool(extra))
         again = 0  # block_break="question" asks the question again, after two blank lines: room for them too
-        if o.block_break == "question":
+        if breaks == "question":
             again = (encoded.asks_to or len(ids)) - encoded.asks_from + 2 * len(paragraph_break(self.tokenizer))
         room = (window - len(ids) - again - o.max_new_tokens) // o.block_size - extra
+        if room < 1 and again and o.block_break == "auto":  # no room to ask a long question twice: "surer"
+            breaks, again = "surer", 0
+            room = (window - len(ids) - o.max_new_tokens) // o.block_size - extra
         if room < 1 and len(ids) <= window:
             raise PromptTooLongError(
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({o.max_new_tokens}) leave no room for a memory block "
@@ -142,7 +147,7 @@ class MemoryReader:
         plan = self.plan(memory, layers, encoded.memory_at, o, min(o.blocks, room), extra, o.block_relevance)
         plan.select_from, plan.select_to = encoded.asks_from, encoded.asks_to
         plan.sink_added = sink_added
-        plan.breaks = "surer" if o.block_break == "auto" else o.block_break
+        plan.breaks = breaks
         if plan.breaks != "never":
             plan.separator = tuple(paragraph_break(self.tokenizer))
         if plan.breaks == "question":
