@@ -143,8 +143,8 @@ def test_cli_ask_under_torchrun_prints_the_single_process_answer(smol, tmp_path)
     # a question about the whole memory's topic: no single block stands out, so the relevance test would read none;
     # block_relevance 0 reads the best blocks, and the sharded calibration and choice must equal one process's
     ask = ["-m", "extended_mind", "ask", "--memory", str(tmp_path / "memory"), "What is an aardwolf?", "--json",
-           "--max-new-tokens", "16", "--block-relevance", "0", "--block-break", "surer"]  # fmt: skip
-    # (a sharded memory reads its blocks before the question: "surer", what "auto" is there)
+           "--max-new-tokens", "16", "--block-relevance", "0"]  # fmt: skip
+    # (the default reads the chosen blocks' text after the question: every rank runs that pass alike)
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, *ask], capture_output=True, text=True, env=env, timeout=300)
     assert single.returncode == 0, single.stderr
@@ -228,10 +228,8 @@ def _requests(port: int) -> list:
         return out["choices"][0]["text"], [(c["document"], c["start"], c["end"]) for c in out.get("citations", [])]
 
     model = "SmolLM2-135M-Instruct"
-    # block_break "surer": what "auto" is on a sharded memory (the blocks before the question), for one process too
-    bodies = [{"model": model, "prompt": p, "max_tokens": 10, "memory": "aard", "block_relevance": 0,
-               "block_break": "surer"} for p in ("The aardwolf eats", "Aardwolves live in",
-                                                 "The painting was bought for")]  # fmt: skip
+    bodies = [{"model": model, "prompt": p, "max_tokens": 10, "memory": "aard", "block_relevance": 0}
+              for p in ("The aardwolf eats", "Aardwolves live in", "The painting was bought for")]  # fmt: skip
     bodies.append({"model": model, "prompt": "Hello there,", "max_tokens": 6})  # no memory, same batch
     bodies.append({"model": model, "prompt": "The aardwolf eats", "max_tokens": 5, "memory": "aard",
                    "uncertainty_threshold": 0.5, "block_relevance": 0})  # runs alone  # fmt: skip

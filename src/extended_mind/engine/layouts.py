@@ -37,13 +37,13 @@ SURE_TOKENS = 16
 LABEL_TOKENS = 1
 
 
-def resolve_breaks(o: GenerationOptions, sharded: bool, retrying: bool) -> str:
+def resolve_breaks(o: GenerationOptions, retrying: bool) -> str:
     """The layout `o.block_break` asks for; "auto": the blocks' text read after the question (it won the harness in
     both prompt forms, docs/evaluation.md "The blocks read after the question"), except for labels (LABEL_TOKENS)
-    and where it cannot run (a sharded memory, an uncertainty retry): there "surer"."""
+    and where it cannot run (an uncertainty retry): there "surer"."""
     if o.block_break != "auto":
         return o.block_break
-    return "surer" if o.max_new_tokens <= LABEL_TOKENS or sharded or retrying else "question"
+    return "surer" if o.max_new_tokens <= LABEL_TOKENS or retrying else "question"
 
 
 @dataclass

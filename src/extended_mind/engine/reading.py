@@ -130,7 +130,7 @@ class MemoryReader:
             if whole is not None and o.whole == "fits":
                 return whole
         ids = encoded.ids
-        breaks = resolve_breaks(o, sharded=memory.shard is not None, retrying=bool(extra))
+        breaks = resolve_breaks(o, retrying=bool(extra))
         again = 0  # block_break="question" asks the question again, after two blank lines: room for them too
         if breaks == "question":
             again = (encoded.asks_to or len(ids)) - encoded.asks_from + 2 * len(paragraph_break(self.tokenizer))
@@ -151,11 +151,12 @@ class MemoryReader:
         if plan.breaks != "never":
             plan.separator = tuple(paragraph_break(self.tokenizer))
         if plan.breaks == "question":
-            if memory.shard is not None or extra:
+            if extra:
                 raise ExtendedMindError(
                     "block_break='question' reads the chosen blocks' text again after the "
-                    "question: not on a sharded memory, nor with uncertainty_threshold"
+                    "question: not with uncertainty_threshold"
                 )
+            # a sharded memory too: every rank holds every document's text, so every rank runs the same pass
             plan.token_ids = lambda blocks: plan.layout.token_ids(memory, self.tokenizer, blocks)
         question = self.tokenizer.decode(ids[encoded.asks_from : encoded.asks_to], skip_special_tokens=True)
         words = content_words(question)
