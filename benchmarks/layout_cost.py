@@ -1,13 +1,15 @@
-"""What choosing the surer layout (engine/layouts.py) costs a chat answer that reads memory blocks.
+"""What the layout of the chosen blocks (engine/layouts.py) costs a chat answer that reads memory blocks.
 
     python benchmarks/layout_cost.py --threads 2 --new-tokens 16 64 --repeats 3 --out runs/layout-cost
     python benchmarks/layout_cost.py --threads 2 --new-tokens 16 64 --repeats 3 --batched --out runs/layout-cost-batched
-    python benchmarks/layout_cost.py --threads 2 --new-tokens 16 64 --repeats 3 --layouts never auto question
+    python benchmarks/layout_cost.py --threads 2 --new-tokens 16 64 --repeats 3 --layouts never surer question
 
 The demo's article in memory (SmolLM2, the weights `auto` picks), questions that read blocks, asked in chat form
-with `block_break="never"` (the slots glued to the question: no choice made) and the default (`auto`: the slots
-glued, after a blank line, and the article read whole, since it fits the window, answer up to 16 greedy tokens each,
-a trial stopping once it cannot win; the surest is kept and a greedy answer goes on from it). Every answer is exactly
+with `block_break="never"` (the slots glued to the question: no choice made) and the default (`auto`, which is
+`question` for these answers: the blocks' keys and values computed again after the question, in one pass, then the
+question asked again); `surer`: the slots glued, after a blank line, and the article read whole, since it fits the
+window, answer up to 16 greedy tokens each, a trial stopping once it cannot win; the surest is kept and a greedy
+answer goes on from it. Every answer is exactly
 `--new-tokens` long (end of sequence banned with logit_bias); seconds per answer are medians over `--repeats` runs
 taken in turn. `--batched`: each answer is a batch of one row (`generate_batch`, the server's decode loop,
 engine/batching.py) instead of a single answer. `--layouts`: the block_break values timed (default: never, auto),

@@ -100,9 +100,9 @@ class GenerationOptions:
     block_break: str = _option(DEFAULT_BLOCK_BREAK, "a blank line between the chosen blocks and the question, as "
                                "pasted text has: surer: with and without it (and, for a memory that fits the window, "
                                "the memory read whole) the first 16 answer tokens are tried and the layout the model "
-                               "is surer of is kept (shorter answers: without); question: the blocks' text read "
+                               "is surest of is kept (shorter answers: without); question: the blocks' text read "
                                "after the question, then the question again; auto: question, but surer for one-token "
-                               "answers (labels) and on sharded memories or with uncertainty_threshold",
+                               "answers (labels) and with uncertainty_threshold",
                                choices=BLOCK_BREAKS, shared=True)  # fmt: skip
     block_choice: str = _option(DEFAULT_BLOCK_CHOICE, "how blocks are chosen: by the retrieval heads (what to copy), "
                                 "or by a sentence embedding's similarity to the question (examples like it, as in "
