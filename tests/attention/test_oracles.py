@@ -297,6 +297,8 @@ def test_blocks_read_after_the_question_equal_their_text_pasted_there(tiny_pair,
     label = mind.generate(question, memory=memory, **dict(default, max_new_tokens=LABEL_TOKENS))
     assert [t.id for t in label.tokens] == [t.id for t in glued.tokens][:LABEL_TOKENS]
     assert abs(label.tokens[0].logprob - glued.tokens[0].logprob) < FULL_CONTEXT_ATOL
+    # not vacuous: the label reads the memory otherwise than the question layout does
+    assert abs(label.tokens[0].citations[0].weight - result.tokens[0].citations[0].weight) > 1e-3
     assert mind.generate(question, memory=memory, uncertainty_threshold=1.0, **default).tokens
 
 
