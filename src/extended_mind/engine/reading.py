@@ -131,17 +131,21 @@ class MemoryReader:
                 return whole
         ids = encoded.ids
         breaks = resolve_breaks(o, retrying=bool(extra))
+
+        def room_after(again: int) -> int:  # blocks that fit after the prompt, `again` tokens more, and the answer
+            return (window - len(ids) - again - o.max_new_tokens) // o.block_size - extra
+
         again = 0  # block_break="question" asks the question again, after two blank lines: room for them too
         if breaks == "question":
             again = (encoded.asks_to or len(ids)) - encoded.asks_from + 2 * len(paragraph_break(self.tokenizer))
-        room = (window - len(ids) - again - o.max_new_tokens) // o.block_size - extra
+        room = room_after(again)
         if room < 1 and again and o.block_break == "auto":  # no room to ask a long question twice: "surer"
-            breaks, again = "surer", 0
-            room = (window - len(ids) - o.max_new_tokens) // o.block_size - extra
+            breaks, again, room = "surer", 0, room_after(0)
         if room < 1 and len(ids) <= window:
+            asked = f", +{again} to ask it again after the blocks" if again else ""
             raise PromptTooLongError(
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({o.max_new_tokens}) leave no room for a memory block "
-                f"of {o.block_size} tokens (+{extra} for uncertainty retrieval) in the model's window of "
+                f"prompt ({len(ids)} tokens{asked}) + max_new_tokens ({o.max_new_tokens}) leave no room for a memory "
+                f"block of {o.block_size} tokens (+{extra} for uncertainty retrieval) in the model's window of "
                 f"{window} tokens; shorten the prompt, lower max_new_tokens or block_size"
             )
         plan = self.plan(memory, layers, encoded.memory_at, o, min(o.blocks, room), extra, o.block_relevance)
