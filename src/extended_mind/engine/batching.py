@@ -38,6 +38,7 @@ from extended_mind.engine.fast_step import FastStep
 from extended_mind.engine.generation import TokenStream
 from extended_mind.engine.layouts import Trial, settle_layout
 from extended_mind.engine.options import GenerationOptions
+from extended_mind.engine.quoting import Quotes
 from extended_mind.memory.memory import Memory
 from extended_mind.retrieval.layer import LayerMemory, RetrievalSettings
 
@@ -174,13 +175,14 @@ class DecodeBatch:
         checked that each is `compatible` and that they share `retrieval_key`); with `prefill_chunk`, prompts
         longer than a chunk that join a running batch are prefilled in chunks by the next steps instead."""
         plans = [j[0].plan for j in joining]
-        rows, layers, chosen, trials = self._choose_blocks([j[0] for j in joining], [j[1] for j in joining])
+        rows, layers, chosen, trials, quotes = self._choose_blocks([j[0] for j in joining], [j[1] for j in joining])
         live = []
-        for (_, s, sink, cancelled), row, lay, c, plan, trial in zip(joining, rows, layers, chosen, plans, trials):
+        for (_, s, sink, cancelled), row, lay, c, plan, trial, quoted in zip(joining, rows, layers, chosen, plans,
+                                                                              trials, quotes):  # fmt: skip
             blocks_read = None if c is None else int(c.numel())
             passages = [] if c is None or plan is None else plan.layout.passages(plan.memory, c)
             answer = Answer(s, row.memory, len(row.prompt_ids), getattr(row.memory, "shard", None), blocks_read,
-                            passages)  # fmt: skip
+                            passages, quoted)  # fmt: skip
             r = _Row(row, lay, sink, cancelled, answer, row.positions()[-1] + 1)
             # a greedy row's first steps are its layout trial's: it goes on from the trial's cache, not prefilled
             if trial is not None and s.temperature <= 0 and self.merge:
@@ -196,15 +198,17 @@ class DecodeBatch:
 
     def _choose_blocks(
         self, rows: list[BatchRow], settings: list[GenerationOptions]
-    ) -> tuple[list[BatchRow], list[dict], list[torch.Tensor | None], list[Trial | None]]:
+    ) -> tuple[list[BatchRow], list[dict], list[torch.Tensor | None], list[Trial | None], list[Quotes | None]]:
         """Block memory: each row's blocks, chosen by one pass over the prompts; a row that reads nothing becomes
         the plain model (its own prompt and positions), one that reads blocks gets its layout (engine/layouts.py).
-        Returns the rows, their layers, their chosen blocks and the trials that chose their layouts."""
+        Returns the rows, their layers, their chosen blocks, the trials that chose their layouts and what their
+        answers go on quoting."""
         layers = [r.layers for r in rows]
         plans = [r.plan for r in rows]
         trials: list[Trial | None] = [None] * len(rows)
+        quotes: list[Quotes | None] = [None] * len(rows)
         if all(p is None for p in plans):
-            return rows, layers, [None] * len(rows), trials
+            return rows, layers, [None] * len(rows), trials, quotes
         by_heads = [p if p is not None and p.needs_pass else None for p in plans]
         masses: list[torch.Tensor | None] = [None] * len(rows)
         if any(p is not None for p in by_heads):  # (blocks chosen by similarity need no pass)
@@ -220,12 +224,14 @@ class DecodeBatch:
                 if c is not None and c.numel() == 0 else r for r, c in zip(rows, chosen)]  # fmt: skip
         for i, (r, c, s) in enumerate(zip(rows, chosen, settings)):
             if c is not None and c.numel():
+                quoted = Quotes.of(r.plan, c, self.tokenizer, self.stop_ids, s.quote_threshold, s.max_new_tokens)
                 settled = settle_layout(self.model, r.plan, r.prompt_ids, layers[i], s, self.stop_ids, r.native,
-                                        getattr(r.memory, "shard", None))  # fmt: skip
+                                        getattr(r.memory, "shard", None), quoted)  # fmt: skip
                 if settled.plan is not r.plan:  # the memory read whole was the surer layout, or the blocks read again
                     layers[i], chosen[i] = settled.layers, settled.chosen
                 rows[i], trials[i] = replace(r, prompt_ids=settled.prompt_ids, plan=settled.plan), settled.trial
-        return rows, layers, chosen, trials
+                quotes[i] = settled.quotes
+        return rows, layers, chosen, trials, quotes
 
     def _resume(self, r: _Row, trial: Trial, key: tuple) -> None:
         """Row r joins where its greedy layout trial stands: the trial's tokens but the last are its first (handed

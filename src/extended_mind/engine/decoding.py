@@ -14,6 +14,7 @@ from extended_mind.base.compat import with_cache
 from extended_mind.engine.compiled import CompiledStep
 from extended_mind.engine.fast_step import FastStep
 from extended_mind.engine.options import GenerationOptions
+from extended_mind.engine.quoting import Quotes
 from extended_mind.memory.citations import Citation, Passage, cite, sparse_sum
 from extended_mind.memory.memory import Memory
 from extended_mind.parallel.group import ShardGroup
@@ -172,6 +173,7 @@ class Answer:
     group: ShardGroup | None = None  # the ranks of a sharded memory: all continue with rank 0's token
     blocks_read: int | None = None  # block memory: how many blocks the answer reads
     passages: list[Passage] = field(default_factory=list)  # ... and their text
+    quotes: Quotes | None = None  # ... and what follows their words (a greedy answer goes on quoting them)
     generator: torch.Generator | None = None
     generated: list[int] = field(default_factory=list)
     tokens: list[GeneratedToken] = field(default_factory=list)
@@ -185,9 +187,16 @@ class Answer:
             self.generator = torch.Generator(device="cpu").manual_seed(self.options.seed)
 
     def choose(self, logits: torch.Tensor, cancelled: bool = False) -> int:
-        """The next token from logits (V,): biased, greedy or sampled; CANCELLED when the client went away."""
+        """The next token from logits (V,): biased, greedy or sampled (a greedy answer quoting a block it reads may
+        go on quoting it: engine/quoting.py); CANCELLED when the client went away."""
         o = self.options
-        token = CANCELLED if cancelled else next_token(biased(logits, o.logit_bias), o.temperature, self.generator)
+        if cancelled:
+            token = CANCELLED
+        else:
+            logits = biased(logits, o.logit_bias)
+            token = next_token(logits, o.temperature, self.generator)
+            if self.quotes is not None and o.temperature <= 0:
+                token = self.quotes.follow(logits, token, self.generated)
         if self.group is not None:  # whatever this rank sampled (or saw of its client), rank 0's choice holds
             token = self.group.agree([token])[0]
         return token

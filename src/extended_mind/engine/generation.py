@@ -27,6 +27,7 @@ from extended_mind.engine.decoding import (
 from extended_mind.engine.fast_step import FastStep
 from extended_mind.engine.layouts import Trial, settle_layout
 from extended_mind.engine.options import GenerationOptions
+from extended_mind.engine.quoting import Quotes
 from extended_mind.memory.citations import Passage
 from extended_mind.memory.memory import Memory
 from extended_mind.parallel.group import ShardGroup
@@ -47,6 +48,7 @@ class _Reading:
     blocks_read: int | None = None
     passages: list[Passage] = field(default_factory=list)
     trial: Trial | None = None  # the kept layout's first greedy steps (engine/layouts.py)
+    quotes: Quotes | None = None  # what the answer goes on quoting (engine/quoting.py)
 
     @property
     def uses_memory(self) -> bool:
@@ -103,8 +105,9 @@ class TokenStream:
             self.prompt_ids = plan.plain(self.prompt_ids)
             return _Reading(list(range(len(self.prompt_ids))), lambda k: {}, 0, 0, True, None, blocks_read=0)
         slot_sets = {plan.blocks: plan.slots(chosen)}
+        quotes = Quotes.of(plan, chosen, self.tokenizer, self.stop_ids, s.quote_threshold, s.max_new_tokens)
         settled = settle_layout(self.model, plan, self.prompt_ids, slot_sets[plan.blocks], s, self.stop_ids,
-                                self.step, group)  # fmt: skip
+                                self.step, group, quotes)  # fmt: skip
         if settled.plan is not plan:  # the memory read whole was the surer layout, or the blocks read again
             plan, chosen = settled.plan, settled.chosen
             self.plan, slot_sets = plan, {plan.blocks: settled.layers}
@@ -116,7 +119,7 @@ class TokenStream:
             return slot_sets[k]
 
         return _Reading(positions, layers_for, plan.blocks, s.topk_step, True, group, int(chosen.numel()),
-                        plan.layout.passages(plan.memory, chosen), settled.trial)  # fmt: skip
+                        plan.layout.passages(plan.memory, chosen), settled.trial, settled.quotes)  # fmt: skip
 
     def _run(self) -> Iterator[GeneratedToken]:
         s = self.settings
@@ -125,7 +128,8 @@ class TokenStream:
         session = Session(settings=RetrievalSettings(s.topk, s.ranking, s.similarity_threshold),
                           citation_weighting=s.citation_weighting)  # fmt: skip
         n_heads = self.model.config.num_attention_heads
-        answer = Answer(s, self.memory, len(self.prompt_ids), reading.group, reading.blocks_read, reading.passages)
+        answer = Answer(s, self.memory, len(self.prompt_ids), reading.group, reading.blocks_read, reading.passages,
+                        reading.quotes)  # fmt: skip
         retry_on = reading.uses_memory and s.uncertainty_threshold is not None and reading.step_k > 0
 
         def fresh_cache() -> DynamicCache:

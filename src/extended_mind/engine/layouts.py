@@ -22,6 +22,7 @@ from extended_mind.engine.compiled import CompiledStep
 from extended_mind.engine.decoding import biased, record_weights, row_forward
 from extended_mind.engine.fast_step import FastStep
 from extended_mind.engine.options import GenerationOptions
+from extended_mind.engine.quoting import Quotes
 from extended_mind.parallel.group import ShardGroup
 from extended_mind.retrieval.layer import LayerMemory, RetrievalSettings
 
@@ -74,39 +75,42 @@ class Settled:
     layers: dict[int, LayerMemory]
     trial: Trial | None = None
     chosen: torch.Tensor | None = None  # the blocks read, where the plan changed (else the caller's)
+    quotes: Quotes | None = None  # what a greedy answer reading them goes on quoting (engine/quoting.py)
 
 
 def settle_layout(model: PreTrainedModel, plan: BlockPlan, prompt_ids: list[int], layers: dict[int, LayerMemory],
                   settings: GenerationOptions, stop_ids: set[int], step: CompiledStep | FastStep | None = None,
-                  group: ShardGroup | None = None) -> Settled:  # fmt: skip
+                  group: ShardGroup | None = None, quotes: Quotes | None = None) -> Settled:  # fmt: skip
     """The prompt that reads the chosen blocks (`layers`): with `plan.separator` after the slots, or without it,
     whichever `plan.breaks` asks for. "surer": the layout whose first SURE_TOKENS greedy tokens have the higher mean
     log-probability, and a memory that fits the window read whole (`plan.read_whole`) is a third; a tie, or an
-    answer of fewer tokens, keeps the prompt as it is. Sharded (`group`), rank 0's tokens and choice hold."""
-    kept = Settled(prompt_ids, plan, layers)
+    answer of fewer tokens, keeps the prompt as it is. Sharded (`group`), rank 0's tokens and choice hold.
+    `quotes`: those of the chosen blocks; the trials go on quoting as the answer does."""
+    kept = Settled(prompt_ids, plan, layers, quotes=quotes)
     if not plan.separator or plan.whole is not None or plan.breaks == "never":
         return kept
     breaks = plan.breaks
     if breaks == "question":  # where it cannot (a sliding window shorter than the blocks), the surer layout
         settled = _read_after_question(model, plan, prompt_ids, layers)
         if settled is not None:
-            return settled
+            return replace(settled, quotes=quotes)
         breaks = "surer"
     if breaks == "surer" and settings.max_new_tokens < SURE_TOKENS:
         return kept
-    broken = Settled(plan.after_slots(prompt_ids), plan, layers)
+    broken = Settled(plan.after_slots(prompt_ids), plan, layers, quotes=quotes)
     if breaks == "always":
         return broken
     options = [kept, broken]
     if plan.read_whole is not None:
         ids, whole = plan.read_whole
         every = whole.choose(None)
-        options.append(Settled(ids, whole, whole.slots(every), chosen=every))
+        whole_quotes = None if quotes is None else quotes.reading(whole, every)
+        options.append(Settled(ids, whole, whole.slots(every), chosen=every, quotes=whole_quotes))
     best = None
     for option in options:  # each trial stops once it cannot beat the best before it
         beat = None if best is None else best.trial.sureness
         option.trial = _trial(model, option.prompt_ids, option.plan.positions(len(option.prompt_ids)), option.layers,
-                              settings, stop_ids, step, group, beat)  # fmt: skip
+                              settings, stop_ids, step, group, beat, option.quotes)  # fmt: skip
         if best is None or option.trial.sureness > best.trial.sureness:
             best = option
     if group is not None:
@@ -116,7 +120,7 @@ def settle_layout(model: PreTrainedModel, plan: BlockPlan, prompt_ids: list[int]
 
 def _trial(model: PreTrainedModel, ids: list[int], positions: list[int], layers: dict[int, LayerMemory],
            s: GenerationOptions, stop_ids: set[int], step: CompiledStep | FastStep | None,
-           group: ShardGroup | None, beat: float | None = None) -> Trial:  # fmt: skip
+           group: ShardGroup | None, beat: float | None = None, quotes: Quotes | None = None) -> Trial:  # fmt: skip
     """The greedy answer's first SURE_TOKENS tokens (fewer where it stops), through the answer's own forward;
     stopped early, `lost`, once its mean cannot pass `beat`: log-probabilities are at most 0, so the mean of the
     tokens to come is at most (sum so far) / SURE_TOKENS."""
@@ -128,7 +132,10 @@ def _trial(model: PreTrainedModel, ids: list[int], positions: list[int], layers:
         for _ in range(SURE_TOKENS):
             session.citation_records = []
             logits = row_forward(model, step, session, trial.cache, ids, positions, device)
-            token = int(biased(logits, s.logit_bias).argmax())
+            chosen_from = biased(logits, s.logit_bias)
+            token = int(chosen_from.argmax())
+            if quotes is not None:
+                token = quotes.follow(chosen_from, token, trial.tokens)
             if group is not None:  # every rank runs the same trial
                 token = group.agree([token], "agreeing on a layout trial token")[0]
             trial.tokens.append(token)

@@ -44,6 +44,9 @@ WHOLE_CHOICES = ("fits", "unread", "never")
 BLOCK_BREAKS = ("auto", "surer", "always", "never", "question")
 DEFAULT_BLOCK_BREAK = "auto"
 DEFAULT_WHOLE = "unread"
+# A quote is followed where the model's likeliest next token has a probability under this (engine/quoting.py):
+# the prose passkey's definitions won at 0.35-0.42, answers the model is sure of go on as they were.
+DEFAULT_QUOTE_THRESHOLD = 0.5
 MEMORY_HEADS = ("retrieval", "all")
 # Rows of `logits` input scored per chunk in block mode: each chunk reads the blocks its own rows chose.
 DEFAULT_SCORING_CHUNK = 64
@@ -108,6 +111,10 @@ class GenerationOptions:
                                 "or by a sentence embedding's similarity to the question (examples like it, as in "
                                 "many-shot in-context learning; needs `extended-mind data fetch --only minilm`)",
                                 choices=BLOCK_CHOICES, shared=True)  # fmt: skip
+    quote_threshold: float = _option(DEFAULT_QUOTE_THRESHOLD, "a greedy answer whose last tokens quote a block it "
+                                     "reads goes on with the block's next token where the model's likeliest token "
+                                     "is less likely than this and the block's is among its 5 likeliest; 0: never",
+                                     minimum=0, maximum=1, shared=True)  # fmt: skip
     memory_heads: str | None = _option(None, "heads that retrieve from memory: the calibrated retrieval heads or all "
                                        "(blocks: retrieval; tokens: all)", choices=MEMORY_HEADS,
                                        shared=True)  # fmt: skip
@@ -193,6 +200,8 @@ def _check(name: str, value: Any, default: Any, meta: Any) -> None:
             raise ExtendedMindError(f"{name} must be a finite number, got {value!r}")
         if meta["minimum"] is not None and value < meta["minimum"]:
             raise ExtendedMindError(f"{name} must be a number >= {meta['minimum']}, got {value!r}")
+        if meta["maximum"] is not None and value > meta["maximum"]:
+            raise ExtendedMindError(f"{name} must be a number <= {meta['maximum']}, got {value!r}")
     elif kind is bool and not isinstance(value, bool):
         raise ExtendedMindError(f"{name} must be true or false, got {value!r}")
     elif kind is str and not isinstance(value, str):

@@ -101,6 +101,9 @@ class MemoryReader:
             insert=insert,
             reserve=slot_positions(blocks + extra_blocks, o.block_size),
         )
+        # the blocks' token ids: read again after the question, and quoted (a sharded memory too: every rank holds
+        # every document's text)
+        plan.token_ids = lambda chosen: plan.layout.token_ids(memory, self.tokenizer, chosen)
         # the calibrations are the memory's own (not the prompt's): computed once per memory and setting, kept with it
         setting = f"{o.block_size}-{o.topk}-{o.ranking}-{o.similarity_threshold}-{o.memory_heads}"
         if (whole or min_relevance is not None) and plan.layout.num_blocks <= blocks and not extra_blocks:
@@ -160,8 +163,6 @@ class MemoryReader:
                     "block_break='question' reads the chosen blocks' text again after the "
                     "question: not with uncertainty_threshold"
                 )
-            # a sharded memory too: every rank holds every document's text, so every rank runs the same pass
-            plan.token_ids = lambda blocks: plan.layout.token_ids(memory, self.tokenizer, blocks)
         question = self.tokenizer.decode(ids[encoded.asks_from : encoded.asks_to], skip_special_tokens=True)
         words = content_words(question)
         if whole is not None:
