@@ -3,6 +3,7 @@
     python benchmarks/layout_cost.py --threads 2 --new-tokens 16 64 --repeats 3 --out runs/layout-cost
     python benchmarks/layout_cost.py --threads 2 --new-tokens 16 64 --repeats 3 --batched --out runs/layout-cost-batched
     python benchmarks/layout_cost.py --threads 2 --new-tokens 16 64 --repeats 3 --layouts never surer question
+    python benchmarks/layout_cost.py --threads 2 --new-tokens 16 64 --repeats 3 --layouts auto:quote_threshold=0 auto
 
 The demo's article in memory (SmolLM2, the weights `auto` picks), questions that read blocks, asked in chat form
 with `block_break="never"` (the slots glued to the question: no choice made) and the default (`auto`, which is
@@ -13,7 +14,8 @@ answer goes on from it. Every answer is exactly
 `--new-tokens` long (end of sequence banned with logit_bias); seconds per answer are medians over `--repeats` runs
 taken in turn. `--batched`: each answer is a batch of one row (`generate_batch`, the server's decode loop,
 engine/batching.py) instead of a single answer. `--layouts`: the block_break values timed (default: never, auto),
-each compared with the first. Writes results.json and table.md, with the CPU model and flags.
+each compared with the first; a value may carry numeric options after a colon (`auto:quote_threshold=0`).
+Writes results.json and table.md, with the CPU model and flags.
 """
 
 from __future__ import annotations
@@ -38,9 +40,17 @@ QUESTIONS = [
 ]
 
 
+def layout_options(layout: str) -> dict:
+    """The options a `--layouts` value names: auto:quote_threshold=0 -> block_break auto, quote_threshold 0."""
+    block_break, _, rest = layout.partition(":")
+    pairs = [p.split("=", 1) for p in rest.split(",") if p]
+    return {"block_break": block_break, **{k: float(v) for k, v in pairs}}
+
+
 def seconds(mind: ExtendedMind, memory, question: str, new_tokens: int, layout: str, batched: bool
             ) -> tuple[float, int]:  # fmt: skip
-    options = dict(max_new_tokens=new_tokens, logit_bias={mind.tokenizer.eos_token_id: -100.0}, block_break=layout)
+    options = dict(max_new_tokens=new_tokens, logit_bias={mind.tokenizer.eos_token_id: -100.0},
+                   **layout_options(layout))  # fmt: skip
     start = time.perf_counter()
     if batched:
         [result] = mind.generate_batch([question], [memory], **options)
