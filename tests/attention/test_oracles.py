@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
+from extended_mind import ExtendedMind
 from extended_mind.base.documents import Document
 from extended_mind.base.errors import ExtendedMindError
 from extended_mind.base.prompting import encode, paragraph_break
 from extended_mind.engine.layouts import LABEL_TOKENS, SURE_TOKENS
 from extended_mind.engine.memorize import EncodedDocument, encode_documents, memorize_encoded
-from tests.conftest import WordEmbedder
+from tests.conftest import COMMON, WordEmbedder, byte_tokenizer
 
 # Full-context equality is exact in real arithmetic; float32 reassociation (one softmax over memory + local
 # instead of one over the concatenation) leaves differences around 1e-6 on these tiny models.
@@ -300,6 +302,32 @@ def test_blocks_read_after_the_question_equal_their_text_pasted_there(tiny_pair,
     # not vacuous: the label reads the memory otherwise than the question layout does
     assert abs(label.tokens[0].citations[0].weight - result.tokens[0].citations[0].weight) > 1e-3
     assert mind.generate(question, memory=memory, uncertainty_threshold=1.0, **default).tokens
+
+
+def test_a_sliding_window_shorter_than_the_blocks_reads_them_the_surer_way(monkeypatch):
+    """Where a sliding-window layer keeps fewer tokens than the chosen blocks hold, the blocks cannot be read after
+    the question: the default answers as "surer" does, without running that layout's pass first."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Gemma3TextConfig(**COMMON, sliding_window=8)).eval()
+    model.config.eos_token_id = None
+    mind = ExtendedMind(model, byte_tokenizer(), "tiny-gemma3-window-8")
+    mind.tokenizer.chat_template = SINK_CHAT_TEMPLATE
+    memory = mind.memorize("The keeper of the lighthouse is Ada; the baker is Tom, up at dawn.", progress=False)
+    options = dict(chat=True, max_new_tokens=SURE_TOKENS + 2, block_size=16, block_gate=0.0,
+                   logit_bias={mind.tokenizer.eos_token_id: -100.0})  # fmt: skip
+    surer = mind.generate("Who is the keeper?", memory=memory, block_break="surer", **options)
+    passes = []
+    forward = type(model).forward
+    monkeypatch.setattr(type(model), "forward", lambda self, *a, **k: passes.append(1) or forward(self, *a, **k))
+    default = mind.generate("Who is the keeper?", memory=memory, **options)
+    assert default.blocks_read and [t.id for t in default.tokens] == [t.id for t in surer.tokens]
+    passes.clear()
+    again = mind.generate("Who is the keeper?", memory=memory, block_break="surer", **options)
+    assert [t.id for t in again.tokens] == [t.id for t in surer.tokens]
+    surer_passes = len(passes)
+    passes.clear()
+    mind.generate("Who is the keeper?", memory=memory, **options)
+    assert len(passes) == surer_passes  # no pass for the layout that could not be read
 
 
 def test_memory_read_nothing_is_the_plain_model(tiny_pair):

@@ -170,6 +170,11 @@ def _read_after_question(model: PreTrainedModel, plan: BlockPlan, prompt_ids: li
     context = prompt_ids[:asks_to] + list(plan.separator)
     device = next(model.parameters()).device
     cache = new_cache(model.config)
+    # a sliding-window layer keeps its last sliding_window - 1 tokens (transformers' DynamicSlidingWindowLayer):
+    # known before the pass, so a window shorter than the blocks costs no pass
+    windows = [getattr(cache.layers[i], "sliding_window", None) for i in plan.read_layers if i < len(cache.layers)]
+    if any(w is not None and w - 1 < len(ids) for w in windows):
+        return None
     with torch.inference_mode():
         model(input_ids=torch.tensor([context + ids], device=device), use_cache=True, logits_to_keep=1,
               position_ids=torch.arange(len(context) + len(ids), device=device).unsqueeze(0),
