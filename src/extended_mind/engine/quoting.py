@@ -48,10 +48,10 @@ class Quotes:
         """These quotes for `blocks` instead: each run of consecutive blocks of one document is one passage (a
         quote does not run from one chosen passage into another)."""
         assert plan.token_ids is not None
-        docs = plan.layout.docs[blocks].tolist()
+        chosen, docs = blocks.tolist(), plan.layout.docs[blocks].tolist()
         runs: list[list[int]] = []
-        for i, (b, d) in enumerate(zip(blocks.tolist(), docs)):
-            if i and b == blocks[i - 1] + 1 and d == docs[i - 1]:
+        for i, (b, d) in enumerate(zip(chosen, docs)):
+            if i and b == chosen[i - 1] + 1 and d == docs[i - 1]:
                 runs[-1].append(b)
             else:
                 runs.append([b])
