@@ -16,4 +16,5 @@ run pair pair --lengths 2 10 --n 5 --methods emt
 run niah-8k niah --lengths 8192 --depths 0.1 0.5 0.9 --n 1 --methods emt
 run general-lists general-lists --lengths 15000 --n 40 --methods emt none
 run general general --lengths 15000 --n 40 --methods emt none
+run passkey passkey --lengths 8192 16384 --depths 0.1 0.5 0.9 --n 1 --methods emt  # (run next, by a second script)
 echo "== done $(date +%T)"
