@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from extended_mind.base.errors import ExtendedMindError
+from extended_mind.engine.block_layout import BlockLayout
 from extended_mind.engine.layouts import SURE_TOKENS
 from extended_mind.engine.options import GenerationOptions
 from extended_mind.engine.quoting import QUOTE_CANDIDATES, Quotes
@@ -25,8 +26,11 @@ def ids(text: str) -> list[int]:
 def quotes_of(*passages: str, below: float = 0.5) -> Quotes:
     """Quotes of `passages`, each one block of its own document (so no run joins two of them)."""
     tokens = [torch.tensor(ids(p)) for p in passages]
-    plan = SimpleNamespace(layout=SimpleNamespace(docs=torch.arange(len(passages))),
-                           token_ids=lambda blocks: torch.cat([tokens[b] for b in blocks.tolist()]))  # fmt: skip
+    lengths = torch.tensor([len(t) for t in tokens])
+    starts = torch.cumsum(lengths, 0) - lengths
+    layout = BlockLayout(64, torch.repeat_interleave(torch.arange(len(passages)), lengths), starts, lengths,
+                         torch.arange(len(passages)))  # fmt: skip
+    plan = SimpleNamespace(layout=layout, token_ids=lambda blocks: torch.cat([tokens[b] for b in blocks.tolist()]))
     return Quotes({}, TOK, frozenset({EOS}), below).reading(plan, torch.arange(len(passages)))
 
 

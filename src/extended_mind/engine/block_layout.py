@@ -61,17 +61,24 @@ class BlockLayout:
         doc, start, end = self.span(memory, block)
         return memory.segments[doc].document.text[start:end]
 
+    def runs(self, blocks: torch.Tensor) -> list[list[int]]:
+        """`blocks` (in document order) as runs of consecutive blocks of one document."""
+        out: list[list[int]] = []
+        for b in blocks.tolist():
+            if out and out[-1][-1] == b - 1 and bool(self.docs[b] == self.docs[b - 1]):
+                out[-1].append(b)
+            else:
+                out.append([b])
+        return out
+
     def passages(self, memory: Memory, blocks: torch.Tensor) -> list[Passage]:
         """The text `blocks` (in document order) cover, consecutive blocks of one document joined into one passage."""
         out: list[Passage] = []
-        previous = (-1, -1)  # (document, block) of the last passage's last block
-        for b in blocks.tolist():
-            d, start, end = self.span(memory, b)
-            if previous == (d, b - 1):
-                start = out.pop().start
+        for run in self.runs(blocks):
+            d, start, _ = self.span(memory, run[0])
+            end = self.span(memory, run[-1])[2]
             doc = memory.segments[d].document
             out.append(Passage(doc.id, start, end, doc.text[start:end]))
-            previous = (d, b)
         return out
 
     def tokens(self, blocks: torch.Tensor) -> torch.Tensor:

@@ -48,15 +48,8 @@ class Quotes:
         """These quotes for `blocks` instead: each run of consecutive blocks of one document is one passage (a
         quote does not run from one chosen passage into another)."""
         assert plan.token_ids is not None
-        chosen, docs = blocks.tolist(), plan.layout.docs[blocks].tolist()
-        runs: list[list[int]] = []
-        for i, (b, d) in enumerate(zip(chosen, docs)):
-            if i and b == chosen[i - 1] + 1 and d == docs[i - 1]:
-                runs[-1].append(b)
-            else:
-                runs.append([b])
         following: dict[tuple[int, ...], set[int]] = {}
-        for run in runs:
+        for run in plan.layout.runs(blocks):
             ids = plan.token_ids(torch.tensor(run)).tolist()
             for i in range(len(ids) - QUOTE_TOKENS):
                 following.setdefault(tuple(ids[i : i + QUOTE_TOKENS]), set()).add(ids[i + QUOTE_TOKENS])
