@@ -10,7 +10,7 @@ import torch
 
 from extended_mind import ExtendedMind
 from extended_mind.engine.decoding import entropy
-from extended_mind.memory.citations import cite
+from extended_mind.memory.citations import cite, cite_answer
 from tests.conftest import byte_tokenizer, tiny_model
 
 DOC = "The pass key is 71234. Remember it. " * 3 + "Grass is green and the sky is blue. " * 6
@@ -154,6 +154,52 @@ def test_vectorized_citations_match_token_by_token_grouping(tiny_mind):
         for c in got:
             text = {"a": DOC, "b": "Rivers. Lakes! Seas?\nOceans", "c": long_sentence}[c.doc]
             assert c.text == text[c.start : c.end].strip() and c.end - c.start <= 400 + 2 * 120
+
+
+def test_answer_citations_are_the_cubic_mean_of_each_tokens_sentence_weights(tiny_mind):
+    """Oracle for `cite_answer`: per answer token, its sentences' weights (the token-by-token grouping); per
+    sentence, the cubic mean over the answer's tokens (0 where a token did not read it)."""
+    from extended_mind.memory.citations import _sentences
+
+    long_sentence = "word " * 120 + "end."
+    memory = tiny_mind.memorize([DOC, "Rivers. Lakes! Seas?\nOceans", long_sentence], ids=["a", "b", "c"])
+    texts = {"a": DOC, "b": "Rivers. Lakes! Seas?\nOceans", "c": long_sentence}
+
+    def sentence(doc: str, start: int) -> tuple[str, int]:  # a run-on sentence's span starts inside it
+        return doc, bisect.bisect_right(_sentences(texts[doc])[0], start) - 1
+
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(20):
+        n = int(torch.randint(1, 6, (1,), generator=gen))
+        indices = [torch.randint(0, memory.num_tokens, (30,), generator=gen).unique() for _ in range(n)]
+        weights = [torch.rand(len(i), generator=gen) for i in indices]
+        cubes: dict[tuple[str, int], float] = {}
+        for i, w in zip(indices, weights):
+            for doc, start, _, weight in _cite_by_loop(memory, i, w, max_spans=10**6, min_share=0):
+                cubes[sentence(doc, start)] = cubes.get(sentence(doc, start), 0.0) + weight**3
+        mean = {k: (v / n) ** (1 / 3) for k, v in cubes.items()}
+        got = cite_answer(memory, indices, weights, max_spans=4)
+        best = sorted(mean.values(), reverse=True)
+        assert [c.weight for c in got] == pytest.approx([w for w in best[:4] if w >= 0.1 * best[0]], abs=1e-5), trial
+        assert all(mean[sentence(c.doc, c.start)] == pytest.approx(c.weight, abs=1e-5) for c in got), trial
+
+
+def test_an_answer_cites_the_sentence_its_tokens_read_strongly_before_one_every_token_reads_a_little(tiny_mind):
+    """A passage's opening draws every token's attention a little (as the start of a sequence does); the sentence
+    a few tokens copy from draws theirs strongly. The mean over 12 tokens ranks the opening first (0.3 against
+    0.25); the cubic mean ranks the source first, and a one-token answer cites as that token does."""
+    memory = tiny_mind.memorize([DOC])
+    opening, source = torch.tensor([0, 1]), torch.tensor([len(tiny_mind.tokenizer(DOC)["input_ids"]) - 3])
+    assert cite(memory, opening, torch.ones(2))[0].text != cite(memory, source, torch.ones(1))[0].text
+    indices = [torch.cat([opening, source])] * 5 + [opening] * 7
+    weights = [torch.tensor([0.15, 0.15, 0.6])] * 5 + [torch.tensor([0.15, 0.15])] * 7
+    mean = cite(memory, torch.cat(indices), torch.cat(weights) / 12)
+    assert mean[0].text == cite(memory, opening, torch.ones(2))[0].text
+    answer = cite_answer(memory, indices, weights)
+    assert answer[0].text == cite(memory, source, torch.ones(1))[0].text
+    assert [c.weight for c in answer] == pytest.approx([(5 * 0.6**3 / 12) ** (1 / 3), 0.3], abs=1e-5)
+    one = cite_answer(memory, indices[:1], weights[:1])
+    assert [(c.text, c.weight) for c in one] == [(c.text, c.weight) for c in cite(memory, indices[0], weights[0])]
 
 
 def test_generation_raises_no_deprecation_warning_from_our_calls(tiny_mind):

@@ -15,7 +15,7 @@ from extended_mind.engine.compiled import CompiledStep
 from extended_mind.engine.fast_step import FastStep
 from extended_mind.engine.options import GenerationOptions
 from extended_mind.engine.quoting import Quotes
-from extended_mind.memory.citations import Citation, Passage, cite, sparse_sum
+from extended_mind.memory.citations import Citation, Passage, cite, cite_answer, sparse_sum
 from extended_mind.memory.memory import Memory
 from extended_mind.parallel.group import ShardGroup
 
@@ -233,8 +233,8 @@ class Answer:
     def result(self) -> GenerationResult:
         citations: list[Citation] = []
         if self.memory is not None and self.tokens:
-            idx, w = sparse_sum([t.memory_indices for t in self.tokens], [t.memory_weights for t in self.tokens])
-            citations = cite(self.memory, idx, w / len(self.tokens))
+            citations = cite_answer(self.memory, [t.memory_indices for t in self.tokens],
+                                    [t.memory_weights for t in self.tokens])  # fmt: skip
         finish = "stop" if self.finish == "cancelled" else self.finish
         return GenerationResult(self.text, self.tokens, citations, self.retrievals, self.prompt_tokens, finish,
                                 self.blocks_read, self.passages)  # fmt: skip

@@ -19,6 +19,8 @@ _MAX_SPAN_CHARS = 400
 
 _CONTEXT_CHARS = 120
 
+_POWER = 3  # an answer's citation weights: the cubic mean over its tokens (cite_answer)
+
 _DOC_SHIFT = 32  # a (document, sentence) key: document << 32 | sentence within it
 
 
@@ -111,6 +113,41 @@ def cite(
     spans, key = _token_sentences(memory, indices)
     sentence, group = torch.unique(key, return_inverse=True)
     total = torch.zeros(len(sentence)).scatter_add_(0, group, weights)
+    return _spans(memory, spans, sentence, group, total, max_spans, min_share)
+
+
+def cite_answer(
+    memory: Memory, indices: list[torch.Tensor], weights: list[torch.Tensor], max_spans: int = 5, min_share: float = 0.1
+) -> list[Citation]:
+    """Citations of a whole answer from what each of its tokens read (`indices[t]`, `weights[t]`).
+
+    A sentence's weight is the cubic mean, over the answer's tokens, of the weight each token gave it (0 where a
+    token did not read it). The plain mean ranks first a sentence every token reads a little: some memory tokens
+    (function words such as " the" early in a passage) draw attention from every query the way the start of a
+    sequence does, and over a long answer (a key, then the model's own "Remember it. ...") that outweighs the
+    sentence the key's digits were copied from. The cube ranks first the sentences some tokens read strongly; a
+    sentence read evenly keeps its mean, and a one-token answer cites as that token does. (Power 3 against 1, 2, 4,
+    6 and the maximum: docs/evaluation.md "Citations of a whole answer".)
+    """
+    n = len(indices)
+    if n == 0 or all(len(i) == 0 for i in indices):
+        return []
+    idx = torch.cat([i.reshape(-1) for i in indices]).cpu().long()
+    w = torch.cat([x.reshape(-1) for x in weights]).cpu().float()
+    row = torch.repeat_interleave(torch.arange(n), torch.tensor([i.numel() for i in indices]))
+    spans, key = _token_sentences(memory, idx)
+    sentence, group = torch.unique(key, return_inverse=True)
+    # each token's weight per sentence (sparse: the pairs that occur), then the cubes summed per sentence
+    pair, inverse = torch.unique(group * n + row, return_inverse=True)
+    per_token = torch.zeros(len(pair), dtype=torch.float64).scatter_add_(0, inverse, w.double())
+    cubes = torch.zeros(len(sentence), dtype=torch.float64).scatter_add_(0, pair // n, per_token.pow(_POWER))
+    return _spans(memory, spans, sentence, group, (cubes / n).pow(1 / _POWER).float(), max_spans, min_share)
+
+
+def _spans(memory: Memory, spans: torch.Tensor, sentence: torch.Tensor, group: torch.Tensor, total: torch.Tensor,
+           max_spans: int, min_share: float) -> list[Citation]:  # fmt: skip
+    """The `max_spans` sentences with the largest `total` (at least `min_share` of the largest), as readable spans;
+    `spans` and `group` are the cited memory tokens' character spans and sentence numbers."""
     lo_tok = torch.full((len(sentence),), torch.iinfo(torch.long).max).scatter_reduce_(0, group, spans[:, 0], "amin")
     hi_tok = torch.zeros(len(sentence), dtype=torch.long).scatter_reduce_(0, group, spans[:, 1], "amax")
     order = torch.argsort(total, descending=True, stable=True)[:max_spans].tolist()
