@@ -292,6 +292,10 @@ def test_bench_end_to_end_on_a_tiny_model_resumes(tiny_mind, tmp_path, monkeypat
     assert len(saved["records"]) == 8
     assert (tmp_path / "accuracy_vs_length.png").stat().st_size > 1000
     assert "| emt[topk=4] |" in (tmp_path / "table.md").read_text()
+    for r in (r for r in records if r["method"] == "emt[topk=4]"):  # a placed fact: was it read, was it cited
+        cited = any(a in r.get("top_citation", "").lower() for a in r["answers"])
+        assert isinstance(r["answer_read"], bool) and r["answer_cited"] is cited
+    assert "the top citation holds the answer in" in (tmp_path / "table.md").read_text()
 
     # a run killed mid-write leaves a cut line; the rerun keeps the 7 whole records and redoes only the 8th
     lines = (tmp_path / "results.jsonl").read_text().splitlines()

@@ -183,6 +183,8 @@ class Harness:
         if result.blocks_read is not None and item.depth is not None:  # a fact placed in the document
             read = " ".join(p.text for p in result.passages).lower()  # selection apart from reading
             details["answer_read"] = any(a.lower() in read for a in item.answers)
+            top = result.citations[0].text.lower() if result.citations else ""
+            details["answer_cited"] = any(a.lower() in top for a in item.answers)  # the top citation holds it
         answer = {"prediction": result.text, "seconds": time.perf_counter() - start, **details}
         if spec.name == "context" and not details.get("truncated"):
             self._context_answer = (item.id, answer)

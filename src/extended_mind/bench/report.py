@@ -71,8 +71,10 @@ def _read_nothing(summary: dict) -> str:
         rows = [r for r in summary["records"] if r["method"] == method and "answer_read" in r]
         if rows:
             read = [r for r in rows if r["answer_read"]]
+            right = [r for r in rows if r["score"] == 1.0]
             found.append(f"{method}: the answer's block read in {len(read)}/{len(rows)}, answered right in "
-                         f"{sum(r['score'] == 1.0 for r in read)} of those")  # fmt: skip
+                         f"{sum(r['score'] == 1.0 for r in read)} of those; the top citation holds the answer in "
+                         f"{sum(bool(r.get('answer_cited')) for r in right)} of the {len(right)} right")  # fmt: skip
     if found:
         line = f"{line} {'; '.join(found)}.".strip()
     return line
